@@ -1,0 +1,32 @@
+# `make test` and `make demo` each set up .venv on a fresh machine, then run.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install test test-all demo clean
+
+$(STAMP): requirements.txt pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $(STAMP)
+
+install: $(STAMP)
+
+test: $(STAMP)
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+
+test-all: $(STAMP)
+	WANDB_MODE=offline $(BIN)/python -m pytest -q tests --runslow
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/distill train experiments/demo.yaml
+	HF_HUB_OFFLINE=1 $(BIN)/distill generate runs/demo --steps 4 --prompts experiments/prompts/digits.txt \
+		--out runs/demo/samples
+	HF_HUB_OFFLINE=1 $(BIN)/distill generate runs/demo --steps 2 --prompts experiments/prompts/digits.txt \
+		--out runs/demo/samples-2step
+
+clean:
+	rm -rf $(VENV) runs

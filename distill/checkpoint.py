@@ -1,0 +1,100 @@
+"""Resumable checkpoints in safetensors and JSON only: nothing in a checkpoint is ever unpickled.
+
+Layout of `<output_dir>/checkpoints/step-00000100/`:
+  weights.safetensors        what the method must keep (LoRA or full student + EMA, heads)
+  optim-<turn>.safetensors   optimiser tensors; optim-<turn>.json its hyper-parameters and scalars
+  trainer.json               step, LR-scheduler states, config hash
+  config.yaml                the resolved run config
+A checkpoint is written to a temporary folder and renamed into place; `latest` is then replaced
+atomically, so it never names a partial checkpoint. The data order and all noise are functions
+of (seed, step), so the step counter is all the RNG state a resume needs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from distill.errors import DistillError
+
+
+def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for pid, state in sd["state"].items():
+        for k, v in state.items():
+            if torch.is_tensor(v):
+                tensors[f"{pid}.{k}"] = v.detach().contiguous().cpu()
+            else:
+                scalars.setdefault(str(pid), {})[k] = v
+    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, k = key.split(".", 1)
+        state.setdefault(int(pid), {})[k] = v
+    for pid, scalars in meta["scalars"].items():
+        state.setdefault(int(pid), {}).update(scalars)
+    groups = [dict(g, betas=tuple(g["betas"])) if "betas" in g else g for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def save(root: Path, step: int, weights: dict, optimizers: dict, schedulers: dict, config, keep: int = 0) -> Path:
+    root = Path(root) / "checkpoints"
+    final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+    for turn, opt in optimizers.items():
+        tensors, meta = _flatten_optimizer(opt.state_dict())
+        save_file(tensors, str(tmp / f"optim-{turn}.safetensors"))
+        (tmp / f"optim-{turn}.json").write_text(json.dumps(meta))
+    trainer = {"step": step, "schedulers": {t: s.state_dict() for t, s in schedulers.items()},
+               "config_hash": config.hash(), "method": config.method.name, "teacher": config.teacher.source,
+               "student": config.student.kind}
+    (tmp / "trainer.json").write_text(json.dumps(trainer))
+    config.dump(tmp / "config.yaml")
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    latest_tmp = root / ".latest.tmp"
+    latest_tmp.write_text(final.name)
+    os.replace(latest_tmp, root / "latest")
+    if keep > 0:
+        for old in sorted(root.glob("step-*"))[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find(root: Path, which: str) -> Path:
+    """`latest`, a checkpoint folder, or a run folder (its latest checkpoint)."""
+    path = Path(which)
+    if which == "latest" or (path.is_dir() and (path / "checkpoints").is_dir()):
+        ckpts = (Path(root) if which == "latest" else path) / "checkpoints"
+        pointer = ckpts / "latest"
+        if not pointer.is_file():
+            raise DistillError(f"nothing to resume: no checkpoint in {ckpts}")
+        path = ckpts / pointer.read_text().strip()
+    if not (path / "trainer.json").is_file():
+        raise DistillError(f"{path} is not a distill checkpoint (no trainer.json)")
+    return path
+
+
+def load(path: Path) -> tuple[dict, dict, dict]:
+    """(weights, optimizer states by turn, trainer state)."""
+    path = Path(path)
+    trainer = json.loads((path / "trainer.json").read_text())
+    optims = {}
+    for meta_file in path.glob("optim-*.json"):
+        turn = meta_file.stem.removeprefix("optim-")
+        optims[turn] = _unflatten_optimizer(load_file(str(path / f"optim-{turn}.safetensors")),
+                                            json.loads(meta_file.read_text()))
+    return load_file(str(path / "weights.safetensors")), optims, trainer

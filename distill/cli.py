@@ -1,0 +1,148 @@
+"""`distill` command line: train, generate, make-teacher, cache.
+
+User errors print one line (`error: ...`) and exit with code 2; `--debug` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from pathlib import Path
+
+from distill.errors import DistillError
+
+
+def _train(args) -> None:
+    from distill import config
+    from distill.trainer import train
+
+    cfg = config.load(args.config, args.overrides)
+    out = train(cfg, resume=args.resume, stop_after=args.stop_after_steps)
+    print(f"run saved in {out}")
+
+
+def _generate(args) -> None:
+    import torch
+    from tqdm.auto import tqdm
+
+    from distill import checkpoint, config, data
+    from distill.sampling import ddim_sample, to_pil
+    from distill.trainer import build_method
+
+    if not Path(args.run).is_dir():
+        raise DistillError(f"{args.run} is neither a run folder nor a checkpoint folder")
+    ckpt = checkpoint.find(Path(args.run), args.run)
+    cfg = config.load(ckpt / "config.yaml", args.overrides, for_training=False)
+    prompts = list(args.prompt or []) + (data.read_prompts(Path(args.prompts)) if args.prompts else [])
+    if not prompts:
+        raise DistillError("give at least one --prompt or a --prompts file")
+    steps = args.steps or cfg.sample.steps
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    method = build_method(cfg, device)
+    weights, _, _ = checkpoint.load(ckpt)
+    method.load_saved(weights)
+    method.eval()
+    teacher = method.teacher
+    size = cfg.sample.height or cfg.teacher.resolution, cfg.sample.width or cfg.teacher.resolution
+    shape = teacher.latent_shape(*size)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    generator = torch.Generator().manual_seed(args.seed)
+    guidance = args.guidance_scale if args.guidance_scale is not None else cfg.sample.guidance_scale
+    jobs = [p for p in prompts for _ in range(args.num_per_prompt)]
+    written = 0
+    with torch.no_grad():
+        for lo in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch"):
+            batch = jobs[lo:lo + args.batch_size]
+            cond = teacher.encode_prompts(batch)
+            if args.teacher:
+                latents = ddim_sample(teacher, cond, steps, generator, shape, guidance)
+            else:
+                latents = method.sample(cond, steps, generator, shape, guidance=guidance)
+            for prompt, img in zip(batch, to_pil(teacher.decode(latents))):
+                slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40]
+                img.save(out / f"{written:04d}-{slug}.png")
+                written += 1
+    print(f"wrote {written} images to {out} ({'teacher' if args.teacher else 'student'}, {steps} steps)")
+
+
+def _make_teacher(args) -> None:
+    from teachers import tiny
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise DistillError(f"{out} exists and is not empty; choose a new folder")
+    tiny.build(args.name, out)
+    print(f"wrote tiny {args.name} pipeline to {out}")
+
+
+def _cache(args) -> None:
+    import teachers
+    from distill import config, data
+
+    cfg = config.load(args.config, args.overrides)
+    teacher = teachers.load(cfg.teacher)
+    dataset = data.build(cfg.data, cfg.teacher.resolution, teacher, cfg.train.seed)
+    path = data.write_cache(teacher, dataset, Path(args.out), cfg.data.batch_size, cfg.train.seed)
+    print(f"cached {len(dataset)} samples to {path}; train with data.kind=latents data.path={path}")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distill", description="Distil SDXL / SD3 teachers into few-step students.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a student from a YAML config")
+    t.add_argument("config", help="experiments/<run>.yaml")
+    t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200")
+    t.add_argument("--resume", help="'latest' (in train.output_dir) or a checkpoint folder")
+    t.add_argument("--stop-after-steps", type=int, help="run at most this many steps now, checkpoint, exit "
+                   "(for time-limited jobs; resume later with --resume latest)")
+    t.set_defaults(func=_train)
+
+    g = sub.add_parser("generate", help="sample PNGs from a trained run or checkpoint")
+    g.add_argument("run", help="a run folder (uses its latest checkpoint) or a checkpoint folder")
+    g.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sample.height=128")
+    g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    g.add_argument("--prompts", help="a .txt (one per line) or .jsonl ({\"prompt\": ...}) file")
+    g.add_argument("--steps", type=int, help="sampling steps (default: sample.steps of the run)")
+    g.add_argument("--guidance-scale", type=float, help="CFG scale at sampling (1 = none)")
+    g.add_argument("--num-per-prompt", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=8)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--teacher", action="store_true", help="sample the teacher (DDIM) instead of the student")
+    g.add_argument("--out", required=True, help="folder for the PNGs")
+    g.set_defaults(func=_generate)
+
+    m = sub.add_parser("make-teacher", help="build a tiny random teacher pipeline offline (tests, demos)")
+    m.add_argument("name", choices=["tiny-sdxl", "tiny-sd3"])
+    m.add_argument("out")
+    m.set_defaults(func=_make_teacher)
+
+    c = sub.add_parser("cache", help="precompute latents and text embeddings of a config's data")
+    c.add_argument("config")
+    c.add_argument("overrides", nargs="*")
+    c.add_argument("--out", required=True, help="the .safetensors cache to write")
+    c.set_defaults(func=_cache)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        args.func(args)
+    except DistillError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

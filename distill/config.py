@@ -1,0 +1,280 @@
+"""Typed run configuration: YAML plus dotted `key=value` overrides, checked before any model loads.
+
+Every field has a type and a default; `load()` turns a YAML file and overrides into a `Config`,
+and any problem is a `ConfigError` that names the field, the bad value and what is allowed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distill.errors import ConfigError
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+BUILTIN_TEACHERS = ("builtin:tiny-sdxl", "builtin:tiny-sd3", "builtin:gmm-vp", "builtin:gmm-flow")
+FAMILIES = ("sdxl", "sd3", "gmm")
+
+
+@dataclass
+class TeacherConfig:
+    # A diffusers pipeline folder, a single .safetensors checkpoint, a hub id, or one of BUILTIN_TEACHERS.
+    source: str = "builtin:tiny-sdxl"
+    family: str | None = None  # inferred from the pipeline folder; required for single files
+    prediction_type: str | None = None  # override the scheduler's (epsilon | v_prediction)
+    dtype: str = "float32"  # weights of the frozen parts: float32 | float16 | bfloat16
+    resolution: int = 64  # pixels; SDXL is 1024, SD3 is 1024
+    max_text_length: int = 77  # T5 tokens for SD3 (diffusers' default is 256)
+
+
+@dataclass
+class StudentConfig:
+    kind: str = "lora"  # lora | full
+    lora_rank: int = 16
+    lora_alpha: float | None = None  # defaults to the rank (scale 1)
+    lora_targets: list[str] | None = None  # module names; the teacher family gives a default
+    ema_decay: float = 0.95  # the full student's EMA (the consistency target network)
+    guidance_embedding: bool = False  # full students only: condition on the CFG scale w
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class MethodConfig:
+    name: str = "consistency"
+    params: dict[str, Any] = field(default_factory=dict)  # checked against the method's own config
+
+
+@dataclass
+class DataConfig:
+    kind: str = "digits"  # prompts | images | shards | latents | digits | teacher
+    path: str | None = None  # file or folder for prompts, images, shards and latents
+    batch_size: int = 4  # per process
+    num_workers: int = 0
+    size: int = 4096  # samples drawn for kind=teacher
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = "runs/default"
+    max_steps: int = 100
+    learning_rate: float = 1e-4
+    lr_scheduler: str = "constant"  # any name diffusers.optimization.get_scheduler knows
+    warmup_steps: int = 0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 0
+    checkpoint_every: int = 50
+    keep_checkpoints: int = 0  # keep the last K checkpoints; 0 keeps all
+    log_every: int = 10
+    trackers: list[str] = field(default_factory=list)  # wandb | tensorboard
+    project: str = "distill"
+
+
+@dataclass
+class SampleConfig:
+    steps: int = 4
+    guidance_scale: float = 1.0  # CFG applied at sampling; 1 means none
+    height: int | None = None  # defaults to teacher.resolution
+    width: int | None = None
+
+
+@dataclass
+class Config:
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def dump(self, path: Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+CHOICES = {
+    "teacher.family": (None, *FAMILIES),
+    "teacher.prediction_type": (None, "epsilon", "v_prediction"),
+    "teacher.dtype": ("float32", "float16", "bfloat16"),
+    "student.kind": ("lora", "full"),
+    "data.kind": ("prompts", "images", "shards", "latents", "digits", "teacher"),
+    "train.mixed_precision": ("no", "fp16", "bf16"),
+    "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
+}
+POSITIVE = ("teacher.resolution", "teacher.max_text_length", "student.lora_rank", "data.batch_size",
+            "data.size", "train.max_steps", "train.gradient_accumulation_steps", "train.checkpoint_every",
+            "train.log_every", "sample.steps")
+
+
+def parse(raw: dict, overrides: list[str] = (), for_training: bool = True) -> Config:
+    """Build a Config from a nested dict and `a.b=value` overrides, then check it (data paths only when it
+    is for training: a checkpoint's config must still load where its data is gone)."""
+    raw = json.loads(json.dumps(raw or {}))
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(item, item, "overrides look like section.field=value")
+        node = raw
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, item, f"'{p}' is not a section")
+        node[leaf] = yaml.safe_load(value)
+    cfg = _build(Config, raw, "")
+    validate(cfg)
+    if for_training:
+        _check_data(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] = (), for_training: bool = True) -> Config:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError("config", str(path), "no such config file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError("config", str(path), f"not valid YAML ({str(e).splitlines()[0]})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError("config", str(path), "the file must hold a mapping of sections")
+    return parse(raw, overrides, for_training)
+
+
+def _build(cls, raw, prefix: str):
+    if not isinstance(raw, dict):
+        raise ConfigError(prefix or "config", raw, "expected a mapping")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"did you mean '{prefix}{near[0]}'?" if near else f"allowed: {', '.join(names)}"
+            raise ConfigError(where, value, f"unknown field; {hint}")
+        kwargs[key] = _coerce(hints[key], value, where)
+    return cls(**kwargs)
+
+
+def _coerce(tp, value, where: str):
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where + ".")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(inner[0], value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(where, value, "expected a list")
+        return [_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(where, value, "expected a mapping")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if (tp in (int, float) and isinstance(value, bool)) or not isinstance(value, tp):
+        raise ConfigError(where, value, f"expected {tp.__name__}")
+    return value
+
+
+def coerce_params(cls, raw: dict, prefix: str):
+    """Check a method's own parameters (a dataclass) the same way as the main config."""
+    return _build(cls, raw, prefix)
+
+
+def validate(cfg: Config) -> None:
+    for dotted, allowed in CHOICES.items():
+        value = _get(cfg, dotted)
+        if value not in allowed:
+            raise ConfigError(dotted, value, "allowed: " + ", ".join(str(a) for a in allowed if a))
+    for dotted in POSITIVE:
+        if _get(cfg, dotted) <= 0:
+            raise ConfigError(dotted, _get(cfg, dotted), "must be a positive integer")
+    if not 0.0 <= cfg.student.ema_decay < 1.0:
+        raise ConfigError("student.ema_decay", cfg.student.ema_decay, "must be in [0, 1)")
+    if cfg.train.learning_rate <= 0:
+        raise ConfigError("train.learning_rate", cfg.train.learning_rate, "must be > 0")
+    if cfg.train.warmup_steps < 0:
+        raise ConfigError("train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
+    if cfg.train.keep_checkpoints < 0:
+        raise ConfigError("train.keep_checkpoints", cfg.train.keep_checkpoints, "must be >= 0 (0 keeps all)")
+    if cfg.data.num_workers < 0:
+        raise ConfigError("data.num_workers", cfg.data.num_workers, "must be >= 0")
+    if cfg.teacher.resolution % 8:
+        raise ConfigError("teacher.resolution", cfg.teacher.resolution, "must be a multiple of 8")
+    if cfg.student.guidance_embedding and cfg.student.kind != "full":
+        raise ConfigError("student.guidance_embedding", True, "needs student.kind=full (a LoRA shares the "
+                          "teacher's backbone, which has no w input)")
+    for tracker in cfg.train.trackers:
+        if tracker not in ("wandb", "tensorboard"):
+            raise ConfigError("train.trackers", tracker, "allowed: wandb, tensorboard")
+    _check_source(cfg.teacher)
+    from distill.methods import METHODS  # late: methods import this module
+
+    if cfg.method.name not in METHODS:
+        near = difflib.get_close_matches(cfg.method.name, list(METHODS), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError("method.name", cfg.method.name, f"allowed: {', '.join(METHODS)}{hint}")
+    METHODS[cfg.method.name].parse_params(cfg.method.params)
+
+
+def _check_source(t: TeacherConfig) -> None:
+    src = t.source
+    if src.startswith("builtin:"):
+        if src not in BUILTIN_TEACHERS:
+            raise ConfigError("teacher.source", src, "allowed builtins: " + ", ".join(BUILTIN_TEACHERS))
+        return
+    path = Path(src).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix != ".safetensors":
+            raise ConfigError("teacher.source", src, "a single-file teacher must be .safetensors "
+                              "(pickled .ckpt/.bin files are refused)")
+        if path.is_file() and t.family is None:
+            raise ConfigError("teacher.family", None, "a single-file teacher needs teacher.family (sdxl or sd3)")
+        return
+    if not HUB_ID.match(src) or src.startswith((".", "/", "~")):
+        raise ConfigError("teacher.source", src, "no such file or folder (give a pipeline folder, a "
+                          ".safetensors file, a hub id like org/name, or a builtin)")
+
+
+def _check_data(cfg: Config) -> None:
+    d = cfg.data
+    if d.kind in ("prompts", "images", "shards", "latents"):
+        if d.path is None:
+            raise ConfigError("data.path", None, f"data.kind={d.kind} needs a path")
+        if not Path(d.path).expanduser().exists():
+            raise ConfigError("data.path", d.path, "no such file or folder")
+    if d.kind == "teacher" and not cfg.teacher.source.startswith("builtin:gmm"):
+        raise ConfigError("data.kind", d.kind, "samples from the teacher's exact distribution need a "
+                          "builtin:gmm-* teacher")
+
+
+def _get(cfg, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node

@@ -1,0 +1,72 @@
+"""What every method is: turns, the parameters each turn trains, and a loss per turn.
+
+The trainer owns optimisers, Accelerate, I/O and logging; a method only computes losses. All
+randomness comes from the generator the trainer puts in the batch, so a run repeats exactly.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from distill.config import coerce_params
+from students import Student
+from teachers.base import Teacher
+
+
+@dataclass
+class LossOut:
+    loss: torch.Tensor
+    logs: dict[str, float] = field(default_factory=dict)
+
+
+class Method(nn.Module):
+    """Holds the teacher, the student (and any discriminator) in one module that Accelerate prepares once."""
+
+    turns: tuple[str, ...] = ("student",)
+    Params: type = type(None)  # the method's own typed config, filled from `method.params`
+
+    def __init__(self, teacher: Teacher, student: Student, params):
+        super().__init__()
+        self.teacher, self.student, self.params = teacher, student, params
+
+    @classmethod
+    def parse_params(cls, raw: dict):
+        params = coerce_params(cls.Params, raw, "method.params.")
+        if hasattr(params, "check"):
+            params.check()
+        return params
+
+    def parameters_for(self, turn: str) -> list[nn.Parameter]:
+        return self.student.trainable_parameters()
+
+    def loss(self, batch: dict, turn: str) -> LossOut:
+        raise NotImplementedError
+
+    def forward(self, batch: dict, turn: str) -> LossOut:
+        # Called through the Accelerate-wrapped module so DDP sees every forward.
+        return self.loss(batch, turn)
+
+    def after_step(self, turn: str) -> None:
+        if turn == "student":
+            self.student.update_ema()
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        return {f"student.{k}": v for k, v in self.student.state_to_save().items()}
+
+    def load_saved(self, state: dict[str, torch.Tensor]) -> None:
+        self.student.load_saved({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+
+    def describe(self) -> dict:
+        return dataclasses.asdict(self.params)
+
+
+def randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    """Normal noise drawn on the CPU from an explicit generator, then moved: identical on every device."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device)
+
+
+def uniform(n: int, lo: float, hi: float, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
+    return (lo + (hi - lo) * torch.rand(n, generator=generator)).to(like.device)

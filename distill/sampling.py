@@ -1,0 +1,48 @@
+"""Samplers, written once over the teacher interface: the teacher's DDIM and multistep consistency."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from PIL import Image
+
+from distill.solvers import bcast, consistency_scalings, ddim_step
+from teachers.base import Cond, Teacher
+
+
+def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
+    # Drawn on the CPU in float32, as diffusers' randn_tensor does for a CPU generator.
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+@torch.no_grad()
+def ddim_sample(teacher: Teacher, cond: Cond, steps: int, generator: torch.Generator, shape, guidance=1.0,
+                backbone=None) -> torch.Tensor:
+    """The teacher's deterministic sampler on its own grid (Euler for flow teachers, see solvers.ddim_step)."""
+    times = teacher.timesteps(steps).tolist() + [teacher.end_time]
+    x = _noise((len(cond), *shape), generator, teacher.device)
+    for t, s in zip(times[:-1], times[1:]):
+        x0, eps = teacher.predict(x, t, cond, guidance, backbone=backbone)
+        x = ddim_step(x0, eps, *teacher.alpha_sigma(torch.tensor(s)))
+    return x
+
+
+@torch.no_grad()
+def consistency_sample(teacher: Teacher, backbone, cond: Cond, timesteps: torch.Tensor, generator: torch.Generator,
+                       shape, guidance=1.0, guidance_cond=None, sigma_data=0.5, timestep_scaling=10.0):
+    """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM Alg. 3): denoise with f, re-noise to the
+    next time, repeat. Draws noise in the same order as diffusers' LCMScheduler."""
+    x = _noise((len(cond), *shape), generator, teacher.device)
+    for i, t in enumerate(timesteps.tolist()):
+        x0, _ = teacher.predict(x, t, cond, guidance, backbone=backbone, guidance_cond=guidance_cond)
+        c_skip, c_out = consistency_scalings(torch.tensor(t), sigma_data, timestep_scaling)
+        x = bcast(c_out, x0) * x0 + bcast(c_skip, x) * x
+        if i + 1 < len(timesteps):
+            x = teacher.add_noise(x, _noise(x.shape, generator, x.device), timesteps[i + 1])
+    return x
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """Images in [-1, 1] -> 8-bit PIL images, rounding as diffusers' VaeImageProcessor does."""
+    arr = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
+    arr = (arr * 255).round().astype(np.uint8)
+    return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]

@@ -1,0 +1,156 @@
+"""The one training loop: a method's turns under Accelerate, with checkpoints, resume, trackers and a bar.
+
+Per global step, `gradient_accumulation_steps` batches are read once; each turn of the method runs
+over them (forward, backward) and then steps its own optimiser and LR schedule.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, set_seed
+from tqdm.auto import tqdm
+
+import students
+import teachers
+from distill import checkpoint, data
+from distill.config import Config
+from distill.errors import DistillError
+from distill.methods import METHODS, Method
+from teachers.base import Cond
+
+
+def step_generator(seed: int, step: int, micro: int, turn: int, rank: int) -> torch.Generator:
+    """The generator for one forward: a pure function of where it is in the run."""
+    state = np.random.SeedSequence([seed, step, micro, turn, rank]).generate_state(2)
+    return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
+
+
+def build_method(cfg: Config, device) -> Method:
+    set_seed(cfg.train.seed)  # adapters and heads start identical on every rank and every run
+    teacher = teachers.load(cfg.teacher, device)
+    student = students.build(teacher, cfg.student).to(device)
+    method_cls = METHODS[cfg.method.name]
+    return method_cls(teacher, student, method_cls.parse_params(cfg.method.params))
+
+
+@torch.no_grad()
+def encode_batch(raw: dict, teacher, generator: torch.Generator) -> dict:
+    """Text to conditioning and images to latents with the frozen teacher, unless the cache has them."""
+    flat = {k.removeprefix("cond."): v for k, v in raw.items() if k.startswith("cond.")}
+    cond = Cond.from_flat(flat).to(teacher.device) if flat else teacher.encode_prompts(raw["prompt"])
+    if "latents" in raw:
+        latents = raw["latents"].to(teacher.device)
+    elif "image" in raw:
+        latents = teacher.encode(raw["image"].to(teacher.device), generator)
+    else:
+        raise DistillError("this method needs images or latents to noise; use data.kind images, shards, "
+                           "latents or digits (a prompts file has no images)")
+    return {"prompt": raw["prompt"], "cond": cond, "latents": latents.float(), "generator": generator}
+
+
+def _check_resumable(cfg: Config, trainer_state: dict) -> None:
+    was = (trainer_state["method"], trainer_state["teacher"], trainer_state["student"])
+    now = (cfg.method.name, cfg.teacher.source, cfg.student.kind)
+    if was != now:
+        raise DistillError(f"cannot resume: the checkpoint is (method, teacher, student) = {was}, this config is "
+                           f"{now}; resume with the original config or start a new train.output_dir")
+
+
+def train(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> Path:
+    """Train to cfg.train.max_steps (or `stop_after` more steps), checkpointing on the way; returns the run dir."""
+    tc, out = cfg.train, Path(cfg.train.output_dir)
+    ckpt = checkpoint.find(out, resume) if resume else None
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None,
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    method = build_method(cfg, accelerator.device)
+    dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, tc.seed)
+
+    optimizers = {turn: torch.optim.AdamW(method.parameters_for(turn), lr=tc.learning_rate,
+                                          betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
+                  for turn in method.turns}
+    from diffusers.optimization import get_scheduler
+
+    schedulers = {turn: get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=tc.warmup_steps,
+                                      num_training_steps=tc.max_steps) for turn, opt in optimizers.items()}
+    start = 0
+    if ckpt is not None:
+        weights, optim_states, trainer_state = checkpoint.load(ckpt)
+        _check_resumable(cfg, trainer_state)
+        method.load_saved(weights)
+        for turn, opt in optimizers.items():
+            opt.load_state_dict(optim_states[turn])
+            schedulers[turn].load_state_dict(trainer_state["schedulers"][turn])
+        start = trainer_state["step"]
+    model, *prepared = accelerator.prepare(method, *optimizers.values())
+    optimizers = dict(zip(optimizers, prepared))
+    model.train()
+
+    sampler = data.StepBatches(len(dataset), cfg.data.batch_size, accelerator.num_processes,
+                               accelerator.process_index, tc.seed, start * tc.gradient_accumulation_steps)
+    batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
+                                               num_workers=cfg.data.num_workers))
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        cfg.dump(out / "config.yaml")
+    if tc.trackers:
+        accelerator.init_trackers(tc.project, config=_flat(cfg.to_dict()))
+
+    end = tc.max_steps if stop_after is None else min(tc.max_steps, start + stop_after)
+    bar = tqdm(total=tc.max_steps, initial=start, desc=f"{cfg.method.name}", disable=not accelerator.is_main_process,
+               dynamic_ncols=True, mininterval=1.0)
+    accum, t0 = tc.gradient_accumulation_steps, time.time()
+    for step in range(start, end):
+        raws = [next(batches) for _ in range(accum)]
+        logs = {}
+        for turn_i, turn in enumerate(method.turns):
+            for micro, raw in enumerate(raws):
+                gen = step_generator(tc.seed, step, micro, turn_i, accelerator.process_index)
+                batch = encode_batch(raw, method.teacher, gen)
+                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
+                with sync, accelerator.autocast():
+                    result = model(batch, turn)
+                    accelerator.backward(result.loss / accum)
+                logs[f"{turn}/loss"] = logs.get(f"{turn}/loss", 0.0) + result.loss.item() / accum
+            logs.update({f"{turn}/{k}": v for k, v in result.logs.items()})
+            if tc.max_grad_norm > 0:
+                norm = accelerator.clip_grad_norm_(method.parameters_for(turn), tc.max_grad_norm)
+                logs[f"{turn}/grad_norm"] = float(norm)
+            optimizers[turn].step()
+            schedulers[turn].step()
+            optimizers[turn].zero_grad(set_to_none=True)
+            method.after_step(turn)
+            logs[f"{turn}/lr"] = schedulers[turn].get_last_lr()[0]
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix({k.split("/")[0]: f"{v:.4f}" for k, v in logs.items() if k.endswith("/loss")})
+        if tc.trackers and (done % tc.log_every == 0 or done == end):
+            accelerator.log(logs, step=done)
+        if any(not math.isfinite(v) for k, v in logs.items() if k.endswith("/loss")):
+            raise DistillError(f"loss became non-finite at step {done}: {logs}; lower train.learning_rate")
+        if done % tc.checkpoint_every == 0 or done == end:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                checkpoint.save(out, done, method.state_to_save(), optimizers, schedulers, cfg, tc.keep_checkpoints)
+    bar.close()
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and end == tc.max_steps:
+        students.save(method.student, method.teacher, out / "student")
+        (out / "train_time.txt").write_text(f"{time.time() - t0:.1f} s for steps {start}..{end}\n")
+    accelerator.end_training()
+    return out
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v if isinstance(v, (int, float, str, bool)) or v is None else str(v)
+    return out

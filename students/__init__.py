@@ -1,0 +1,117 @@
+"""Students: a LoRA on the teacher's own backbone, or a full trainable copy with an EMA.
+
+A LoRA student shares every weight with its teacher; the teacher runs the same backbone with the
+adapters switched off (teachers.base.adapters_disabled), so one copy of the weights is in memory.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from torch import nn
+
+from distill.config import StudentConfig
+from distill.errors import DistillError
+from teachers.base import Teacher
+
+
+class Student(nn.Module):
+    def __init__(self, backbone: nn.Module, kind: str, ema_decay: float = 0.0, guidance_input: bool = False):
+        super().__init__()
+        self.backbone, self.kind, self.ema_decay, self.guidance_input = backbone, kind, ema_decay, guidance_input
+        # A full student keeps an EMA copy (LCM's target network theta^-); a LoRA student is its own target.
+        self.ema = copy.deepcopy(backbone).requires_grad_(False).eval() if kind == "full" else None
+
+    @property
+    def target(self) -> nn.Module:
+        return self.ema if self.ema is not None else self.backbone
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.backbone.parameters() if p.requires_grad]
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        if self.ema is None:
+            return
+        for e, p in zip(self.ema.parameters(), self.backbone.parameters()):
+            e.lerp_(p.detach().to(e.dtype), 1.0 - self.ema_decay)
+
+    def train(self, mode: bool = True):
+        self.backbone.train(mode)
+        return self
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint must keep: LoRA weights, or the full backbone and its EMA."""
+        if self.kind == "lora":
+            return {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.backbone).items()}
+        state = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
+        return state | {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+
+    def load_saved(self, state: dict[str, torch.Tensor]) -> None:
+        if self.kind == "lora":
+            lora = {k.removeprefix("lora."): v for k, v in state.items() if k.startswith("lora.")}
+            result = set_peft_model_state_dict(self.backbone, lora)
+            if getattr(result, "unexpected_keys", None):
+                raise DistillError(f"checkpoint LoRA does not fit this student: {result.unexpected_keys[:3]}")
+            return
+        pick = lambda pre: {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}  # noqa: E731
+        self.backbone.load_state_dict(pick("backbone."))
+        self.ema.load_state_dict(pick("ema."))
+
+    def diffusers_lora(self, prefix: str) -> dict[str, torch.Tensor]:
+        """LoRA weights keyed as diffusers' load_lora_weights reads them (`unet.` / `transformer.` prefix)."""
+        return {f"{prefix}.{k}": v.detach().contiguous() for k, v in get_peft_model_state_dict(self.backbone).items()}
+
+
+def save(student: Student, teacher: Teacher, folder: Path) -> Path:
+    """Write the trained student where diffusers reads it: `pytorch_lora_weights.safetensors` for a LoRA
+    (pipeline.load_lora_weights(folder)), or the backbone's own folder for a full student."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    name = getattr(teacher, "backbone_name", None)
+    if name is None:
+        save_file({k: v.contiguous() for k, v in student.state_to_save().items()}, str(tmp / "student.safetensors"))
+    elif student.kind == "lora":
+        config = student.backbone.peft_config["default"]
+        teacher.pipeline_class.save_lora_weights(
+            tmp, **{f"{name}_lora_layers": get_peft_model_state_dict(student.backbone),
+                    f"{name}_lora_adapter_metadata": config.to_dict()}, safe_serialization=True)
+    else:
+        student.backbone.save_pretrained(tmp / name, safe_serialization=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    os.replace(tmp, folder)
+    return folder
+
+
+def build(teacher: Teacher, cfg: StudentConfig) -> Student:
+    if cfg.kind == "lora":
+        targets = cfg.lora_targets or list(teacher.lora_targets)
+        lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
+                          target_modules=targets)
+        backbone = teacher.backbone
+        try:
+            inject_adapter_in_model(lora, backbone, adapter_name="default")
+        except ValueError as e:
+            raise DistillError(f"student.lora_targets {targets} match no module of the {teacher.family} "
+                               f"backbone: {str(e).splitlines()[0]}") from e
+        backbone.peft_config = {"default": lora}
+        for name, p in backbone.named_parameters():
+            if "lora_" in name:  # adapters train in float32 even over a half-precision teacher
+                p.data = p.data.float()
+                p.requires_grad_(True)
+        student = Student(backbone, "lora")
+    else:
+        backbone = teacher.add_guidance_input(teacher.backbone) if cfg.guidance_embedding else copy.deepcopy(
+            teacher.backbone)
+        backbone = backbone.float().requires_grad_(True)
+        student = Student(backbone, "full", cfg.ema_decay, guidance_input=cfg.guidance_embedding)
+    if cfg.gradient_checkpointing and hasattr(student.backbone, "enable_gradient_checkpointing"):
+        student.backbone.enable_gradient_checkpointing()
+    return student

@@ -1,0 +1,107 @@
+"""Teachers: frozen diffusion models behind one interface (see teachers/base.py).
+
+`load(cfg)` takes a diffusers pipeline folder, a single-file .safetensors checkpoint, a hub id, or a
+builtin (`builtin:tiny-sdxl`, `builtin:tiny-sd3`, `builtin:gmm-vp`, `builtin:gmm-flow`).
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from distill.config import TeacherConfig
+from distill.errors import DistillError
+from teachers.base import Cond, Teacher
+
+__all__ = ["Cond", "Teacher", "load", "family_of"]
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _classes():
+    from teachers.sd3 import SD3Teacher
+    from teachers.sdxl import SDXLTeacher
+
+    return {"sdxl": SDXLTeacher, "sd3": SD3Teacher}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
+def family_of(folder: Path) -> str:
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise DistillError(f"teacher folder {folder} is not a diffusers pipeline (no model_index.json); "
+                           "save one with pipeline.save_pretrained(folder)")
+    name = json.loads(index.read_text()).get("_class_name", "")
+    if name.startswith("StableDiffusionXL"):
+        return "sdxl"
+    if name.startswith("StableDiffusion3"):
+        return "sd3"
+    raise DistillError(f"teacher {folder} is a {name or 'unknown'} pipeline; supported: StableDiffusionXL*, "
+                       "StableDiffusion3*")
+
+
+def _builtin(cfg: TeacherConfig) -> Path | Teacher:
+    name = cfg.source.removeprefix("builtin:")
+    if name.startswith("gmm-"):
+        from teachers.gmm import GMMTeacher
+
+        return GMMTeacher(schedule=name.removeprefix("gmm-"))
+    from teachers import tiny
+
+    folder = cache_dir() / "teachers" / name
+    if not (folder / "model_index.json").is_file():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        tiny.build(name, tmp)
+        try:
+            os.replace(tmp, folder)
+        except OSError:  # another process built it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def _pipeline(source: str, family: str | None, dtype: torch.dtype):
+    from diffusers import DiffusionPipeline
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+    from huggingface_hub.errors import HFValidationError
+
+    dlog.disable_progress_bar()
+    tlog.disable_progress_bar()
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            return _classes()[family].pipeline_class.from_single_file(str(path), dtype=dtype)
+        if path.is_dir():
+            family_of(path)
+        return DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, dtype=dtype)
+    except (OSError, HFValidationError, ValueError) as e:
+        if path.exists():
+            raise DistillError(f"could not load teacher {source}: {str(e).splitlines()[0]}") from e
+        raise DistillError(f"could not fetch teacher '{source}' from the hub (offline or not found); download it "
+                           "where the hub is reachable and set teacher.source to the local folder") from e
+
+
+def load(cfg: TeacherConfig, device: str | torch.device = "cpu") -> Teacher:
+    src = _builtin(cfg) if cfg.source.startswith("builtin:") else cfg.source
+    if isinstance(src, Teacher):
+        return src.to(device)
+    if cfg.family == "gmm":
+        raise DistillError("teacher.family=gmm is only the builtin:gmm-vp / builtin:gmm-flow teachers")
+    pipe = _pipeline(str(src), cfg.family, DTYPES[cfg.dtype])
+    matches = [f for f, c in _classes().items() if isinstance(pipe, c.pipeline_class)]
+    if not matches or (cfg.family and cfg.family != matches[0]):
+        raise DistillError(f"teacher {src} loaded as {type(pipe).__name__}, which is not a "
+                           f"{cfg.family or 'supported'} pipeline (supported: sdxl, sd3)")
+    pipe.set_progress_bar_config(disable=True)
+    cls = _classes()[matches[0]]
+    if cls.family == "sdxl":
+        teacher = cls(pipe, cfg.resolution, cfg.prediction_type)
+    else:
+        teacher = cls(pipe, cfg.resolution, cfg.max_text_length)
+    return teacher.to(device)

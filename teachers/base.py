@@ -1,0 +1,147 @@
+"""The one teacher interface: x_t = alpha(t) * x0 + sigma(t) * eps, whatever the family.
+
+A family subclass says how to call its backbone (`_forward`) and what the output means
+(`prediction_type`); everything else, classifier-free guidance included, is written here once.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from distill.solvers import bcast, cfg_combine, to_x0_eps
+
+
+@dataclass
+class Cond:
+    """Prompts encoded once: the tensors the backbone reads, for the prompts and for their negatives."""
+
+    pos: dict[str, torch.Tensor]
+    neg: dict[str, torch.Tensor]
+
+    def __len__(self) -> int:
+        return len(next(iter(self.pos.values())))
+
+    def __getitem__(self, idx) -> "Cond":
+        return Cond({k: v[idx] for k, v in self.pos.items()}, {k: v[idx] for k, v in self.neg.items()})
+
+    def to(self, device=None, dtype=None) -> "Cond":
+        def move(v):
+            return v.to(device=device, dtype=dtype if v.is_floating_point() else None)
+        return Cond({k: move(v) for k, v in self.pos.items()}, {k: move(v) for k, v in self.neg.items()})
+
+    def flat(self) -> dict[str, torch.Tensor]:
+        return {**{f"pos.{k}": v for k, v in self.pos.items()}, **{f"neg.{k}": v for k, v in self.neg.items()}}
+
+    @staticmethod
+    def from_flat(flat: dict[str, torch.Tensor]) -> "Cond":
+        pick = lambda pre: {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)}  # noqa: E731
+        return Cond(pick("pos."), pick("neg."))
+
+
+def _cat(a: dict, b: dict) -> dict:
+    return {k: torch.cat([a[k], b[k]]) for k in a}
+
+
+@contextmanager
+def adapters_disabled(module: nn.Module):
+    """Run a backbone as the bare teacher: any LoRA adapters on it are switched off inside."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+
+
+class Teacher(nn.Module):
+    """A frozen diffusion model seen as a denoiser: `predict` gives (x0, eps) for x_t at time t."""
+
+    family: str
+    prediction_type: str
+    num_train_timesteps: int = 1000
+    lora_targets: tuple[str, ...] = ()
+    backbone: nn.Module
+
+    # --- family-specific ---------------------------------------------------------------
+    def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def timesteps(self, n: int) -> torch.Tensor:
+        """The teacher's own n-step grid, descending, in train timesteps."""
+        raise NotImplementedError
+
+    end_time: float = 0.0  # the clean-data time that closes every grid
+
+    def encode_prompts(self, prompts: list[str], negative: list[str] | None = None) -> Cond:
+        raise NotImplementedError
+
+    def _forward(self, backbone: nn.Module, x, t, cond: dict, guidance_cond) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images in [-1, 1], [B, 3, H, W] -> latents."""
+        raise NotImplementedError
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Latents -> images in [-1, 1]."""
+        raise NotImplementedError
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def add_guidance_input(self, backbone: nn.Module) -> nn.Module:
+        """A copy of the backbone that also reads the CFG scale w (for guidance-distilled students)."""
+        raise NotImplementedError(f"the {self.family} teacher has no guidance-embedding student yet")
+
+    # --- shared ------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.backbone.parameters()).device
+
+    def alpha(self, t):
+        return self.alpha_sigma(t)[0]
+
+    def sigma(self, t):
+        return self.alpha_sigma(t)[1]
+
+    def freeze(self) -> "Teacher":
+        self.requires_grad_(False)
+        return self.eval()
+
+    def train(self, mode: bool = True):
+        # Frozen parts stay in eval mode (dropout off) whatever the trainer asks.
+        return super().train(False)
+
+    def predict(self, x: torch.Tensor, t, cond: Cond, guidance=1.0, backbone: nn.Module | None = None,
+                guidance_cond=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0, eps) for x at time t. `guidance` > 1 applies classifier-free guidance with the negatives.
+
+        With `backbone=None` the teacher itself answers, adapters off; a student passes its own backbone
+        (and, if it reads w, `guidance_cond`)."""
+        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
+        alpha, sigma = self.alpha_sigma(t)
+        alpha, sigma = alpha.to(x.device), sigma.to(x.device)
+        use_cfg = not (isinstance(guidance, (int, float)) and guidance == 1.0)
+        if backbone is None:
+            with adapters_disabled(self.backbone):
+                return self.predict(x, t, cond, guidance, self.backbone, guidance_cond)
+        if use_cfg:
+            if guidance_cond is not None:
+                guidance_cond = torch.as_tensor(guidance_cond, device=x.device).expand(len(x)).repeat(2)
+            both = self._forward(backbone, torch.cat([x, x]), torch.cat([t, t]), _cat(cond.neg, cond.pos),
+                                 guidance_cond)
+            out = cfg_combine(*both.float().chunk(2)[::-1], guidance)
+        else:
+            out = self._forward(backbone, x, t, cond.pos, guidance_cond).float()
+        return to_x0_eps(out, x.float(), alpha, sigma, self.prediction_type)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
+        alpha, sigma = self.alpha_sigma(torch.as_tensor(t, device=x0.device))
+        return bcast(alpha.to(x0.device), x0) * x0 + bcast(sigma.to(x0.device), x0) * noise

@@ -1,0 +1,81 @@
+"""SDXL teachers: a VP UNet with two CLIP text encoders and micro-conditioning (Podell et al. 2023)."""
+from __future__ import annotations
+
+import torch
+from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+
+from distill.schedules import vp_alpha_sigma, vp_alphas_cumprod, vp_timesteps
+from distill.solvers import guidance_embedding
+from teachers.base import Cond, Teacher
+
+
+class SDXLTeacher(Teacher):
+    family = "sdxl"
+    pipeline_class = StableDiffusionXLPipeline
+    lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
+                    "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+    backbone_name = "unet"  # its folder in the pipeline and its LoRA key prefix
+    end_time = -1.0  # VP: one step past t = 0 reaches alpha = 1 (diffusers' final_alpha_cumprod = 1)
+
+    def __init__(self, pipe: StableDiffusionXLPipeline, resolution: int, prediction_type: str | None = None):
+        super().__init__()
+        self.pipe = pipe
+        self.backbone, self.vae = pipe.unet, pipe.vae
+        self.text_encoder, self.text_encoder_2 = pipe.text_encoder, pipe.text_encoder_2
+        sc = pipe.scheduler.config
+        self.prediction_type = prediction_type or sc.get("prediction_type", "epsilon")
+        self.num_train_timesteps = sc.get("num_train_timesteps", 1000)
+        self.register_buffer("alphas_cumprod", vp_alphas_cumprod(
+            self.num_train_timesteps, sc.get("beta_start", 0.00085), sc.get("beta_end", 0.012),
+            sc.get("beta_schedule", "scaled_linear")), persistent=False)
+        self.resolution = resolution
+        self.freeze()
+
+    def alpha_sigma(self, t):
+        return vp_alpha_sigma(self.alphas_cumprod, t)
+
+    def timesteps(self, n: int) -> torch.Tensor:
+        return vp_timesteps(n, self.num_train_timesteps)
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, negative=None) -> Cond:
+        device = self.device
+        pe, ne, pp, npool = self.pipe.encode_prompt(list(prompts), device=device, do_classifier_free_guidance=True,
+                                                    negative_prompt=list(negative) if negative else None)
+        size = self.resolution
+        # Micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop top-left, target size.
+        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=pe.dtype).repeat(len(pe), 1)
+        return Cond({"embeds": pe, "pooled": pp, "time_ids": time_ids},
+                    {"embeds": ne, "pooled": npool, "time_ids": time_ids})
+
+    def _forward(self, backbone, x, t, cond, guidance_cond):
+        dtype = backbone.dtype
+        timestep_cond = None
+        if guidance_cond is not None:
+            w = torch.as_tensor(guidance_cond, device=x.device).expand(x.shape[0])
+            # diffusers' pipelines embed w - 1 (LCM's omega), so plain pipelines drive this student.
+            timestep_cond = guidance_embedding(w - 1, backbone.config.time_cond_proj_dim).to(x.device, dtype)
+        return backbone(x.to(dtype), t, encoder_hidden_states=cond["embeds"].to(dtype), timestep_cond=timestep_cond,
+                        added_cond_kwargs={"text_embeds": cond["pooled"].to(dtype),
+                                           "time_ids": cond["time_ids"].to(dtype)}, return_dict=False)[0]
+
+    def latent_shape(self, height, width):
+        f = self.pipe.vae_scale_factor
+        return (self.backbone.config.in_channels, height // f, width // f)
+
+    def encode(self, images, generator=None):
+        dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
+        return dist.sample(generator) * self.vae.config.scaling_factor
+
+    def decode(self, latents):
+        return self.vae.decode(latents.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
+
+    def add_guidance_input(self, backbone):
+        # LCM's w-conditioning (Luo et al. 2023, sec. 4.2) is diffusers' time_cond_proj_dim: a zero-initialised
+        # projection of the w embedding added to the time embedding, so the student starts as the teacher.
+        config = dict(backbone.config, time_cond_proj_dim=256)
+        student = UNet2DConditionModel.from_config(config).to(backbone.device, backbone.dtype)
+        missing, unexpected = student.load_state_dict(backbone.state_dict(), strict=False)
+        assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
+        torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+        return student
