@@ -18,8 +18,8 @@ def _train(args) -> None:
     from distill.trainer import train
 
     cfg = config.load(args.config, args.overrides)
-    out = train(cfg, resume=args.resume, stop_after=args.stop_after_steps)
-    print(f"run saved in {out}")
+    train(cfg, resume=args.resume, stop_after=args.stop_after_steps)
+    print(f"run saved in {cfg.train.output_dir}")
 
 
 def _generate(args) -> None:

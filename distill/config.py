@@ -104,7 +104,10 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+        """Identifies the recipe: every field except where the run is written."""
+        recipe = self.to_dict()
+        recipe["train"].pop("output_dir")
+        return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
     def dump(self, path: Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))

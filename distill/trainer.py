@@ -6,6 +6,7 @@ over them (forward, backward) and then steps its own optimiser and LR schedule.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from pathlib import Path
@@ -62,8 +63,9 @@ def _check_resumable(cfg: Config, trainer_state: dict) -> None:
                            f"{now}; resume with the original config or start a new train.output_dir")
 
 
-def train(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> Path:
-    """Train to cfg.train.max_steps (or `stop_after` more steps), checkpointing on the way; returns the run dir."""
+def train(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> Method:
+    """Train to cfg.train.max_steps (or `stop_after` more steps), checkpointing into cfg.train.output_dir;
+    returns the trained method (teacher and student)."""
     tc, out = cfg.train, Path(cfg.train.output_dir)
     ckpt = checkpoint.find(out, resume) if resume else None
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None,
@@ -129,8 +131,12 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
         done = step + 1
         bar.update(1)
         bar.set_postfix({k.split("/")[0]: f"{v:.4f}" for k, v in logs.items() if k.endswith("/loss")})
-        if tc.trackers and (done % tc.log_every == 0 or done == end):
-            accelerator.log(logs, step=done)
+        if done % tc.log_every == 0 or done == end:
+            if tc.trackers:
+                accelerator.log(logs, step=done)
+            if accelerator.is_main_process:
+                with open(out / "metrics.jsonl", "a") as f:
+                    f.write(json.dumps({"step": done, **logs}) + "\n")
         if any(not math.isfinite(v) for k, v in logs.items() if k.endswith("/loss")):
             raise DistillError(f"loss became non-finite at step {done}: {logs}; lower train.learning_rate")
         if done % tc.checkpoint_every == 0 or done == end:
@@ -143,7 +149,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
         students.save(method.student, method.teacher, out / "student")
         (out / "train_time.txt").write_text(f"{time.time() - t0:.1f} s for steps {start}..{end}\n")
     accelerator.end_training()
-    return out
+    return method
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -1,0 +1,149 @@
+"""Consistency distillation on tiny SDXL and SD3 through the real trainer, resume, generate, LCM equivalence."""
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import LCMScheduler, StableDiffusionXLPipeline
+from PIL import Image
+from safetensors.torch import load_file
+
+import teachers
+from distill import config
+from distill.config import TeacherConfig
+from distill.trainer import build_method, train
+
+
+def tiny_cfg(tmp_path, source, **over):
+    raw = {"teacher": {"source": str(source), "resolution": 32},
+           "student": {"kind": "lora", "lora_rank": 4},
+           "method": {"name": "consistency", "params": {"guidance_min": 2.0, "guidance_max": 6.0}},
+           "data": {"kind": "digits", "batch_size": 2},
+           "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "learning_rate": 1e-3,
+                     "checkpoint_every": 2, "log_every": 1}}
+    return config.parse(raw, [f"{k}={v}" for k, v in over.items()])
+
+
+def _losses(run):
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["student/loss"] for r in rows]
+
+
+@pytest.mark.parametrize("teacher_fixture,over", [
+    ("tiny_sdxl_dir", {}),
+    ("tiny_sdxl_dir", {"teacher.prediction_type": "v_prediction", "student.kind": "full",
+                       "student.guidance_embedding": "true"}),
+    ("tiny_sd3_dir", {}),
+    ("tiny_sd3_dir", {"student.kind": "full"}),
+])
+def test_consistency_trains_only_the_student(request, tmp_path, teacher_fixture, over):
+    folder = request.getfixturevalue(teacher_fixture)
+    cfg = tiny_cfg(tmp_path, folder, **over)
+    method = train(cfg)
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 4 and all(math.isfinite(v) and v > 0 for v in losses)
+
+    fresh = teachers.load(TeacherConfig(source=str(folder), resolution=32))
+    init = build_method(cfg, "cpu")  # same seed: the student as it was at step 0
+    frozen = {n.replace(".base_layer", ""): p for n, p in method.teacher.backbone.named_parameters()
+              if "lora_" not in n}
+    for name, p in fresh.backbone.named_parameters():
+        assert torch.equal(frozen[name], p), f"teacher weight {name} changed"
+    for part in ("text_encoder", "vae"):
+        for a, b in zip(getattr(method.teacher, part).parameters(), getattr(fresh, part).parameters()):
+            assert torch.equal(a, b)
+    changed = [not torch.equal(a, b) for a, b in zip(method.student.trainable_parameters(),
+                                                       init.student.trainable_parameters())]
+    assert sum(changed) > 0.5 * len(changed)
+    if cfg.student.kind == "full":
+        ema = [not torch.equal(a, b) for a, b in zip(method.student.ema.parameters(), init.student.ema.parameters())]
+        assert any(ema)
+    assert (tmp_path / "run" / "student").is_dir()
+
+
+def test_resume_latest_matches_an_uninterrupted_run(tmp_path, tiny_sdxl_dir, cli):
+    run_cli = cli
+    cfg_file = tmp_path / "cfg.yaml"
+    cfg = tiny_cfg(tmp_path, tiny_sdxl_dir, **{"train.max_steps": 5, "train.lr_scheduler": "cosine",
+                                               "train.warmup_steps": 2, "train.gradient_accumulation_steps": 2})
+    cfg.dump(cfg_file)
+    run_cli("train", cfg_file, f"train.output_dir={tmp_path / 'whole'}")
+    first = run_cli("train", cfg_file, f"train.output_dir={tmp_path / 'split'}", "--stop-after-steps", "3")
+    assert "run saved" in first.stdout
+    assert (tmp_path / "split/checkpoints/latest").read_text() == "step-00000003"
+    assert not (tmp_path / "split/student").exists()  # stopped early: no final export yet
+    run_cli("train", cfg_file, f"train.output_dir={tmp_path / 'split'}", "--resume", "latest")
+    for name in ("weights.safetensors", "optim-student.safetensors"):
+        whole = load_file(tmp_path / "whole/checkpoints/step-00000005" / name)
+        split = load_file(tmp_path / "split/checkpoints/step-00000005" / name)
+        assert whole.keys() == split.keys() and all(torch.equal(whole[k], split[k]) for k in whole), name
+    assert _losses(tmp_path / "whole")[3:] == _losses(tmp_path / "split")[3:]
+    whole_meta = json.loads((tmp_path / "whole/checkpoints/step-00000005/trainer.json").read_text())
+    split_meta = json.loads((tmp_path / "split/checkpoints/step-00000005/trainer.json").read_text())
+    assert whole_meta == split_meta
+
+    changed = tmp_path / "changed.yaml"
+    raw = yaml.safe_load(cfg_file.read_text())
+    raw["student"]["kind"] = "full"
+    changed.write_text(yaml.safe_dump(raw))
+    bad = run_cli("train", changed, f"train.output_dir={tmp_path / 'split'}", "--resume", "latest", check=False)
+    assert bad.returncode == 2 and "cannot resume" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.fixture(scope="module")
+def lcm_run(tmp_path_factory, tiny_sdxl_dir):
+    tmp = tmp_path_factory.mktemp("lcm")
+    cfg = tiny_cfg(tmp, tiny_sdxl_dir, **{"train.max_steps": 3, "train.learning_rate": 1e-2})
+    train(cfg)
+    return tmp / "run"
+
+
+def test_generate_from_a_checkpoint_writes_repeatable_pngs(lcm_run, tmp_path, cli):
+    run_cli = cli
+    args = ["generate", lcm_run, "--prompt", "a handwritten digit 1", "--prompt", "a handwritten digit 2",
+            "--steps", "2", "--seed", "3"]
+    proc = run_cli(*args, "--out", tmp_path / "a")
+    assert "wrote 2 images" in proc.stdout
+    run_cli(*args, "--out", tmp_path / "b")
+    run_cli("generate", lcm_run / "checkpoints/step-00000002", "--prompt", "a handwritten digit 1", "--steps", "1",
+            "--out", tmp_path / "c")
+    pngs = sorted((tmp_path / "a").glob("*.png"))
+    assert [p.name for p in pngs] == ["0000-a-handwritten-digit-1.png", "0001-a-handwritten-digit-2.png"]
+    for p in pngs:
+        img = np.asarray(Image.open(p))
+        assert img.shape == (32, 32, 3) and img.std() > 0
+        assert np.array_equal(img, np.asarray(Image.open(tmp_path / "b" / p.name)))
+    assert len(list((tmp_path / "c").glob("*.png"))) == 1
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_plain_diffusers_lcm_scheduler_reproduces_the_student(lcm_run, tiny_sdxl_dir, tmp_path, steps, cli):
+    run_cli = cli
+    cfg = config.load(lcm_run / "config.yaml", for_training=False)
+    method = build_method(cfg, "cpu")
+    from distill import checkpoint
+    method.load_saved(checkpoint.load(checkpoint.find(lcm_run, "latest"))[0])
+    prompts = ["a handwritten digit 4", "a handwritten digit 9"]
+    cond = method.teacher.encode_prompts(prompts)
+    ours = method.sample(cond, steps, torch.Generator().manual_seed(11), method.teacher.latent_shape(32, 32))
+
+    pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config, original_inference_steps=50)
+    pipe.load_lora_weights(lcm_run / "student")
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(num_inference_steps=steps, guidance_scale=1.0, height=32, width=32)
+    ref = pipe(prompts, output_type="latent", generator=torch.Generator().manual_seed(11), **kw).images
+    plain = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl_dir, scheduler=pipe.scheduler)
+    plain.set_progress_bar_config(disable=True)
+    no_lora = plain(prompts, output_type="latent", generator=torch.Generator().manual_seed(11), **kw).images
+    assert (no_lora - ours).abs().max() > 1e-3  # the LoRA really changed the samples
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+    run_cli("generate", lcm_run, "--prompt", prompts[0], "--prompt", prompts[1], "--steps", steps, "--seed", 11,
+            "--out", tmp_path)
+    images = pipe(prompts, output_type="np", generator=torch.Generator().manual_seed(11), **kw).images
+    for png, img in zip(sorted(tmp_path.glob("*.png")), images):
+        diff = np.abs(np.asarray(Image.open(png)).astype(int) - (img * 255).round().astype(int))
+        assert diff.max() <= 1
