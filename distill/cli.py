@@ -128,9 +128,23 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Library warnings (hub retries, deprecations) would bury our one-line errors; --debug keeps them."""
+    import warnings
+
+    from diffusers.utils import logging as dlog
+    from transformers.utils import logging as tlog
+
+    dlog.set_verbosity_error()
+    tlog.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not args.debug:
+        _quiet_libraries()
     try:
         args.func(args)
     except DistillError as e:

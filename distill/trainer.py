@@ -47,11 +47,8 @@ def encode_batch(raw: dict, teacher, generator: torch.Generator) -> dict:
     cond = Cond.from_flat(flat).to(teacher.device) if flat else teacher.encode_prompts(raw["prompt"])
     if "latents" in raw:
         latents = raw["latents"].to(teacher.device)
-    elif "image" in raw:
-        latents = teacher.encode(raw["image"].to(teacher.device), generator)
     else:
-        raise DistillError("this method needs images or latents to noise; use data.kind images, shards, "
-                           "latents or digits (a prompts file has no images)")
+        latents = teacher.encode(raw["image"].to(teacher.device), generator)
     return {"prompt": raw["prompt"], "cond": cond, "latents": latents.float(), "generator": generator}
 
 
@@ -72,6 +69,9 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     method = build_method(cfg, accelerator.device)
     dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, tc.seed)
+    if not ({"image", "latents"} & set(dataset[0])):
+        raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
+                           f"{cfg.data.kind} has none; use images, shards, latents or digits")
 
     optimizers = {turn: torch.optim.AdamW(method.parameters_for(turn), lr=tc.learning_rate,
                                           betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)

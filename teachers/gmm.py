@@ -16,6 +16,7 @@ import re
 import torch
 from torch import nn
 
+from distill.errors import DistillError
 from distill.schedules import flow_alpha_sigma, flow_timesteps, vp_alpha_sigma, vp_alphas_cumprod, vp_timesteps
 from teachers.base import Cond, Teacher
 
@@ -83,7 +84,7 @@ class GMMTeacher(Teacher):
         for p in prompts:
             m = re.search(r"(\d+)", p)
             if not m or int(m.group(1)) >= self.num_classes:
-                raise ValueError(f"prompt {p!r} names no class 0..{self.num_classes - 1}")
+                raise DistillError(f"prompt {p!r} names no class 0..{self.num_classes - 1}")
             ks.append(int(m.group(1)))
         return torch.tensor(ks)
 
