@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from accelerate import Accelerator
+from accelerate.state import AcceleratorState
 from accelerate.utils import ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
@@ -65,6 +66,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
     returns the trained method (teacher and student)."""
     tc, out = cfg.train, Path(cfg.train.output_dir)
     ckpt = checkpoint.find(out, resume) if resume else None
+    AcceleratorState._reset_state()  # Accelerate keeps settings process-wide; each run sets its own
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None,
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     method = build_method(cfg, accelerator.device)
@@ -120,6 +122,9 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
                     accelerator.backward(result.loss / accum)
                 logs[f"{turn}/loss"] = logs.get(f"{turn}/loss", 0.0) + result.loss.item() / accum
             logs.update({f"{turn}/{k}": v for k, v in result.logs.items()})
+            if not math.isfinite(logs[f"{turn}/loss"]):
+                raise DistillError(f"{turn} loss is {logs[f'{turn}/loss']} at step {step + 1}; the last good "
+                                   "checkpoint is kept; lower train.learning_rate and --resume latest")
             if tc.max_grad_norm > 0:
                 norm = accelerator.clip_grad_norm_(method.parameters_for(turn), tc.max_grad_norm)
                 logs[f"{turn}/grad_norm"] = float(norm)
@@ -137,8 +142,6 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
             if accelerator.is_main_process:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"step": done, **logs}) + "\n")
-        if any(not math.isfinite(v) for k, v in logs.items() if k.endswith("/loss")):
-            raise DistillError(f"loss became non-finite at step {done}: {logs}; lower train.learning_rate")
         if done % tc.checkpoint_every == 0 or done == end:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:

@@ -63,10 +63,6 @@ class Student(nn.Module):
         self.backbone.load_state_dict(pick("backbone."))
         self.ema.load_state_dict(pick("ema."))
 
-    def diffusers_lora(self, prefix: str) -> dict[str, torch.Tensor]:
-        """LoRA weights keyed as diffusers' load_lora_weights reads them (`unet.` / `transformer.` prefix)."""
-        return {f"{prefix}.{k}": v.detach().contiguous() for k, v in get_peft_model_state_dict(self.backbone).items()}
-
 
 def save(student: Student, teacher: Teacher, folder: Path) -> Path:
     """Write the trained student where diffusers reads it: `pytorch_lora_weights.safetensors` for a LoRA

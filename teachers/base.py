@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distill.errors import DistillError
 from distill.solvers import bcast, cfg_combine, to_x0_eps
 
 
@@ -98,7 +99,8 @@ class Teacher(nn.Module):
 
     def add_guidance_input(self, backbone: nn.Module) -> nn.Module:
         """A copy of the backbone that also reads the CFG scale w (for guidance-distilled students)."""
-        raise NotImplementedError(f"the {self.family} teacher has no guidance-embedding student yet")
+        raise DistillError(f"student.guidance_embedding is not available for the {self.family} family: its "
+                           "backbone has no w input that diffusers loads; use a LoRA or a plain full student")
 
     # --- shared ------------------------------------------------------------------------
     @property

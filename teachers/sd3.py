@@ -44,8 +44,6 @@ class SD3Teacher(Teacher):
         return Cond({"embeds": pe, "pooled": pp}, {"embeds": ne, "pooled": npool})
 
     def _forward(self, backbone, x, t, cond, guidance_cond):
-        if guidance_cond is not None:
-            raise NotImplementedError("SD3 students have no guidance embedding yet")
         dtype = backbone.dtype
         return backbone(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=cond["embeds"].to(dtype),
                         pooled_projections=cond["pooled"].to(dtype), return_dict=False)[0]

@@ -29,6 +29,8 @@ class SDXLTeacher(Teacher):
             self.num_train_timesteps, sc.get("beta_start", 0.00085), sc.get("beta_end", 0.012),
             sc.get("beta_schedule", "scaled_linear")), persistent=False)
         self.resolution = resolution
+        if self.vae.dtype == torch.float16 and self.vae.config.get("force_upcast", False):
+            self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (as diffusers' pipelines upcast it)
         self.freeze()
 
     def alpha_sigma(self, t):

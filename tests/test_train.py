@@ -147,3 +147,25 @@ def test_plain_diffusers_lcm_scheduler_reproduces_the_student(lcm_run, tiny_sdxl
     for png, img in zip(sorted(tmp_path.glob("*.png")), images):
         diff = np.abs(np.asarray(Image.open(png)).astype(int) - (img * 255).round().astype(int))
         assert diff.max() <= 1
+
+
+def test_gradient_checkpointing_gives_the_same_step(tmp_path, tiny_sdxl_dir):
+    runs = {}
+    for gc in ("false", "true"):
+        cfg = tiny_cfg(tmp_path / gc, tiny_sdxl_dir, **{"student.kind": "full", "train.max_steps": 2,
+                                                       "student.gradient_checkpointing": gc})
+        runs[gc] = train(cfg).student
+    assert runs["true"].backbone.is_gradient_checkpointing and not runs["false"].backbone.is_gradient_checkpointing
+    for a, b in zip(runs["true"].backbone.parameters(), runs["false"].backbone.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_bf16_mixed_precision_and_seeds(tmp_path, tiny_sdxl_dir):
+    method = train(tiny_cfg(tmp_path / "bf16", tiny_sdxl_dir, **{"train.mixed_precision": "bf16"}))
+    assert all(math.isfinite(v) for v in _losses(tmp_path / "bf16/run"))
+    assert all(p.dtype == torch.float32 for p in method.student.trainable_parameters())
+    a = train(tiny_cfg(tmp_path / "a", tiny_sdxl_dir, **{"train.max_steps": 2})).student.trainable_parameters()
+    b = train(tiny_cfg(tmp_path / "b", tiny_sdxl_dir, **{"train.max_steps": 2})).student.trainable_parameters()
+    c = train(tiny_cfg(tmp_path / "c", tiny_sdxl_dir, **{"train.max_steps": 2, "train.seed": 1}))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))  # same seed, same run
+    assert not all(torch.equal(x, y) for x, y in zip(a, c.student.trainable_parameters()))

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from distill.config import coerce_params
+from distill.sampling import ddim_sample
 from students import Student
 from teachers.base import Teacher
 
@@ -48,6 +49,10 @@ class Method(nn.Module):
     def forward(self, batch: dict, turn: str) -> LossOut:
         # Called through the Accelerate-wrapped module so DDP sees every forward.
         return self.loss(batch, turn)
+
+    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
+        """How this method's student samples; by default the teacher's DDIM with the student's backbone."""
+        return ddim_sample(self.teacher, cond, steps, generator, shape, guidance, backbone=self.student.backbone)
 
     def after_step(self, turn: str) -> None:
         if turn == "student":

@@ -65,11 +65,12 @@ class Consistency(Method):
         t_hi, t_lo = self.grid[n], self.grid[(n + p.skip).clamp(max=p.num_teacher_steps)]
         x_hi = teacher.add_noise(x0, randn(x0.shape, g, x0), t_hi)  # Alg. 1 line 4: z_{t_{n+k}} ~ q(z | x0)
         w = uniform(len(x0), p.guidance_min, p.guidance_max, g, x0)  # Alg. 1 line 3: omega ~ U[w_min, w_max]
+        guidance = 1.0 if p.guidance_max == 1.0 else w  # w = 1 everywhere: skip the unconditional pass
 
         pred = self.consistency_fn(x_hi, t_hi, cond, self.student.backbone, w)
         with torch.no_grad():
             # Alg. 1 line 5: the CFG-augmented teacher solver, one DDIM step from t_{n+k} to t_n (LCM eq. 9).
-            x0_t, eps_t = teacher.predict(x_hi, t_hi, cond, guidance=w)
+            x0_t, eps_t = teacher.predict(x_hi, t_hi, cond, guidance=guidance)
             x_lo = ddim_step(x0_t, eps_t, *teacher.alpha_sigma(t_lo))
             # Target network theta^-: the EMA for a full student, the no-grad student itself for a LoRA.
             target = self.consistency_fn(x_lo, t_lo, cond, self.student.target, w)
