@@ -5,15 +5,18 @@ Layout of `<output_dir>/checkpoints/step-00000100/`:
   optim-<turn>.safetensors   optimiser tensors; optim-<turn>.json its hyper-parameters and scalars
   trainer.json               step, LR-scheduler states, config hash
   config.yaml                the resolved run config
+  manifest.json              size and sha256 of every file above, written last
 A checkpoint is written to a temporary folder and renamed into place; `latest` is then replaced
 atomically, so it never names a partial checkpoint. The data order and all noise are functions
 of (seed, step), so the step counter is all the RNG state a resume needs.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -44,6 +47,45 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
     return {"state": state, "param_groups": groups}
 
 
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Flush a folder's files to disk before it is renamed into place."""
+    for f in folder.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+
+
+def verify(path: Path) -> str | None:
+    """None if the checkpoint matches its manifest, else what is wrong with it."""
+    manifest_file = Path(path) / "manifest.json"
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except (OSError, ValueError):
+        return "no readable manifest.json"
+    for name, want in manifest.items():
+        f = Path(path) / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != want["bytes"]:
+            return f"{name} is {f.stat().st_size} bytes, the manifest says {want['bytes']}"
+        if _sha256(f) != want["sha256"]:
+            return f"{name} does not match its sha256"
+    return None
+
+
+def clean_partial(root: Path) -> None:
+    """Remove checkpoint folders a killed run left half-written."""
+    for tmp in (Path(root) / "checkpoints").glob(".*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+
+
 def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
@@ -63,6 +105,9 @@ def save(root: Path, step: int, weights: dict, optimizers: dict, schedulers: dic
                "student": config.student.kind}
     (tmp / "trainer.json").write_text(json.dumps(trainer))
     config.dump(tmp / "config.yaml")
+    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    _fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     latest_tmp = root / ".latest.tmp"
@@ -75,16 +120,25 @@ def save(root: Path, step: int, weights: dict, optimizers: dict, schedulers: dic
 
 
 def find(root: Path, which: str) -> Path:
-    """`latest`, a checkpoint folder, or a run folder (its latest checkpoint)."""
+    """`latest`, a checkpoint folder, or a run folder. For `latest` and run folders a checkpoint that fails
+    its manifest is reported in one line and the newest good one before it is used instead."""
     path = Path(which)
     if which == "latest" or (path.is_dir() and (path / "checkpoints").is_dir()):
         ckpts = (Path(root) if which == "latest" else path) / "checkpoints"
         pointer = ckpts / "latest"
-        if not pointer.is_file():
-            raise DistillError(f"nothing to resume: no checkpoint in {ckpts}")
-        path = ckpts / pointer.read_text().strip()
+        named = ckpts / pointer.read_text().strip() if pointer.is_file() else None
+        candidates = ([named] if named else []) + sorted(ckpts.glob("step-*"), reverse=True)
+        for candidate in dict.fromkeys(candidates):
+            problem = verify(candidate) if candidate.is_dir() else "it does not exist"
+            if problem is None:
+                return candidate
+            print(f"warning: skipping checkpoint {candidate}: {problem}", file=sys.stderr)
+        raise DistillError(f"nothing to resume: no intact checkpoint in {ckpts}")
     if not (path / "trainer.json").is_file():
         raise DistillError(f"{path} is not a distill checkpoint (no trainer.json)")
+    problem = verify(path)
+    if problem:
+        raise DistillError(f"checkpoint {path} is damaged ({problem}); use an earlier one or --resume latest")
     return path
 
 

@@ -72,7 +72,8 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = 1.0  # 0 disables clipping
+    max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
     seed: int = 0
@@ -124,7 +125,7 @@ CHOICES = {
 }
 POSITIVE = ("teacher.resolution", "teacher.max_text_length", "student.lora_rank", "data.batch_size",
             "data.size", "train.max_steps", "train.gradient_accumulation_steps", "train.checkpoint_every",
-            "train.log_every", "sample.steps")
+            "train.log_every", "train.max_nonfinite_steps", "sample.steps")
 
 
 def parse(raw: dict, overrides: list[str] = (), for_training: bool = True) -> Config:

@@ -1,12 +1,14 @@
 """Training data: prompts, captioned image folders, webdataset-style tar shards, latent caches, digits.
 
 Every dataset is map-style and yields dicts with "prompt" and one of "image" ([-1, 1], CHW),
-"latents", or (from a cache) "cond.*" text embeddings. The order of samples is a pure function of
+"latents", or (from a cache) "cond.*" text embeddings; `provides` says which. A sample that cannot
+be read (a corrupt or non-image file) is replaced by the next readable one and counted. The order of samples is a pure function of
 (seed, step), so a resumed run reads exactly the batches an uninterrupted run would.
 """
 from __future__ import annotations
 
 import io
+import sys
 import json
 import tarfile
 from pathlib import Path
@@ -20,6 +22,20 @@ from distill.config import DataConfig
 from distill.errors import DistillError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+MAX_BAD_IN_A_ROW = 16
+
+
+class BadSample(Exception):
+    """One unreadable sample: skipped, counted and reported, never fatal on its own."""
+
+
+def open_image(data, name: str) -> Image.Image:
+    try:
+        img = Image.open(data)
+        img.load()
+        return img
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadSample(f"{name} is not a readable image ({type(e).__name__})") from e
 
 
 def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
@@ -45,6 +61,8 @@ def read_prompts(path: Path) -> list[str]:
 
 
 class Prompts(torch.utils.data.Dataset):
+    provides = {"prompt"}
+
     def __init__(self, path: Path):
         self.prompts = read_prompts(path)
 
@@ -58,13 +76,24 @@ class Prompts(torch.utils.data.Dataset):
 class ImageFolder(torch.utils.data.Dataset):
     """A folder with images and a metadata.jsonl of {"file_name": ..., "text": ...} lines."""
 
+    provides = {"prompt", "image"}
+
     def __init__(self, folder: Path, resolution: int):
         meta = Path(folder) / "metadata.jsonl"
         if not meta.is_file():
             raise DistillError(f"image folder {folder} has no metadata.jsonl (lines of "
                                '{"file_name": "a.png", "text": "a caption"})')
-        rows = [json.loads(line) for line in meta.read_text().splitlines() if line.strip()]
-        self.items = [(Path(folder) / r["file_name"], r.get("text", r.get("prompt", ""))) for r in rows]
+        self.items = []
+        for n, line in enumerate(meta.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                self.items.append((Path(folder) / row["file_name"], row.get("text", row.get("prompt", ""))))
+            except (ValueError, KeyError, TypeError) as e:
+                raise DistillError(f"{meta} line {n} is not a JSON object with a file_name; fix or remove it") from e
+        if not self.items:
+            raise DistillError(f"image folder {folder} lists no images in metadata.jsonl")
         self.resolution = resolution
 
     def __len__(self):
@@ -72,18 +101,25 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         path, caption = self.items[i]
-        return {"prompt": caption, "image": image_to_tensor(Image.open(path), self.resolution)}
+        if not path.is_file():
+            raise BadSample(f"{path} is missing")
+        return {"prompt": caption, "image": image_to_tensor(open_image(path, str(path)), self.resolution)}
 
 
 class TarShards(torch.utils.data.Dataset):
     """Webdataset-style shards: members `key.png|jpg` with `key.txt` or `key.json` ({"caption": ...})."""
 
+    provides = {"prompt", "image"}
+
     def __init__(self, folder: Path, resolution: int):
         shards = sorted(Path(folder).glob("*.tar")) if Path(folder).is_dir() else [Path(folder)]
         self.items, self.resolution = [], resolution
         for shard in shards:
-            with tarfile.open(shard) as tar:
-                names = {m.name for m in tar.getmembers() if m.isfile()}
+            try:
+                with tarfile.open(shard) as tar:
+                    names = {m.name for m in tar.getmembers() if m.isfile()}
+            except (tarfile.TarError, OSError) as e:
+                raise DistillError(f"tar shard {shard} is corrupt or truncated ({e}); re-create or remove it") from e
             for name in sorted(names):
                 stem, suffix = name.rsplit(".", 1) if "." in name else (name, "")
                 if "." + suffix.lower() in IMAGE_SUFFIXES:
@@ -97,21 +133,30 @@ class TarShards(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         shard, name, caption_name = self.items[i]
-        with tarfile.open(shard) as tar:
-            img = Image.open(io.BytesIO(tar.extractfile(name).read()))
-            caption = tar.extractfile(caption_name).read().decode() if caption_name else ""
-        if caption_name and caption_name.endswith(".json"):
-            caption = json.loads(caption).get("caption", "")
+        try:
+            with tarfile.open(shard) as tar:
+                img = open_image(io.BytesIO(tar.extractfile(name).read()), f"{shard}:{name}")
+                caption = tar.extractfile(caption_name).read().decode() if caption_name else ""
+            if caption_name and caption_name.endswith(".json"):
+                caption = json.loads(caption).get("caption", "")
+        except (tarfile.TarError, OSError, ValueError, AttributeError) as e:
+            raise BadSample(f"{shard}:{name} cannot be read ({type(e).__name__})") from e
         return {"prompt": caption.strip(), "image": image_to_tensor(img, self.resolution)}
 
 
 class LatentCache(torch.utils.data.Dataset):
     """Precomputed latents and text embeddings in one safetensors file (written by `write_cache`)."""
 
+    provides = {"latents", "cond"}
+
     def __init__(self, path: Path):
-        self.tensors = load_file(str(path))
-        if "latents" not in self.tensors:
-            raise DistillError(f"latent cache {path} has no 'latents' tensor")
+        try:
+            self.tensors = load_file(str(path))
+        except Exception as e:  # safetensors raises its own error type for truncated or foreign files
+            raise DistillError(f"latent cache {path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
+                               "rebuild it with distill cache") from e
+        if "latents" not in self.tensors or len(self.tensors["latents"]) == 0:
+            raise DistillError(f"latent cache {path} holds no latents; rebuild it with distill cache")
 
     def __len__(self):
         return len(self.tensors["latents"])
@@ -122,6 +167,8 @@ class LatentCache(torch.utils.data.Dataset):
 
 class Digits(torch.utils.data.Dataset):
     """scikit-learn's 1,797 bundled 8x8 handwritten digits, captioned 'a handwritten digit k'."""
+
+    provides = {"prompt", "image"}
 
     def __init__(self, resolution: int):
         from sklearn.datasets import load_digits
@@ -138,25 +185,62 @@ class Digits(torch.utils.data.Dataset):
         return {"prompt": f"a handwritten digit {int(self.labels[i])}", "image": img.expand(3, -1, -1).clone()}
 
 
+class Samples(torch.utils.data.Dataset):
+    """Samples held in memory (the exact teacher's draws)."""
+
+    provides = {"prompt", "latents"}
+
+    def __init__(self, items: list[dict]):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+class SkipBad(torch.utils.data.Dataset):
+    """Replaces an unreadable sample by the next readable one, deterministically, and counts it in
+    the sample's "skipped" field, so batches keep their size and every rank stays in step."""
+
+    def __init__(self, dataset):
+        self.dataset, self.provides = dataset, dataset.provides
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        for k in range(MAX_BAD_IN_A_ROW):
+            try:
+                return {**self.dataset[(i + k) % len(self)], "skipped": k}
+            except BadSample as e:
+                print(f"warning: skipped a bad sample: {e}", file=sys.stderr)
+        raise DistillError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {i}; check the data set")
+
+
 def build(cfg: DataConfig, resolution: int, teacher=None, seed: int = 0):
     path = Path(cfg.path).expanduser() if cfg.path else None
     if cfg.kind == "prompts":
-        return Prompts(path)
-    if cfg.kind == "images":
-        return ImageFolder(path, resolution)
-    if cfg.kind == "shards":
-        return TarShards(path, resolution)
-    if cfg.kind == "latents":
-        return LatentCache(path)
-    if cfg.kind == "digits":
-        return Digits(resolution)
-    return teacher.dataset(cfg.size, seed)
+        ds = Prompts(path)
+    elif cfg.kind == "images":
+        ds = ImageFolder(path, resolution)
+    elif cfg.kind == "shards":
+        ds = TarShards(path, resolution)
+    elif cfg.kind == "latents":
+        ds = LatentCache(path)
+    elif cfg.kind == "digits":
+        ds = Digits(resolution)
+    else:
+        ds = Samples(teacher.dataset(cfg.size, seed))
+    return SkipBad(ds)
 
 
 def collate(items: list[dict]) -> dict:
-    out = {"prompt": [it.get("prompt", "") for it in items]}
+    out = {"prompt": [it.get("prompt", "") for it in items],
+           "skipped": sum(it.get("skipped", 0) for it in items)}
     for key in items[0]:
-        if key != "prompt":
+        if key not in out:
             out[key] = torch.stack([it[key] for it in items])
     return out
 

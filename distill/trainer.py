@@ -11,6 +11,8 @@ import math
 import time
 from pathlib import Path
 
+import sys
+
 import numpy as np
 import torch
 from accelerate import Accelerator
@@ -71,7 +73,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     method = build_method(cfg, accelerator.device)
     dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, tc.seed)
-    if not ({"image", "latents"} & set(dataset[0])):
+    if not ({"image", "latents"} & dataset.provides):
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
                            f"{cfg.data.kind} has none; use images, shards, latents or digits")
 
@@ -101,6 +103,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
                                                num_workers=cfg.data.num_workers))
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
+        checkpoint.clean_partial(out)
         cfg.dump(out / "config.yaml")
     if tc.trackers:
         accelerator.init_trackers(tc.project, config=_flat(cfg.to_dict()))
@@ -108,10 +111,11 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
     end = tc.max_steps if stop_after is None else min(tc.max_steps, start + stop_after)
     bar = tqdm(total=tc.max_steps, initial=start, desc=f"{cfg.method.name}", disable=not accelerator.is_main_process,
                dynamic_ncols=True, mininterval=1.0)
-    accum, t0 = tc.gradient_accumulation_steps, time.time()
+    accum, t0, bad_in_row, skipped_samples = tc.gradient_accumulation_steps, time.time(), 0, 0
     for step in range(start, end):
         raws = [next(batches) for _ in range(accum)]
-        logs = {}
+        skipped_samples += sum(raw["skipped"] for raw in raws)
+        logs, bad_step = {"data/skipped_samples": skipped_samples}, False
         for turn_i, turn in enumerate(method.turns):
             for micro, raw in enumerate(raws):
                 gen = step_generator(tc.seed, step, micro, turn_i, accelerator.process_index)
@@ -122,20 +126,31 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
                     accelerator.backward(result.loss / accum)
                 logs[f"{turn}/loss"] = logs.get(f"{turn}/loss", 0.0) + result.loss.item() / accum
             logs.update({f"{turn}/{k}": v for k, v in result.logs.items()})
-            if not math.isfinite(logs[f"{turn}/loss"]):
-                raise DistillError(f"{turn} loss is {logs[f'{turn}/loss']} at step {step + 1}; the last good "
-                                   "checkpoint is kept; lower train.learning_rate and --resume latest")
-            if tc.max_grad_norm > 0:
-                norm = accelerator.clip_grad_norm_(method.parameters_for(turn), tc.max_grad_norm)
-                logs[f"{turn}/grad_norm"] = float(norm)
+            norm = accelerator.clip_grad_norm_(method.parameters_for(turn), tc.max_grad_norm or math.inf)
+            logs[f"{turn}/grad_norm"] = float(norm)
+            # Every rank must reach the same verdict: the loss is averaged, the gradient norm is already synced.
+            loss_all = float(accelerator.reduce(torch.tensor(logs[f"{turn}/loss"], device=accelerator.device), "mean"))
+            # Under fp16 an infinite gradient is the loss scaler's business: it skips the step and rescales.
+            if not math.isfinite(loss_all) or (not math.isfinite(float(norm)) and accelerator.scaler is None):
+                optimizers[turn].zero_grad(set_to_none=True)
+                bad_step = True
+                continue
             optimizers[turn].step()
             schedulers[turn].step()
             optimizers[turn].zero_grad(set_to_none=True)
             method.after_step(turn)
             logs[f"{turn}/lr"] = schedulers[turn].get_last_lr()[0]
         done = step + 1
+        bad_in_row = bad_in_row + 1 if bad_step else 0
+        logs["nonfinite_in_row"] = bad_in_row
+        if bad_step:
+            print(f"warning: step {done} skipped: non-finite loss or gradient ({bad_in_row} in a row)", file=sys.stderr)
+        if bad_in_row >= tc.max_nonfinite_steps:
+            raise DistillError(f"stopped at step {done}: {bad_in_row} steps in a row had a non-finite loss or gradient "
+                               f"(train.max_nonfinite_steps); the last good checkpoint in {out / 'checkpoints'} is kept; "
+                               "lower train.learning_rate or check the data, then --resume latest")
         bar.update(1)
-        bar.set_postfix({k.split("/")[0]: f"{v:.4f}" for k, v in logs.items() if k.endswith("/loss")})
+        bar.set_postfix({k.split("/")[0]: f"{v:.4f}" for k, v in logs.items() if k.endswith("/loss")}, refresh=False)
         if done % tc.log_every == 0 or done == end:
             if tc.trackers:
                 accelerator.log(logs, step=done)
