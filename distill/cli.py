@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     except DistillError as e:
         if args.debug:
             raise
-        print(f"error: {e}", file=sys.stderr)
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

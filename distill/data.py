@@ -119,7 +119,8 @@ class TarShards(torch.utils.data.Dataset):
                 with tarfile.open(shard) as tar:
                     names = {m.name for m in tar.getmembers() if m.isfile()}
             except (tarfile.TarError, OSError) as e:
-                raise DistillError(f"tar shard {shard} is corrupt or truncated ({e}); re-create or remove it") from e
+                raise DistillError(f"tar shard {shard} is corrupt or truncated ({type(e).__name__}); re-create or "
+                                  "remove it") from e
             for name in sorted(names):
                 stem, suffix = name.rsplit(".", 1) if "." in name else (name, "")
                 if "." + suffix.lower() in IMAGE_SUFFIXES:

@@ -46,6 +46,18 @@ def family_of(folder: Path) -> str:
                        "StableDiffusion3*")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+def refuse_pickles(folder: Path) -> None:
+    """A pipeline component whose weights exist only as pickles is refused: unpickling runs code."""
+    for part in [folder, *(p for p in folder.iterdir() if p.is_dir())]:
+        pickles = [f for f in part.iterdir() if f.suffix in PICKLE_SUFFIXES]
+        if pickles and not any(f.suffix == ".safetensors" for f in part.iterdir()):
+            raise DistillError(f"{pickles[0]} is a pickle, which distill never loads (it can run code); convert it "
+                               "to safetensors (load it once where you trust it, then save_pretrained)")
+
+
 def _builtin(cfg: TeacherConfig) -> Path | Teacher:
     name = cfg.source.removeprefix("builtin:")
     if name.startswith("gmm-"):
@@ -79,8 +91,10 @@ def _pipeline(source: str, family: str | None, dtype: torch.dtype):
             return _classes()[family].pipeline_class.from_single_file(str(path), dtype=dtype)
         if path.is_dir():
             family_of(path)
-        return DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, dtype=dtype)
-    except (OSError, HFValidationError, ValueError) as e:
+            refuse_pickles(path)
+        return DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, dtype=dtype,
+                                                 use_safetensors=True)
+    except (OSError, HFValidationError, ValueError, RuntimeError) as e:
         if path.exists():
             raise DistillError(f"could not load teacher {source}: {str(e).splitlines()[0]}") from e
         raise DistillError(f"could not fetch teacher '{source}' from the hub (offline or not found); download it "
