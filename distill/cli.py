@@ -1,4 +1,4 @@
-"""`distill` command line: train, generate, make-teacher, cache.
+"""`distill` command line: train, generate, leaderboard, make-teacher, cache.
 
 User errors print one line (`error: ...`) and exit with code 2; `--debug` shows the traceback.
 """
@@ -88,6 +88,18 @@ def _cache(args) -> None:
     print(f"cached {len(dataset)} samples to {path}; train with data.kind=latents data.path={path}")
 
 
+def _leaderboard(args) -> None:
+    from distill import leaderboard
+
+    if not Path(args.db).is_file():
+        raise DistillError(f"no leaderboard at {args.db}; evaluations add rows to it (set --db to another file)")
+    board = leaderboard.Leaderboard(args.db)
+    rows = board.rows(args.sort)
+    print(leaderboard.table(rows))
+    md, page = leaderboard.write_reports(rows, Path(args.out))
+    print(f"{len(rows)} rows; wrote {md} and {page}")
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="distill", description="Distil SDXL / SD3 teachers into few-step students.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -125,6 +137,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("overrides", nargs="*")
     c.add_argument("--out", required=True, help="the .safetensors cache to write")
     c.set_defaults(func=_cache)
+    lb = sub.add_parser("leaderboard", help="print the leaderboard and write its Markdown and HTML pages")
+    lb.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"),
+                    help="the SQLite file (default $DISTILL_LEADERBOARD or runs/leaderboard.sqlite)")
+    lb.add_argument("--out", default="runs/leaderboard", help="folder for leaderboard.md and leaderboard.html")
+    lb.add_argument("--sort", default="fid", help="column to sort by, ascending (default fid)")
+    lb.set_defaults(func=_leaderboard)
     return p
 
 
