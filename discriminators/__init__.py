@@ -1,4 +1,1 @@
-"""Discriminators for adversarial methods (ADD's feature-network heads, LADD's heads on teacher features).
-
-Empty until the adversarial methods land; methods that need no discriminator never import it.
-"""
+"""Discriminators for the adversarial methods: GAN losses, and LADD's heads on the teacher's own features."""

@@ -72,6 +72,8 @@ class TrainConfig:
     adam_beta1: float = 0.9
     adam_beta2: float = 0.999
     weight_decay: float = 0.0
+    turn_learning_rates: dict[str, float] = field(default_factory=dict)  # per turn, e.g. {discriminator: 1e-4}
+    turn_every: dict[str, int] = field(default_factory=dict)  # run a turn every k steps, e.g. {student: 2}
     max_grad_norm: float = 1.0  # 0 disables clipping
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
     gradient_accumulation_steps: int = 1
@@ -224,6 +226,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.learning_rate", cfg.train.learning_rate, "must be > 0")
     if cfg.train.warmup_steps < 0:
         raise ConfigError("train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
+    for turn, k in cfg.train.turn_every.items():
+        if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+            raise ConfigError(f"train.turn_every.{turn}", k, "must be a positive integer")
+    for turn, lr in cfg.train.turn_learning_rates.items():
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
+            raise ConfigError(f"train.turn_learning_rates.{turn}", lr, "must be a number > 0")
     if cfg.train.keep_checkpoints < 0:
         raise ConfigError("train.keep_checkpoints", cfg.train.keep_checkpoints, "must be >= 0 (0 keeps all)")
     if cfg.data.num_workers < 0:

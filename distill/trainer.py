@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
 from tqdm.auto import tqdm
 
 import students
@@ -35,6 +35,13 @@ def step_generator(seed: int, step: int, micro: int, turn: int, rank: int) -> to
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def select_turn(turn_params: dict[str, list], turn: str | None) -> None:
+    """Let gradients reach only `turn`'s parameters (all trainable ones for None)."""
+    for other, params in turn_params.items():
+        for p in params:
+            p.requires_grad_(turn is None or other == turn)
+
+
 def build_method(cfg: Config, device) -> Method:
     set_seed(cfg.train.seed)  # adapters and heads start identical on every rank and every run
     teacher = teachers.load(cfg.teacher, device)
@@ -48,11 +55,12 @@ def encode_batch(raw: dict, teacher, generator: torch.Generator) -> dict:
     """Text to conditioning and images to latents with the frozen teacher, unless the cache has them."""
     flat = {k.removeprefix("cond."): v for k, v in raw.items() if k.startswith("cond.")}
     cond = Cond.from_flat(flat).to(teacher.device) if flat else teacher.encode_prompts(raw["prompt"])
+    batch = {"prompt": raw["prompt"], "cond": cond, "generator": generator}
     if "latents" in raw:
-        latents = raw["latents"].to(teacher.device)
-    else:
-        latents = teacher.encode(raw["image"].to(teacher.device), generator)
-    return {"prompt": raw["prompt"], "cond": cond, "latents": latents.float(), "generator": generator}
+        batch["latents"] = raw["latents"].to(teacher.device).float()
+    elif "image" in raw:
+        batch["latents"] = teacher.encode(raw["image"].to(teacher.device), generator).float()
+    return batch
 
 
 def _check_resumable(cfg: Config, trainer_state: dict) -> None:
@@ -69,17 +77,23 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
     tc, out = cfg.train, Path(cfg.train.output_dir)
     ckpt = checkpoint.find(out, resume) if resume else None
     AcceleratorState._reset_state()  # Accelerate keeps settings process-wide; each run sets its own
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None,
+    # With several turns, each forward leaves the other turns' parameters unused.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=len(METHODS[cfg.method.name].turns) > 1)
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None, kwargs_handlers=[ddp],
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     method = build_method(cfg, accelerator.device)
     dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, tc.seed)
-    if not ({"image", "latents"} & dataset.provides):
+    if method.needs_latents and not ({"image", "latents"} & dataset.provides):
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
                            f"{cfg.data.kind} has none; use images, shards, latents or digits")
 
-    optimizers = {turn: torch.optim.AdamW(method.parameters_for(turn), lr=tc.learning_rate,
+    for turn in {*tc.turn_learning_rates, *tc.turn_every} - set(method.turns):
+        raise DistillError(f"train.turn_learning_rates / train.turn_every name turn '{turn}'; method "
+                           f"{cfg.method.name} has turns {', '.join(method.turns)}")
+    turn_params = {turn: method.parameters_for(turn) for turn in method.turns}
+    optimizers = {turn: torch.optim.AdamW(params, lr=tc.turn_learning_rates.get(turn, tc.learning_rate),
                                           betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
-                  for turn in method.turns}
+                  for turn, params in turn_params.items()}
     from diffusers.optimization import get_scheduler
 
     schedulers = {turn: get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=tc.warmup_steps,
@@ -117,6 +131,9 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
         skipped_samples += sum(raw["skipped"] for raw in raws)
         logs, bad_step = {"data/skipped_samples": skipped_samples}, False
         for turn_i, turn in enumerate(method.turns):
+            if step % tc.turn_every.get(turn, 1):
+                continue
+            select_turn(turn_params, turn)
             for micro, raw in enumerate(raws):
                 gen = step_generator(tc.seed, step, micro, turn_i, accelerator.process_index)
                 batch = encode_batch(raw, method.teacher, gen)
@@ -126,7 +143,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
                     accelerator.backward(result.loss / accum)
                 logs[f"{turn}/loss"] = logs.get(f"{turn}/loss", 0.0) + result.loss.item() / accum
             logs.update({f"{turn}/{k}": v for k, v in result.logs.items()})
-            norm = accelerator.clip_grad_norm_(method.parameters_for(turn), tc.max_grad_norm or math.inf)
+            norm = accelerator.clip_grad_norm_(turn_params[turn], tc.max_grad_norm or math.inf)
             logs[f"{turn}/grad_norm"] = float(norm)
             # Every rank must reach the same verdict: the loss is averaged, the gradient norm is already synced.
             loss_all = float(accelerator.reduce(torch.tensor(logs[f"{turn}/loss"], device=accelerator.device), "mean"))
@@ -162,6 +179,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
             if accelerator.is_main_process:
                 checkpoint.save(out, done, method.state_to_save(), optimizers, schedulers, cfg, tc.keep_checkpoints)
     bar.close()
+    select_turn(turn_params, None)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and end == tc.max_steps:
         students.save(method.student, method.teacher, out / "student")

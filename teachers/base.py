@@ -79,6 +79,15 @@ class Teacher(nn.Module):
         raise NotImplementedError
 
     end_time: float = 0.0  # the clean-data time that closes every grid
+    probe_prompt: str = ""  # a prompt any teacher of the family can encode (for shape probes)
+
+    def feature_layers(self) -> tuple[tuple[str, int | None], ...]:
+        """Backbone submodules whose outputs (element `index` of a tuple) LADD's heads read."""
+        raise NotImplementedError
+
+    def pooled(self, cond: dict) -> torch.Tensor:
+        """One vector per prompt that summarises it (the pooled text embedding)."""
+        return cond["pooled"]
 
     def encode_prompts(self, prompts: list[str], negative: list[str] | None = None) -> Cond:
         raise NotImplementedError

@@ -62,6 +62,7 @@ class GMMTeacher(Teacher):
     family = "gmm"
     prediction_type = "sample"
     lora_targets = ("net.0", "net.2", "net.4")
+    probe_prompt = "class 0"
 
     def __init__(self, schedule: str = "vp", num_classes: int = 4, shift: float = 3.0):
         super().__init__()
@@ -70,6 +71,12 @@ class GMMTeacher(Teacher):
         self.register_buffer("alphas_cumprod", vp_alphas_cumprod(), persistent=False)
         self.end_time = -1.0 if schedule == "vp" else 0.0
         self.freeze()
+
+    def feature_layers(self):
+        return (("net.1", None), ("net.3", None))
+
+    def pooled(self, cond):
+        return cond["label"]
 
     def alpha_sigma(self, t):
         if self.schedule == "vp":

@@ -29,6 +29,10 @@ class SD3Teacher(Teacher):
         self.resolution, self.max_text_length = resolution, max_text_length
         self.freeze()
 
+    def feature_layers(self):
+        # Every joint block's image tokens (element 1 of its (context, image) output), as LADD reads SD3.
+        return tuple((f"transformer_blocks.{i}", 1) for i in range(len(self.backbone.transformer_blocks)))
+
     def alpha_sigma(self, t):
         return flow_alpha_sigma(t, self.num_train_timesteps)
 

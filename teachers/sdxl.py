@@ -33,6 +33,9 @@ class SDXLTeacher(Teacher):
             self.vae.to(torch.float32)  # SDXL's VAE overflows in fp16 (as diffusers' pipelines upcast it)
         self.freeze()
 
+    def feature_layers(self):
+        return (("down_blocks.1", 0), ("mid_block", None), ("up_blocks.1", None))
+
     def alpha_sigma(self, t):
         return vp_alpha_sigma(self.alphas_cumprod, t)
 

@@ -220,10 +220,14 @@ def _kill_when(proc: subprocess.Popen, ready, timeout=120) -> bool:
     return False
 
 
-def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_sdxl_dir, cli):
+@pytest.mark.parametrize("method", [
+    {"name": "consistency", "params": {"guidance_min": 2.0, "guidance_max": 5.0}},  # one turn
+    {"name": "ladd", "params": {"student_steps": 2}},  # two turns: discriminator, student
+])
+def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_sdxl_dir, cli, method):
     cfg = tmp_path / "c.yaml"
     config.parse({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "full"},
-                  "method": {"params": {"guidance_min": 2.0, "guidance_max": 5.0}},
+                  "method": method,
                   "data": {"kind": "digits", "batch_size": 2},
                   "train": {"max_steps": 18, "checkpoint_every": 3, "keep_checkpoints": 2,
                             "lr_scheduler": "cosine", "warmup_steps": 3}}).dump(cfg)
@@ -244,7 +248,10 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_sdxl_dir, 
     proc = _launch(cfg, run, resume=True)
     assert proc.wait(timeout=300) == 0
     assert not list(ckpts.glob(".*.tmp"))
-    for name in ("weights.safetensors", "optim-student.safetensors"):
+    names = sorted(p.name for p in (tmp_path / "whole/checkpoints/step-00000018").glob("*.safetensors"))
+    turns = {"consistency": 1, "ladd": 2}[method["name"]]
+    assert len(names) == 1 + turns  # the weights, and one optimiser per turn
+    for name in names:
         whole = load_file(tmp_path / "whole/checkpoints/step-00000018" / name)
         killed = load_file(ckpts / "step-00000018" / name)
         assert whole.keys() == killed.keys() and all(torch.equal(whole[k], killed[k]) for k in whole), name

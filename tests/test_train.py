@@ -37,13 +37,17 @@ def _losses(run):
                        "student.guidance_embedding": "true"}),
     ("tiny_sd3_dir", {}),
     ("tiny_sd3_dir", {"student.kind": "full"}),
+    ("tiny_sdxl_dir", {"method.name": "ladd", "method.params": "{student_steps: 2}"}),
+    ("tiny_sd3_dir", {"method.name": "ladd", "student.kind": "full", "method.params": "{distill_weight: 1.0}"}),
 ])
 def test_consistency_trains_only_the_student(request, tmp_path, teacher_fixture, over):
     folder = request.getfixturevalue(teacher_fixture)
     cfg = tiny_cfg(tmp_path, folder, **over)
     method = train(cfg)
-    losses = _losses(tmp_path / "run")
-    assert len(losses) == 4 and all(math.isfinite(v) and v > 0 for v in losses)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for turn in method.turns:
+        losses = [r[f"{turn}/loss"] for r in rows]
+        assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
 
     fresh = teachers.load(TeacherConfig(source=str(folder), resolution=32))
     init = build_method(cfg, "cpu")  # same seed: the student as it was at step 0
@@ -57,6 +61,10 @@ def test_consistency_trains_only_the_student(request, tmp_path, teacher_fixture,
     changed = [not torch.equal(a, b) for a, b in zip(method.student.trainable_parameters(),
                                                        init.student.trainable_parameters())]
     assert sum(changed) > 0.5 * len(changed)
+    if hasattr(method, "discriminator"):
+        heads = [not torch.equal(a, b) for a, b in zip(method.discriminator.parameters(),
+                                                         init.discriminator.parameters())]
+        assert sum(heads) > 0.5 * len(heads)
     if cfg.student.kind == "full":
         ema = [not torch.equal(a, b) for a, b in zip(method.student.ema.parameters(), init.student.ema.parameters())]
         assert any(ema)
@@ -169,3 +177,30 @@ def test_bf16_mixed_precision_and_seeds(tmp_path, tiny_sdxl_dir):
     c = train(tiny_cfg(tmp_path / "c", tiny_sdxl_dir, **{"train.max_steps": 2, "train.seed": 1}))
     assert all(torch.equal(x, y) for x, y in zip(a, b))  # same seed, same run
     assert not all(torch.equal(x, y) for x, y in zip(a, c.student.trainable_parameters()))
+
+
+def test_each_turn_reaches_only_its_own_parameters(tiny_sd3_dir, tmp_path):
+    from distill.trainer import encode_batch, select_turn, step_generator
+
+    cfg = tiny_cfg(tmp_path, tiny_sd3_dir, **{"method.name": "ladd", "method.params": "{}"})
+    method = build_method(cfg, "cpu")
+    turn_params = {turn: method.parameters_for(turn) for turn in method.turns}
+    from distill import data
+    raw = data.collate([data.build(cfg.data, 32)[i] for i in range(2)])
+    for turn in method.turns:
+        select_turn(turn_params, turn)
+        method.zero_grad(set_to_none=True)
+        method.loss(encode_batch(raw, method.teacher, step_generator(0, 0, 0, 0, 0)), turn).loss.backward()
+        for other, params in turn_params.items():
+            grads = [p.grad is not None and p.grad.abs().sum() > 0 for p in params]
+            assert (any(grads) if other == turn else not any(grads)), (turn, other)
+        assert all(p.grad is None for p in method.teacher.parameters() if not p.requires_grad)
+
+
+def test_ladd_on_teacher_samples_needs_no_images(tiny_sd3_dir, tmp_path):
+    (tmp_path / "p.txt").write_text("a red square\na blue circle\n")
+    cfg = tiny_cfg(tmp_path, tiny_sd3_dir, **{"method.name": "ladd", "data.kind": "prompts",
+                                              "data.path": str(tmp_path / "p.txt"), "train.max_steps": 2,
+                                              "method.params": "{real: teacher, teacher_steps: 3}"})
+    train(cfg)
+    assert all(math.isfinite(v) for v in _losses(tmp_path / "run"))

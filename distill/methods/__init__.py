@@ -1,7 +1,8 @@
 """The registry of distillation methods: config name -> class. One file per method."""
 from distill.methods.base import LossOut, Method
 from distill.methods.consistency import Consistency
+from distill.methods.ladd import LADD
 
-METHODS: dict[str, type[Method]] = {"consistency": Consistency}
+METHODS: dict[str, type[Method]] = {"consistency": Consistency, "ladd": LADD}
 
 __all__ = ["METHODS", "LossOut", "Method"]

@@ -40,6 +40,8 @@ class Method(nn.Module):
             params.check()
         return params
 
+    needs_latents = True  # whether the data must carry images or latents
+
     def parameters_for(self, turn: str) -> list[nn.Parameter]:
         return self.student.trainable_parameters()
 
@@ -59,10 +61,16 @@ class Method(nn.Module):
             self.student.update_ema()
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
-        return {f"student.{k}": v for k, v in self.student.state_to_save().items()}
+        state = {f"student.{k}": v for k, v in self.student.state_to_save().items()}
+        if getattr(self, "discriminator", None) is not None:
+            state |= {f"discriminator.{k}": v for k, v in self.discriminator.state_dict().items()}
+        return state
 
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
         self.student.load_saved({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+        if getattr(self, "discriminator", None) is not None:
+            self.discriminator.load_state_dict(
+                {k.removeprefix("discriminator."): v for k, v in state.items() if k.startswith("discriminator.")})
 
     def describe(self) -> dict:
         return dataclasses.asdict(self.params)

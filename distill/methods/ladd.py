@@ -1,0 +1,119 @@
+"""Latent adversarial diffusion distillation (LADD; Sauer et al. 2024, SD3-Turbo).
+
+The student denoises in one of a few steps; a discriminator made of small heads on the frozen
+teacher's own features judges its samples against real (or teacher-generated) latents, both
+renoised to a time drawn from a logit-normal biased toward high noise. Hinge loss; no
+distillation term unless asked for.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from discriminators.losses import hinge_d, hinge_g
+from discriminators.teacher_heads import TeacherHeads, capture
+from distill.config import ConfigError
+from distill.methods.base import LossOut, Method, randn
+from distill.sampling import ddim_sample
+
+
+@dataclass
+class LADDParams:
+    student_steps: int = 4  # the student's grid: it learns to denoise from each of these teacher times
+    logit_mean: float = 1.0  # renoising t = sigmoid(N(mean, std)) * T, biased toward noise (LADD sec. 3.2)
+    logit_std: float = 1.0
+    head_hidden: int = 128
+    real: str = "data"  # data | teacher: what the discriminator sees as real (teacher: its own samples)
+    teacher_steps: int = 25
+    teacher_guidance: float = 5.0
+    distill_weight: float = 0.0  # optional x0-matching term against the teacher (ADD eq. 4 style); LADD uses 0
+
+    def check(self) -> None:
+        if self.student_steps < 1:
+            raise ConfigError("method.params.student_steps", self.student_steps, "must be >= 1")
+        if self.logit_std <= 0:
+            raise ConfigError("method.params.logit_std", self.logit_std, "must be > 0")
+        if self.real not in ("data", "teacher"):
+            raise ConfigError("method.params.real", self.real, "allowed: data, teacher")
+        if self.distill_weight < 0:
+            raise ConfigError("method.params.distill_weight", self.distill_weight, "must be >= 0")
+
+
+class LADD(Method):
+    turns = ("discriminator", "student")
+    Params = LADDParams
+
+    def __init__(self, teacher, student, params: LADDParams):
+        super().__init__(teacher, student, params)
+        self.register_buffer("student_grid", teacher.timesteps(params.student_steps).float(), persistent=False)
+        self.discriminator = self._heads()
+
+    @property
+    def needs_latents(self) -> bool:
+        return self.params.real == "data"
+
+    @torch.no_grad()
+    def _heads(self) -> TeacherHeads:
+        """Size one head per hooked layer from a probe forward of the teacher."""
+        t = self.teacher
+        cond = t.encode_prompts([t.probe_prompt])
+        size = getattr(t, "resolution", 8)
+        x = torch.zeros(1, *t.latent_shape(size, size), device=t.device)
+        with capture(t.backbone, t.feature_layers()) as feats:
+            t.predict(x, t.num_train_timesteps // 2, cond)
+        return TeacherHeads([f.shape[-1] for f in feats], t.pooled(cond.pos).shape[-1], self.params.head_hidden)
+
+    def parameters_for(self, turn):
+        if turn == "discriminator":
+            return list(self.discriminator.parameters())
+        return self.student.trainable_parameters()
+
+    def generate(self, x0, cond, g):
+        """The student's sample from x0 noised to a time of its grid (ADD sec. 3.1)."""
+        t = self.student_grid[torch.randint(0, len(self.student_grid), (len(x0),), generator=g).to(x0.device)]
+        x_t = self.teacher.add_noise(x0, randn(x0.shape, g, x0), t)
+        return self.teacher.predict(x_t, t, cond, backbone=self.student.backbone)[0]
+
+    def logits(self, x0, cond, g):
+        """Renoise at t ~ logit-normal, run the frozen teacher, read its features with the heads."""
+        p, T = self.params, self.teacher.num_train_timesteps
+        z = torch.randn(len(x0), generator=g) * p.logit_std + p.logit_mean
+        t = (torch.sigmoid(z) * (T - 1)).round().to(x0.device)
+        x_t = self.teacher.add_noise(x0, randn(x0.shape, g, x0), t)
+        with capture(self.teacher.backbone, self.teacher.feature_layers()) as feats:
+            self.teacher.predict(x_t, t, cond)
+        return self.discriminator(feats, self.teacher.pooled(cond.pos), t), x_t, t
+
+    def loss(self, batch, turn) -> LossOut:
+        p, g, cond = self.params, batch["generator"], batch["cond"]
+        if p.real == "data":
+            real = batch["latents"].float()
+        else:  # LADD trains on the teacher's own samples, so no real images are needed (sec. 3.3)
+            shape = self.teacher.latent_shape(*(2 * [getattr(self.teacher, "resolution", 8)]))
+            real = ddim_sample(self.teacher, cond, p.teacher_steps, g, shape, p.teacher_guidance)
+        if turn == "discriminator":
+            with torch.no_grad():
+                fake = self.generate(real, cond, g)
+            real_logits, fake_logits = self.logits(real, cond, g)[0], self.logits(fake, cond, g)[0]
+            return LossOut(hinge_d(real_logits, fake_logits),
+                           {"d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()})
+        fake = self.generate(real, cond, g)
+        fake_logits, x_t, t = self.logits(fake, cond, g)
+        loss, logs = hinge_g(fake_logits), {"g_adv": fake_logits.mean().item()}
+        if p.distill_weight > 0:
+            with torch.no_grad():
+                target = self.teacher.predict(x_t, t, cond)[0]
+            distill = (fake - target).pow(2).mean()
+            loss, logs["distill"] = loss + p.distill_weight * distill, distill.item()
+        return LossOut(loss, logs)
+
+    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
+        """Few-step sampling on the student's grid: denoise, renoise to the next time, repeat (ADD sec. 3.1)."""
+        times = self.teacher.timesteps(steps).tolist()
+        x = torch.randn((len(cond), *shape), generator=generator).to(self.teacher.device)
+        for i, t in enumerate(times):
+            x = self.teacher.predict(x, t, cond, guidance, backbone=self.student.backbone)[0]
+            if i + 1 < len(times):
+                x = self.teacher.add_noise(x, torch.randn(x.shape, generator=generator).to(x.device), times[i + 1])
+        return x
