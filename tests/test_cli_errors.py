@@ -1,4 +1,6 @@
 """Bad input fails before any model loads: one line naming field, value and what is allowed; exit code 2."""
+from pathlib import Path
+
 import pytest
 import yaml
 
@@ -78,3 +80,15 @@ def test_unreachable_hub_teacher_through_the_cli(tmp_path, cli):
 def test_help_on_every_command(cli, command):
     proc = cli(*command, "--help")
     assert proc.returncode == 0 and "usage: distill" in proc.stdout
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_every_example_config_is_valid(path):
+    from distill import config
+
+    raw = yaml.safe_load(path.read_text())
+    if not Path(raw["teacher"]["source"]).exists() and not raw["teacher"]["source"].startswith("builtin:"):
+        raw["teacher"]["source"] = "builtin:tiny-sdxl"  # real-weight configs: check everything but the path
+    cfg = config.parse(raw, for_training=False)
+    assert cfg.method.name in ("consistency", "ladd")
