@@ -52,6 +52,7 @@ class Method(nn.Module):
         # Called through the Accelerate-wrapped module so DDP sees every forward.
         return self.loss(batch, turn)
 
+    @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
         """How this method's student samples; by default the teacher's DDIM with the student's backbone."""
         return ddim_sample(self.teacher, cond, steps, generator, shape, guidance, backbone=self.student.backbone)

@@ -108,6 +108,7 @@ class LADD(Method):
             loss, logs["distill"] = loss + p.distill_weight * distill, distill.item()
         return LossOut(loss, logs)
 
+    @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
         """Few-step sampling on the student's grid: denoise, renoise to the next time, repeat (ADD sec. 3.1)."""
         times = self.teacher.timesteps(steps).tolist()
