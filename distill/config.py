@@ -252,6 +252,10 @@ def validate(cfg: Config) -> None:
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise ConfigError("method.name", cfg.method.name, f"allowed: {', '.join(METHODS)}{hint}")
     METHODS[cfg.method.name].parse_params(cfg.method.params)
+    turns = METHODS[cfg.method.name].turns
+    for turn in {*cfg.train.turn_learning_rates, *cfg.train.turn_every} - set(turns):
+        raise ConfigError("train.turn_learning_rates/turn_every", turn, f"method {cfg.method.name} has turns "
+                          + ", ".join(turns))
 
 
 def _check_source(t: TeacherConfig) -> None:

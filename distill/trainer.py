@@ -18,6 +18,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 import students
@@ -87,15 +88,10 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
                            f"{cfg.data.kind} has none; use images, shards, latents or digits")
 
-    for turn in {*tc.turn_learning_rates, *tc.turn_every} - set(method.turns):
-        raise DistillError(f"train.turn_learning_rates / train.turn_every name turn '{turn}'; method "
-                           f"{cfg.method.name} has turns {', '.join(method.turns)}")
     turn_params = {turn: method.parameters_for(turn) for turn in method.turns}
     optimizers = {turn: torch.optim.AdamW(params, lr=tc.turn_learning_rates.get(turn, tc.learning_rate),
                                           betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
                   for turn, params in turn_params.items()}
-    from diffusers.optimization import get_scheduler
-
     schedulers = {turn: get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=tc.warmup_steps,
                                       num_training_steps=tc.max_steps) for turn, opt in optimizers.items()}
     start = 0

@@ -92,3 +92,12 @@ def test_every_example_config_is_valid(path):
         raw["teacher"]["source"] = "builtin:tiny-sdxl"  # real-weight configs: check everything but the path
     cfg = config.parse(raw, for_training=False)
     assert cfg.method.name in ("consistency", "ladd")
+
+
+def test_turn_settings_must_name_the_methods_turns(tmp_path, capsys):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump(_merge(GOOD, {"train": {"turn_every": {"discriminator": 2}}})))
+    assert cli.main(["train", str(cfg)]) == 2
+    assert "has bad value 'discriminator': method consistency has turns student" in capsys.readouterr().err
+    assert cli.main(["train", str(cfg), "method.name=ladd", "train.turn_every={discriminator: 0}"]) == 2
+    assert "'train.turn_every.discriminator' has bad value 0" in capsys.readouterr().err
