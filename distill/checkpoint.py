@@ -90,7 +90,10 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save(root: Path, step: int, weights: dict, optimizers: dict, schedulers: dict, config, keep: int = 0) -> Path:
+def save(root: Path, step: int, weights: dict, optimizers: dict, schedulers: dict, config, keep: int = 0,
+         milestone: bool = False) -> Path:
+    """Write a checkpoint; `keep` > 0 then prunes all but the newest `keep`, sparing milestones (e.g. each
+    progressive round's student)."""
     root = Path(root) / "checkpoints"
     final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -105,6 +108,8 @@ def save(root: Path, step: int, weights: dict, optimizers: dict, schedulers: dic
                "student": config.student.kind}
     (tmp / "trainer.json").write_text(json.dumps(trainer))
     config.dump(tmp / "config.yaml")
+    if milestone:
+        (tmp / "MILESTONE").write_text(f"step {step}\n")
     manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     _fsync_dir(tmp)
@@ -115,7 +120,8 @@ def save(root: Path, step: int, weights: dict, optimizers: dict, schedulers: dic
     os.replace(latest_tmp, root / "latest")
     if keep > 0:
         for old in sorted(root.glob("step-*"))[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            if not (old / "MILESTONE").exists():
+                shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -16,9 +16,10 @@ def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_sample(teacher: Teacher, cond: Cond, steps: int, generator: torch.Generator, shape, guidance=1.0,
-                backbone=None) -> torch.Tensor:
-    """The teacher's deterministic sampler on its own grid (Euler for flow teachers, see solvers.ddim_step)."""
-    times = teacher.timesteps(steps).tolist() + [teacher.end_time]
+                backbone=None, times: list[float] | None = None) -> torch.Tensor:
+    """The deterministic sampler on the teacher's own n-step grid, or on `times` (steps + 1 points, ending
+    clean); for flow teachers this is Euler (see solvers.ddim_step)."""
+    times = times or teacher.timesteps(steps).tolist() + [teacher.end_time]
     x = _noise((len(cond), *shape), generator, teacher.device)
     for t, s in zip(times[:-1], times[1:]):
         x0, eps = teacher.predict(x, t, cond, guidance, backbone=backbone)

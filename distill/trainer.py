@@ -103,6 +103,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
             opt.load_state_dict(optim_states[turn])
             schedulers[turn].load_state_dict(trainer_state["schedulers"][turn])
         start = trainer_state["step"]
+        method.resume_at(start)
     model, *prepared = accelerator.prepare(method, *optimizers.values())
     optimizers = dict(zip(optimizers, prepared))
     model.train()
@@ -151,7 +152,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
             optimizers[turn].step()
             schedulers[turn].step()
             optimizers[turn].zero_grad(set_to_none=True)
-            method.after_step(turn)
+            method.after_step(turn, step)
             logs[f"{turn}/lr"] = schedulers[turn].get_last_lr()[0]
         done = step + 1
         bad_in_row = bad_in_row + 1 if bad_step else 0
@@ -170,10 +171,12 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
             if accelerator.is_main_process:
                 with open(out / "metrics.jsonl", "a") as f:
                     f.write(json.dumps({"step": done, **logs}) + "\n")
-        if done % tc.checkpoint_every == 0 or done == end:
+        milestone = method.milestone(done)
+        if done % tc.checkpoint_every == 0 or done == end or milestone:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                checkpoint.save(out, done, method.state_to_save(), optimizers, schedulers, cfg, tc.keep_checkpoints)
+                checkpoint.save(out, done, method.state_to_save(), optimizers, schedulers, cfg, tc.keep_checkpoints,
+                                milestone)
     bar.close()
     select_turn(turn_params, None)
     accelerator.wait_for_everyone()

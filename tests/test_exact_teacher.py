@@ -78,3 +78,37 @@ def test_ladd_moves_few_step_student_toward_truth(tmp_path, schedule, kind, stud
         before, after = _distance(untrained, steps, labels, truth), _distance(trained, steps, labels, truth)
         print(f"ladd {schedule}/{kind} {steps}-step energy distance: untrained {before:.3f} -> trained {after:.3f}")
         assert after < 0.7 * before, (steps, before, after)
+
+
+@pytest.mark.parametrize("schedule,kind", [("vp", "full"), ("flow", "lora")])
+def test_progressive_halvings_track_the_teacher_and_approach_truth(tmp_path, schedule, kind):
+    cfg = config.parse({
+        "teacher": {"source": f"builtin:gmm-{schedule}"},
+        "student": {"kind": kind, "lora_rank": 8},
+        "method": {"name": "progressive", "params": {"start_steps": 8, "end_steps": 1, "round_steps": 250}},
+        "data": {"kind": "teacher", "batch_size": 256, "size": 20000},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 750, "learning_rate": 1e-3,
+                  "checkpoint_every": 100000, "keep_checkpoints": 1}})
+    train(cfg)
+    labels = torch.arange(4).repeat_interleave(400)
+    teacher = build_method(cfg, "cpu")
+    truth = teacher.teacher.sample_data(labels, torch.Generator().manual_seed(9))
+    cond = teacher.teacher.encode_prompts([f"class {k}" for k in labels.tolist()])
+
+    def dist(x, y):
+        return sum(energy_distance(x[labels == k], y[labels == k]) for k in range(4)) / 4
+
+    rounds = sorted((tmp_path / "run/checkpoints").glob("step-*"))
+    assert [p.name for p in rounds] == ["step-00000250", "step-00000500", "step-00000750"]  # milestones kept
+    for ckpt, n in zip(rounds, (4, 2, 1)):
+        method = build_method(cfg, "cpu")
+        weights, _, state = checkpoint.load(ckpt)
+        method.load_saved(weights)
+        gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
+        student = method.sample(cond, n, gen(), (2,))
+        teacher_n = ddim_sample(method.teacher, cond, n, gen(), (2,), times=method.grid[:: 8 // n].tolist())
+        teacher_2n = ddim_sample(method.teacher, cond, 2 * n, gen(), (2,), times=method.grid[:: 4 // n].tolist())
+        print(f"progressive {schedule}/{kind} n={n}: student-to-teacher(2n) {dist(student, teacher_2n):.3f}, "
+              f"teacher(n)-to-teacher(2n) {dist(teacher_n, teacher_2n):.3f}")
+        assert dist(student, teacher_2n) < dist(teacher_n, teacher_2n)
+    assert dist(student, truth) < 0.5 * dist(teacher_n, truth)  # the 1-step student beats 1-step sampling

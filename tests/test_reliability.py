@@ -272,3 +272,16 @@ def test_pickled_weights_are_refused_and_no_unsafe_loading_in_code(tmp_path, tin
         for line in text.splitlines():
             if "torch.load(" in line:
                 assert "weights_only=True" in line, (src, line)
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_progressive_resume_restores_the_round_teacher(tmp_path, kind):
+    raw = {**GMM, "student": {"kind": kind},
+           "method": {"name": "progressive", "params": {"start_steps": 4, "round_steps": 3}},
+           "train": {"max_steps": 6, "checkpoint_every": 2}}
+    whole = train(config.parse(raw, [f"train.output_dir={tmp_path / 'whole'}"])).state_to_save()
+    split_cfg = config.parse(raw, [f"train.output_dir={tmp_path / 'split'}"])
+    train(split_cfg, stop_after=4)  # stops inside round 1, whose teacher is round 0's student
+    split = train(split_cfg, resume="latest").state_to_save()
+    assert any(k.startswith("previous") for k in whole) and whole.keys() == split.keys()
+    assert all(torch.equal(whole[k], split[k]) for k in whole)

@@ -39,6 +39,9 @@ def _losses(run):
     ("tiny_sd3_dir", {"student.kind": "full"}),
     ("tiny_sdxl_dir", {"method.name": "ladd", "method.params": "{student_steps: 2}"}),
     ("tiny_sd3_dir", {"method.name": "ladd", "student.kind": "full", "method.params": "{distill_weight: 1.0}"}),
+    ("tiny_sdxl_dir", {"method.name": "progressive", "student.kind": "full",
+                       "method.params": "{start_steps: 4, round_steps: 2}"}),
+    ("tiny_sd3_dir", {"method.name": "progressive", "method.params": "{start_steps: 4, round_steps: 2, target: v}"}),
 ])
 def test_consistency_trains_only_the_student(request, tmp_path, teacher_fixture, over):
     folder = request.getfixturevalue(teacher_fixture)

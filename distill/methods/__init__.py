@@ -2,7 +2,8 @@
 from distill.methods.base import LossOut, Method
 from distill.methods.consistency import Consistency
 from distill.methods.ladd import LADD
+from distill.methods.progressive import Progressive
 
-METHODS: dict[str, type[Method]] = {"consistency": Consistency, "ladd": LADD}
+METHODS: dict[str, type[Method]] = {"consistency": Consistency, "ladd": LADD, "progressive": Progressive}
 
 __all__ = ["METHODS", "LossOut", "Method"]

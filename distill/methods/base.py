@@ -57,9 +57,17 @@ class Method(nn.Module):
         """How this method's student samples; by default the teacher's DDIM with the student's backbone."""
         return ddim_sample(self.teacher, cond, steps, generator, shape, guidance, backbone=self.student.backbone)
 
-    def after_step(self, turn: str) -> None:
+    def after_step(self, turn: str, step: int) -> None:
+        """Called after `turn`'s optimiser step at (0-based) global step `step`."""
         if turn == "student":
             self.student.update_ema()
+
+    def resume_at(self, step: int) -> None:
+        """Restore any step-dependent state after loading a checkpoint taken at `step`."""
+
+    def milestone(self, step: int) -> bool:
+        """Whether the student after `step` steps deserves a checkpoint kept whatever the retention."""
+        return False
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
         state = {f"student.{k}": v for k, v in self.student.state_to_save().items()}

@@ -1,0 +1,156 @@
+"""Progressive distillation (Salimans & Ho 2022, Algorithm 2).
+
+Round r: the student learns to match two deterministic DDIM steps of its teacher with one step.
+Each round halves the step count (start_steps -> start_steps/2 -> ... -> end_steps); the student of
+round r becomes the teacher of round r + 1. All grids nest: round r's points are every 2^r-th
+point of the teacher's start_steps grid, so a student of N steps samples on every other point of
+the grid its teacher used.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+
+from distill.config import ConfigError
+from distill.methods.base import LossOut, Method, randn
+from distill.sampling import ddim_sample
+from distill.schedules import with_end
+from distill.solvers import bcast, ddim_step
+
+
+@dataclass
+class ProgressiveParams:
+    start_steps: int = 64  # the teacher's steps in round 0
+    end_steps: int = 1  # the last round's student steps
+    round_steps: int = 1000  # optimiser steps per round
+    target: str = "x"  # x | eps | v: the space the loss compares in
+    guidance: float = 1.0  # CFG of the round-0 teacher (guidance-distilled teachers use 1)
+
+    def check(self) -> None:
+        ratio = self.start_steps / max(self.end_steps, 1)
+        if self.end_steps < 1 or ratio < 2 or not float(math.log2(ratio)).is_integer():
+            raise ConfigError("method.params.end_steps", self.end_steps,
+                              f"start_steps / end_steps must be a power of 2 >= 2 (start_steps={self.start_steps})")
+        if self.round_steps < 1:
+            raise ConfigError("method.params.round_steps", self.round_steps, "must be >= 1")
+        if self.target not in ("x", "eps", "v"):
+            raise ConfigError("method.params.target", self.target, "allowed: x, eps, v")
+
+    @property
+    def rounds(self) -> int:
+        return int(math.log2(self.start_steps // self.end_steps))
+
+
+class Progressive(Method):
+    Params = ProgressiveParams
+
+    def __init__(self, teacher, student, params: ProgressiveParams):
+        super().__init__(teacher, student, params)
+        self.register_buffer("grid", with_end(teacher.timesteps(params.start_steps), teacher.end_time),
+                             persistent=False)
+        self.round = 0
+        self.previous = None  # the previous round's student: a frozen module (full) or LoRA tensors
+
+    def student_steps(self, round_: int) -> int:
+        return self.params.start_steps // 2 ** (round_ + 1)
+
+    def round_of(self, step: int) -> int:
+        return min(step // self.params.round_steps, self.params.rounds - 1)
+
+    @contextmanager
+    def _round_teacher(self):
+        """The backbone that plays teacher this round: the teacher itself, then the previous student."""
+        if self.previous is None:
+            yield None
+        elif isinstance(self.previous, torch.nn.Module):
+            yield self.previous
+        else:  # LoRA: swap the previous round's adapter weights in for the no-grad teacher pass
+            params = dict(self.student.backbone.named_parameters())
+            current = {k: params[k].detach().clone() for k in self.previous}
+            for k, v in self.previous.items():
+                params[k].data.copy_(v)
+            try:
+                yield self.student.backbone
+            finally:
+                for k, v in current.items():
+                    params[k].data.copy_(v)
+
+    def loss(self, batch, turn) -> LossOut:
+        p, teacher, g = self.params, self.teacher, batch["generator"]
+        x0, cond = batch["latents"].float(), batch["cond"]
+        n = self.student_steps(self.round)
+        times = self.grid[:: p.start_steps // (2 * n)]  # the teacher's 2n-step grid, 2n + 1 points
+        j = torch.randint(0, n, (len(x0),), generator=g).to(x0.device)
+        t, t1, t2 = times[2 * j], times[2 * j + 1], times[2 * j + 2]
+        a, s = teacher.alpha_sigma(t)
+        z = teacher.add_noise(x0, randn(x0.shape, g, x0), t)
+        with torch.no_grad(), self._round_teacher() as backbone:
+            guidance = p.guidance if self.previous is None else 1.0
+            z1 = ddim_step(*teacher.predict(z, t, cond, guidance, backbone=backbone), *teacher.alpha_sigma(t1))
+            z2 = ddim_step(*teacher.predict(z1, t1, cond, guidance, backbone=backbone), *teacher.alpha_sigma(t2))
+            # Alg. 2: the x0 that one DDIM step takes from z_t to z_t''; at t'' = 0 (sigma'' = 0) this is the
+            # teacher's own x0 after its last two steps.
+            a2, s2 = teacher.alpha_sigma(t2)
+            ratio = bcast(s2 / s, z)
+            x_target = (z2 - ratio * z) / (bcast(a2, z) - ratio * bcast(a, z))
+        x_pred, eps_pred = teacher.predict(z, t, cond, backbone=self.student.backbone)
+        a, s = bcast(a, z), bcast(s, z)
+        eps_target = (z - a * x_target) / s
+        if p.target == "x":  # truncated-SNR weighting, max(SNR, 1) (Salimans & Ho 2022, sec. 4)
+            loss = ((x_pred - x_target) ** 2 * torch.clamp(a**2 / s**2, min=1.0)).mean()
+        elif p.target == "eps":
+            loss = ((eps_pred - eps_target) ** 2).mean()
+        else:
+            loss = ((a * eps_pred - s * x_pred) - (a * eps_target - s * x_target)).pow(2).mean()
+        return LossOut(loss, {"round": float(self.round), "student_steps": float(n)})
+
+    def after_step(self, turn: str, step: int) -> None:
+        """At a round's end the student becomes the next round's teacher."""
+        super().after_step(turn, step)
+        new_round = self.round_of(step + 1)
+        if new_round != self.round:
+            self._advance_to(new_round)
+
+    def _advance_to(self, round_: int) -> None:
+        if self.student.kind == "full":
+            self.previous = copy.deepcopy(self.student.backbone).requires_grad_(False).eval()
+        else:
+            self.previous = {k: v.detach().clone() for k, v in self.student.backbone.named_parameters()
+                             if "lora_" in k}
+        self.round = round_
+
+    def milestone(self, step: int) -> bool:
+        return step % self.params.round_steps == 0 and step // self.params.round_steps <= self.params.rounds
+
+    def state_to_save(self):
+        state = super().state_to_save()
+        if isinstance(self.previous, torch.nn.Module):
+            state |= {f"previous.{k}": v for k, v in self.previous.state_dict().items()}
+        elif self.previous is not None:
+            state |= {f"previous_lora.{k}": v for k, v in self.previous.items()}
+        return state
+
+    def load_saved(self, state) -> None:
+        super().load_saved(state)
+        full = {k.removeprefix("previous."): v for k, v in state.items() if k.startswith("previous.")}
+        lora = {k.removeprefix("previous_lora."): v for k, v in state.items() if k.startswith("previous_lora.")}
+        if full:
+            self.previous = copy.deepcopy(self.student.backbone).requires_grad_(False).eval()
+            self.previous.load_state_dict(full)
+        elif lora:
+            self.previous = lora
+
+    def resume_at(self, step: int) -> None:
+        self.round = self.round_of(step)
+
+    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
+        """DDIM with the student on the nested grid: every (start_steps / steps)-th teacher grid point."""
+        if self.params.start_steps % steps:
+            raise ValueError(f"steps must divide start_steps={self.params.start_steps}")
+        times = self.grid[:: self.params.start_steps // steps].tolist()
+        return ddim_sample(self.teacher, cond, steps, generator, shape, guidance, backbone=self.student.backbone,
+                           times=times)
