@@ -60,7 +60,8 @@ def encode_batch(raw: dict, teacher, generator: torch.Generator) -> dict:
     if "latents" in raw:
         batch["latents"] = raw["latents"].to(teacher.device).float()
     elif "image" in raw:
-        batch["latents"] = teacher.encode(raw["image"].to(teacher.device), generator).float()
+        batch["image"] = raw["image"].to(teacher.device)
+        batch["latents"] = teacher.encode(batch["image"], generator).float()
     return batch
 
 

@@ -39,6 +39,9 @@ def _losses(run):
     ("tiny_sd3_dir", {"student.kind": "full"}),
     ("tiny_sdxl_dir", {"method.name": "ladd", "method.params": "{student_steps: 2}"}),
     ("tiny_sd3_dir", {"method.name": "ladd", "student.kind": "full", "method.params": "{distill_weight: 1.0}"}),
+    ("tiny_sdxl_dir", {"method.name": "add", "method.params": "{feature_net: vit_tiny_patch16_224, feature_size: 32}"}),
+    ("tiny_sd3_dir", {"method.name": "add", "student.kind": "full",
+                      "method.params": "{feature_net: vit_tiny_patch16_224, feature_size: 32, r1_gamma: 0.1}"}),
     ("tiny_sdxl_dir", {"method.name": "progressive", "student.kind": "full",
                        "method.params": "{start_steps: 4, round_steps: 2}"}),
     ("tiny_sd3_dir", {"method.name": "progressive", "method.params": "{start_steps: 4, round_steps: 2, target: v}"}),
@@ -182,10 +185,12 @@ def test_bf16_mixed_precision_and_seeds(tmp_path, tiny_sdxl_dir):
     assert not all(torch.equal(x, y) for x, y in zip(a, c.student.trainable_parameters()))
 
 
-def test_each_turn_reaches_only_its_own_parameters(tiny_sd3_dir, tmp_path):
+@pytest.mark.parametrize("method,params", [("ladd", "{}"),
+                                           ("add", "{feature_net: vit_tiny_patch16_224, feature_size: 32}")])
+def test_each_turn_reaches_only_its_own_parameters(tiny_sd3_dir, tmp_path, method, params):
     from distill.trainer import encode_batch, select_turn, step_generator
 
-    cfg = tiny_cfg(tmp_path, tiny_sd3_dir, **{"method.name": "ladd", "method.params": "{}"})
+    cfg = tiny_cfg(tmp_path, tiny_sd3_dir, **{"method.name": method, "method.params": params})
     method = build_method(cfg, "cpu")
     turn_params = {turn: method.parameters_for(turn) for turn in method.turns}
     from distill import data
@@ -198,6 +203,8 @@ def test_each_turn_reaches_only_its_own_parameters(tiny_sd3_dir, tmp_path):
             grads = [p.grad is not None and p.grad.abs().sum() > 0 for p in params]
             assert (any(grads) if other == turn else not any(grads)), (turn, other)
         assert all(p.grad is None for p in method.teacher.parameters() if not p.requires_grad)
+        assert all(p.grad is None for p in getattr(method, "feature_net", torch.nn.Linear(1, 1)).parameters()
+                   if not p.requires_grad)
 
 
 def test_ladd_on_teacher_samples_needs_no_images(tiny_sd3_dir, tmp_path):

@@ -1,9 +1,11 @@
 """The registry of distillation methods: config name -> class. One file per method."""
+from distill.methods.add import ADD
 from distill.methods.base import LossOut, Method
 from distill.methods.consistency import Consistency
 from distill.methods.ladd import LADD
 from distill.methods.progressive import Progressive
 
-METHODS: dict[str, type[Method]] = {"consistency": Consistency, "ladd": LADD, "progressive": Progressive}
+METHODS: dict[str, type[Method]] = {"consistency": Consistency, "progressive": Progressive, "add": ADD,
+                                    "ladd": LADD}
 
 __all__ = ["METHODS", "LossOut", "Method"]

@@ -92,3 +92,37 @@ def randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor
 
 def uniform(n: int, lo: float, hi: float, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     return (lo + (hi - lo) * torch.rand(n, generator=generator)).to(like.device)
+
+
+class Adversarial(Method):
+    """What ADD and LADD share: two turns, a student that denoises from a few teacher times, and the
+    few-step sampler that denoises then renoises to the next time (ADD sec. 3.1)."""
+
+    turns = ("discriminator", "student")
+    discriminator: nn.Module
+
+    def __init__(self, teacher: Teacher, student: Student, params):
+        super().__init__(teacher, student, params)
+        self.register_buffer("student_grid", teacher.timesteps(params.student_steps).float(), persistent=False)
+
+    def parameters_for(self, turn: str) -> list[nn.Parameter]:
+        if turn == "discriminator":
+            return list(self.discriminator.parameters())
+        return self.student.trainable_parameters()
+
+    def generate(self, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
+        """The student's sample from x0 noised to one of its times."""
+        pick = torch.randint(0, len(self.student_grid), (len(x0),), generator=generator).to(x0.device)
+        t = self.student_grid[pick]
+        x_t = self.teacher.add_noise(x0, randn(x0.shape, generator, x0), t)
+        return self.teacher.predict(x_t, t, cond, backbone=self.student.backbone)[0]
+
+    @torch.no_grad()
+    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
+        times = self.teacher.timesteps(steps).tolist()
+        x = randn((len(cond), *shape), generator, self.student_grid)
+        for i, t in enumerate(times):
+            x = self.teacher.predict(x, t, cond, guidance, backbone=self.student.backbone)[0]
+            if i + 1 < len(times):
+                x = self.teacher.add_noise(x, randn(x.shape, generator, x), times[i + 1])
+        return x

@@ -14,7 +14,7 @@ import torch
 from discriminators.losses import hinge_d, hinge_g
 from discriminators.teacher_heads import TeacherHeads, capture
 from distill.config import ConfigError
-from distill.methods.base import LossOut, Method, randn
+from distill.methods.base import Adversarial, LossOut, randn
 from distill.sampling import ddim_sample
 
 
@@ -40,13 +40,11 @@ class LADDParams:
             raise ConfigError("method.params.distill_weight", self.distill_weight, "must be >= 0")
 
 
-class LADD(Method):
-    turns = ("discriminator", "student")
+class LADD(Adversarial):
     Params = LADDParams
 
     def __init__(self, teacher, student, params: LADDParams):
         super().__init__(teacher, student, params)
-        self.register_buffer("student_grid", teacher.timesteps(params.student_steps).float(), persistent=False)
         self.discriminator = self._heads()
 
     @property
@@ -63,17 +61,6 @@ class LADD(Method):
         with capture(t.backbone, t.feature_layers()) as feats:
             t.predict(x, t.num_train_timesteps // 2, cond)
         return TeacherHeads([f.shape[-1] for f in feats], t.pooled(cond.pos).shape[-1], self.params.head_hidden)
-
-    def parameters_for(self, turn):
-        if turn == "discriminator":
-            return list(self.discriminator.parameters())
-        return self.student.trainable_parameters()
-
-    def generate(self, x0, cond, g):
-        """The student's sample from x0 noised to a time of its grid (ADD sec. 3.1)."""
-        t = self.student_grid[torch.randint(0, len(self.student_grid), (len(x0),), generator=g).to(x0.device)]
-        x_t = self.teacher.add_noise(x0, randn(x0.shape, g, x0), t)
-        return self.teacher.predict(x_t, t, cond, backbone=self.student.backbone)[0]
 
     def logits(self, x0, cond, g):
         """Renoise at t ~ logit-normal, run the frozen teacher, read its features with the heads."""
@@ -107,14 +94,3 @@ class LADD(Method):
             distill = (fake - target).pow(2).mean()
             loss, logs["distill"] = loss + p.distill_weight * distill, distill.item()
         return LossOut(loss, logs)
-
-    @torch.no_grad()
-    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
-        """Few-step sampling on the student's grid: denoise, renoise to the next time, repeat (ADD sec. 3.1)."""
-        times = self.teacher.timesteps(steps).tolist()
-        x = torch.randn((len(cond), *shape), generator=generator).to(self.teacher.device)
-        for i, t in enumerate(times):
-            x = self.teacher.predict(x, t, cond, guidance, backbone=self.student.backbone)[0]
-            if i + 1 < len(times):
-                x = self.teacher.add_noise(x, torch.randn(x.shape, generator=generator).to(x.device), times[i + 1])
-        return x

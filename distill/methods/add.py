@@ -1,0 +1,93 @@
+"""Adversarial diffusion distillation (ADD; Sauer et al. 2023, SDXL-Turbo).
+
+The student denoises latents noised to one of a few teacher times. Its sample is decoded to pixels
+and judged by a discriminator of trainable heads on a frozen ViT (hinge loss, R1 penalty on real
+images), and pulled toward the teacher by a distillation term: renoise the sample, let the teacher
+denoise it, and match, weighted by c(t) (ADD eq. 5).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from discriminators.feature_net import FeatureHeads, FeatureNetwork
+from discriminators.losses import hinge_d, hinge_g
+from distill.config import ConfigError
+from distill.methods.base import Adversarial, LossOut, randn
+from distill.solvers import bcast
+
+
+@dataclass
+class ADDParams:
+    student_steps: int = 4  # ADD's student times: {999, 749, 499, 249} on the VP scale for 4 steps
+    feature_net: str = "vit_small_patch14_dinov2"  # a timm ViT name, or mlp for non-image data
+    feature_weights: str | None = None  # local .safetensors of the ViT (random weights if unset)
+    feature_size: int = 224  # pixels are resized to this before the ViT
+    head_hidden: int = 64
+    distill_weight: float = 2.5  # lambda of ADD eq. 5
+    teacher_guidance: float = 1.0  # CFG of the teacher in the distillation target
+    r1_gamma: float = 1e-5  # R1 penalty on real images (Mescheder et al. 2018)
+
+    def check(self) -> None:
+        if self.student_steps < 1:
+            raise ConfigError("method.params.student_steps", self.student_steps, "must be >= 1")
+        if self.distill_weight < 0 or self.r1_gamma < 0:
+            raise ConfigError("method.params.distill_weight/r1_gamma", (self.distill_weight, self.r1_gamma),
+                              "must be >= 0")
+        if self.feature_weights and not self.feature_weights.endswith(".safetensors"):
+            raise ConfigError("method.params.feature_weights", self.feature_weights, "must be a .safetensors file")
+
+
+class ADD(Adversarial):
+    Params = ADDParams
+
+    def __init__(self, teacher, student, params: ADDParams):
+        super().__init__(teacher, student, params)
+        size = getattr(teacher, "resolution", 8)
+        with torch.no_grad():
+            probe = teacher.decode(torch.zeros(1, *teacher.latent_shape(size, size), device=teacher.device))
+            self.feature_net = FeatureNetwork(params.feature_net, params.feature_weights, params.feature_size,
+                                              probe.shape[-1]).to(teacher.device)
+            channels = [f.shape[-1] for f in self.feature_net(probe)]
+            cond_dim = teacher.pooled(teacher.encode_prompts([teacher.probe_prompt]).pos).shape[-1]
+        self.discriminator = FeatureHeads(channels, cond_dim, params.head_hidden)
+
+    def logits(self, pixels, cond):
+        return self.discriminator(self.feature_net(pixels), self.teacher.pooled(cond.pos))
+
+    def loss(self, batch, turn) -> LossOut:
+        p, g, cond, x0 = self.params, batch["generator"], batch["cond"], batch["latents"].float()
+        if turn == "discriminator":
+            with torch.no_grad():
+                fake = self.teacher.decode(self.generate(x0, cond, g))
+                real = batch["image"] if "image" in batch else self.teacher.decode(x0)
+            real = real.float().detach().requires_grad_(p.r1_gamma > 0)
+            # R1 differentiates twice; fused attention kernels have no double backward, the math one has.
+            with sdpa_kernel(SDPBackend.MATH) if p.r1_gamma > 0 else contextlib.nullcontext():
+                real_logits = self.logits(real, cond)
+            fake_logits = self.logits(fake, cond)
+            loss, logs = hinge_d(real_logits, fake_logits), {"d_real": real_logits.mean().item(),
+                                                             "d_fake": fake_logits.mean().item()}
+            if p.r1_gamma > 0:  # R1: gamma/2 * E||grad_x D(x)||^2 on real data
+                (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+                r1 = grad.pow(2).flatten(1).sum(1).mean()
+                loss, logs["r1"] = loss + p.r1_gamma / 2 * r1, r1.item()
+            return LossOut(loss, logs)
+        sample = self.generate(x0, cond, g)
+        adv = hinge_g(self.logits(self.teacher.decode(sample), cond))
+        logs = {"g_adv": adv.item()}
+        loss = adv
+        if p.distill_weight > 0:
+            # ADD eq. 5: renoise the student's sample at t ~ U over teacher times, denoise with the teacher,
+            # weight by c(t) = abar_t = alpha_t^2 (the paper's exponential weighting).
+            t = torch.randint(0, self.teacher.num_train_timesteps, (len(x0),), generator=g).float().to(x0.device)
+            with torch.no_grad():
+                x_t = self.teacher.add_noise(sample.detach(), randn(x0.shape, g, x0), t)
+                target = self.teacher.predict(x_t, t, cond, p.teacher_guidance)[0]
+            c = bcast(self.teacher.alpha(t).to(x0.device) ** 2, sample)
+            distill = (c * (sample - target) ** 2).mean()
+            loss, logs["distill"] = loss + p.distill_weight * distill, distill.item()
+        return LossOut(loss, logs)
