@@ -83,7 +83,7 @@ def _bad_inputs(tmp: Path, tiny_sdxl_dir: Path) -> list[tuple[dict, str]]:
         ({**sdxl, "data": {"kind": "prompts", "path": str(tmp / "empty.txt")}}, "holds no prompts"),
         ({"teacher": {"source": "builtin:gmm-vp", "family": "sdxx"}}, "allowed: sdxl, sd3, gmm"),
         ({"teacher": {"dtype": "fp8"}}, "allowed: float32, float16, bfloat16"),
-        ({"method": {"name": "add"}}, "'method.name' has bad value 'add'"),
+        ({"method": {"name": "adversarial"}}, "'method.name' has bad value 'adversarial'"),
         ({"data": {"kind": "teacher", "batch_size": 0}}, "must be a positive integer"),
         ({"student": {"lora_rank": 0}}, "'student.lora_rank' has bad value 0"),
         ({"student": {"lora_rank": 2.5}}, "expected int"),
