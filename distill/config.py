@@ -45,6 +45,7 @@ class StudentConfig:
     ema_decay: float = 0.95  # the full student's EMA (the consistency target network)
     guidance_embedding: bool = False  # full students only: condition on the CFG scale w
     gradient_checkpointing: bool = False
+    init_from: str | None = None  # start from the student of another run or checkpoint (same teacher and kind)
 
 
 @dataclass
@@ -252,6 +253,9 @@ def validate(cfg: Config) -> None:
         hint = f" (did you mean '{near[0]}'?)" if near else ""
         raise ConfigError("method.name", cfg.method.name, f"allowed: {', '.join(METHODS)}{hint}")
     METHODS[cfg.method.name].parse_params(cfg.method.params)
+    METHODS[cfg.method.name].check_config(cfg)
+    if cfg.student.init_from and not Path(cfg.student.init_from).expanduser().is_dir():
+        raise ConfigError("student.init_from", cfg.student.init_from, "no such run or checkpoint folder")
     turns = METHODS[cfg.method.name].turns
     for turn in {*cfg.train.turn_learning_rates, *cfg.train.turn_every} - set(turns):
         raise ConfigError("train.turn_learning_rates/turn_every", turn, f"method {cfg.method.name} has turns "

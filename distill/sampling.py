@@ -16,13 +16,13 @@ def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_sample(teacher: Teacher, cond: Cond, steps: int, generator: torch.Generator, shape, guidance=1.0,
-                backbone=None, times: list[float] | None = None) -> torch.Tensor:
+                backbone=None, times: list[float] | None = None, guidance_cond=None) -> torch.Tensor:
     """The deterministic sampler on the teacher's own n-step grid, or on `times` (steps + 1 points, ending
     clean); for flow teachers this is Euler (see solvers.ddim_step)."""
     times = times or teacher.timesteps(steps).tolist() + [teacher.end_time]
     x = _noise((len(cond), *shape), generator, teacher.device)
     for t, s in zip(times[:-1], times[1:]):
-        x0, eps = teacher.predict(x, t, cond, guidance, backbone=backbone)
+        x0, eps = teacher.predict(x, t, cond, guidance, backbone=backbone, guidance_cond=guidance_cond)
         x = ddim_step(x0, eps, *teacher.alpha_sigma(torch.tensor(s)))
     return x
 

@@ -47,6 +47,17 @@ def build_method(cfg: Config, device) -> Method:
     set_seed(cfg.train.seed)  # adapters and heads start identical on every rank and every run
     teacher = teachers.load(cfg.teacher, device)
     student = students.build(teacher, cfg.student).to(device)
+    if cfg.student.init_from:
+        source = Path(cfg.student.init_from)
+        weights, _, state = checkpoint.load(checkpoint.find(source, str(source)))
+        if (state["teacher"], state["student"]) != (cfg.teacher.source, cfg.student.kind):
+            raise DistillError(f"student.init_from {source} holds a {state['student']} student of {state['teacher']}, "
+                               f"not a {cfg.student.kind} student of {cfg.teacher.source}")
+        try:
+            student.load_saved({k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")})
+        except RuntimeError as e:
+            raise DistillError(f"student.init_from {source} does not fit this student (is student.guidance_embedding "
+                               f"the same?): {str(e).splitlines()[0]}") from e
     method_cls = METHODS[cfg.method.name]
     return method_cls(teacher, student, method_cls.parse_params(cfg.method.params))
 

@@ -12,7 +12,7 @@ GOOD = {"teacher": {"source": "builtin:gmm-vp"}, "data": {"kind": "teacher", "ba
 CASES = [
     ({"train": {"max_steps": "many"}}, "'train.max_steps' has bad value 'many': expected int"),
     ({"train": {"max_step": 3}}, "unknown field; did you mean 'train.max_steps'?"),
-    ({"method": {"name": "consistancy"}}, "allowed: consistency, progressive, add, ladd (did you mean 'consistency'?)"),
+    ({"method": {"name": "consistancy"}}, "allowed: consistency, guidance, progressive, add, ladd (did you mean 'consistency'?)"),
     ({"teacher": {"family": "sd15"}}, "'teacher.family' has bad value 'sd15': allowed: sdxl, sd3, gmm"),
     ({"teacher": {"source": "./no/such/folder"}}, "'teacher.source' has bad value './no/such/folder': no such file"),
     ({"data": {"kind": "images", "path": "/no/such/images"}}, "'data.path' has bad value '/no/such/images'"),
@@ -89,9 +89,11 @@ def test_every_example_config_is_valid(path):
 
     raw = yaml.safe_load(path.read_text())
     if not Path(raw["teacher"]["source"]).exists() and not raw["teacher"]["source"].startswith("builtin:"):
-        raw["teacher"]["source"] = "builtin:tiny-sdxl"  # real-weight configs: check everything but the path
+        raw["teacher"]["source"] = "builtin:tiny-sdxl"  # real-weight configs: check everything but the paths
+    if raw["student"].get("init_from"):
+        raw["student"]["init_from"] = str(path.parent)
     cfg = config.parse(raw, for_training=False)
-    assert cfg.method.name in ("consistency", "progressive", "add", "ladd")
+    assert cfg.method.name in ("consistency", "guidance", "progressive", "add", "ladd")
 
 
 def test_turn_settings_must_name_the_methods_turns(tmp_path, capsys):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 import teachers
 from distill import config
 from distill.config import TeacherConfig
+from distill.errors import ConfigError
 from distill.trainer import build_method, train
 
 
@@ -214,3 +215,38 @@ def test_ladd_on_teacher_samples_needs_no_images(tiny_sd3_dir, tmp_path):
                                               "method.params": "{real: teacher, teacher_steps: 3}"})
     train(cfg)
     assert all(math.isfinite(v) for v in _losses(tmp_path / "run"))
+
+
+def test_guidance_distillation_then_progressive_from_it(tiny_sdxl_dir, tmp_path):
+    from distill.trainer import encode_batch, step_generator
+
+    cfg = tiny_cfg(tmp_path / "g", tiny_sdxl_dir, **{
+        "method.name": "guidance", "method.params": "{guidance_min: 2.0, guidance_max: 6.0}",
+        "student.kind": "full", "student.guidance_embedding": "true", "train.max_steps": 60,
+        "train.checkpoint_every": 60, "train.learning_rate": 3e-4, "data.batch_size": 4})
+    init, trained = build_method(cfg, "cpu"), train(cfg)
+    from distill import data
+    raw = data.collate([data.build(cfg.data, 32)[i] for i in (100, 200, 300, 400)])
+    batch = encode_batch(raw, trained.teacher, step_generator(7, 0, 0, 0, 0))
+    x_t = trained.teacher.add_noise(batch["latents"], torch.randn_like(batch["latents"]), 600.0)
+    w = torch.tensor([2.5, 3.5, 4.5, 5.5])
+    want = trained.teacher.predict(x_t, 600.0, batch["cond"], guidance=w)[1]
+    with torch.no_grad():
+        err = {name: (m.teacher.predict(x_t, 600.0, batch["cond"], backbone=m.student.backbone,
+                                        guidance_cond=w)[1] - want).pow(2).mean().item()
+               for name, m in (("init", init), ("trained", trained))}
+    assert err["trained"] < 0.5 * err["init"], err  # one pass now gives what took the teacher two
+
+    prog = tiny_cfg(tmp_path / "p", tiny_sdxl_dir, **{
+        "method.name": "progressive", "student.kind": "full", "student.guidance_embedding": "true",
+        "student.init_from": str(tmp_path / "g/run"), "train.max_steps": 4,
+        "method.params": "{start_steps: 4, round_steps: 2, guidance_min: 2.0, guidance_max: 6.0, "
+                         "teacher_from_student: true}"})
+    method = build_method(prog, "cpu")
+    assert all(torch.equal(a, b) for a, b in zip(method.student.backbone.parameters(),
+                                                  trained.student.backbone.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(method.previous.parameters(), trained.student.backbone.parameters()))
+    train(prog)
+    assert all(math.isfinite(v) for v in _losses(tmp_path / "p/run"))
+    with pytest.raises(ConfigError, match="guidance distillation needs student.kind=full"):
+        tiny_cfg(tmp_path / "b", tiny_sdxl_dir, **{"method.name": "guidance", "method.params": "{}"})

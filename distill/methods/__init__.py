@@ -2,10 +2,11 @@
 from distill.methods.add import ADD
 from distill.methods.base import LossOut, Method
 from distill.methods.consistency import Consistency
+from distill.methods.guidance import Guidance
 from distill.methods.ladd import LADD
 from distill.methods.progressive import Progressive
 
-METHODS: dict[str, type[Method]] = {"consistency": Consistency, "progressive": Progressive, "add": ADD,
-                                    "ladd": LADD}
+METHODS: dict[str, type[Method]] = {"consistency": Consistency, "guidance": Guidance, "progressive": Progressive,
+                                    "add": ADD, "ladd": LADD}
 
 __all__ = ["METHODS", "LossOut", "Method"]

@@ -52,10 +52,23 @@ class Method(nn.Module):
         # Called through the Accelerate-wrapped module so DDP sees every forward.
         return self.loss(batch, turn)
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """Checks across config sections that this method needs (run before any model loads)."""
+
+    def guidance_args(self, guidance, n: int) -> tuple:
+        """(CFG scale, w input) for sampling at guidance `guidance`: a student that reads w gets it as input
+        and runs one pass; any other applies classifier-free guidance."""
+        if self.student.guidance_input:
+            return 1.0, torch.full((n,), float(guidance))
+        return guidance, None
+
     @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
-        """How this method's student samples; by default the teacher's DDIM with the student's backbone."""
-        return ddim_sample(self.teacher, cond, steps, generator, shape, guidance, backbone=self.student.backbone)
+        """How this method's student samples; by default DDIM on the teacher's grid with the student's backbone."""
+        cfg, w = self.guidance_args(guidance, len(cond))
+        return ddim_sample(self.teacher, cond, steps, generator, shape, cfg, backbone=self.student.backbone,
+                           guidance_cond=w)
 
     def after_step(self, turn: str, step: int) -> None:
         """Called after `turn`'s optimiser step at (0-based) global step `step`."""
@@ -120,9 +133,10 @@ class Adversarial(Method):
     @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
         times = self.teacher.timesteps(steps).tolist()
+        cfg, w = self.guidance_args(guidance, len(cond))
         x = randn((len(cond), *shape), generator, self.student_grid)
         for i, t in enumerate(times):
-            x = self.teacher.predict(x, t, cond, guidance, backbone=self.student.backbone)[0]
+            x = self.teacher.predict(x, t, cond, cfg, backbone=self.student.backbone, guidance_cond=w)[0]
             if i + 1 < len(times):
                 x = self.teacher.add_noise(x, randn(x.shape, generator, x), times[i + 1])
         return x

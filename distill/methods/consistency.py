@@ -82,11 +82,10 @@ class Consistency(Method):
             loss = (diff.pow(2) + p.huber_c**2).sqrt().sub(p.huber_c).mean()
         return LossOut(loss, {"t_mean": float(t_hi.float().mean()), "w_mean": float(w.mean())})
 
-    def sample(self, cond, steps: int, generator, shape, guidance=1.0, w=None):
+    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
         """Multistep consistency sampling at `steps` points of the training grid (LCMScheduler's choice)."""
         times = subsample(self.grid[:-1].cpu(), steps)
-        if self.student.guidance_input:
-            w = torch.full((len(cond),), float(w if w is not None else self.params.guidance_min))
+        cfg, w = self.guidance_args(guidance, len(cond))
         return consistency_sample(self.teacher, self.student.backbone, cond, times, generator, shape,
-                                  guidance=guidance, guidance_cond=w, sigma_data=self.params.sigma_data,
+                                  guidance=cfg, guidance_cond=w, sigma_data=self.params.sigma_data,
                                   timestep_scaling=self.params.timestep_scaling)

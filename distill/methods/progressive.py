@@ -16,10 +16,10 @@ from dataclasses import dataclass
 import torch
 
 from distill.config import ConfigError
-from distill.methods.base import LossOut, Method, randn
+from distill.methods.base import LossOut, Method, randn, uniform
 from distill.sampling import ddim_sample
 from distill.schedules import with_end
-from distill.solvers import bcast, ddim_step
+from distill.solvers import bcast, ddim_step, prediction_loss
 
 
 @dataclass
@@ -28,7 +28,13 @@ class ProgressiveParams:
     end_steps: int = 1  # the last round's student steps
     round_steps: int = 1000  # optimiser steps per round
     target: str = "x"  # x | eps | v: the space the loss compares in
-    guidance: float = 1.0  # CFG of the round-0 teacher (guidance-distilled teachers use 1)
+    # The guidance scale w ~ U[guidance_min, guidance_max] of the teacher's CFG in round 0. A student that reads
+    # w (student.guidance_embedding) gets w as input in every round, as in Meng et al. 2023, sec. 4.
+    guidance_min: float = 1.0
+    guidance_max: float = 1.0
+    # Round 0's teacher is the initial student (a guidance-distilled one, via student.init_from) instead of the
+    # teacher with CFG: Meng et al.'s stage two.
+    teacher_from_student: bool = False
 
     def check(self) -> None:
         ratio = self.start_steps / max(self.end_steps, 1)
@@ -39,6 +45,8 @@ class ProgressiveParams:
             raise ConfigError("method.params.round_steps", self.round_steps, "must be >= 1")
         if self.target not in ("x", "eps", "v"):
             raise ConfigError("method.params.target", self.target, "allowed: x, eps, v")
+        if not 1.0 <= self.guidance_min <= self.guidance_max:
+            raise ConfigError("method.params.guidance_min", self.guidance_min, "need 1 <= guidance_min <= guidance_max")
 
     @property
     def rounds(self) -> int:
@@ -54,6 +62,8 @@ class Progressive(Method):
                              persistent=False)
         self.round = 0
         self.previous = None  # the previous round's student: a frozen module (full) or LoRA tensors
+        if params.teacher_from_student:
+            self._snapshot()
 
     def student_steps(self, round_: int) -> int:
         return self.params.start_steps // 2 ** (round_ + 1)
@@ -88,24 +98,24 @@ class Progressive(Method):
         t, t1, t2 = times[2 * j], times[2 * j + 1], times[2 * j + 2]
         a, s = teacher.alpha_sigma(t)
         z = teacher.add_noise(x0, randn(x0.shape, g, x0), t)
+        w = uniform(len(x0), p.guidance_min, p.guidance_max, g, x0)
+        w_in = w if self.student.guidance_input else None
         with torch.no_grad(), self._round_teacher() as backbone:
-            guidance = p.guidance if self.previous is None else 1.0
-            z1 = ddim_step(*teacher.predict(z, t, cond, guidance, backbone=backbone), *teacher.alpha_sigma(t1))
-            z2 = ddim_step(*teacher.predict(z1, t1, cond, guidance, backbone=backbone), *teacher.alpha_sigma(t2))
+            # The raw teacher applies CFG at w; a previous student already has it built in (or reads w).
+            cfg = (1.0 if p.guidance_max == 1.0 else w) if backbone is None else 1.0
+            w_teacher = None if backbone is None else w_in
+            z1 = ddim_step(*teacher.predict(z, t, cond, cfg, backbone=backbone, guidance_cond=w_teacher),
+                           *teacher.alpha_sigma(t1))
+            z2 = ddim_step(*teacher.predict(z1, t1, cond, cfg, backbone=backbone, guidance_cond=w_teacher),
+                           *teacher.alpha_sigma(t2))
             # Alg. 2: the x0 that one DDIM step takes from z_t to z_t''; at t'' = 0 (sigma'' = 0) this is the
             # teacher's own x0 after its last two steps.
             a2, s2 = teacher.alpha_sigma(t2)
             ratio = bcast(s2 / s, z)
             x_target = (z2 - ratio * z) / (bcast(a2, z) - ratio * bcast(a, z))
-        x_pred, eps_pred = teacher.predict(z, t, cond, backbone=self.student.backbone)
-        a, s = bcast(a, z), bcast(s, z)
-        eps_target = (z - a * x_target) / s
-        if p.target == "x":  # truncated-SNR weighting, max(SNR, 1) (Salimans & Ho 2022, sec. 4)
-            loss = ((x_pred - x_target) ** 2 * torch.clamp(a**2 / s**2, min=1.0)).mean()
-        elif p.target == "eps":
-            loss = ((eps_pred - eps_target) ** 2).mean()
-        else:
-            loss = ((a * eps_pred - s * x_pred) - (a * eps_target - s * x_target)).pow(2).mean()
+        x_pred, eps_pred = teacher.predict(z, t, cond, backbone=self.student.backbone, guidance_cond=w_in)
+        eps_target = (z - bcast(a, z) * x_target) / bcast(s, z)
+        loss = prediction_loss(x_pred, eps_pred, x_target, eps_target, a, s, p.target)
         return LossOut(loss, {"round": float(self.round), "student_steps": float(n)})
 
     def after_step(self, turn: str, step: int) -> None:
@@ -113,15 +123,16 @@ class Progressive(Method):
         super().after_step(turn, step)
         new_round = self.round_of(step + 1)
         if new_round != self.round:
-            self._advance_to(new_round)
+            self._snapshot()
+            self.round = new_round
 
-    def _advance_to(self, round_: int) -> None:
+    def _snapshot(self) -> None:
+        """Freeze the student as it is now: the next round's teacher."""
         if self.student.kind == "full":
             self.previous = copy.deepcopy(self.student.backbone).requires_grad_(False).eval()
         else:
             self.previous = {k: v.detach().clone() for k, v in self.student.backbone.named_parameters()
                              if "lora_" in k}
-        self.round = round_
 
     def milestone(self, step: int) -> bool:
         return step % self.params.round_steps == 0 and step // self.params.round_steps <= self.params.rounds
@@ -152,5 +163,6 @@ class Progressive(Method):
         if self.params.start_steps % steps:
             raise ValueError(f"steps must divide start_steps={self.params.start_steps}")
         times = self.grid[:: self.params.start_steps // steps].tolist()
-        return ddim_sample(self.teacher, cond, steps, generator, shape, guidance, backbone=self.student.backbone,
-                           times=times)
+        cfg, w = self.guidance_args(guidance, len(cond))
+        return ddim_sample(self.teacher, cond, steps, generator, shape, cfg, backbone=self.student.backbone,
+                           times=times, guidance_cond=w)
