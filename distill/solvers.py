@@ -62,7 +62,8 @@ def guidance_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
 
 def prediction_loss(x_pred, eps_pred, x_target, eps_target, alpha, sigma, space: str) -> torch.Tensor:
     """Mean squared error between two predictions of the same x_t, compared as x (weighted by the truncated SNR
-    max(alpha^2 / sigma^2, 1), Salimans & Ho 2022, sec. 4), as eps, or as v = alpha*eps - sigma*x."""
+    max(alpha^2 / sigma^2, 1), Salimans & Ho 2022, sec. 4), as eps, as v = alpha*eps - sigma*x, or as the flow
+    velocity eps - x."""
     a, s = bcast(alpha, x_pred), bcast(sigma, x_pred)
     if space == "x":
         return (torch.clamp(a**2 / s**2, min=1.0) * (x_pred - x_target) ** 2).mean()
@@ -70,4 +71,6 @@ def prediction_loss(x_pred, eps_pred, x_target, eps_target, alpha, sigma, space:
         return ((eps_pred - eps_target) ** 2).mean()
     if space == "v":
         return ((a * eps_pred - s * x_pred) - (a * eps_target - s * x_target)).pow(2).mean()
+    if space == "flow":  # the velocity eps - x0 of a linear flow
+        return ((eps_pred - x_pred) - (eps_target - x_target)).pow(2).mean()
     raise ValueError(f"unknown loss space {space!r}")

@@ -66,7 +66,8 @@ class Student(nn.Module):
 
 def save(student: Student, teacher: Teacher, folder: Path) -> Path:
     """Write the trained student where diffusers reads it: `pytorch_lora_weights.safetensors` for a LoRA
-    (pipeline.load_lora_weights(folder)), or the backbone's own folder for a full student."""
+    (pipeline.load_lora_weights(folder)), or for a full student the whole pipeline with the student's
+    backbone in place of the teacher's (DiffusionPipeline.from_pretrained(folder), or teacher.source)."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -80,7 +81,14 @@ def save(student: Student, teacher: Teacher, folder: Path) -> Path:
             tmp, **{f"{name}_lora_layers": get_peft_model_state_dict(student.backbone),
                     f"{name}_lora_adapter_metadata": config.to_dict()}, safe_serialization=True)
     else:
-        student.backbone.save_pretrained(tmp / name, safe_serialization=True)
+        pipe, original = teacher.pipe, getattr(teacher.pipe, name)
+        setattr(pipe, name, student.backbone)
+        pipe.register_to_config(**{name: (type(student.backbone).__module__.split(".")[0],
+                                          type(student.backbone).__name__)})
+        try:
+            pipe.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            setattr(pipe, name, original)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder

@@ -33,6 +33,12 @@ class Cond:
             return v.to(device=device, dtype=dtype if v.is_floating_point() else None)
         return Cond({k: move(v) for k, v in self.pos.items()}, {k: move(v) for k, v in self.neg.items()})
 
+    def dropped(self, mask: torch.Tensor) -> "Cond":
+        """The prompts with those where `mask` is true replaced by their negatives (CFG training dropout)."""
+        def mix(p, n):
+            return torch.where(mask.reshape(-1, *([1] * (p.ndim - 1))), n, p)
+        return Cond({k: mix(v, self.neg[k]) for k, v in self.pos.items()}, self.neg)
+
     def flat(self) -> dict[str, torch.Tensor]:
         return {**{f"pos.{k}": v for k, v in self.pos.items()}, **{f"neg.{k}": v for k, v in self.neg.items()}}
 

@@ -12,7 +12,7 @@ GOOD = {"teacher": {"source": "builtin:gmm-vp"}, "data": {"kind": "teacher", "ba
 CASES = [
     ({"train": {"max_steps": "many"}}, "'train.max_steps' has bad value 'many': expected int"),
     ({"train": {"max_step": 3}}, "unknown field; did you mean 'train.max_steps'?"),
-    ({"method": {"name": "consistancy"}}, "allowed: consistency, guidance, progressive, add, ladd (did you mean 'consistency'?)"),
+    ({"method": {"name": "consistancy"}}, "allowed: denoise, consistency, guidance, progressive, add, ladd (did you mean 'consistency'?)"),
     ({"teacher": {"family": "sd15"}}, "'teacher.family' has bad value 'sd15': allowed: sdxl, sd3, gmm"),
     ({"teacher": {"source": "./no/such/folder"}}, "'teacher.source' has bad value './no/such/folder': no such file"),
     ({"data": {"kind": "images", "path": "/no/such/images"}}, "'data.path' has bad value '/no/such/images'"),
@@ -93,7 +93,7 @@ def test_every_example_config_is_valid(path):
     if raw["student"].get("init_from"):
         raw["student"]["init_from"] = str(path.parent)
     cfg = config.parse(raw, for_training=False)
-    assert cfg.method.name in ("consistency", "guidance", "progressive", "add", "ladd")
+    assert cfg.method.name in ("denoise", "consistency", "guidance", "progressive", "add", "ladd")
 
 
 def test_turn_settings_must_name_the_methods_turns(tmp_path, capsys):

@@ -250,3 +250,26 @@ def test_guidance_distillation_then_progressive_from_it(tiny_sdxl_dir, tmp_path)
     assert all(math.isfinite(v) for v in _losses(tmp_path / "p/run"))
     with pytest.raises(ConfigError, match="guidance distillation needs student.kind=full"):
         tiny_cfg(tmp_path / "b", tiny_sdxl_dir, **{"method.name": "guidance", "method.params": "{}"})
+
+
+@pytest.mark.parametrize("teacher_fixture", ["tiny_sdxl_dir", "tiny_sd3_dir"])
+def test_denoising_training_learns_and_its_result_loads_as_a_teacher(request, tmp_path, teacher_fixture):
+    from distill import data
+    from distill.trainer import encode_batch, step_generator
+
+    folder = request.getfixturevalue(teacher_fixture)
+    cfg = tiny_cfg(tmp_path, folder, **{"method.name": "denoise", "method.params": "{}", "student.kind": "full",
+                                        "train.max_steps": 60, "train.checkpoint_every": 60, "data.batch_size": 8})
+    init, trained = build_method(cfg, "cpu"), train(cfg)
+    raw = data.collate([data.build(cfg.data, 32)[i] for i in range(0, 1600, 50)])
+
+    def held_out_loss(method):
+        with torch.no_grad():
+            return sum(method.loss(encode_batch(raw, method.teacher, step_generator(5, k, 0, 0, 0)), "student").loss
+                       .item() for k in range(4)) / 4
+
+    before, after = held_out_loss(init), held_out_loss(trained)
+    assert after < 0.8 * before, (before, after)  # measured: SDXL eps 3.04 -> 2.23, SD3 flow falls further
+    reloaded = teachers.load(TeacherConfig(source=str(tmp_path / "run/student"), resolution=32))
+    for a, b in zip(reloaded.backbone.parameters(), trained.student.backbone.parameters()):
+        assert torch.equal(a, b)

@@ -2,11 +2,12 @@
 from distill.methods.add import ADD
 from distill.methods.base import LossOut, Method
 from distill.methods.consistency import Consistency
+from distill.methods.denoise import Denoise
 from distill.methods.guidance import Guidance
 from distill.methods.ladd import LADD
 from distill.methods.progressive import Progressive
 
-METHODS: dict[str, type[Method]] = {"consistency": Consistency, "guidance": Guidance, "progressive": Progressive,
-                                    "add": ADD, "ladd": LADD}
+METHODS: dict[str, type[Method]] = {"denoise": Denoise, "consistency": Consistency, "guidance": Guidance,
+                                    "progressive": Progressive, "add": ADD, "ladd": LADD}
 
 __all__ = ["METHODS", "LossOut", "Method"]
