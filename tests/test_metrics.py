@@ -1,0 +1,42 @@
+"""Metric code on known inputs: the shipped digits classifier, FID/KID through torch-fidelity, adherence."""
+import pytest
+import torch
+
+from distill.errors import DistillError
+from distill.metrics import adherence, digits_split, fid_kid, load_classifier
+
+
+def test_shipped_classifier_reads_held_out_digits():
+    _, (images, labels) = digits_split()
+    acc = adherence(images, labels)
+    print(f"held-out accuracy {acc:.4f}")
+    assert acc >= 0.95
+
+
+def test_fid_kid_of_a_set_against_itself_and_against_others():
+    (train, train_labels), (test, _) = digits_split()
+    a, b = train[:600], train[600:1200]
+    same = fid_kid(a, a)
+    halves = fid_kid(a, b)
+    noise = torch.rand(600, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    far = fid_kid(noise, b)
+    ones = train[train_labels == 1][:150]
+    one_digit = fid_kid(ones.repeat(4, 1, 1, 1), b)
+    print(f"FID self {same['fid']:.4f}, halves {halves['fid']:.3f}, one digit {one_digit['fid']:.3f}, "
+          f"noise {far['fid']:.3f}; KID self {same['kid']:.5f}, noise {far['kid']:.4f}")
+    assert abs(same["fid"]) < 1e-3
+    assert far["fid"] > 20 * halves["fid"] and one_digit["fid"] > 5 * halves["fid"]
+    # KID is unbiased, so a set against itself scores near 0 (slightly negative), far below other sets.
+    assert abs(same["kid"]) < 0.01 * far["kid"] and far["kid"] > 20 * abs(halves["kid"])
+
+
+def test_unknown_feature_extractor_is_a_clear_error():
+    (train, _), _ = digits_split()
+    with pytest.raises(Exception, match="not registered|failed"):
+        fid_kid(train[:20], train[20:40], extractor="no-such-extractor")
+
+
+def test_adherence_counts_the_prompted_digit():
+    _, (images, labels) = digits_split()
+    classifier = load_classifier()
+    assert adherence(images, labels, classifier) > 0.95 > adherence(images, (labels + 1) % 10, classifier)
