@@ -1,4 +1,4 @@
-"""`distill` command line: train, generate, leaderboard, make-teacher, cache.
+"""`distill` command line: train, generate, eval, leaderboard, make-teacher, cache.
 
 User errors print one line (`error: ...`) and exit with code 2; `--debug` shows the traceback.
 """
@@ -67,6 +67,30 @@ def _generate(args) -> None:
     print(f"wrote {written} images to {out} ({'teacher' if args.teacher else 'student'}, {steps} steps)")
 
 
+def _eval(args) -> None:
+    import torchvision
+
+    from distill import data, leaderboard
+    from distill.evaluate import evaluate
+    from distill.sampling import to_pil
+
+    base = data.read_prompts(Path(args.prompts)) if args.prompts else [f"a handwritten digit {k}" for k in range(10)]
+    prompts = [p for p in base for _ in range(args.num_per_prompt)]
+    board = leaderboard.Leaderboard(args.db)  # a locked or corrupt file fails here, before any sampling
+    row, images = evaluate(Path(args.run), args.steps, prompts, args.seed, args.guidance_scale, args.teacher,
+                           args.reference, args.extractor, args.extractor_weights, args.teacher_reference_steps)
+    out = Path(args.out or Path(row["run"]) / "eval")
+    out.mkdir(parents=True, exist_ok=True)
+    grid = out / f"{row['method']}-{args.steps}steps.png"
+    picks = images[:: args.num_per_prompt][:64] if args.num_per_prompt > 1 else images[:64]
+    to_pil(torchvision.utils.make_grid(picks, nrow=min(10, len(picks)), pad_value=1.0)[None])[0].save(grid)
+    row["grid"] = str(grid)
+    row_id = board.add(row)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+    print(" ".join(f"{k}={v}" for k, v in shown.items()))
+    print(f"added row {row_id} to {args.db}; sample grid {grid}")
+
+
 def _make_teacher(args) -> None:
     from teachers import tiny
 
@@ -126,6 +150,23 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher", action="store_true", help="sample the teacher (DDIM) instead of the student")
     g.add_argument("--out", required=True, help="folder for the PNGs")
     g.set_defaults(func=_generate)
+
+    e = sub.add_parser("eval", help="sample with fixed seeds, measure FID/KID, adherence and cost, add a row")
+    e.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    e.add_argument("--steps", type=int, required=True, help="sampling steps")
+    e.add_argument("--teacher", action="store_true", help="evaluate the run's teacher (DDIM) instead of the student")
+    e.add_argument("--prompts", help="prompts file (default: 'a handwritten digit 0' .. '9')")
+    e.add_argument("--num-per-prompt", type=int, default=50)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--guidance-scale", type=float, help="CFG scale, or w for a student that reads w")
+    e.add_argument("--reference", default="digits", help="reference images for FID/KID (digits)")
+    e.add_argument("--extractor", default="distill-digits", help="torch-fidelity feature extractor")
+    e.add_argument("--extractor-weights", help="local weights file for the feature extractor")
+    e.add_argument("--teacher-reference-steps", type=int, default=0,
+                   help="also score against the teacher's own samples at this many steps (e.g. 50)")
+    e.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"))
+    e.add_argument("--out", help="folder for the sample grid (default: <checkpoint>/eval)")
+    e.set_defaults(func=_eval)
 
     m = sub.add_parser("make-teacher", help="build a tiny random teacher pipeline offline (tests, demos)")
     m.add_argument("name", choices=["tiny-sdxl", "tiny-sd3"])

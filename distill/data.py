@@ -50,6 +50,8 @@ def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
 
 
 def read_prompts(path: Path) -> list[str]:
+    if not Path(path).is_file():
+        raise DistillError(f"prompts file {path} does not exist")
     text = Path(path).read_text()
     if Path(path).suffix == ".jsonl":
         prompts = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
