@@ -40,6 +40,16 @@ def _distance(method, steps, labels, truth):
     return sum(energy_distance(x[labels == k], truth[labels == k]) for k in range(4)) / 4
 
 
+def _assert_closer_to_truth(trained, untrained, steps, name):
+    """Each n-step sample set of the trained student is measurably closer to the true distribution."""
+    labels = torch.arange(4).repeat_interleave(400)
+    truth = trained.teacher.sample_data(labels, torch.Generator().manual_seed(9))
+    for n in steps:
+        before, after = _distance(untrained, n, labels, truth), _distance(trained, n, labels, truth)
+        print(f"{name} {n}-step energy distance: untrained {before:.3f} -> trained {after:.3f}")
+        assert after < 0.7 * before, (n, before, after)
+
+
 @pytest.mark.parametrize("schedule,kind", [("vp", "full"), ("flow", "full"), ("vp", "lora")])
 def test_consistency_distillation_moves_few_step_student_toward_truth(tmp_path, schedule, kind):
     cfg = config.parse({
@@ -53,12 +63,7 @@ def test_consistency_distillation_moves_few_step_student_toward_truth(tmp_path, 
     resumed = build_method(cfg, "cpu")
     resumed.load_saved(checkpoint.load(checkpoint.find(tmp_path / "run", "latest"))[0])
     assert all(torch.equal(a, b) for a, b in zip(trained.student.parameters(), resumed.student.parameters()))
-    labels = torch.arange(4).repeat_interleave(400)
-    truth = trained.teacher.sample_data(labels, torch.Generator().manual_seed(9))
-    for steps in (1, 2):
-        before, after = _distance(untrained, steps, labels, truth), _distance(trained, steps, labels, truth)
-        print(f"{schedule}/{kind} {steps}-step energy distance: untrained {before:.3f} -> trained {after:.3f}")
-        assert after < 0.7 * before, (steps, before, after)
+    _assert_closer_to_truth(trained, untrained, (1, 2), f"consistency {schedule}/{kind}")
 
 
 @pytest.mark.parametrize("schedule,kind,student_steps", [("vp", "full", 2), ("flow", "full", 1), ("vp", "lora", 1)])
@@ -71,13 +76,8 @@ def test_ladd_moves_few_step_student_toward_truth(tmp_path, schedule, kind, stud
         "data": {"kind": "teacher", "batch_size": 256, "size": 20000},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 600, "learning_rate": 1e-3,
                   "adam_beta1": 0.0, "adam_beta2": 0.99, "checkpoint_every": 100000}})
-    trained, untrained = train(cfg), build_method(cfg, "cpu")
-    labels = torch.arange(4).repeat_interleave(400)
-    truth = trained.teacher.sample_data(labels, torch.Generator().manual_seed(9))
-    for steps in range(1, student_steps + 1):
-        before, after = _distance(untrained, steps, labels, truth), _distance(trained, steps, labels, truth)
-        print(f"ladd {schedule}/{kind} {steps}-step energy distance: untrained {before:.3f} -> trained {after:.3f}")
-        assert after < 0.7 * before, (steps, before, after)
+    _assert_closer_to_truth(train(cfg), build_method(cfg, "cpu"), range(1, student_steps + 1),
+                            f"ladd {schedule}/{kind}")
 
 
 @pytest.mark.parametrize("schedule,kind", [("vp", "full"), ("flow", "lora")])
@@ -124,10 +124,4 @@ def test_add_moves_few_step_student_toward_truth(tmp_path, schedule, student_ste
         "data": {"kind": "teacher", "batch_size": 256, "size": 20000},
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 400, "learning_rate": 1e-3,
                   "adam_beta1": 0.0, "adam_beta2": 0.99, "checkpoint_every": 100000}})
-    trained, untrained = train(cfg), build_method(cfg, "cpu")
-    labels = torch.arange(4).repeat_interleave(400)
-    truth = trained.teacher.sample_data(labels, torch.Generator().manual_seed(9))
-    for steps in range(1, student_steps + 1):
-        before, after = _distance(untrained, steps, labels, truth), _distance(trained, steps, labels, truth)
-        print(f"add {schedule} {steps}-step energy distance: untrained {before:.3f} -> trained {after:.3f}")
-        assert after < 0.7 * before, (steps, before, after)
+    _assert_closer_to_truth(train(cfg), build_method(cfg, "cpu"), range(1, student_steps + 1), f"add {schedule}")
