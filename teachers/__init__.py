@@ -46,6 +46,9 @@ def family_of(folder: Path) -> str:
                        "StableDiffusion3*")
 
 
+# Teachers trained by distill itself and shipped in the repository (recipes in experiments/).
+ZOO = {"digits-sdxl": Path(__file__).parent / "zoo" / "digits-sdxl"}
+
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -64,6 +67,8 @@ def _builtin(cfg: TeacherConfig) -> Path | Teacher:
         from teachers.gmm import GMMTeacher
 
         return GMMTeacher(schedule=name.removeprefix("gmm-"))
+    if name in ZOO:
+        return ZOO[name]
     from teachers import tiny
 
     folder = cache_dir() / "teachers" / name
