@@ -42,8 +42,7 @@ def sample_images(method, prompts: list[str], steps: int, seed: int, guidance: f
                   batch_size: int = 64) -> tuple[torch.Tensor, float]:
     """Images in [-1, 1] for the prompts (one per entry) and milliseconds per image, generation to pixels."""
     t, generator = method.teacher, torch.Generator().manual_seed(seed)
-    size = getattr(t, "resolution", 8)
-    shape, out, elapsed = t.latent_shape(size, size), [], 0.0
+    shape, out, elapsed = t.latent_shape(t.resolution, t.resolution), [], 0.0
     for lo in range(0, len(prompts), batch_size):
         start = time.perf_counter()
         cond = t.encode_prompts(prompts[lo:lo + batch_size])

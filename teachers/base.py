@@ -86,6 +86,7 @@ class Teacher(nn.Module):
 
     end_time: float = 0.0  # the clean-data time that closes every grid
     probe_prompt: str = ""  # a prompt any teacher of the family can encode (for shape probes)
+    resolution: int = 8  # pixels of the images it makes (pipeline teachers set it from the config)
 
     def feature_layers(self) -> tuple[tuple[str, int | None], ...]:
         """Backbone submodules whose outputs (element `index` of a tuple) LADD's heads read."""
@@ -110,7 +111,9 @@ class Teacher(nn.Module):
         raise NotImplementedError
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        raise NotImplementedError
+        """The latent of one image; this default is a diffusers pipeline's (backbone channels, VAE-scaled size)."""
+        f = self.pipe.vae_scale_factor
+        return (self.backbone.config.in_channels, height // f, width // f)
 
     def add_guidance_input(self, backbone: nn.Module) -> nn.Module:
         """A copy of the backbone that also reads the CFG scale w (for guidance-distilled students)."""
@@ -125,8 +128,10 @@ class Teacher(nn.Module):
     def alpha(self, t):
         return self.alpha_sigma(t)[0]
 
-    def sigma(self, t):
-        return self.alpha_sigma(t)[1]
+    def probe(self) -> tuple[torch.Tensor, Cond]:
+        """One zero latent at the teacher's resolution and an encoded prompt: inputs for shape probes."""
+        shape = self.latent_shape(self.resolution, self.resolution)
+        return torch.zeros(1, *shape, device=self.device), self.encode_prompts([self.probe_prompt])
 
     def freeze(self) -> "Teacher":
         self.requires_grad_(False)

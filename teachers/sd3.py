@@ -52,10 +52,6 @@ class SD3Teacher(Teacher):
         return backbone(hidden_states=x.to(dtype), timestep=t, encoder_hidden_states=cond["embeds"].to(dtype),
                         pooled_projections=cond["pooled"].to(dtype), return_dict=False)[0]
 
-    def latent_shape(self, height, width):
-        f = self.pipe.vae_scale_factor
-        return (self.backbone.config.in_channels, height // f, width // f)
-
     def encode(self, images, generator=None):
         cfg = self.vae.config
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist

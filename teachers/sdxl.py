@@ -64,10 +64,6 @@ class SDXLTeacher(Teacher):
                         added_cond_kwargs={"text_embeds": cond["pooled"].to(dtype),
                                            "time_ids": cond["time_ids"].to(dtype)}, return_dict=False)[0]
 
-    def latent_shape(self, height, width):
-        f = self.pipe.vae_scale_factor
-        return (self.backbone.config.in_channels, height // f, width // f)
-
     def encode(self, images, generator=None):
         dist = self.vae.encode(images.to(self.vae.dtype)).latent_dist
         return dist.sample(generator) * self.vae.config.scaling_factor

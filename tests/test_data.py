@@ -88,7 +88,7 @@ def test_latent_cache_round_trip_and_training_on_it(tmp_path, tiny_sd3_dir, cli)
     ds = data.build(DataConfig(kind="latents", path=str(cache)), 32)
     item = ds[5]
     assert item["latents"].shape == (4, 16, 16) and item["cond.pos.embeds"].shape[-1] == 64
-    cfg = config.load(cfg_file, [f"data.kind=latents", f"data.path={cache}", "data.batch_size=2"])
+    cfg = config.load(cfg_file, ["data.kind=latents", f"data.path={cache}", "data.batch_size=2"])
     method = train(cfg)
     assert method is not None and (tmp_path / "run/checkpoints/step-00000002").is_dir()
 

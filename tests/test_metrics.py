@@ -2,7 +2,6 @@
 import pytest
 import torch
 
-from distill.errors import DistillError
 from distill.metrics import adherence, digits_split, fid_kid, load_classifier
 
 

@@ -46,13 +46,13 @@ class ADD(Adversarial):
 
     def __init__(self, teacher, student, params: ADDParams):
         super().__init__(teacher, student, params)
-        size = getattr(teacher, "resolution", 8)
         with torch.no_grad():
-            probe = teacher.decode(torch.zeros(1, *teacher.latent_shape(size, size), device=teacher.device))
+            latents, cond = teacher.probe()
+            pixels = teacher.decode(latents)
             self.feature_net = FeatureNetwork(params.feature_net, params.feature_weights, params.feature_size,
-                                              probe.shape[-1]).to(teacher.device)
-            channels = [f.shape[-1] for f in self.feature_net(probe)]
-            cond_dim = teacher.pooled(teacher.encode_prompts([teacher.probe_prompt]).pos).shape[-1]
+                                              pixels.shape[-1]).to(teacher.device)
+            channels = [f.shape[-1] for f in self.feature_net(pixels)]
+            cond_dim = teacher.pooled(cond.pos).shape[-1]
         self.discriminator = FeatureHeads(channels, cond_dim, params.head_hidden)
 
     def logits(self, pixels, cond):

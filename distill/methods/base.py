@@ -5,13 +5,13 @@ randomness comes from the generator the trainer puts in the batch, so a run repe
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from distill.config import coerce_params
+from distill.errors import ConfigError
 from distill.sampling import ddim_sample
 from students import Student
 from teachers.base import Teacher
@@ -94,8 +94,11 @@ class Method(nn.Module):
             self.discriminator.load_state_dict(
                 {k.removeprefix("discriminator."): v for k, v in state.items() if k.startswith("discriminator.")})
 
-    def describe(self) -> dict:
-        return dataclasses.asdict(self.params)
+
+def check_guidance_range(lo: float, hi: float) -> None:
+    """The CFG scales a method draws w from: diffusers' scale, so 1 means no guidance."""
+    if not 1.0 <= lo <= hi:
+        raise ConfigError("method.params.guidance_min", lo, "need 1 <= guidance_min <= guidance_max")
 
 
 def randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.config import ConfigError
-from distill.methods.base import LossOut, Method, randn, uniform
+from distill.methods.base import LossOut, Method, check_guidance_range, randn, uniform
 from distill.sampling import consistency_sample
 from distill.schedules import subsample, with_end
 from distill.solvers import bcast, consistency_scalings, ddim_step
@@ -35,8 +35,7 @@ class ConsistencyParams:
             raise ConfigError("method.params.num_teacher_steps", self.num_teacher_steps, "must be >= 2")
         if not 1 <= self.skip < self.num_teacher_steps:
             raise ConfigError("method.params.skip", self.skip, f"must be in [1, {self.num_teacher_steps - 1}]")
-        if not 1.0 <= self.guidance_min <= self.guidance_max:
-            raise ConfigError("method.params.guidance_min", self.guidance_min, "need 1 <= guidance_min <= guidance_max")
+        check_guidance_range(self.guidance_min, self.guidance_max)
         if self.loss not in ("l2", "huber"):
             raise ConfigError("method.params.loss", self.loss, "allowed: l2, huber")
         if self.huber_c <= 0:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.config import ConfigError
-from distill.methods.base import LossOut, Method, randn, uniform
+from distill.methods.base import LossOut, Method, check_guidance_range, randn, uniform
 from distill.solvers import prediction_loss
 
 
@@ -22,8 +22,7 @@ class GuidanceParams:
     target: str = "eps"  # x | eps | v: where the student's prediction is matched to the guided teacher's
 
     def check(self) -> None:
-        if not 1.0 <= self.guidance_min <= self.guidance_max:
-            raise ConfigError("method.params.guidance_min", self.guidance_min, "need 1 <= guidance_min <= guidance_max")
+        check_guidance_range(self.guidance_min, self.guidance_max)
         if self.target not in ("x", "eps", "v"):
             raise ConfigError("method.params.target", self.target, "allowed: x, eps, v")
 

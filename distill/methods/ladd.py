@@ -55,9 +55,7 @@ class LADD(Adversarial):
     def _heads(self) -> TeacherHeads:
         """Size one head per hooked layer from a probe forward of the teacher."""
         t = self.teacher
-        cond = t.encode_prompts([t.probe_prompt])
-        size = getattr(t, "resolution", 8)
-        x = torch.zeros(1, *t.latent_shape(size, size), device=t.device)
+        x, cond = t.probe()
         with capture(t.backbone, t.feature_layers()) as feats:
             t.predict(x, t.num_train_timesteps // 2, cond)
         return TeacherHeads([f.shape[-1] for f in feats], t.pooled(cond.pos).shape[-1], self.params.head_hidden)
@@ -77,7 +75,7 @@ class LADD(Adversarial):
         if p.real == "data":
             real = batch["latents"].float()
         else:  # LADD trains on the teacher's own samples, so no real images are needed (sec. 3.3)
-            shape = self.teacher.latent_shape(*(2 * [getattr(self.teacher, "resolution", 8)]))
+            shape = self.teacher.latent_shape(self.teacher.resolution, self.teacher.resolution)
             real = ddim_sample(self.teacher, cond, p.teacher_steps, g, shape, p.teacher_guidance)
         if turn == "discriminator":
             with torch.no_grad():

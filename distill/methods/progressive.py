@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.config import ConfigError
-from distill.methods.base import LossOut, Method, randn, uniform
+from distill.methods.base import LossOut, Method, check_guidance_range, randn, uniform
 from distill.sampling import ddim_sample
 from distill.schedules import with_end
 from distill.solvers import bcast, ddim_step, prediction_loss
@@ -45,8 +45,7 @@ class ProgressiveParams:
             raise ConfigError("method.params.round_steps", self.round_steps, "must be >= 1")
         if self.target not in ("x", "eps", "v"):
             raise ConfigError("method.params.target", self.target, "allowed: x, eps, v")
-        if not 1.0 <= self.guidance_min <= self.guidance_max:
-            raise ConfigError("method.params.guidance_min", self.guidance_min, "need 1 <= guidance_min <= guidance_max")
+        check_guidance_range(self.guidance_min, self.guidance_max)
 
     @property
     def rounds(self) -> int:
@@ -150,7 +149,7 @@ class Progressive(Method):
         full = {k.removeprefix("previous."): v for k, v in state.items() if k.startswith("previous.")}
         lora = {k.removeprefix("previous_lora."): v for k, v in state.items() if k.startswith("previous_lora.")}
         if full:
-            self.previous = copy.deepcopy(self.student.backbone).requires_grad_(False).eval()
+            self._snapshot()
             self.previous.load_state_dict(full)
         elif lora:
             self.previous = lora
