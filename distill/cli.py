@@ -1,4 +1,4 @@
-"""`distill` command line: train, generate, eval, leaderboard, make-teacher, cache.
+"""`distill` command line: train, generate, eval, export, bench, leaderboard, make-teacher, cache.
 
 User errors print one line (`error: ...`) and exit with code 2; `--debug` shows the traceback.
 """
@@ -68,27 +68,37 @@ def _generate(args) -> None:
 
 
 def _eval(args) -> None:
-    import torchvision
-
     from distill import data, leaderboard
-    from distill.evaluate import evaluate
-    from distill.sampling import to_pil
+    from distill.evaluate import Scoring, evaluate, load_run, write_grid
 
-    base = data.read_prompts(Path(args.prompts)) if args.prompts else [f"a handwritten digit {k}" for k in range(10)]
-    prompts = [p for p in base for _ in range(args.num_per_prompt)]
+    base = data.read_prompts(Path(args.prompts)) if args.prompts else data.DIGIT_PROMPTS
+    scoring = Scoring([p for p in base for _ in range(args.num_per_prompt)], args.seed, args.reference,
+                      args.extractor, args.extractor_weights, args.teacher_reference_steps)
     board = leaderboard.Leaderboard(args.db)  # a locked or corrupt file fails here, before any sampling
-    row, images = evaluate(Path(args.run), args.steps, prompts, args.seed, args.guidance_scale, args.teacher,
-                           args.reference, args.extractor, args.extractor_weights, args.teacher_reference_steps)
-    out = Path(args.out or Path(row["run"]) / "eval")
-    out.mkdir(parents=True, exist_ok=True)
-    grid = out / f"{row['method']}-{args.steps}steps.png"
-    picks = images[:: args.num_per_prompt][:64] if args.num_per_prompt > 1 else images[:64]
-    to_pil(torchvision.utils.make_grid(picks, nrow=min(10, len(picks)), pad_value=1.0)[None])[0].save(grid)
-    row["grid"] = str(grid)
+    ckpt, cfg, method, step = load_run(Path(args.run))
+    row, images = evaluate(method, cfg, args.steps, scoring, args.guidance_scale, args.teacher, step, str(ckpt))
+    out = Path(args.out or ckpt / "eval")
+    row["grid"] = str(write_grid(images, args.num_per_prompt, out / f"{row['method']}-{args.steps}steps.png"))
     row_id = board.add(row)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
     print(" ".join(f"{k}={v}" for k, v in shown.items()))
-    print(f"added row {row_id} to {args.db}; sample grid {grid}")
+    print(f"added row {row_id} to {args.db}; sample grid {row['grid']}")
+
+
+def _export(args) -> None:
+    from distill.export import export
+
+    prompts = list(args.prompt or []) or None
+    out = export(Path(args.run), Path(args.to), args.format, args.dtype, args.steps, prompts, args.overwrite,
+                 Path(args.db))
+    print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+
+
+def _bench(args) -> None:
+    from distill import bench
+
+    page = bench.run(Path(args.matrix))
+    print(f"open {page.resolve()} in a browser for the table, the quality-versus-NFE plot and the samples")
 
 
 def _make_teacher(args) -> None:
@@ -167,6 +177,26 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"))
     e.add_argument("--out", help="folder for the sample grid (default: <checkpoint>/eval)")
     e.set_defaults(func=_eval)
+
+    x = sub.add_parser("export", help="write a student as a diffusers LoRA, a kohya LoRA and/or a merged "
+                       "pipeline, with a model card")
+    x.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    x.add_argument("--to", required=True, help="the export folder (must be empty, or pass --overwrite)")
+    x.add_argument("--format", action="append", help="lora | kohya | merged (repeatable; default: lora, and kohya "
+                   "for SDXL, for a LoRA student; merged for a full one)")
+    x.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 weights")
+    x.add_argument("--steps", type=int, help="the sampling steps the card and scheduler recommend "
+                   "(default: sample.steps of the run)")
+    x.add_argument("--prompt", action="append", help="prompt for the card's sample grid (repeatable)")
+    x.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
+    x.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"),
+                   help="leaderboard whose rows for this recipe go into the model card")
+    x.set_defaults(func=_export)
+
+    b = sub.add_parser("bench", help="run a teacher x method x steps matrix: train where needed, evaluate, "
+                       "add rows, write the leaderboard pages")
+    b.add_argument("matrix", help="experiments/bench_*.yaml")
+    b.set_defaults(func=_bench)
 
     m = sub.add_parser("make-teacher", help="build a tiny random teacher pipeline offline (tests, demos)")
     m.add_argument("name", choices=["tiny-sdxl", "tiny-sd3"])

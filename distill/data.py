@@ -168,6 +168,9 @@ class LatentCache(torch.utils.data.Dataset):
         return {k: v[i] for k, v in self.tensors.items()}
 
 
+DIGIT_PROMPTS = [f"a handwritten digit {k}" for k in range(10)]
+
+
 class Digits(torch.utils.data.Dataset):
     """scikit-learn's 1,797 bundled 8x8 handwritten digits, captioned 'a handwritten digit k'."""
 
@@ -185,7 +188,7 @@ class Digits(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img = torch.from_numpy(self.images[i]).float()[None, None] * 2 - 1
         img = torch.nn.functional.interpolate(img, size=self.resolution, mode="bilinear", align_corners=False)[0]
-        return {"prompt": f"a handwritten digit {int(self.labels[i])}", "image": img.expand(3, -1, -1).clone()}
+        return {"prompt": DIGIT_PROMPTS[int(self.labels[i])], "image": img.expand(3, -1, -1).clone()}
 
 
 class Samples(torch.utils.data.Dataset):

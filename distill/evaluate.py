@@ -12,17 +12,22 @@ import subprocess
 import time
 from pathlib import Path
 
+from dataclasses import dataclass
+
 import torch
+from tqdm.auto import tqdm
 
 from distill import checkpoint, config, metrics
+from distill.config import Config
 from distill.errors import DistillError
-from distill.sampling import ddim_sample
+from distill.methods.base import Method
+from distill.sampling import ddim_sample, to_pil
 from distill.trainer import build_method
 
 DIGIT = re.compile(r"digit (\d)\b")
 
 
-def _git_commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True,
                              timeout=10)
@@ -43,7 +48,8 @@ def sample_images(method, prompts: list[str], steps: int, seed: int, guidance: f
     """Images in [-1, 1] for the prompts (one per entry) and milliseconds per image, generation to pixels."""
     t, generator = method.teacher, torch.Generator().manual_seed(seed)
     shape, out, elapsed = t.latent_shape(t.resolution, t.resolution), [], 0.0
-    for lo in range(0, len(prompts), batch_size):
+    for lo in tqdm(range(0, len(prompts), batch_size), desc=f"sample {'teacher' if teacher else 'student'} "
+                   f"{steps} steps", unit="batch", leave=False):
         start = time.perf_counter()
         cond = t.encode_prompts(prompts[lo:lo + batch_size])
         if teacher:
@@ -73,38 +79,70 @@ def reference_images(kind: str, resolution: int, n: int) -> torch.Tensor:
     return torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
 
 
-def evaluate(run: Path, steps: int, prompts: list[str], seed: int = 0, guidance: float | None = None,
-             teacher: bool = False, reference: str = "digits", extractor: str = metrics.DIGITS_EXTRACTOR,
-             extractor_weights: str | None = None, teacher_reference_steps: int = 0) -> tuple[dict, torch.Tensor]:
-    """One leaderboard row for a run's student (or, with `teacher`, its teacher) and the images it was made from."""
+@dataclass
+class Scoring:
+    """What every row of one comparison shares: prompts, seeds, references and the feature extractor."""
+
+    prompts: list[str]
+    seed: int = 0
+    reference: str = "digits"
+    extractor: str = metrics.DIGITS_EXTRACTOR
+    extractor_weights: str | None = None
+    teacher_reference_steps: int = 0  # also score against the teacher's own samples at this many steps
+    teacher_reference_guidance: float | None = None  # CFG of those samples (default: the row's config)
+
+
+def load_run(run: Path) -> tuple[Path, Config, Method, int]:
+    """A run folder or checkpoint, loaded for sampling: (checkpoint, config, method, training step)."""
     ckpt = checkpoint.find(Path(run), str(run))
     cfg = config.load(ckpt / "config.yaml", for_training=False)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    method = build_method(cfg, device)
+    method = build_method(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     weights, _, state = checkpoint.load(ckpt)
     method.load_saved(weights)
     method.resume_at(state["step"])
     method.eval()
-    guidance = cfg.sample.guidance_scale if guidance is None else guidance
+    return ckpt, cfg, method, state["step"]
 
-    images, ms = sample_images(method, prompts, steps, seed, guidance, teacher)
-    ref = reference_images(reference, cfg.teacher.resolution, len(prompts))
+
+def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance: float | None = None,
+             teacher: bool = False, train_step: int = 0, run: str = "-",
+             teacher_images: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+    """One leaderboard row for a method's student (or, with `teacher`, its teacher) and the images it was made
+    from. `teacher_images` are the teacher-reference samples when the caller already has them."""
+    prompts, device = scoring.prompts, method.teacher.device
+    guidance = cfg.sample.guidance_scale if guidance is None else guidance
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    images, ms = sample_images(method, prompts, steps, scoring.seed, guidance, teacher)
+    ref = reference_images(scoring.reference, cfg.teacher.resolution, len(prompts))
     row = {"teacher": cfg.teacher.source, "method": "teacher" if teacher else cfg.method.name,
            "student": "-" if teacher else cfg.student.kind, "steps": steps, "nfe": nfe(method, steps, guidance, teacher),
            "ms_per_image": ms, "peak_memory_mb": _peak_memory_mb(device),
-           "train_steps": 0 if teacher else state["step"], "config_hash": cfg.hash(), "git_commit": _git_commit(),
-           "guidance": guidance, "samples": len(prompts), "run": str(ckpt)}
-    quality = metrics.fid_kid(images, ref, extractor, extractor_weights)
+           "train_steps": 0 if teacher else train_step, "config_hash": cfg.hash(), "git_commit": git_commit(),
+           "guidance": guidance, "samples": len(prompts), "run": run}
+    quality = metrics.fid_kid(images, ref, scoring.extractor, scoring.extractor_weights)
     row.update(fid=quality["fid"], kid=quality["kid"])
     labels = [DIGIT.search(p) for p in prompts]
     if all(labels):
         row["adherence"] = metrics.adherence(images, torch.tensor([int(m.group(1)) for m in labels]))
-    if teacher_reference_steps:
-        teacher_images, _ = sample_images(method, prompts, teacher_reference_steps, seed, cfg.sample.guidance_scale,
-                                          teacher=True)
-        quality = metrics.fid_kid(images, teacher_images, extractor, extractor_weights)
+    if teacher_images is None and scoring.teacher_reference_steps:
+        ref_guidance = scoring.teacher_reference_guidance or cfg.sample.guidance_scale
+        teacher_images, _ = sample_images(method, prompts, scoring.teacher_reference_steps, scoring.seed,
+                                          ref_guidance, teacher=True)
+    if teacher_images is not None:
+        quality = metrics.fid_kid(images, teacher_images, scoring.extractor, scoring.extractor_weights)
         row.update(fid_teacher=quality["fid"], kid_teacher=quality["kid"])
-    times = ckpt.parent.parent / "train_time.txt"
+    times = Path(run).parent.parent / "train_time.txt"
     if times.is_file() and not teacher:
         row["train_seconds"] = float(times.read_text().split()[0])
     return row, images
+
+
+def write_grid(images: torch.Tensor, num_per_prompt: int, path: Path) -> Path:
+    """One sample per prompt (the first of each), up to 64, ten to a row."""
+    import torchvision
+
+    picks = images[::num_per_prompt][:64]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    to_pil(torchvision.utils.make_grid(picks, nrow=min(10, len(picks)), pad_value=1.0)[None])[0].save(path)
+    return path

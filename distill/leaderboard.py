@@ -7,7 +7,9 @@ is one transaction, so no row is half-written or lost. The schema carries a vers
 """
 from __future__ import annotations
 
+import base64
 import html
+import io
 import json
 import os
 import sqlite3
@@ -116,14 +118,69 @@ def markdown(rows: list[dict]) -> str:
                                                  for r in rows)
 
 
-def page(rows: list[dict]) -> str:
+def _extra(row: dict) -> dict:
+    return json.loads(row.get("extra") or "{}")
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def plot_quality_vs_nfe(rows: list[dict]) -> bytes | None:
+    """PNG of FID against NFE (log axis), one line per (teacher, method, student kind), one panel per teacher:
+    the Pareto view of cost against quality. None when no row has both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    rows = [r for r in rows if r.get("fid") is not None and r.get("nfe")]
+    if not rows:
+        return None
+    teachers = sorted({r["teacher"] for r in rows})
+    fig, axes = plt.subplots(1, len(teachers), figsize=(6 * len(teachers), 4.5), squeeze=False)
+    for ax, teacher in zip(axes[0], teachers):
+        lines: dict[str, list] = {}
+        for r in rows:
+            if r["teacher"] == teacher:
+                label = "teacher (DDIM)" if r["method"] == "teacher" else f"{r['method']} ({r['student']})"
+                lines.setdefault(label, []).append((r["nfe"], r["fid"]))
+        for label, points in sorted(lines.items()):
+            best = {}
+            for n, fid in points:  # the best row at each NFE
+                best[n] = min(fid, best.get(n, fid))
+            xs = sorted(best)
+            ax.plot(xs, [best[x] for x in xs], "--o" if label.startswith("teacher") else "-o", label=label)
+        ax.set(xscale="log", yscale="log", xlabel="NFE per image (CFG counted)", ylabel="FID (lower is better)",
+               title=teacher)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def page(rows: list[dict], plot: bytes | None = None) -> str:
+    """A static, self-contained HTML page: the table, the quality-versus-NFE plot, and sample grids."""
     head = "".join(f"<th>{html.escape(c)}</th>" for c in SHOWN)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in SHOWN) + "</tr>\n"
                    for r in rows)
+    figure = f"<h2>Quality against cost</h2><img alt='FID against NFE' src='{_data_uri(plot)}'>" if plot else ""
+    grids = []
+    for r in rows:
+        grid = _extra(r).get("grid")
+        if grid and Path(grid).is_file():
+            title = html.escape(f"{r['teacher']} · {r['method']} ({r['student']}) · {r['steps']} steps · FID "
+                                f"{_fmt(r.get('fid'))}")
+            grids.append(f"<figure><img alt='{title}' src='{_data_uri(Path(grid).read_bytes())}' "
+                         f"style='image-rendering:pixelated;width:480px'><figcaption>{title}</figcaption></figure>")
+    samples = "<h2>Samples (first seed of each prompt)</h2>" + "".join(grids) if grids else ""
     return ("<!doctype html><html><head><meta charset='utf-8'><title>distill leaderboard</title>"
             "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style></head><body>"
             f"<h1>distill leaderboard</h1><table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
-            "</body></html>\n")
+            f"{figure}{samples}</body></html>\n")
 
 
 def write_atomic(path: Path, text: str) -> Path:
@@ -138,5 +195,13 @@ def write_atomic(path: Path, text: str) -> Path:
 
 
 def write_reports(rows: list[dict], out: Path) -> tuple[Path, Path]:
-    return write_atomic(Path(out) / "leaderboard.md", markdown(rows)), write_atomic(Path(out) / "leaderboard.html",
-                                                                                   page(rows))
+    """leaderboard.md, leaderboard.html and, when there is something to plot, quality_vs_nfe.png."""
+    out = Path(out)
+    plot = plot_quality_vs_nfe(rows)
+    if plot:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".quality_vs_nfe.{os.getpid()}.tmp"
+        tmp.write_bytes(plot)
+        os.replace(tmp, out / "quality_vs_nfe.png")
+    return write_atomic(out / "leaderboard.md", markdown(rows)), write_atomic(out / "leaderboard.html",
+                                                                             page(rows, plot))

@@ -5,7 +5,8 @@ digits at `--resolution` pixels, sets the latent scaling factor to 1 / std of th
 the whole pipeline (still with an untrained backbone) for step two, the denoising pre-training with
 `distill train experiments/digits_teacher_<family>.yaml`.
 
-    python experiments/train_digits_vae.py sdxl runs/digits-sdxl-init
+    python experiments/train_digits_vae.py sdxl runs/digits-sdxl-init --steps 800
+    python experiments/train_digits_vae.py sd3 runs/digits-sd3-init --steps 800
 """
 import argparse
 import time
@@ -26,7 +27,8 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    pipe = tiny.tiny_sdxl(seed=args.seed) if args.family == "sdxl" else tiny.tiny_sd3(seed=args.seed)
+    # The SD3-family MMDiT needs more width and depth than the test-sized one to learn the digits.
+    pipe = tiny.tiny_sdxl(seed=args.seed) if args.family == "sdxl" else tiny.tiny_sd3(args.seed, layers=4, head_dim=16)
     vae = pipe.vae.train().requires_grad_(True)
     ds = Digits(args.resolution)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])

@@ -64,6 +64,39 @@ class Student(nn.Module):
         self.ema.load_state_dict(pick("ema."))
 
 
+def lora_layers(student: Student, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The LoRA weights in peft/diffusers naming, without the backbone prefix."""
+    return {k: v.to(dtype or v.dtype).contiguous() for k, v in get_peft_model_state_dict(student.backbone).items()}
+
+
+def save_lora(student: Student, teacher: Teacher, folder: Path, dtype: torch.dtype | None = None) -> None:
+    """`pytorch_lora_weights.safetensors`, which pipeline.load_lora_weights(folder) reads."""
+    name = teacher.backbone_name
+    teacher.pipeline_class.save_lora_weights(
+        folder, **{f"{name}_lora_layers": lora_layers(student, dtype),
+                   f"{name}_lora_adapter_metadata": student.backbone.peft_config["default"].to_dict()},
+        safe_serialization=True)
+
+
+def save_pipeline(teacher: Teacher, backbone: nn.Module, folder: Path, **swap) -> None:
+    """The teacher's whole pipeline with `backbone` in place of its own (and any other components in `swap`,
+    e.g. scheduler=...), saved as a diffusers folder; the teacher's pipeline is left as it was."""
+    pipe = teacher.pipe
+    swap = {teacher.backbone_name: backbone, **swap}
+    originals = {k: getattr(pipe, k) for k in swap}
+
+    def put(components: dict) -> None:
+        for k, v in components.items():
+            setattr(pipe, k, v)
+            pipe.register_to_config(**{k: (type(v).__module__.split(".")[0], type(v).__name__)})
+
+    put(swap)
+    try:
+        pipe.save_pretrained(folder, safe_serialization=True)
+    finally:
+        put(originals)
+
+
 def save(student: Student, teacher: Teacher, folder: Path) -> Path:
     """Write the trained student where diffusers reads it: `pytorch_lora_weights.safetensors` for a LoRA
     (pipeline.load_lora_weights(folder)), or for a full student the whole pipeline with the student's
@@ -72,23 +105,12 @@ def save(student: Student, teacher: Teacher, folder: Path) -> Path:
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    name = getattr(teacher, "backbone_name", None)
-    if name is None:
+    if getattr(teacher, "backbone_name", None) is None:
         save_file({k: v.contiguous() for k, v in student.state_to_save().items()}, str(tmp / "student.safetensors"))
     elif student.kind == "lora":
-        config = student.backbone.peft_config["default"]
-        teacher.pipeline_class.save_lora_weights(
-            tmp, **{f"{name}_lora_layers": get_peft_model_state_dict(student.backbone),
-                    f"{name}_lora_adapter_metadata": config.to_dict()}, safe_serialization=True)
+        save_lora(student, teacher, tmp)
     else:
-        pipe, original = teacher.pipe, getattr(teacher.pipe, name)
-        setattr(pipe, name, student.backbone)
-        pipe.register_to_config(**{name: (type(student.backbone).__module__.split(".")[0],
-                                          type(student.backbone).__name__)})
-        try:
-            pipe.save_pretrained(tmp, safe_serialization=True)
-        finally:
-            setattr(pipe, name, original)
+        save_pipeline(teacher, student.backbone, tmp)
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder

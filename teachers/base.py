@@ -84,6 +84,11 @@ class Teacher(nn.Module):
         """The teacher's own n-step grid, descending, in train timesteps."""
         raise NotImplementedError
 
+    def scheduler_for(self, renoises: bool, times: list[float]):
+        """(diffusers scheduler, pipeline-call kwargs) with which the family's pipeline samples at `times` as
+        distill's sampler does."""
+        raise DistillError(f"the {self.family} teacher has no diffusers pipeline to export to")
+
     end_time: float = 0.0  # the clean-data time that closes every grid
     probe_prompt: str = ""  # a prompt any teacher of the family can encode (for shape probes)
     resolution: int = 8  # pixels of the images it makes (pipeline teachers set it from the config)

@@ -2,8 +2,9 @@
 from __future__ import annotations
 
 import torch
-from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
 
+from distill.errors import DistillError
 from distill.schedules import vp_alpha_sigma, vp_alphas_cumprod, vp_timesteps
 from distill.solvers import guidance_embedding
 from teachers.base import Cond, Teacher
@@ -41,6 +42,17 @@ class SDXLTeacher(Teacher):
 
     def timesteps(self, n: int) -> torch.Tensor:
         return vp_timesteps(n, self.num_train_timesteps)
+
+    def scheduler_for(self, renoises: bool, times: list[float]):
+        """The diffusers scheduler, and the pipeline-call arguments, that sample at `times` as distill does:
+        LCMScheduler at those timesteps for re-noising samplers, DDIM on the trailing grid otherwise."""
+        config = {**self.pipe.scheduler.config, "prediction_type": self.prediction_type}
+        if renoises:
+            return LCMScheduler.from_config(config), {"timesteps": [int(t) for t in times]}
+        if [int(t) for t in times] != self.timesteps(len(times)).tolist():
+            raise DistillError(f"no diffusers scheduler samples DDIM at the timesteps {times}")
+        return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False,
+                                         set_alpha_to_one=True, steps_offset=0), {}
 
     @torch.no_grad()
     def encode_prompts(self, prompts, negative=None) -> Cond:

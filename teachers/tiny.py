@@ -61,11 +61,13 @@ def tiny_sdxl(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusio
                                      tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler)
 
 
-def tiny_sd3(seed: int = 0) -> StableDiffusion3Pipeline:
+def tiny_sd3(seed: int = 0, layers: int = 2, head_dim: int = 8) -> StableDiffusion3Pipeline:
+    """`layers` and `head_dim` (4 heads) size the MMDiT; the digits teacher uses a larger one than the tests."""
     torch.manual_seed(seed)
-    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4, num_layers=2,
-                                        attention_head_dim=8, num_attention_heads=4, joint_attention_dim=64,
-                                        caption_projection_dim=32, pooled_projection_dim=64).eval()
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4,
+                                        num_layers=layers, attention_head_dim=head_dim, num_attention_heads=4,
+                                        joint_attention_dim=64, caption_projection_dim=4 * head_dim,
+                                        pooled_projection_dim=64).eval()
     torch.manual_seed(seed + 3)
     t5 = T5EncoderModel(T5Config(vocab_size=98, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
                                  relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()

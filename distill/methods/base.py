@@ -63,12 +63,20 @@ class Method(nn.Module):
             return 1.0, torch.full((n,), float(guidance))
         return guidance, None
 
+    # How the student samples: deterministic DDIM/Euler steps (False), or denoise to x0 and re-noise with fresh
+    # noise at the next time (True: consistency and adversarial students; diffusers' LCM schedulers).
+    renoises: bool = False
+
+    def sample_times(self, steps: int) -> list[float]:
+        """The `steps` times (teacher units, descending) the student's sampler visits."""
+        return self.teacher.timesteps(steps).tolist()
+
     @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
         """How this method's student samples; by default DDIM on the teacher's grid with the student's backbone."""
         cfg, w = self.guidance_args(guidance, len(cond))
         return ddim_sample(self.teacher, cond, steps, generator, shape, cfg, backbone=self.student.backbone,
-                           guidance_cond=w)
+                           times=self.sample_times(steps) + [self.teacher.end_time], guidance_cond=w)
 
     def after_step(self, turn: str, step: int) -> None:
         """Called after `turn`'s optimiser step at (0-based) global step `step`."""
@@ -133,9 +141,11 @@ class Adversarial(Method):
         x_t = self.teacher.add_noise(x0, randn(x0.shape, generator, x0), t)
         return self.teacher.predict(x_t, t, cond, backbone=self.student.backbone)[0]
 
+    renoises = True
+
     @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
-        times = self.teacher.timesteps(steps).tolist()
+        times = self.sample_times(steps)
         cfg, w = self.guidance_args(guidance, len(cond))
         x = randn((len(cond), *shape), generator, self.student_grid)
         for i, t in enumerate(times):

@@ -81,9 +81,15 @@ class Consistency(Method):
             loss = (diff.pow(2) + p.huber_c**2).sqrt().sub(p.huber_c).mean()
         return LossOut(loss, {"t_mean": float(t_hi.float().mean()), "w_mean": float(w.mean())})
 
+    renoises = True
+
+    def sample_times(self, steps: int) -> list[float]:
+        """`steps` points of the training grid, LCMScheduler's choice."""
+        return subsample(self.grid[:-1].cpu(), steps).tolist()
+
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
-        """Multistep consistency sampling at `steps` points of the training grid (LCMScheduler's choice)."""
-        times = subsample(self.grid[:-1].cpu(), steps)
+        """Multistep consistency sampling at sample_times(steps)."""
+        times = torch.tensor(self.sample_times(steps))
         cfg, w = self.guidance_args(guidance, len(cond))
         return consistency_sample(self.teacher, self.student.backbone, cond, times, generator, shape,
                                   guidance=cfg, guidance_cond=w, sigma_data=self.params.sigma_data,

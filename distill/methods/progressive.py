@@ -16,8 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from distill.config import ConfigError
+from distill.errors import DistillError
 from distill.methods.base import LossOut, Method, check_guidance_range, randn, uniform
-from distill.sampling import ddim_sample
 from distill.schedules import with_end
 from distill.solvers import bcast, ddim_step, prediction_loss
 
@@ -157,11 +157,9 @@ class Progressive(Method):
     def resume_at(self, step: int) -> None:
         self.round = self.round_of(step)
 
-    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
-        """DDIM with the student on the nested grid: every (start_steps / steps)-th teacher grid point."""
+    def sample_times(self, steps: int) -> list[float]:
+        """The nested grid: every (start_steps / steps)-th point of the start grid (the base class's DDIM)."""
         if self.params.start_steps % steps:
-            raise ValueError(f"steps must divide start_steps={self.params.start_steps}")
-        times = self.grid[:: self.params.start_steps // steps].tolist()
-        cfg, w = self.guidance_args(guidance, len(cond))
-        return ddim_sample(self.teacher, cond, steps, generator, shape, cfg, backbone=self.student.backbone,
-                           times=times, guidance_cond=w)
+            raise DistillError(f"a progressive student samples at a divisor of start_steps={self.params.start_steps}"
+                               f", not {steps} steps")
+        return self.grid[:: self.params.start_steps // steps][:-1].tolist()

@@ -1,0 +1,151 @@
+"""`distill export RUN_OR_CHECKPOINT --to DIR`: a trained student in the formats other tools load as they are.
+
+- `lora`: DIR/pytorch_lora_weights.safetensors, for `pipeline.load_lora_weights(DIR)` (SDXL and SD3).
+- `kohya`: DIR/lora_kohya.safetensors, `lora_unet_*` keys with `.alpha` tensors, for ComfyUI, A1111 and
+  diffusers' kohya loading path (SDXL family). The module names inside the keys are diffusers' own.
+- `merged`: DIR/pipeline/, the LoRA fused into the backbone (or the full student's backbone), saved as a
+  diffusers pipeline with the scheduler that samples as distill does; `DiffusionPipeline.from_pretrained`.
+A full student with a w embedding keeps it in the merged backbone (`time_cond_proj_dim`, which diffusers'
+SDXL pipelines feed with `guidance_scale`); it has no LoRA form.
+
+Every export also holds README.md (the model card: teacher, method, how to sample, leaderboard rows, the
+training config), samples.png and distill_export.json (the same facts for programs). It is written to a
+temporary folder next to DIR and renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import save_file
+
+import students
+from distill import data, leaderboard
+from distill.errors import DistillError
+from distill.evaluate import git_commit, load_run, sample_images, write_grid
+
+FORMATS = ("lora", "kohya", "merged")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def kohya_state(student: students.Student, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The LoRA in kohya's key format: lora_unet_<module path with underscores>.lora_down/lora_up/alpha."""
+    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
+
+    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in students.lora_layers(student, dtype).items()})
+    alpha = float(student.backbone.peft_config["default"].lora_alpha)
+    return {k: (torch.tensor(alpha, dtype=dtype) if k.endswith(".alpha") else v.contiguous()) for k, v in state.items()}
+
+
+def fuse_lora(backbone: torch.nn.Module) -> torch.nn.Module:
+    """Fold every LoRA adapter into its base layer and put the base layer back in its place (in place)."""
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(backbone.get_submodule(parent) if parent else backbone, child, module.get_base_layer())
+    backbone.__dict__.pop("peft_config", None)
+    return backbone
+
+
+def _check_target(to: Path, overwrite: bool) -> None:
+    if to.exists() and not to.is_dir():
+        raise DistillError(f"{to} is a file; give a folder to export to")
+    if to.is_dir() and any(to.iterdir()) and not overwrite:
+        raise DistillError(f"{to} is not empty; pass --overwrite to replace it")
+
+
+def _check(student, teacher, formats: list[str]) -> None:
+    unknown = [f for f in formats if f not in FORMATS]
+    if unknown:
+        raise DistillError(f"unknown export format '{unknown[0]}'; allowed: {', '.join(FORMATS)}")
+    if getattr(teacher, "backbone_name", None) is None:
+        raise DistillError(f"a student of the {teacher.family} teacher has no diffusers pipeline to export to")
+    if student.kind == "full" and {"lora", "kohya"} & set(formats):
+        raise DistillError("this is a full student: it has no LoRA to export; use --format merged")
+    if "kohya" in formats and teacher.family != "sdxl":
+        raise DistillError(f"the kohya LoRA format is for the SDXL family, not {teacher.family}; "
+                           "use --format lora (diffusers) or merged")
+
+
+def _usage(teacher, sched, call: dict, folder: Path, formats: list[str], steps: int, guidance: float) -> str:
+    args = ", ".join([f"num_inference_steps={steps}", f"guidance_scale={guidance}",
+                      *(f"{k}={v}" for k, v in call.items())])
+    cls, sched_cls = teacher.pipeline_class.__name__, type(sched).__name__
+    if "merged" in formats:
+        load = f'pipe = {cls}.from_pretrained("{folder}/pipeline")  # its scheduler is already {sched_cls}'
+    else:
+        load = (f'pipe = {cls}.from_pretrained("<the teacher>")\n'
+                f"pipe.scheduler = {sched_cls}.from_config(pipe.scheduler.config)\n"
+                f'pipe.load_lora_weights("{folder}")')
+    return (f"import torch\nfrom diffusers import {cls}, {sched_cls}\n\n{load}\n"
+            f'image = pipe("your prompt", {args}).images[0]')
+
+
+def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "fp32", steps: int | None = None,
+           prompts: list[str] | None = None, overwrite: bool = False, db: Path | None = None) -> Path:
+    to = Path(to)
+    if dtype not in DTYPES:
+        raise DistillError(f"unknown dtype '{dtype}'; allowed: {', '.join(DTYPES)}")
+    _check_target(to, overwrite)
+    ckpt, cfg, method, step = load_run(Path(run))
+    student, teacher = method.student, method.teacher
+    if formats is None:
+        formats = ["merged"] if student.kind == "full" else ["lora"] + (["kohya"] if teacher.family == "sdxl" else [])
+    _check(student, teacher, formats)
+    steps = steps or cfg.sample.steps
+    guidance = cfg.sample.guidance_scale
+    sched, call = teacher.scheduler_for(method.renoises, method.sample_times(steps))
+
+    tmp = to.with_name(f".{to.name}.export-tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    prompts = prompts or data.DIGIT_PROMPTS
+    images, _ = sample_images(method, prompts, steps, 0, guidance, teacher=False)
+    write_grid(images, 1, tmp / "samples.png")
+    torch_dtype = DTYPES[dtype]
+    if "lora" in formats:
+        students.save_lora(student, teacher, tmp, torch_dtype)
+    if "kohya" in formats:
+        save_file(kohya_state(student, torch_dtype), str(tmp / "lora_kohya.safetensors"),
+                  metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
+                            "distill_method": cfg.method.name})
+    if "merged" in formats:  # last: fusing changes the student in place
+        backbone = fuse_lora(student.backbone) if student.kind == "lora" else student.backbone
+        teacher.pipe.to(torch_dtype)
+        students.save_pipeline(teacher, backbone.to(torch_dtype), tmp / "pipeline", scheduler=sched)
+
+    facts = {"teacher": cfg.teacher.source, "family": teacher.family, "method": cfg.method.name,
+             "student": cfg.student.kind, "train_steps": step, "steps": steps, "guidance_scale": guidance,
+             "scheduler": type(sched).__name__, "pipeline_call": call, "formats": formats, "dtype": dtype,
+             "config_hash": cfg.hash(), "git_commit": git_commit(), "checkpoint": str(ckpt)}
+    (tmp / "distill_export.json").write_text(json.dumps(facts, indent=2) + "\n")
+    rows = []
+    if db and Path(db).is_file():
+        rows = [r for r in leaderboard.Leaderboard(db).rows("nfe") if r["config_hash"] == cfg.hash()
+                or (r["method"] == "teacher" and r["teacher"] == cfg.teacher.source)]
+    card = [
+        "---", yaml.safe_dump({"library_name": "diffusers", "base_model": cfg.teacher.source,
+                               "tags": ["distill", "text-to-image", cfg.method.name, teacher.family,
+                                        "lora" if student.kind == "lora" else "full"]}).strip(), "---", "",
+        f"# {cfg.method.name} student of {cfg.teacher.source}", "",
+        f"A {student.kind} student trained for {step} steps with distill's `{cfg.method.name}` method; it samples in "
+        f"{steps} steps with `{type(sched).__name__}` at guidance scale {guidance}. Weights are {dtype}.", "",
+        "## Sampling", "", "```python", _usage(teacher, sched, call, to, formats, steps, guidance), "```", "",
+        "The `timesteps`/`sigmas` argument gives the exact times distill samples at (`distill generate` makes "
+        "the same images from the same seed).", "", "## Files", "",
+        *(f"- `{f}`" for f in sorted(p.name for p in tmp.iterdir())), "- `README.md`", "",
+        "## Leaderboard", "", leaderboard.markdown(rows).split("\n", 2)[2] if rows else
+        "No leaderboard rows for this recipe yet (`distill eval` adds them).", "",
+        "## Samples", "", "![samples](samples.png)", "", "## Training config", "", "```yaml",
+        yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip(), "```", ""]
+    (tmp / "README.md").write_text("\n".join(card))
+    if to.exists():
+        shutil.rmtree(to)
+    os.replace(tmp, to)
+    return to

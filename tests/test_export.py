@@ -1,0 +1,146 @@
+"""`distill export`: what it writes loads in plain diffusers, in a fresh process, and makes the same images as
+`distill generate` from the same seed (diffusers LoRA, kohya LoRA, merged pipeline; SDXL and SD3)."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from distill import config
+from distill.trainer import train
+
+PROMPTS = ["a handwritten digit 3", "a handwritten digit 8"]
+
+# Runs in a fresh interpreter: plain diffusers only, nothing of distill imported.
+LOAD = """
+import json, sys
+import numpy as np, torch
+import diffusers
+
+teacher, export, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+facts = json.load(open(f"{export}/distill_export.json"))
+Pipe = getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}[facts["family"]])
+if kind == "merged":
+    pipe = Pipe.from_pretrained(f"{export}/pipeline")
+    assert type(pipe.scheduler).__name__ == facts["scheduler"]
+else:
+    pipe = Pipe.from_pretrained(teacher)
+    pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config)
+    before = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **KW).images
+    pipe.load_lora_weights(export if kind == "lora" else f"{export}/lora_kohya.safetensors")
+out = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **KW).images
+if kind != "merged":
+    assert np.abs(out - before).max() > 1e-3, "the LoRA changed nothing"
+np.save(sys.argv[4], out)
+"""
+
+
+def _load_in_fresh_process(teacher, export, kind, tmp_path, steps):
+    facts = json.loads((export / "distill_export.json").read_text())
+    kw = dict(num_inference_steps=steps, guidance_scale=facts["guidance_scale"], height=32, width=32,
+              **facts["pipeline_call"])
+    script = f"PROMPTS = {PROMPTS!r}\nKW = {kw!r}\n" + LOAD
+    out = tmp_path / f"{kind}.npy"
+    proc = subprocess.run([sys.executable, "-c", script, str(teacher), str(export), kind, str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return np.load(out)
+
+
+def _same_as_generate(images, run, tmp_path, cli, steps):
+    folder = tmp_path / "generated"
+    if not folder.is_dir():
+        cli("generate", run, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--steps", steps, "--seed", 11,
+            "--out", folder)
+    for png, img in zip(sorted(folder.glob("*.png")), images):
+        diff = np.abs(np.asarray(Image.open(png)).astype(int) - (img * 255).round().astype(int))
+        assert diff.max() <= 1, diff.max()
+
+
+def _train(tmp_path, teacher, **params):
+    cfg = config.parse({"teacher": {"source": str(teacher), "resolution": 32},
+                        "student": {"kind": "lora", "lora_rank": 4, "lora_alpha": 8},
+                        "method": {"name": "consistency", "params": {"guidance_min": 3.0, "guidance_max": 3.0}},
+                        "data": {"kind": "digits", "batch_size": 2},
+                        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "learning_rate": 1e-2}},
+                       [f"{k}={v}" for k, v in params.items()])
+    train(cfg)
+    return tmp_path / "run"
+
+
+def test_sdxl_lora_kohya_and_merged_exports_load_in_diffusers(tmp_path, tiny_sdxl_dir, cli):
+    run = _train(tmp_path, tiny_sdxl_dir)
+    export = tmp_path / "export"
+    proc = cli("export", run, "--to", export, "--format", "lora", "--format", "kohya", "--format", "merged",
+               "--steps", 2, "--db", tmp_path / "none.sqlite")
+    assert "pytorch_lora_weights.safetensors" in proc.stdout
+    card = (export / "README.md").read_text()
+    assert "LCMScheduler" in card and "consistency" in card and "![samples](samples.png)" in card
+    assert (export / "samples.png").is_file() and not list(tmp_path.glob(".export*"))
+    kohya = load_file(export / "lora_kohya.safetensors")
+    assert all(k.startswith("lora_unet_") for k in kohya)
+    assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
+    for kind in ("lora", "kohya", "merged"):
+        _same_as_generate(_load_in_fresh_process(tiny_sdxl_dir, export, kind, tmp_path, 2), run, tmp_path, cli, 2)
+
+
+def test_sd3_lora_exports_load_in_diffusers_and_half_precision(tmp_path, tiny_sd3_dir, cli):
+    # StableDiffusion3Pipeline does not hand its generator to the scheduler, so a re-noising (LCM) student
+    # matches distill's samples exactly at 1 step; a deterministic (progressive, Euler) one at any step count.
+    lcm = _train(tmp_path / "lcm", tiny_sd3_dir)
+    cli("export", lcm, "--to", tmp_path / "lcm-export", "--steps", 1, "--db", tmp_path / "none.sqlite")
+    facts = json.loads((tmp_path / "lcm-export/distill_export.json").read_text())
+    assert facts["scheduler"] == "FlowMatchLCMScheduler" and facts["formats"] == ["lora"]
+    images = _load_in_fresh_process(tiny_sd3_dir, tmp_path / "lcm-export", "lora", tmp_path, 1)
+    _same_as_generate(images, lcm, tmp_path / "lcm", cli, 1)
+
+    pd = _train(tmp_path / "pd", tiny_sd3_dir, **{"method.name": "progressive", "train.max_steps": 2,
+                                                   "method.params": "{start_steps: 4, round_steps: 1, target: v}"})
+    cli("export", pd, "--to", tmp_path / "pd-export", "--steps", 2, "--format", "lora", "--format", "merged",
+        "--db", tmp_path / "none.sqlite")
+    assert json.loads((tmp_path / "pd-export/distill_export.json").read_text())["scheduler"] == \
+        "FlowMatchEulerDiscreteScheduler"
+    for kind in ("lora", "merged"):
+        images = _load_in_fresh_process(tiny_sd3_dir, tmp_path / "pd-export", kind, tmp_path, 2)
+        _same_as_generate(images, pd, tmp_path / "pd", cli, 2)
+
+    cli("export", lcm, "--to", tmp_path / "half", "--format", "merged", "--dtype", "fp16", "--db",
+        tmp_path / "none.sqlite")
+    from diffusers import StableDiffusion3Pipeline
+    for part in ("transformer", "vae", "text_encoder_3"):
+        weights = load_file(next((tmp_path / "half/pipeline" / part).glob("*.safetensors")))
+        assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}, part
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "half/pipeline", torch_dtype=torch.float16)
+    assert pipe.transformer.dtype == torch.float16
+
+
+@pytest.fixture
+def full_run(tmp_path, tiny_sdxl_dir):
+    return _train(tmp_path, tiny_sdxl_dir, **{"student.kind": "full", "train.max_steps": 1})
+
+
+def test_export_refuses_bad_requests_and_writes_nothing(tmp_path, full_run, cli):
+    cases = [(["--format", "lora"], "full student"), (["--format", "kohya"], "full student"),
+             (["--format", "onnx"], "unknown export format"), (["--dtype", "fp8"], "unknown dtype")]
+    for extra, message in cases:
+        proc = cli("export", full_run, "--to", tmp_path / "out", *extra, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert not (tmp_path / "out").exists()
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy/keep.txt").write_text("mine")
+    proc = cli("export", full_run, "--to", tmp_path / "busy", check=False)
+    assert proc.returncode == 2 and "--overwrite" in proc.stderr
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
+    cli("export", full_run, "--to", tmp_path / "busy", "--overwrite")
+    assert (tmp_path / "busy/pipeline/model_index.json").is_file()
+
+
+def test_kohya_is_refused_for_sd3(tmp_path, tiny_sd3_dir, cli):
+    run = _train(tmp_path, tiny_sd3_dir, **{"train.max_steps": 1})
+    proc = cli("export", run, "--to", tmp_path / "out", "--format", "kohya", check=False)
+    assert proc.returncode == 2 and "kohya LoRA format is for the SDXL family" in proc.stderr
+    assert not (tmp_path / "out").exists()
