@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 
 from distill import config, data, leaderboard
 from distill.config import ConfigError, coerce_params
@@ -54,13 +53,7 @@ class Matrix:
 
 def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
     """The matrix and every run's resolved config, all checked before anything trains."""
-    if not path.is_file():
-        raise ConfigError("matrix", str(path), "no such file")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError("matrix", str(path), f"not valid YAML ({str(e).splitlines()[0]})") from e
-    matrix = coerce_params(Matrix, raw, "")
+    matrix = coerce_params(Matrix, config.read_yaml(path, "matrix"), "")
     if not matrix.teachers and not matrix.runs:
         raise ConfigError("matrix", str(path), "has neither teachers nor runs")
     configs = {}
@@ -157,6 +150,9 @@ def run(path: Path, log=print) -> Path:
             train(cfg, resume=resume)
         ckpt, cfg, method, step = load_run(run_dir)
         for s in todo:
+            at = method.checkpoint_for(s)  # progressive: the round that ends sampling in s steps
+            if at is not None and at != step:
+                ckpt, cfg, method, step = load_run(run_dir / "checkpoints" / f"step-{at:08d}")
             add(f"{r.name}|{configs[r.name].hash()}|{s}", method, cfg, s, r.guidance_scale, False, step, str(ckpt),
                 r.name)
 

@@ -26,7 +26,7 @@ def _generate(args) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from distill import checkpoint, config, data
+    from distill import checkpoint, config, data, speed
     from distill.sampling import ddim_sample, to_pil
     from distill.trainer import build_method
 
@@ -43,6 +43,11 @@ def _generate(args) -> None:
     weights, _, _ = checkpoint.load(ckpt)
     method.load_saved(weights)
     method.eval()
+    if args.fuse_qkv and args.teacher and method.student.kind == "lora":
+        raise DistillError("--fuse-qkv folds the LoRA into the backbone, so the teacher is gone; drop --teacher or it")
+    done = speed.fast_path(method, args.compile, args.channels_last, args.fuse_qkv)
+    if done:
+        print(f"fast path: {', '.join(done)}" + (" (the first batch compiles)" if args.compile else ""))
     teacher = method.teacher
     size = cfg.sample.height or cfg.teacher.resolution, cfg.sample.width or cfg.teacher.resolution
     shape = teacher.latent_shape(*size)
@@ -52,7 +57,7 @@ def _generate(args) -> None:
     guidance = args.guidance_scale if args.guidance_scale is not None else cfg.sample.guidance_scale
     jobs = [p for p in prompts for _ in range(args.num_per_prompt)]
     written = 0
-    with torch.no_grad():
+    with torch.no_grad(), speed.autocast(teacher.device, args.amp):
         for lo in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch"):
             batch = jobs[lo:lo + args.batch_size]
             cond = teacher.encode_prompts(batch)
@@ -92,6 +97,20 @@ def _export(args) -> None:
     out = export(Path(args.run), Path(args.to), args.format, args.dtype, args.steps, prompts, args.overwrite,
                  Path(args.db))
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
+
+
+def _bench_speed(args) -> None:
+    from distill import speed
+
+    text = speed.bench(Path(args.run), args.steps, args.teacher_steps, args.teacher_guidance, args.batch_size,
+                       args.repeats, dict(compile=args.compile, channels_last=args.channels_last,
+                                          fuse_qkv=args.fuse_qkv), args.amp, args.train, Path(args.db))
+    print(text)
+    if args.out:
+        from distill.leaderboard import write_atomic
+
+        write_atomic(Path(args.out), text)
+        print(f"wrote {args.out}")
 
 
 def _bench(args) -> None:
@@ -159,6 +178,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--teacher", action="store_true", help="sample the teacher (DDIM) instead of the student")
     g.add_argument("--out", required=True, help="folder for the PNGs")
+    g.add_argument("--compile", action="store_true", help="torch.compile the backbone (slow first batch; "
+                   "cached in TORCHINDUCTOR_CACHE_DIR for later runs)")
+    g.add_argument("--channels-last", action="store_true", help="channels-last memory format")
+    g.add_argument("--fuse-qkv", action="store_true", help="fused QKV projections (folds a LoRA in first)")
+    g.add_argument("--amp", choices=["bf16", "fp16"], help="autocast on GPU (ignored on CPU)")
     g.set_defaults(func=_generate)
 
     e = sub.add_parser("eval", help="sample with fixed seeds, measure FID/KID, adherence and cost, add a row")
@@ -197,6 +221,23 @@ def parser() -> argparse.ArgumentParser:
                        "add rows, write the leaderboard pages")
     b.add_argument("matrix", help="experiments/bench_*.yaml")
     b.set_defaults(func=_bench)
+
+    sp = sub.add_parser("bench-speed", help="time a student and its teacher side by side (or, with --train, a "
+                        "training step of every method)")
+    sp.add_argument("run", help="a run folder or checkpoint")
+    sp.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student steps")
+    sp.add_argument("--teacher-steps", type=int, default=50)
+    sp.add_argument("--teacher-guidance", type=float, default=5.0, help="the teacher's CFG scale")
+    sp.add_argument("--batch-size", type=int, default=10, help="images per call (prompts cycle through the digits)")
+    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--compile", action="store_true", help="also time with torch.compile")
+    sp.add_argument("--channels-last", action="store_true")
+    sp.add_argument("--fuse-qkv", action="store_true", help="fused QKV projections (a LoRA is fused first)")
+    sp.add_argument("--amp", choices=["bf16", "fp16"], help="autocast on GPU")
+    sp.add_argument("--train", action="store_true", help="time a training step of each method instead")
+    sp.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"))
+    sp.add_argument("--out", help="also write the result as Markdown here")
+    sp.set_defaults(func=_bench_speed)
 
     m = sub.add_parser("make-teacher", help="build a tiny random teacher pipeline offline (tests, demos)")
     m.add_argument("name", choices=["tiny-sdxl", "tiny-sd3"])

@@ -21,7 +21,7 @@ import yaml
 from distill.errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-BUILTIN_TEACHERS = ("builtin:digits-sdxl", "builtin:tiny-sdxl", "builtin:tiny-sd3", "builtin:gmm-vp",
+BUILTIN_TEACHERS = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:tiny-sdxl", "builtin:tiny-sd3", "builtin:gmm-vp",
                     "builtin:gmm-flow")
 FAMILIES = ("sdxl", "sd3", "gmm")
 
@@ -80,6 +80,7 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many steps in a row with a NaN/inf loss or gradient
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
+    compile: bool = False  # torch.compile the student's and the teacher's backbones (nn.Module.compile, in place)
     seed: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 0  # keep the last K checkpoints; 0 keeps all
@@ -154,17 +155,22 @@ def parse(raw: dict, overrides: list[str] = (), for_training: bool = True) -> Co
     return cfg
 
 
-def load(path: str | Path, overrides: list[str] = (), for_training: bool = True) -> Config:
+def read_yaml(path: str | Path, what: str = "config") -> dict:
+    """A YAML file holding a mapping, or a one-line ConfigError naming what is wrong with it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError("config", str(path), "no such config file")
+        raise ConfigError(what, str(path), f"no such {what} file")
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError("config", str(path), f"not valid YAML ({str(e).splitlines()[0]})") from e
+        raise ConfigError(what, str(path), f"not valid YAML ({str(e).splitlines()[0]})") from e
     if not isinstance(raw, dict):
-        raise ConfigError("config", str(path), "the file must hold a mapping of sections")
-    return parse(raw, overrides, for_training)
+        raise ConfigError(what, str(path), "the file must hold a mapping of sections")
+    return raw
+
+
+def load(path: str | Path, overrides: list[str] = (), for_training: bool = True) -> Config:
+    return parse(read_yaml(path), overrides, for_training)
 
 
 def _build(cls, raw, prefix: str):

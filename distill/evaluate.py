@@ -36,7 +36,7 @@ def git_commit() -> str | None:
         return None
 
 
-def _peak_memory_mb(device) -> float:
+def peak_memory_mb(device) -> float:
     if torch.device(device).type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # the process's peak, on Linux in KB
@@ -117,7 +117,7 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
     ref = reference_images(scoring.reference, cfg.teacher.resolution, len(prompts))
     row = {"teacher": cfg.teacher.source, "method": "teacher" if teacher else cfg.method.name,
            "student": "-" if teacher else cfg.student.kind, "steps": steps, "nfe": nfe(method, steps, guidance, teacher),
-           "ms_per_image": ms, "peak_memory_mb": _peak_memory_mb(device),
+           "ms_per_image": ms, "peak_memory_mb": peak_memory_mb(device),
            "train_steps": 0 if teacher else train_step, "config_hash": cfg.hash(), "git_commit": git_commit(),
            "guidance": guidance, "samples": len(prompts), "run": run}
     quality = metrics.fid_kid(images, ref, scoring.extractor, scoring.extractor_weights)

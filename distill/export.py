@@ -21,7 +21,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from peft.tuners.tuners_utils import BaseTunerLayer
 from safetensors.torch import save_file
 
 import students
@@ -40,17 +39,6 @@ def kohya_state(student: students.Student, dtype: torch.dtype) -> dict[str, torc
     state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in students.lora_layers(student, dtype).items()})
     alpha = float(student.backbone.peft_config["default"].lora_alpha)
     return {k: (torch.tensor(alpha, dtype=dtype) if k.endswith(".alpha") else v.contiguous()) for k, v in state.items()}
-
-
-def fuse_lora(backbone: torch.nn.Module) -> torch.nn.Module:
-    """Fold every LoRA adapter into its base layer and put the base layer back in its place (in place)."""
-    for name, module in list(backbone.named_modules()):
-        if isinstance(module, BaseTunerLayer):
-            module.merge()
-            parent, _, child = name.rpartition(".")
-            setattr(backbone.get_submodule(parent) if parent else backbone, child, module.get_base_layer())
-    backbone.__dict__.pop("peft_config", None)
-    return backbone
 
 
 def _check_target(to: Path, overwrite: bool) -> None:
@@ -116,7 +104,7 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
                   metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
                             "distill_method": cfg.method.name})
     if "merged" in formats:  # last: fusing changes the student in place
-        backbone = fuse_lora(student.backbone) if student.kind == "lora" else student.backbone
+        backbone = students.fuse_lora(student.backbone) if student.kind == "lora" else student.backbone
         teacher.pipe.to(torch_dtype)
         students.save_pipeline(teacher, backbone.to(torch_dtype), tmp / "pipeline", scheduler=sched)
 

@@ -127,7 +127,7 @@ def _data_uri(png: bytes) -> str:
 
 
 def plot_quality_vs_nfe(rows: list[dict]) -> bytes | None:
-    """PNG of FID against NFE (log axis), one line per (teacher, method, student kind), one panel per teacher:
+    """PNG of FID against NFE (log x axis), one line per (teacher, method, student kind), one panel per teacher:
     the Pareto view of cost against quality. None when no row has both."""
     import matplotlib
 
@@ -151,7 +151,7 @@ def plot_quality_vs_nfe(rows: list[dict]) -> bytes | None:
                 best[n] = min(fid, best.get(n, fid))
             xs = sorted(best)
             ax.plot(xs, [best[x] for x in xs], "--o" if label.startswith("teacher") else "-o", label=label)
-        ax.set(xscale="log", yscale="log", xlabel="NFE per image (CFG counted)", ylabel="FID (lower is better)",
+        ax.set(xscale="log", xlabel="NFE per image (CFG counted)", ylabel="FID (lower is better)",
                title=teacher)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)

@@ -23,16 +23,18 @@ from tqdm.auto import tqdm
 
 import students
 import teachers
-from distill import checkpoint, data
+from distill import checkpoint, data, speed
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods import METHODS, Method
 from teachers.base import Cond
 
 
-def step_generator(seed: int, step: int, micro: int, turn: int, rank: int) -> torch.Generator:
-    """The generator for one forward: a pure function of where it is in the run."""
-    state = np.random.SeedSequence([seed, step, micro, turn, rank]).generate_state(2)
+def step_generator(seed: int, step: int, shard: int, turn: int) -> torch.Generator:
+    """The generator for one forward: a pure function of where it is in the run. `shard` numbers the global
+    batch's slices (micro * world + rank), so N processes draw what one process accumulating N micro-batches
+    draws."""
+    state = np.random.SeedSequence([seed, step, shard, turn]).generate_state(2)
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
@@ -95,6 +97,13 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None, kwargs_handlers=[ddp],
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     method = build_method(cfg, accelerator.device)
+    if accelerator.is_main_process and hasattr(method.teacher, "pipe"):
+        x, cond = method.teacher.probe()  # which attention code the backbone runs, seen by the profiler
+        kernels = speed.sdpa_ops(lambda: method.teacher.predict(x, method.teacher.timesteps(1)[0], cond))
+        print(f"attention: {', '.join(speed.attention_processors(method.teacher.backbone))}; SDPA kernels: "
+              f"{', '.join(kernels) or 'none'}")
+    if tc.compile:
+        speed.fast_path(method, compile=True)
     dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, tc.seed)
     if method.needs_latents and not ({"image", "latents"} & dataset.provides):
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
@@ -144,7 +153,8 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
                 continue
             select_turn(turn_params, turn)
             for micro, raw in enumerate(raws):
-                gen = step_generator(tc.seed, step, micro, turn_i, accelerator.process_index)
+                gen = step_generator(tc.seed, step, micro * accelerator.num_processes + accelerator.process_index,
+                                     turn_i)
                 batch = encode_batch(raw, method.teacher, gen)
                 sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
                 with sync, accelerator.autocast():

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from distill.config import StudentConfig
@@ -76,6 +77,17 @@ def save_lora(student: Student, teacher: Teacher, folder: Path, dtype: torch.dty
         folder, **{f"{name}_lora_layers": lora_layers(student, dtype),
                    f"{name}_lora_adapter_metadata": student.backbone.peft_config["default"].to_dict()},
         safe_serialization=True)
+
+
+def fuse_lora(backbone: torch.nn.Module) -> torch.nn.Module:
+    """Fold every LoRA adapter into its base layer and put the base layer back in its place (in place)."""
+    for name, module in list(backbone.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(backbone.get_submodule(parent) if parent else backbone, child, module.get_base_layer())
+    backbone.__dict__.pop("peft_config", None)
+    return backbone
 
 
 def save_pipeline(teacher: Teacher, backbone: nn.Module, folder: Path, **swap) -> None:

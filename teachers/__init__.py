@@ -47,7 +47,7 @@ def family_of(folder: Path) -> str:
 
 
 # Teachers trained by distill itself and shipped in the repository (recipes in experiments/).
-ZOO = {"digits-sdxl": Path(__file__).parent / "zoo" / "digits-sdxl"}
+ZOO = {name: Path(__file__).parent / "zoo" / name for name in ("digits-sdxl", "digits-sd3")}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

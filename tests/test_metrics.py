@@ -41,22 +41,24 @@ def test_adherence_counts_the_prompted_digit():
     assert adherence(images, labels, classifier) > 0.95 > adherence(images, (labels + 1) % 10, classifier)
 
 
-def test_shipped_digits_teacher_draws_the_prompted_digits():
-    """The built-in SDXL-family digits teacher loads with plain diffusers and its 50-step CFG samples adhere."""
-    from diffusers import StableDiffusionXLPipeline
+@pytest.mark.parametrize("name,pipeline,guidance", [("digits-sdxl", "StableDiffusionXLPipeline", 5.0),
+                                                    ("digits-sd3", "StableDiffusion3Pipeline", 3.0)])
+def test_shipped_digits_teacher_draws_the_prompted_digits(name, pipeline, guidance):
+    """Each built-in digits teacher loads with plain diffusers and its 50-step CFG samples adhere."""
+    import diffusers
 
     import teachers
     from distill.config import TeacherConfig
     from distill.sampling import ddim_sample
 
-    pipe = StableDiffusionXLPipeline.from_pretrained(teachers.ZOO["digits-sdxl"])
-    assert pipe.unet.config.sample_size and pipe.vae is not None
-    teacher = teachers.load(TeacherConfig(source="builtin:digits-sdxl", resolution=16))
+    pipe = getattr(diffusers, pipeline).from_pretrained(teachers.ZOO[name])
+    assert pipe.vae is not None and type(pipe).__name__ == pipeline
+    teacher = teachers.load(TeacherConfig(source=f"builtin:{name}", resolution=16))
     labels = torch.arange(10).repeat_interleave(10)
     cond = teacher.encode_prompts([f"a handwritten digit {k}" for k in labels.tolist()])
     with torch.no_grad():
-        latents = ddim_sample(teacher, cond, 50, torch.Generator().manual_seed(0), teacher.latent_shape(16, 16), 5.0)
+        latents = ddim_sample(teacher, cond, 50, torch.Generator().manual_seed(0), teacher.latent_shape(16, 16), guidance)
         images = teacher.decode(latents).clamp(-1, 1)
     acc = adherence(images, labels)
-    print(f"digits-sdxl 50-step CFG adherence {acc:.3f}")
+    print(f"{name} 50-step CFG adherence {acc:.3f}")
     assert acc >= 0.9

@@ -199,7 +199,7 @@ def test_each_turn_reaches_only_its_own_parameters(tiny_sd3_dir, tmp_path, metho
     for turn in method.turns:
         select_turn(turn_params, turn)
         method.zero_grad(set_to_none=True)
-        method.loss(encode_batch(raw, method.teacher, step_generator(0, 0, 0, 0, 0)), turn).loss.backward()
+        method.loss(encode_batch(raw, method.teacher, step_generator(0, 0, 0, 0)), turn).loss.backward()
         for other, params in turn_params.items():
             grads = [p.grad is not None and p.grad.abs().sum() > 0 for p in params]
             assert (any(grads) if other == turn else not any(grads)), (turn, other)
@@ -227,7 +227,7 @@ def test_guidance_distillation_then_progressive_from_it(tiny_sdxl_dir, tmp_path)
     init, trained = build_method(cfg, "cpu"), train(cfg)
     from distill import data
     raw = data.collate([data.build(cfg.data, 32)[i] for i in (100, 200, 300, 400)])
-    batch = encode_batch(raw, trained.teacher, step_generator(7, 0, 0, 0, 0))
+    batch = encode_batch(raw, trained.teacher, step_generator(7, 0, 0, 0))
     x_t = trained.teacher.add_noise(batch["latents"], torch.randn_like(batch["latents"]), 600.0)
     w = torch.tensor([2.5, 3.5, 4.5, 5.5])
     want = trained.teacher.predict(x_t, 600.0, batch["cond"], guidance=w)[1]
@@ -265,7 +265,7 @@ def test_denoising_training_learns_and_its_result_loads_as_a_teacher(request, tm
 
     def held_out_loss(method):
         with torch.no_grad():
-            return sum(method.loss(encode_batch(raw, method.teacher, step_generator(5, k, 0, 0, 0)), "student").loss
+            return sum(method.loss(encode_batch(raw, method.teacher, step_generator(5, k, 0, 0)), "student").loss
                        .item() for k in range(4)) / 4
 
     before, after = held_out_loss(init), held_out_loss(trained)

@@ -86,6 +86,10 @@ class Method(nn.Module):
     def resume_at(self, step: int) -> None:
         """Restore any step-dependent state after loading a checkpoint taken at `step`."""
 
+    def checkpoint_for(self, steps: int) -> int | None:
+        """The training step whose checkpoint samples at `steps` (None: the final one)."""
+        return None
+
     def milestone(self, step: int) -> bool:
         """Whether the student after `step` steps deserves a checkpoint kept whatever the retention."""
         return False

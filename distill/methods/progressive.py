@@ -133,6 +133,13 @@ class Progressive(Method):
             self.previous = {k: v.detach().clone() for k, v in self.student.backbone.named_parameters()
                              if "lora_" in k}
 
+    def checkpoint_for(self, steps: int) -> int | None:
+        """The end of the round whose student samples in `steps` (start_steps / 2^(r+1) after round r)."""
+        halvings = math.log2(self.params.start_steps / steps)
+        if not halvings.is_integer() or not 1 <= halvings <= self.params.rounds:
+            return None
+        return int(halvings) * self.params.round_steps
+
     def milestone(self, step: int) -> bool:
         return step % self.params.round_steps == 0 and step // self.params.round_steps <= self.params.rounds
 
