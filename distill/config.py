@@ -21,8 +21,8 @@ import yaml
 from distill.errors import ConfigError
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-BUILTIN_TEACHERS = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:tiny-sdxl", "builtin:tiny-sd3", "builtin:gmm-vp",
-                    "builtin:gmm-flow")
+BUILTIN_TEACHERS = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:tiny-sdxl", "builtin:tiny-sd3",
+                    "builtin:gmm-vp", "builtin:gmm-flow")
 FAMILIES = ("sdxl", "sd3", "gmm")
 
 

@@ -93,47 +93,51 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
     tmp = to.with_name(f".{to.name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    prompts = prompts or data.DIGIT_PROMPTS
-    images, _ = sample_images(method, prompts, steps, 0, guidance, teacher=False)
-    write_grid(images, 1, tmp / "samples.png")
-    torch_dtype = DTYPES[dtype]
-    if "lora" in formats:
-        students.save_lora(student, teacher, tmp, torch_dtype)
-    if "kohya" in formats:
-        save_file(kohya_state(student, torch_dtype), str(tmp / "lora_kohya.safetensors"),
-                  metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
-                            "distill_method": cfg.method.name})
-    if "merged" in formats:  # last: fusing changes the student in place
-        backbone = students.fuse_lora(student.backbone) if student.kind == "lora" else student.backbone
-        teacher.pipe.to(torch_dtype)
-        students.save_pipeline(teacher, backbone.to(torch_dtype), tmp / "pipeline", scheduler=sched)
+    try:
+        prompts = prompts or data.DIGIT_PROMPTS
+        images, _ = sample_images(method, prompts, steps, 0, guidance, teacher=False)
+        write_grid(images, 1, tmp / "samples.png")
+        torch_dtype = DTYPES[dtype]
+        if "lora" in formats:
+            students.save_lora(student, teacher, tmp, torch_dtype)
+        if "kohya" in formats:
+            save_file(kohya_state(student, torch_dtype), str(tmp / "lora_kohya.safetensors"),
+                      metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
+                                "distill_method": cfg.method.name})
+        if "merged" in formats:  # last: fusing changes the student in place
+            backbone = students.fuse_lora(student.backbone) if student.kind == "lora" else student.backbone
+            teacher.pipe.to(torch_dtype)
+            students.save_pipeline(teacher, backbone.to(torch_dtype), tmp / "pipeline", scheduler=sched)
 
-    facts = {"teacher": cfg.teacher.source, "family": teacher.family, "method": cfg.method.name,
-             "student": cfg.student.kind, "train_steps": step, "steps": steps, "guidance_scale": guidance,
-             "scheduler": type(sched).__name__, "pipeline_call": call, "formats": formats, "dtype": dtype,
-             "config_hash": cfg.hash(), "git_commit": git_commit(), "checkpoint": str(ckpt)}
-    (tmp / "distill_export.json").write_text(json.dumps(facts, indent=2) + "\n")
-    rows = []
-    if db and Path(db).is_file():
-        rows = [r for r in leaderboard.Leaderboard(db).rows("nfe") if r["config_hash"] == cfg.hash()
-                or (r["method"] == "teacher" and r["teacher"] == cfg.teacher.source)]
-    card = [
-        "---", yaml.safe_dump({"library_name": "diffusers", "base_model": cfg.teacher.source,
-                               "tags": ["distill", "text-to-image", cfg.method.name, teacher.family,
-                                        "lora" if student.kind == "lora" else "full"]}).strip(), "---", "",
-        f"# {cfg.method.name} student of {cfg.teacher.source}", "",
-        f"A {student.kind} student trained for {step} steps with distill's `{cfg.method.name}` method; it samples in "
-        f"{steps} steps with `{type(sched).__name__}` at guidance scale {guidance}. Weights are {dtype}.", "",
-        "## Sampling", "", "```python", _usage(teacher, sched, call, to, formats, steps, guidance), "```", "",
-        "The `timesteps`/`sigmas` argument gives the exact times distill samples at (`distill generate` makes "
-        "the same images from the same seed).", "", "## Files", "",
-        *(f"- `{f}`" for f in sorted(p.name for p in tmp.iterdir())), "- `README.md`", "",
-        "## Leaderboard", "", leaderboard.markdown(rows).split("\n", 2)[2] if rows else
-        "No leaderboard rows for this recipe yet (`distill eval` adds them).", "",
-        "## Samples", "", "![samples](samples.png)", "", "## Training config", "", "```yaml",
-        yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip(), "```", ""]
-    (tmp / "README.md").write_text("\n".join(card))
-    if to.exists():
-        shutil.rmtree(to)
-    os.replace(tmp, to)
+        facts = {"teacher": cfg.teacher.source, "family": teacher.family, "method": cfg.method.name,
+                 "student": cfg.student.kind, "train_steps": step, "steps": steps, "guidance_scale": guidance,
+                 "scheduler": type(sched).__name__, "pipeline_call": call, "formats": formats, "dtype": dtype,
+                 "config_hash": cfg.hash(), "git_commit": git_commit(), "checkpoint": str(ckpt)}
+        (tmp / "distill_export.json").write_text(json.dumps(facts, indent=2) + "\n")
+        rows = []
+        if db and Path(db).is_file():
+            rows = [r for r in leaderboard.Leaderboard(db).rows("nfe") if r["config_hash"] == cfg.hash()
+                    or (r["method"] == "teacher" and r["teacher"] == cfg.teacher.source)]
+        card = [
+            "---", yaml.safe_dump({"library_name": "diffusers", "base_model": cfg.teacher.source,
+                                   "tags": ["distill", "text-to-image", cfg.method.name, teacher.family,
+                                            "lora" if student.kind == "lora" else "full"]}).strip(), "---", "",
+            f"# {cfg.method.name} student of {cfg.teacher.source}", "",
+            f"A {student.kind} student trained for {step} steps with distill's `{cfg.method.name}` method; it "
+            f"samples in {steps} steps with `{type(sched).__name__}` at guidance scale {guidance}. "
+            f"Weights are {dtype}.", "",
+            "## Sampling", "", "```python", _usage(teacher, sched, call, to, formats, steps, guidance), "```", "",
+            "The `timesteps`/`sigmas` argument gives the exact times distill samples at (`distill generate` makes "
+            "the same images from the same seed).", "", "## Files", "",
+            *(f"- `{f}`" for f in sorted(p.name for p in tmp.iterdir())), "- `README.md`", "",
+            "## Leaderboard", "", leaderboard.markdown(rows).split("\n", 2)[2] if rows else
+            "No leaderboard rows for this recipe yet (`distill eval` adds them).", "",
+            "## Samples", "", "![samples](samples.png)", "", "## Training config", "", "```yaml",
+            yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip(), "```", ""]
+        (tmp / "README.md").write_text("\n".join(card))
+        if to.exists():
+            shutil.rmtree(to)
+        os.replace(tmp, to)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only left if something above failed
     return to

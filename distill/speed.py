@@ -31,7 +31,7 @@ def fast_path(method, compile: bool = False, channels_last: bool = False, fuse_q
         backbones.append(method.teacher.backbone)
     if fuse_qkv:
         if method.student.kind == "lora":
-            students.fuse_lora(method.student.backbone)  # the LoRA is now the backbone: the teacher is no longer available
+            students.fuse_lora(method.student.backbone)  # the LoRA is now the backbone: the teacher is gone
             done.append("LoRA fused")
         fused = [b for b in backbones if hasattr(b, "fuse_qkv_projections")]
         for b in fused:
@@ -126,7 +126,8 @@ def train_step_ms(cfg, repeats: int = 3, compile: bool = False) -> float:
         k = next(calls)
         for i, turn in enumerate(method.turns):
             select_turn(params, turn)
-            with autocast(method.teacher.device, {"no": None}.get(cfg.train.mixed_precision, cfg.train.mixed_precision)):
+            amp = None if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision
+            with autocast(method.teacher.device, amp):
                 loss = method(encode_batch(raw, method.teacher, step_generator(cfg.train.seed, k, 0, i)), turn).loss
             loss.backward()
             optimizers[turn].step()
@@ -153,7 +154,8 @@ def bench(run, steps: list[int], teacher_steps: int, teacher_guidance: float, ba
 
     ckpt, cfg, method, step = load_run(run)
     device = method.teacher.device
-    lines = [f"# distill bench-speed {run}{' --train' if train else ''}", "",
+    shown = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v] + (["--train"] if train else [])
+    lines = [f"# distill bench-speed {run} {' '.join(shown)}".rstrip(), "",
              f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'} "
              f"({torch.get_num_threads()} threads), torch {torch.__version__}; batch {batch_size}, "
              f"{cfg.teacher.resolution} px, median of {repeats}", ""]

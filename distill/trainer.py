@@ -97,8 +97,8 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None, kwargs_handlers=[ddp],
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
     method = build_method(cfg, accelerator.device)
-    if accelerator.is_main_process and hasattr(method.teacher, "pipe"):
-        x, cond = method.teacher.probe()  # which attention code the backbone runs, seen by the profiler
+    if accelerator.is_main_process and accelerator.device.type == "cuda" and hasattr(method.teacher, "pipe"):
+        x, cond = method.teacher.probe()  # which attention kernel the backbone runs, seen by the profiler
         kernels = speed.sdpa_ops(lambda: method.teacher.predict(x, method.teacher.timesteps(1)[0], cond))
         print(f"attention: {', '.join(speed.attention_processors(method.teacher.backbone))}; SDPA kernels: "
               f"{', '.join(kernels) or 'none'}")
