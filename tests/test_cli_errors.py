@@ -82,7 +82,10 @@ def test_help_on_every_command(cli, command):
     assert proc.returncode == 0 and "usage: distill" in proc.stdout
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parents[1] / "experiments").glob("*.yaml")),
+EXPERIMENTS = Path(__file__).parents[1] / "experiments"
+
+
+@pytest.mark.parametrize("path", sorted(p for p in EXPERIMENTS.glob("*.yaml") if not p.name.startswith("bench_")),
                          ids=lambda p: p.name)
 def test_every_example_config_is_valid(path):
     from distill import config
@@ -94,6 +97,15 @@ def test_every_example_config_is_valid(path):
         raw["student"]["init_from"] = str(path.parent)
     cfg = config.parse(raw, for_training=False)
     assert cfg.method.name in ("denoise", "consistency", "guidance", "progressive", "add", "ladd")
+
+
+@pytest.mark.parametrize("path", sorted(EXPERIMENTS.glob("bench_*.yaml")), ids=lambda p: p.name)
+def test_every_benchmark_matrix_is_valid(path, monkeypatch):
+    from distill.bench import load_matrix
+
+    monkeypatch.chdir(EXPERIMENTS.parent)  # matrices name configs relative to the repository
+    matrix, configs = load_matrix(path)
+    assert matrix.teachers and len(configs) == len(matrix.runs)
 
 
 def test_turn_settings_must_name_the_methods_turns(tmp_path, capsys):
