@@ -44,7 +44,7 @@ def _generate(args) -> None:
     method.load_saved(weights)
     method.eval()
     if args.fuse_qkv and args.teacher and method.student.kind == "lora":
-        raise DistillError("--fuse-qkv folds the LoRA into the backbone, so the teacher is gone; drop --teacher or it")
+        raise DistillError("--fuse-qkv folds the LoRA into the backbone, so the teacher is gone; drop --teacher or --fuse-qkv")
     done = speed.fast_path(method, args.compile, args.channels_last, args.fuse_qkv)
     if done:
         print(f"fast path: {', '.join(done)}" + (" (the first batch compiles)" if args.compile else ""))

@@ -10,9 +10,8 @@ import re
 import resource
 import subprocess
 import time
-from pathlib import Path
-
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
@@ -89,7 +88,6 @@ class Scoring:
     extractor: str = metrics.DIGITS_EXTRACTOR
     extractor_weights: str | None = None
     teacher_reference_steps: int = 0  # also score against the teacher's own samples at this many steps
-    teacher_reference_guidance: float | None = None  # CFG of those samples (default: the row's config)
 
 
 def load_run(run: Path) -> tuple[Path, Config, Method, int]:
@@ -126,9 +124,8 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
     if all(labels):
         row["adherence"] = metrics.adherence(images, torch.tensor([int(m.group(1)) for m in labels]))
     if teacher_images is None and scoring.teacher_reference_steps:
-        ref_guidance = scoring.teacher_reference_guidance or cfg.sample.guidance_scale
         teacher_images, _ = sample_images(method, prompts, scoring.teacher_reference_steps, scoring.seed,
-                                          ref_guidance, teacher=True)
+                                          cfg.sample.guidance_scale, teacher=True)
     if teacher_images is not None:
         quality = metrics.fid_kid(images, teacher_images, scoring.extractor, scoring.extractor_weights)
         row.update(fid_teacher=quality["fid"], kid_teacher=quality["kid"])

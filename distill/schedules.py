@@ -40,6 +40,11 @@ def flow_shift(s, shift: float):
     return shift * s / (1 + (shift - 1) * s)
 
 
+def flow_unshift(s, shift: float):
+    """The inverse of flow_shift: the sigma that flow_shift maps to s."""
+    return s / (shift - (shift - 1) * s)
+
+
 def vp_timesteps(n: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     """n descending train timesteps, 'trailing' spacing: starts at T-1, e.g. n=50 gives 999, 979, ..., 19.
 

@@ -18,7 +18,6 @@ import time
 import torch
 
 import students
-from distill.sampling import ddim_sample
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -89,20 +88,11 @@ def time_ms(fn, repeats: int = 3, warmup: int = 1) -> float:
 def sampling_row(method, prompts: list[str], steps: int, teacher: bool, guidance: float, repeats: int = 3,
                  amp: str | None = None, seed: int = 0) -> dict:
     """The teacher (DDIM) or the student at `steps`, timed end to end from prompts to pixels."""
-    from distill.evaluate import nfe
-
-    t = method.teacher
-    shape = t.latent_shape(t.resolution, t.resolution)
+    from distill.evaluate import nfe, sample_images
 
     def run():
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad(), autocast(t.device, amp):
-            cond = t.encode_prompts(prompts)
-            if teacher:
-                latents = ddim_sample(t, cond, steps, g, shape, guidance)
-            else:
-                latents = method.sample(cond, steps, g, shape, guidance=guidance)
-            return t.decode(latents)
+        with autocast(method.teacher.device, amp):
+            sample_images(method, prompts, steps, seed, guidance, teacher)
 
     ms = time_ms(run, repeats) / len(prompts)
     return {"who": "teacher" if teacher else "student", "steps": steps, "nfe": nfe(method, steps, guidance, teacher),

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, StableDiffusion3Pipeline
 
-from distill.schedules import flow_alpha_sigma, flow_timesteps
+from distill.schedules import flow_alpha_sigma, flow_timesteps, flow_unshift
 from teachers.base import Cond, Teacher
 
 
@@ -42,11 +42,11 @@ class SD3Teacher(Teacher):
     def scheduler_for(self, renoises: bool, times: list[float]):
         """The diffusers scheduler, and the pipeline-call arguments, that sample at `times` as distill does:
         FlowMatchLCMScheduler for re-noising samplers, FlowMatchEuler otherwise. Both shift the sigmas they
-        are given, so the call gets the unshifted ones (the inverse of schedules.flow_shift)."""
+        are given, so the call gets the unshifted ones."""
         cls = FlowMatchLCMScheduler if renoises else FlowMatchEulerDiscreteScheduler
         s = [t / self.num_train_timesteps for t in times]
         return cls.from_config(self.pipe.scheduler.config), {
-            "sigmas": [round(v / (self.shift - (self.shift - 1) * v), 7) for v in s],
+            "sigmas": [round(flow_unshift(v, self.shift), 7) for v in s],
             "max_sequence_length": self.max_text_length}  # T5 padding length changes the joint attention
 
     @torch.no_grad()
