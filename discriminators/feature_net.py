@@ -78,15 +78,15 @@ class ConvHead(nn.Module):
     def forward(self, tokens: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         h = self.body(tokens.float().transpose(1, 2))  # [B, hidden, N]
         proj = (h * self.cond(cond)[:, :, None]).sum(1) / math.sqrt(h.shape[1])
-        return (self.out(h).squeeze(1) + proj).mean(1)
+        return self.out(h).squeeze(1) + proj  # [B, N]: one logit per token (losses.hinge_d)
 
 
 class FeatureHeads(nn.Module):
-    """One trainable head per layer the feature network exposes; the logit is the sum over heads."""
+    """One trainable head per layer the feature network exposes; logits per head and token."""
 
     def __init__(self, channels: list[int], cond_dim: int, hidden: int = 64):
         super().__init__()
         self.heads = nn.ModuleList(ConvHead(c, cond_dim, hidden) for c in channels)
 
-    def forward(self, feats: list[torch.Tensor], cond: torch.Tensor) -> torch.Tensor:
-        return sum(head(f, cond.float()) for head, f in zip(self.heads, feats))
+    def forward(self, feats: list[torch.Tensor], cond: torch.Tensor) -> list[torch.Tensor]:
+        return [head(f, cond.float()) for head, f in zip(self.heads, feats)]

@@ -54,18 +54,18 @@ class Head(nn.Module):
 
     def forward(self, feats: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         f = self.body(feats.float())
-        per_token = self.out(f).squeeze(-1) + (f * self.cond(cond)[:, None, :]).sum(-1) / math.sqrt(f.shape[-1])
-        return per_token.mean(dim=1)
+        # [B, N]: one logit per token; the hinge acts on each (discriminators.losses)
+        return self.out(f).squeeze(-1) + (f * self.cond(cond)[:, None, :]).sum(-1) / math.sqrt(f.shape[-1])
 
 
 class TeacherHeads(nn.Module):
-    """One head per hooked teacher layer; the logit of a sample is the sum over heads."""
+    """One head per hooked teacher layer; logits per head and token."""
 
     def __init__(self, channels: list[int], cond_dim: int, hidden: int = 128):
         super().__init__()
         self.cond_dim = cond_dim
         self.heads = nn.ModuleList(Head(c, cond_dim + 16, hidden) for c in channels)
 
-    def forward(self, feats: list[torch.Tensor], pooled: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: list[torch.Tensor], pooled: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
         cond = torch.cat([pooled.float(), time_features(t)], dim=1)
-        return sum(head(f, cond) for head, f in zip(self.heads, feats))
+        return [head(f, cond) for head, f in zip(self.heads, feats)]

@@ -4,17 +4,27 @@ with one shared set of prompts and seeds, each row added to the leaderboard, the
 A matrix is resumable: a run whose student is already trained with the same recipe (config hash) is not
 trained again, an interrupted run resumes from its latest checkpoint, and an evaluation already done
 (recorded in OUT/bench_done.json) is skipped. Everything it writes lives under `out`.
+
+`seeds` (for the whole matrix or one run) trains each run once per training seed: its own folder
+OUT/<name>-seed<k>, train.seed=k, hence its own recipe hash; every row of it records `seed`.
+
+Cost columns (ms/image, images/s, speed-up) come from a timed pass of their own (`timing`), not from the
+evaluation's sampling: per evaluated model, its step counts and the teacher at `timing.reference_steps` are
+timed interleaved on one batch (speed.interleaved), so a row's speed-up was measured against its teacher in the
+same rounds.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from distill import config, data, leaderboard
+from distill import config, data, leaderboard, speed
 from distill.config import ConfigError, coerce_params
 from distill.evaluate import Scoring, evaluate, load_run, sample_images, write_grid
 from distill.trainer import build_method, train
@@ -37,6 +47,16 @@ class BenchRun:
     overrides: list[str] = field(default_factory=list)
     steps: list[int] = field(default_factory=lambda: [4, 2, 1])
     guidance_scale: float | None = None  # default: the config's sample.guidance_scale
+    seeds: list[int] | None = None  # training seeds; default: the matrix's seeds, else the config's train.seed
+
+
+@dataclass
+class BenchTiming:
+    repeats: int = speed.MIN_REPEATS  # timed rounds per model (median and IQR), after `warmup` untimed calls
+    warmup: int = 1
+    batch_size: int = 10  # images per timed call, the same batch for teacher and student
+    reference_steps: int = 50  # speed-ups are against the teacher's DDIM at this many steps, with its CFG
+    threads: int | None = None  # torch threads while timing; default: as the process runs
 
 
 @dataclass
@@ -45,30 +65,95 @@ class Matrix:
     leaderboard: str | None = None  # default OUT/leaderboard.sqlite
     prompts: str | None = None  # default: the ten digit prompts
     num_per_prompt: int = 20
-    seed: int = 0
+    seed: int = 0  # the sampling seed of every evaluation (not a training seed)
+    seeds: list[int] | None = None  # training seeds of every run, e.g. [0, 1, 2]
     teacher_reference_steps: int = 50  # fid_teacher: against the teacher's own samples at this many steps
+    timing: BenchTiming = field(default_factory=BenchTiming)
     teachers: list[BenchTeacher] = field(default_factory=list)
     runs: list[BenchRun] = field(default_factory=list)
 
 
-def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
-    """The matrix and every run's resolved config, all checked before anything trains."""
-    matrix = coerce_params(Matrix, config.read_yaml(path, "matrix"), "")
-    if not matrix.teachers and not matrix.runs:
+# --- the matrix file -------------------------------------------------------------------------------------
+
+def _count(where: str, value, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(where, value, f"must be an integer >= {minimum}")
+
+
+def _counts(where: str, values: list, minimum: int, what: str = "steps") -> None:
+    if not values:
+        raise ConfigError(where, values, f"must be a non-empty list of {what}")
+    for i, v in enumerate(values):
+        _count(f"{where}[{i}]", v, minimum)
+    if len(set(values)) != len(values):
+        raise ConfigError(where, values, f"must not repeat a value (each of the {what} is one row or run)")
+
+
+def _scale(where: str, value) -> None:
+    if value is not None and not (math.isfinite(value) and value >= 0):
+        raise ConfigError(where, value, "must be a finite number >= 0 (1 = no guidance)")
+
+
+def check_matrix(m: Matrix, path: Path) -> None:
+    """Range checks of every field, so a bad value fails here in one line, not mid-way through a long job."""
+    if not m.teachers and not m.runs:
         raise ConfigError("matrix", str(path), "has neither teachers nor runs")
+    if not m.out:
+        raise ConfigError("out", m.out, "must name a folder")
+    if m.prompts is not None and not Path(m.prompts).is_file():
+        raise ConfigError("prompts", m.prompts, "no such prompts file")
+    _count("num_per_prompt", m.num_per_prompt, 1)
+    _count("seed", m.seed, 0)
+    _count("teacher_reference_steps", m.teacher_reference_steps, 0)
+    if m.seeds is not None:
+        _counts("seeds", m.seeds, 0, "training seeds")
+    for name in ("repeats", "warmup", "batch_size", "reference_steps"):
+        _count(f"timing.{name}", getattr(m.timing, name), speed.MIN_REPEATS if name == "repeats" else 1)
+    if m.timing.threads is not None:
+        _count("timing.threads", m.timing.threads, 1)
+    for i, t in enumerate(m.teachers):
+        _count(f"teachers[{i}].resolution", t.resolution, 8)
+        _scale(f"teachers[{i}].guidance_scale", t.guidance_scale)
+        _counts(f"teachers[{i}].steps", t.steps, 1)
+    for i, r in enumerate(m.runs):
+        _counts(f"runs[{i}].steps", r.steps, 1)
+        _scale(f"runs[{i}].guidance_scale", r.guidance_scale)
+        if r.seeds is not None:
+            _counts(f"runs[{i}].seeds", r.seeds, 0, "training seeds")
+
+
+def _per_seed(runs: list[BenchRun], seeds: list[int] | None) -> list[BenchRun]:
+    """One run per training seed, named <name>-seed<k>; a run with no seeds anywhere stays as it is."""
+    out = []
+    for run in runs:
+        name = run.name or Path(run.config).stem
+        chosen = run.seeds if run.seeds is not None else seeds
+        if chosen is None:
+            out.append(dataclasses.replace(run, name=name))
+        for k in chosen or []:
+            out.append(dataclasses.replace(run, name=f"{name}-seed{k}", seeds=[k],
+                                           overrides=[*run.overrides, f"train.seed={k}"]))
+    return out
+
+
+def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
+    """The matrix (runs expanded per training seed) and every run's resolved config, all checked before anything
+    trains."""
+    matrix = coerce_params(Matrix, config.read_yaml(path, "matrix"), "")
+    check_matrix(matrix, path)
+    matrix.runs = _per_seed(matrix.runs, matrix.seeds)
     configs = {}
     for i, run in enumerate(matrix.runs):
-        run.name = run.name or Path(run.config).stem
         if run.name in configs:
             raise ConfigError(f"runs[{i}].name", run.name, "is used twice")
         out = Path(matrix.out) / run.name
         configs[run.name] = config.load(run.config, [*run.overrides, f"train.output_dir={out}"])
-    for i, t in enumerate(matrix.teachers):
+    for t in matrix.teachers:
         config.parse({"teacher": {"source": t.source, "resolution": t.resolution}}, for_training=False)
-        if not t.steps or min(t.steps) < 1:
-            raise ConfigError(f"teachers[{i}].steps", t.steps, "must be a list of positive integers")
     return matrix, configs
 
+
+# --- running it ------------------------------------------------------------------------------------------
 
 class _Done:
     """The evaluations already added to the leaderboard, kept in OUT/bench_done.json."""
@@ -94,70 +179,108 @@ def _trained(cfg: config.Config) -> bool:
     return config.load(out / "config.yaml", for_training=False).hash() == cfg.hash()
 
 
-def run(path: Path, log=print) -> Path:
-    """Run the whole matrix; returns the HTML page."""
-    matrix, configs = load_matrix(Path(path))
-    out = Path(matrix.out)
-    out.mkdir(parents=True, exist_ok=True)
-    board = leaderboard.Leaderboard(matrix.leaderboard or out / "leaderboard.sqlite")
-    done = _Done(out / "bench_done.json")
-    base = data.read_prompts(Path(matrix.prompts)) if matrix.prompts else data.DIGIT_PROMPTS
-    scoring = Scoring([p for p in base for _ in range(matrix.num_per_prompt)], matrix.seed,
-                      teacher_reference_steps=matrix.teacher_reference_steps)
-    references: dict[str, torch.Tensor] = {}  # teacher source -> its own many-step samples
+def seedless_hash(cfg: config.Config) -> str:
+    """The recipe without its training seed: the rows of one recipe's seeds share it (the config hash does not)."""
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=0)).hash()
 
-    def reference(method, source: str):
-        if source not in references and matrix.teacher_reference_steps:
-            guidance = by_source.get(source, BenchTeacher(source)).guidance_scale
-            references[source], _ = sample_images(method, scoring.prompts, matrix.teacher_reference_steps,
-                                                  scoring.seed, guidance, teacher=True)
-        return references.get(source)
 
-    def add(key, method, cfg, steps, guidance, teacher, train_step, where, label):
+class _Bench:
+    """One matrix run: what every row shares (scoring, references, the leaderboard, the done-list)."""
+
+    def __init__(self, matrix: Matrix, log):
+        self.m, self.log, self.out = matrix, log, Path(matrix.out)
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.board = leaderboard.Leaderboard(matrix.leaderboard or self.out / "leaderboard.sqlite")
+        self.done = _Done(self.out / "bench_done.json")
+        base = data.read_prompts(Path(matrix.prompts)) if matrix.prompts else data.DIGIT_PROMPTS
+        self.scoring = Scoring([p for p in base for _ in range(matrix.num_per_prompt)], matrix.seed,
+                               teacher_reference_steps=matrix.teacher_reference_steps)
+        self.timing_prompts = [base[i % len(base)] for i in range(matrix.timing.batch_size)]
+        self.by_source = {t.source: t for t in matrix.teachers}
+        self.references: dict[str, torch.Tensor] = {}  # teacher source -> its own many-step samples
+
+    def teacher_guidance(self, source: str) -> float:
+        return self.by_source.get(source, BenchTeacher(source)).guidance_scale
+
+    def reference(self, method, source: str):
+        if source not in self.references and self.m.teacher_reference_steps:
+            self.references[source], _ = sample_images(method, self.scoring.prompts, self.m.teacher_reference_steps,
+                                                       self.scoring.seed, self.teacher_guidance(source), teacher=True)
+        return self.references.get(source)
+
+    def time(self, method, source: str, steps: list[int], guidance: float, teacher: bool) -> dict[int, dict]:
+        t = self.m.timing
+        self.log(f"  timing {'teacher' if teacher else 'student'} at {steps} steps against the teacher at "
+                 f"{t.reference_steps}: {t.repeats} interleaved rounds of batch {t.batch_size}")
+        return speed.timed_costs(method, self.timing_prompts, steps, guidance, teacher, t.reference_steps,
+                                 self.teacher_guidance(source), t.repeats, t.warmup, t.threads, self.m.seed)
+
+    def add(self, key, method, cfg, steps, guidance, teacher, train_step, where, label, cost: dict) -> None:
+        # the teacher-reference samples are made at the matrix's CFG of that teacher; the row's protocol says so
+        ref_guidance = self.teacher_guidance(cfg.teacher.source)
+        scoring = dataclasses.replace(self.scoring, teacher_reference_guidance=ref_guidance)
         row, images = evaluate(method, cfg, steps, scoring, guidance, teacher, train_step, where,
-                               reference(method, cfg.teacher.source))
-        row["grid"] = str(write_grid(images, matrix.num_per_prompt, out / "grids" / f"{label}-{steps}steps.png"))
-        board.add(row)
-        done.add(key)
-        log(f"  {label} at {steps} steps: FID {row['fid']:.3g}, adherence {row.get('adherence', float('nan')):.3f}, "
-            f"NFE {row['nfe']}, {row['ms_per_image']:.1f} ms/image")
+                               self.reference(method, cfg.teacher.source))
+        row.update(cost)  # the timed pass replaces the evaluation's own ms/image
+        if not teacher:
+            row.update(seed=cfg.train.seed, seedless_hash=seedless_hash(cfg))
+        grid = self.out / "grids" / f"{label}-{steps}steps.png"
+        row["grid"] = str(write_grid(images, self.m.num_per_prompt, grid))
+        self.board.add(row)
+        self.done.add(key)
+        self.log(f"  {label} at {steps} steps: FID {row['fid']:.3g}, adherence "
+                 f"{row.get('adherence', float('nan')):.3f}, NFE {row['nfe']}, {row['ms_per_image']:.2f} ms/image "
+                 f"(IQR {row['ms_iqr']:.2f}), {row['speedup']:.3g}x the teacher's {self.m.timing.reference_steps} "
+                 "steps")
 
-    by_source = {t.source: t for t in matrix.teachers}
-    for t in matrix.teachers:
+    def teacher(self, t: BenchTeacher) -> None:
         cfg = config.parse({"teacher": {"source": t.source, "resolution": t.resolution},
                             "sample": {"guidance_scale": t.guidance_scale}}, for_training=False)
-        todo = [s for s in t.steps if f"teacher|{cfg.hash()}|{s}" not in done]
+        todo = [s for s in t.steps if f"teacher|{cfg.hash()}|{s}" not in self.done]
         if not todo:
-            continue
-        log(f"teacher {t.source}: baselines at {todo} steps, CFG {t.guidance_scale}")
+            return
+        self.log(f"teacher {t.source}: baselines at {todo} steps, CFG {t.guidance_scale}")
         method = build_method(cfg, "cuda" if torch.cuda.is_available() else "cpu").eval()
         label = "teacher-" + t.source.replace("builtin:", "").replace("/", "_")
+        cost = self.time(method, t.source, todo, t.guidance_scale, True)
         for s in todo:
-            add(f"teacher|{cfg.hash()}|{s}", method, cfg, s, t.guidance_scale, True, 0, t.source, label)
+            self.add(f"teacher|{cfg.hash()}|{s}", method, cfg, s, t.guidance_scale, True, 0, t.source, label, cost[s])
 
-    for i, r in enumerate(matrix.runs):
-        cfg = configs[r.name]
-        todo = [s for s in r.steps if f"{r.name}|{cfg.hash()}|{s}" not in done]
+    def run(self, i: int, r: BenchRun, cfg: config.Config) -> None:
+        todo = [s for s in r.steps if f"{r.name}|{cfg.hash()}|{s}" not in self.done]
         if not todo:
-            continue
-        run_dir = Path(cfg.train.output_dir)
+            return
+        run_dir, head = Path(cfg.train.output_dir), f"[{i + 1}/{len(self.m.runs)}] {r.name}"
         if _trained(cfg):
-            log(f"[{i + 1}/{len(matrix.runs)}] {r.name}: already trained in {run_dir}")
+            self.log(f"{head}: already trained in {run_dir}")
         else:
             resume = "latest" if (run_dir / "checkpoints" / "latest").exists() else None
-            log(f"[{i + 1}/{len(matrix.runs)}] {r.name}: training {cfg.method.name} ({cfg.student.kind}) of "
-                f"{cfg.teacher.source}{', resuming' if resume else ''}")
-            train(cfg, resume=resume)
-        ckpt, cfg, method, step = load_run(run_dir)
+            self.log(f"{head}: training {cfg.method.name} ({cfg.student.kind}) of {cfg.teacher.source}, seed "
+                     f"{cfg.train.seed}{', resuming' if resume else ''}")
+            train(cfg, resume=resume, restart=resume is None)  # a bench run folder is its own
+        ckpt, run_cfg, method, step = load_run(run_dir)
+        guidance = cfg.sample.guidance_scale if r.guidance_scale is None else r.guidance_scale
+        # A progressive run's milestones share the final student's architecture, so one timed pass of the
+        # final student stands for every step count.
+        cost = self.time(method, cfg.teacher.source, todo, guidance, False)
         for s in todo:
             at = method.checkpoint_for(s)  # progressive: the round that ends sampling in s steps
             if at is not None and at != step:
-                ckpt, cfg, method, step = load_run(run_dir / "checkpoints" / f"step-{at:08d}")
-            add(f"{r.name}|{configs[r.name].hash()}|{s}", method, cfg, s, r.guidance_scale, False, step, str(ckpt),
-                r.name)
+                ckpt, run_cfg, method, step = load_run(run_dir / "checkpoints" / f"step-{at:08d}")
+            self.add(f"{r.name}|{cfg.hash()}|{s}", method, run_cfg, s, r.guidance_scale, False, step, str(ckpt),
+                     r.name, cost[s])
 
-    rows = board.rows("fid")
+
+def run(path: Path, log=print) -> Path:
+    """Run the whole matrix; returns the HTML page."""
+    matrix, configs = load_matrix(Path(path))
+    bench = _Bench(matrix, log)
+    for t in matrix.teachers:
+        bench.teacher(t)
+    for i, r in enumerate(matrix.runs):
+        bench.run(i, r, configs[r.name])
+    rows = bench.board.rows("fid")
     log(leaderboard.table(rows))
-    md, html = leaderboard.write_reports(rows, out)
-    log(f"{len(rows)} rows in {board.path}; wrote {md} and {html}")
+    md, html = leaderboard.write_reports(rows, bench.out)
+    log(f"{len(rows)} rows in {bench.board.path}; wrote {md} and {html}")
     return html

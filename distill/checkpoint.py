@@ -80,6 +80,21 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
+    """Weights with NaN or inf must never be saved or exported: they load fine and sample garbage."""
+    for name, v in tensors.items():
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise DistillError(f"{what}: {name} holds NaN or inf values; nothing was written")
+
+
+def run_marker(folder: Path) -> str | None:
+    """The entry that shows `folder` already holds a run (checkpoints, a saved student, metrics), or None."""
+    for name in ("checkpoints", "student", "metrics.jsonl", "config.yaml"):
+        if (Path(folder) / name).exists():
+            return name
+    return None
+
+
 def clean_partial(root: Path) -> None:
     """Remove checkpoint folders a killed run left half-written."""
     for tmp in (Path(root) / "checkpoints").glob(".*.tmp"):

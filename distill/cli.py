@@ -5,12 +5,49 @@ User errors print one line (`error: ...`) and exit with code 2; `--debug` shows 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import re
 import sys
+import tempfile
+import time
+import traceback
 from pathlib import Path
 
+from distill.config import MAX_STEPS
 from distill.errors import DistillError
+
+
+def _int_in(lo: int, hi: int | None = None):
+    """An argparse type: a whole number in [lo, hi], so a bad value fails before any model loads."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < lo or (hi is not None and value > hi):
+            raise argparse.ArgumentTypeError(f"{value} is out of range; allowed: {lo} to {hi if hi else 'any'}")
+        return value
+    return parse
+
+
+def _guidance(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not allowed; give a finite number >= 1 (1 means no CFG)")
+    return value
+
+
+POSITIVE, STEPS, SEED = _int_in(1), _int_in(1, MAX_STEPS), _int_in(0, 2**63 - 1)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """One line, like every other error, instead of the usage block."""
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
 
 
 def _train(args) -> None:
@@ -18,20 +55,29 @@ def _train(args) -> None:
     from distill.trainer import train
 
     cfg = config.load(args.config, args.overrides)
-    train(cfg, resume=args.resume, stop_after=args.stop_after_steps)
-    print(f"run saved in {cfg.train.output_dir}")
+    if args.resume and args.restart:
+        raise DistillError("--resume continues the run in train.output_dir and --restart moves it aside; give one")
+    train(cfg, resume=args.resume, stop_after=args.stop_after_steps, restart=args.restart)
+    latest = Path(cfg.train.output_dir).expanduser() / "checkpoints" / "latest"
+    reached = int(latest.read_text().removeprefix("step-"))
+    if reached < cfg.train.max_steps:
+        print(f"stopped at step {reached} of {cfg.train.max_steps}; checkpoint saved in {cfg.train.output_dir}; "
+              "continue with --resume latest")
+    else:
+        print(f"run saved in {cfg.train.output_dir}")
 
 
 def _generate(args) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from distill import checkpoint, config, data, speed
+    from distill import checkpoint, config, data, paths, speed
     from distill.sampling import ddim_sample, to_pil
     from distill.trainer import build_method
 
     if not Path(args.run).is_dir():
         raise DistillError(f"{args.run} is neither a run folder nor a checkpoint folder")
+    out = paths.check_writable(Path(args.out), "--out")
     ckpt = checkpoint.find(Path(args.run), args.run)
     cfg = config.load(ckpt / "config.yaml", args.overrides, for_training=False)
     prompts = list(args.prompt or []) + (data.read_prompts(Path(args.prompts)) if args.prompts else [])
@@ -51,7 +97,6 @@ def _generate(args) -> None:
     teacher = method.teacher
     size = cfg.sample.height or cfg.teacher.resolution, cfg.sample.width or cfg.teacher.resolution
     shape = teacher.latent_shape(*size)
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
     guidance = args.guidance_scale if args.guidance_scale is not None else cfg.sample.guidance_scale
@@ -73,18 +118,23 @@ def _generate(args) -> None:
 
 
 def _eval(args) -> None:
-    from distill import data, leaderboard
-    from distill.evaluate import Scoring, evaluate, load_run, write_grid
+    from distill import data, leaderboard, paths
+    from distill.evaluate import Scoring, evaluate, load_run, protocol, write_grid
 
+    if args.out:
+        paths.check_writable(Path(args.out), "--out")
     base = data.read_prompts(Path(args.prompts)) if args.prompts else data.DIGIT_PROMPTS
     scoring = Scoring([p for p in base for _ in range(args.num_per_prompt)], args.seed, args.reference,
-                      args.extractor, args.extractor_weights, args.teacher_reference_steps)
-    board = leaderboard.Leaderboard(args.db)  # a locked or corrupt file fails here, before any sampling
+                      args.extractor, args.extractor_weights, args.teacher_reference_steps,
+                      reference_size=args.reference_size, bootstrap=args.bootstrap)
+    board = leaderboard.Leaderboard(args.db)  # a locked, corrupt or foreign file fails here, before any sampling
     ckpt, cfg, method, step = load_run(Path(args.run))
-    row, images = evaluate(method, cfg, args.steps, scoring, args.guidance_scale, args.teacher, step, str(ckpt))
+    guidance = cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
+    board.check_protocol(protocol(scoring, cfg, guidance, args.teacher), args.new_table)  # before sampling
+    row, images = evaluate(method, cfg, args.steps, scoring, guidance, args.teacher, step, str(ckpt))
     out = Path(args.out or ckpt / "eval")
     row["grid"] = str(write_grid(images, args.num_per_prompt, out / f"{row['method']}-{args.steps}steps.png"))
-    row_id = board.add(row)
+    row_id = board.add(row, new_table=args.new_table)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
     print(" ".join(f"{k}={v}" for k, v in shown.items()))
     print(f"added row {row_id} to {args.db}; sample grid {row['grid']}")
@@ -100,11 +150,17 @@ def _export(args) -> None:
 
 
 def _bench_speed(args) -> None:
-    from distill import speed
+    from distill import paths, speed
+
+    if args.out:
+        if Path(args.out).is_dir():
+            raise DistillError(f"--out {args.out} is a folder; give the Markdown file to write")
+        paths.check_writable(Path(args.out).parent, "--out")
 
     text = speed.bench(Path(args.run), args.steps, args.teacher_steps, args.teacher_guidance, args.batch_size,
                        args.repeats, dict(compile=args.compile, channels_last=args.channels_last,
-                                          fuse_qkv=args.fuse_qkv), args.amp, args.train, Path(args.db))
+                                          fuse_qkv=args.fuse_qkv), args.amp, args.train, Path(args.db),
+                       threads=args.threads)
     print(text)
     if args.out:
         from distill.leaderboard import write_atomic
@@ -121,32 +177,39 @@ def _bench(args) -> None:
 
 
 def _make_teacher(args) -> None:
+    from distill import paths
     from teachers import tiny
 
     out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
+    if out.is_dir() and any(out.iterdir()):
         raise DistillError(f"{out} exists and is not empty; choose a new folder")
+    paths.check_writable(out, "make-teacher OUT")
     tiny.build(args.name, out)
     print(f"wrote tiny {args.name} pipeline to {out}")
 
 
 def _cache(args) -> None:
     import teachers
-    from distill import config, data
+    from distill import config, data, paths
 
+    out = Path(args.out)
+    if out.suffix != ".safetensors" or out.is_dir():
+        raise DistillError(f"--out {out} must name the .safetensors file to write")
+    paths.check_writable(out.parent, "--out")
     cfg = config.load(args.config, args.overrides)
     teacher = teachers.load(cfg.teacher)
     dataset = data.build(cfg.data, cfg.teacher.resolution, teacher, cfg.train.seed)
-    path = data.write_cache(teacher, dataset, Path(args.out), cfg.data.batch_size, cfg.train.seed)
+    path = data.write_cache(teacher, dataset, out, cfg.data.batch_size, cfg.train.seed)
     print(f"cached {len(dataset)} samples to {path}; train with data.kind=latents data.path={path}")
 
 
 def _leaderboard(args) -> None:
-    from distill import leaderboard
+    from distill import leaderboard, paths
 
     if not Path(args.db).is_file():
         raise DistillError(f"no leaderboard at {args.db}; evaluations add rows to it (set --db to another file)")
-    board = leaderboard.Leaderboard(args.db)
+    paths.check_writable(Path(args.out), "--out")
+    board = leaderboard.Leaderboard(args.db, readonly=True)  # viewing never writes to the file
     rows = board.rows(args.sort)
     print(leaderboard.table(rows))
     md, page = leaderboard.write_reports(rows, Path(args.out))
@@ -154,7 +217,7 @@ def _leaderboard(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distill", description="Distil SDXL / SD3 teachers into few-step students.")
+    p = _Parser(prog="distill", description="Distil SDXL / SD3 teachers into few-step students.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -162,7 +225,9 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("config", help="experiments/<run>.yaml")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=200")
     t.add_argument("--resume", help="'latest' (in train.output_dir) or a checkpoint folder")
-    t.add_argument("--stop-after-steps", type=int, help="run at most this many steps now, checkpoint, exit "
+    t.add_argument("--restart", action="store_true", help="train.output_dir holds a run: move it aside to "
+                   "<output_dir>.old-<time> and start over")
+    t.add_argument("--stop-after-steps", type=POSITIVE, help="run at most this many steps now, checkpoint, exit "
                    "(for time-limited jobs; resume later with --resume latest)")
     t.set_defaults(func=_train)
 
@@ -171,11 +236,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. sample.height=128")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
     g.add_argument("--prompts", help="a .txt (one per line) or .jsonl ({\"prompt\": ...}) file")
-    g.add_argument("--steps", type=int, help="sampling steps (default: sample.steps of the run)")
-    g.add_argument("--guidance-scale", type=float, help="CFG scale at sampling (1 = none)")
-    g.add_argument("--num-per-prompt", type=int, default=1)
-    g.add_argument("--batch-size", type=int, default=8)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--steps", type=STEPS, help="sampling steps (default: sample.steps of the run)")
+    g.add_argument("--guidance-scale", type=_guidance, help="CFG scale at sampling (1 = none)")
+    g.add_argument("--num-per-prompt", type=POSITIVE, default=1)
+    g.add_argument("--batch-size", type=POSITIVE, default=8)
+    g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--teacher", action="store_true", help="sample the teacher (DDIM) instead of the student")
     g.add_argument("--out", required=True, help="folder for the PNGs")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone (slow first batch; "
@@ -187,16 +252,22 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="sample with fixed seeds, measure FID/KID, adherence and cost, add a row")
     e.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
-    e.add_argument("--steps", type=int, required=True, help="sampling steps")
+    e.add_argument("--steps", type=STEPS, required=True, help="sampling steps")
     e.add_argument("--teacher", action="store_true", help="evaluate the run's teacher (DDIM) instead of the student")
     e.add_argument("--prompts", help="prompts file (default: 'a handwritten digit 0' .. '9')")
-    e.add_argument("--num-per-prompt", type=int, default=50)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--guidance-scale", type=float, help="CFG scale, or w for a student that reads w")
+    e.add_argument("--num-per-prompt", type=POSITIVE, default=100,
+                   help="samples per prompt (default 100: 1,000 for the ten digit prompts)")
+    e.add_argument("--seed", type=SEED, default=0)
+    e.add_argument("--guidance-scale", type=_guidance, help="CFG scale, or w for a student that reads w")
     e.add_argument("--reference", default="digits", help="reference images for FID/KID (digits)")
+    e.add_argument("--reference-size", type=POSITIVE, help="real images FID/KID compare with (default: all; "
+                   "the 1,797 digits)")
+    e.add_argument("--bootstrap", type=POSITIVE, default=200, help="resamples for FID's 95%% interval")
+    e.add_argument("--new-table", action="store_true", help="start a new table when the leaderboard holds rows "
+                   "measured under another protocol (samples, reference, extractor, resolution, seeds)")
     e.add_argument("--extractor", default="distill-digits", help="torch-fidelity feature extractor")
     e.add_argument("--extractor-weights", help="local weights file for the feature extractor")
-    e.add_argument("--teacher-reference-steps", type=int, default=0,
+    e.add_argument("--teacher-reference-steps", type=_int_in(0, MAX_STEPS), default=0,
                    help="also score against the teacher's own samples at this many steps (e.g. 50)")
     e.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"))
     e.add_argument("--out", help="folder for the sample grid (default: <checkpoint>/eval)")
@@ -209,7 +280,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("--format", action="append", help="lora | kohya | merged (repeatable; default: lora, and kohya "
                    "for SDXL, for a LoRA student; merged for a full one)")
     x.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 weights")
-    x.add_argument("--steps", type=int, help="the sampling steps the card and scheduler recommend "
+    x.add_argument("--steps", type=STEPS, help="the sampling steps the card and scheduler recommend "
                    "(default: sample.steps of the run)")
     x.add_argument("--prompt", action="append", help="prompt for the card's sample grid (repeatable)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
@@ -225,11 +296,15 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench-speed", help="time a student and its teacher side by side (or, with --train, a "
                         "training step of every method)")
     sp.add_argument("run", help="a run folder or checkpoint")
-    sp.add_argument("--steps", type=int, nargs="+", default=[1, 2, 4], help="student steps")
-    sp.add_argument("--teacher-steps", type=int, default=50)
-    sp.add_argument("--teacher-guidance", type=float, default=5.0, help="the teacher's CFG scale")
-    sp.add_argument("--batch-size", type=int, default=10, help="images per call (prompts cycle through the digits)")
-    sp.add_argument("--repeats", type=int, default=3)
+    sp.add_argument("--steps", type=STEPS, nargs="+", default=[1, 2, 4], help="student steps")
+    sp.add_argument("--teacher-steps", type=STEPS, default=50)
+    sp.add_argument("--teacher-guidance", type=_guidance, default=5.0, help="the teacher's CFG scale")
+    sp.add_argument("--batch-size", type=POSITIVE, default=10,
+                    help="images per call (prompts cycle through the digits)")
+    sp.add_argument("--repeats", type=POSITIVE, default=10, help="timed rounds, at least 10: median and IQR, "
+                    "configurations interleaved round-robin")
+    sp.add_argument("--threads", type=POSITIVE, help="torch threads while measuring (default: torch's current "
+                    "setting); recorded with the figures")
     sp.add_argument("--compile", action="store_true", help="also time with torch.compile")
     sp.add_argument("--channels-last", action="store_true")
     sp.add_argument("--fuse-qkv", action="store_true", help="fused QKV projections (a LoRA is fused first)")
@@ -285,7 +360,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # a bug, not a user error: one line here, the whole story in a file
+        if args.debug:
+            raise
+        log = _write_traceback(args.command)
+        first = " ".join((str(e).splitlines() or [""])[0].split())[:200]
+        print(f"error: distill {args.command} failed unexpectedly ({type(e).__name__}: {first}); the traceback is "
+              f"in {log} (or run again with --debug)", file=sys.stderr)
+        return 1
     return 0
+
+
+def _write_traceback(command: str) -> str:
+    path = Path(tempfile.gettempdir()) / f"distill-{command}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+    try:
+        path.write_text(traceback.format_exc())
+    except OSError:
+        return "nowhere (the temp folder is not writable)"
+    return str(path)
 
 
 if __name__ == "__main__":

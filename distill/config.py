@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -24,6 +25,13 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 BUILTIN_TEACHERS = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:tiny-sdxl", "builtin:tiny-sd3",
                     "builtin:gmm-vp", "builtin:gmm-flow")
 FAMILIES = ("sdxl", "sd3", "gmm")
+# Every supported family is trained on 1,000 discrete times, so no sampler has more distinct steps to take.
+MAX_STEPS = 1000
+FLOAT32_MAX = 3.4028234663852886e38  # the largest rate the optimisers' float32 arithmetic accepts
+MAX_PIXELS = 4096  # twice SDXL's and SD3's largest trained size; more only exhausts memory
+MAX_YAML_BYTES = 1 << 20  # a run config or matrix is a few KB; more is a mistake or an attack
+MAX_YAML_VALUES = 100_000  # aliases that expand into each other reach billions of values from a few hundred bytes
+WRITTEN_BY = "# written by distill: the resolved config of this run (edits here are not read back)\n"
 
 
 @dataclass
@@ -116,7 +124,16 @@ class Config:
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
     def dump(self, path: Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+        """The first line marks the file as distill's, so a user's own config.yaml is never taken for it."""
+        Path(path).write_text(WRITTEN_BY + yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+
+def written_by_distill(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(WRITTEN_BY)) == WRITTEN_BY.encode()
+    except OSError:
+        return False
 
 
 CHOICES = {
@@ -133,6 +150,29 @@ POSITIVE = ("teacher.resolution", "teacher.max_text_length", "student.lora_rank"
             "train.log_every", "train.max_nonfinite_steps", "sample.steps")
 
 
+# Numeric fields outside these ranges train silently wrong (a negative clip norm flips the gradient), so each
+# is refused with what is allowed. A None value (an optional field left unset) is not checked.
+RANGES = {
+    "train.learning_rate": (lambda v: 0 < v <= FLOAT32_MAX, f"must be a number in (0, {FLOAT32_MAX:.3g}]"),
+    "train.adam_beta1": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "train.adam_beta2": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "train.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "must be a finite number >= 0"),
+    "train.max_grad_norm": (lambda v: math.isfinite(v) and v >= 0,
+                            "must be a finite number >= 0 (0 disables clipping)"),
+    "train.seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2^63)"),
+    "train.warmup_steps": (lambda v: 0 <= v, "must be >= 0"),
+    "train.keep_checkpoints": (lambda v: 0 <= v, "must be >= 0 (0 keeps all)"),
+    "data.num_workers": (lambda v: 0 <= v, "must be >= 0"),
+    "student.ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "student.lora_alpha": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
+    "sample.guidance_scale": (lambda v: math.isfinite(v) and v >= 1, "must be a finite number >= 1 (1 means no CFG)"),
+    "sample.steps": (lambda v: 1 <= v <= MAX_STEPS, f"must be in [1, {MAX_STEPS}]"),
+    "teacher.resolution": (lambda v: 8 <= v <= MAX_PIXELS, f"must be in [8, {MAX_PIXELS}]"),
+    "sample.height": (lambda v: 8 <= v <= MAX_PIXELS and v % 8 == 0, f"must be a multiple of 8 in [8, {MAX_PIXELS}]"),
+    "sample.width": (lambda v: 8 <= v <= MAX_PIXELS and v % 8 == 0, f"must be a multiple of 8 in [8, {MAX_PIXELS}]"),
+}
+
+
 def parse(raw: dict, overrides: list[str] = (), for_training: bool = True) -> Config:
     """Build a Config from a nested dict and `a.b=value` overrides, then check it (data paths only when it
     is for training: a checkpoint's config must still load where its data is gone)."""
@@ -147,7 +187,7 @@ def parse(raw: dict, overrides: list[str] = (), for_training: bool = True) -> Co
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(key, item, f"'{p}' is not a section")
-        node[leaf] = yaml.safe_load(value)
+        node[leaf] = _override_value(key, value)
     cfg = _build(Config, raw, "")
     validate(cfg)
     if for_training:
@@ -155,15 +195,68 @@ def parse(raw: dict, overrides: list[str] = (), for_training: bool = True) -> Co
     return cfg
 
 
+def _override_value(key: str, value: str):
+    """YAML when the whole text is one YAML value, else the text itself: `run #2` is a name, not `run` plus a
+    comment."""
+    try:
+        node = yaml.compose(value)
+    except yaml.YAMLError as e:
+        raise ConfigError(key, value, f"not a valid YAML value ({_yaml_problem(e)})") from e
+    if node is None:
+        return None
+    if value[node.end_mark.index:].strip():
+        return value
+    if _expanded_size(node, {}) > MAX_YAML_VALUES:
+        raise ConfigError(key, value[:80], f"expands to more than {MAX_YAML_VALUES} values through YAML aliases")
+    return yaml.safe_load(value)
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    return " ".join(str(getattr(e, "problem", None) or e).split())
+
+
+def _expanded_size(node, seen: dict) -> int:
+    """How many values a YAML node graph holds once its aliases are expanded, counted without expanding them
+    (each shared node once, by identity); stops counting past the limit."""
+    if node is None or isinstance(node, yaml.ScalarNode):
+        return 1
+    if id(node) in seen:
+        return seen[id(node)]
+    seen[id(node)] = MAX_YAML_VALUES + 1  # a node that contains itself expands without end
+    children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else node.value
+    total = 1
+    for child in children:
+        total += _expanded_size(child, seen)
+        if total > MAX_YAML_VALUES:
+            break
+    seen[id(node)] = total
+    return total
+
+
 def read_yaml(path: str | Path, what: str = "config") -> dict:
-    """A YAML file holding a mapping, or a one-line ConfigError naming what is wrong with it."""
+    """A YAML file holding a non-empty mapping, or a one-line ConfigError naming what is wrong with it."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(what, str(path), f"is a folder; give the {what} file (.yaml) inside it")
     if not path.is_file():
         raise ConfigError(what, str(path), f"no such {what} file")
+    if path.stat().st_size > MAX_YAML_BYTES:
+        raise ConfigError(what, str(path), f"is {path.stat().st_size} bytes; a {what} file is at most "
+                          f"{MAX_YAML_BYTES} bytes")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text(encoding="utf-8")
+        values = _expanded_size(yaml.compose(text), {})
+        if values > MAX_YAML_VALUES:
+            raise ConfigError(what, str(path), f"expands to more than {MAX_YAML_VALUES} values through YAML aliases")
+        raw = yaml.safe_load(text)
+    except UnicodeDecodeError as e:
+        raise ConfigError(what, str(path), f"is not UTF-8 text (byte {e.start})") from e
     except yaml.YAMLError as e:
-        raise ConfigError(what, str(path), f"not valid YAML ({str(e).splitlines()[0]})") from e
+        raise ConfigError(what, str(path), f"not valid YAML ({_yaml_problem(e)})") from e
+    except OSError as e:
+        raise ConfigError(what, str(path), f"cannot be read ({e.strerror})") from e
+    if not raw:
+        raise ConfigError(what, str(path), f"the {what} file is empty; see experiments/ for examples")
     if not isinstance(raw, dict):
         raise ConfigError(what, str(path), "the file must hold a mapping of sections")
     return raw
@@ -210,6 +303,11 @@ def _coerce(tp, value, where: str):
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML 1.1 reads 1e-4 (no dot) as text
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if (tp in (int, float) and isinstance(value, bool)) or not isinstance(value, tp):
         raise ConfigError(where, value, f"expected {tp.__name__}")
     return value
@@ -228,22 +326,19 @@ def validate(cfg: Config) -> None:
     for dotted in POSITIVE:
         if _get(cfg, dotted) <= 0:
             raise ConfigError(dotted, _get(cfg, dotted), "must be a positive integer")
-    if not 0.0 <= cfg.student.ema_decay < 1.0:
-        raise ConfigError("student.ema_decay", cfg.student.ema_decay, "must be in [0, 1)")
-    if cfg.train.learning_rate <= 0:
-        raise ConfigError("train.learning_rate", cfg.train.learning_rate, "must be > 0")
-    if cfg.train.warmup_steps < 0:
-        raise ConfigError("train.warmup_steps", cfg.train.warmup_steps, "must be >= 0")
+    for dotted, (ok, allowed) in RANGES.items():
+        value = _get(cfg, dotted)
+        if value is not None and not ok(value):
+            raise ConfigError(dotted, value, allowed)
     for turn, k in cfg.train.turn_every.items():
         if not isinstance(k, int) or isinstance(k, bool) or k < 1:
             raise ConfigError(f"train.turn_every.{turn}", k, "must be a positive integer")
     for turn, lr in cfg.train.turn_learning_rates.items():
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr <= 0:
-            raise ConfigError(f"train.turn_learning_rates.{turn}", lr, "must be a number > 0")
-    if cfg.train.keep_checkpoints < 0:
-        raise ConfigError("train.keep_checkpoints", cfg.train.keep_checkpoints, "must be >= 0 (0 keeps all)")
-    if cfg.data.num_workers < 0:
-        raise ConfigError("data.num_workers", cfg.data.num_workers, "must be >= 0")
+        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 < lr <= FLOAT32_MAX:
+            raise ConfigError(f"train.turn_learning_rates.{turn}", lr, f"must be a number in (0, {FLOAT32_MAX:.3g}]")
+    for dotted in ("train.output_dir", "teacher.source"):
+        if not _get(cfg, dotted).strip():
+            raise ConfigError(dotted, _get(cfg, dotted), "must not be empty")
     if cfg.teacher.resolution % 8:
         raise ConfigError("teacher.resolution", cfg.teacher.resolution, "must be a multiple of 8")
     if cfg.student.guidance_embedding and cfg.student.kind != "full":

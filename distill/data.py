@@ -38,9 +38,27 @@ def open_image(data, name: str) -> Image.Image:
         raise BadSample(f"{name} is not a readable image ({type(e).__name__})") from e
 
 
+def to_rgb(img: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode. Pillow's own convert clips 16-bit and float pixels to 255 (near-white images),
+    so those are rescaled by their mode's full range first; transparent pixels are laid on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        full = 1.0 if img.mode == "F" else 65535.0
+        pixels = np.asarray(img, dtype=np.float64)
+        if img.mode == "I" and pixels.max(initial=0) <= 255:  # 8-bit values stored in a 32-bit mode
+            full = 255.0
+        img = Image.fromarray(np.clip(pixels / full * 255 + 0.5, 0, 255).astype(np.uint8), "L")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        white = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        img = Image.alpha_composite(white, img)
+    return img.convert("RGB")
+
+
 def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
     """Resize the short side to `resolution`, centre-crop, scale to [-1, 1]."""
-    img = img.convert("RGB")
+    img = to_rgb(img)
     scale = resolution / min(img.size)
     img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
                      Image.BICUBIC)
@@ -50,16 +68,31 @@ def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
 
 
 def read_prompts(path: Path) -> list[str]:
-    if not Path(path).is_file():
+    """Prompts from a .txt file (one a line) or a .jsonl file ({"prompt": ...} a line), UTF-8."""
+    path = Path(path)
+    if path.is_dir():
+        raise DistillError(f"prompts file {path} is a folder; give a .txt or .jsonl file")
+    if not path.is_file():
         raise DistillError(f"prompts file {path} does not exist")
-    text = Path(path).read_text()
-    if Path(path).suffix == ".jsonl":
-        prompts = [json.loads(line)["prompt"] for line in text.splitlines() if line.strip()]
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise DistillError(f"prompts file {path} is not UTF-8 text (byte {e.start})") from e
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    prompts = [_jsonl_prompt(path, n, line) for n, line in lines] if path.suffix == ".jsonl" else [p for _, p in lines]
     if not prompts:
         raise DistillError(f"prompts file {path} holds no prompts")
     return prompts
+
+
+def _jsonl_prompt(path: Path, n: int, line: str) -> str:
+    try:
+        prompt = json.loads(line)["prompt"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise DistillError(f"prompts file {path} line {n} is not a JSON object with a \"prompt\"") from e
+    if not isinstance(prompt, str):
+        raise DistillError(f"prompts file {path} line {n}: \"prompt\" must be a string")
+    return prompt
 
 
 class Prompts(torch.utils.data.Dataset):
@@ -86,7 +119,11 @@ class ImageFolder(torch.utils.data.Dataset):
             raise DistillError(f"image folder {folder} has no metadata.jsonl (lines of "
                                '{"file_name": "a.png", "text": "a caption"})')
         self.items = []
-        for n, line in enumerate(meta.read_text().splitlines(), 1):
+        try:
+            text = meta.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise DistillError(f"{meta} is not UTF-8 text (byte {e.start})") from e
+        for n, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -167,6 +204,19 @@ class LatentCache(torch.utils.data.Dataset):
     def __getitem__(self, i):
         return {k: v[i] for k, v in self.tensors.items()}
 
+    @torch.no_grad()
+    def check_fits(self, teacher, path: Path) -> None:
+        """A cache made by another teacher has other latent channels or text-embedding shapes; training on it
+        would fail deep in the backbone, or worse, run."""
+        x, cond = teacher.probe()
+        want = {"latents": tuple(x.shape[1:2]), **{f"cond.{k}": tuple(v.shape[1:]) for k, v in cond.flat().items()}}
+        have = {k: tuple(v.shape[1:2] if k == "latents" else v.shape[1:]) for k, v in self.tensors.items()}
+        has_cond = any(k.startswith("cond.") for k in have)  # without, prompts are encoded while training
+        for key in sorted(want):
+            if (has_cond or key == "latents") and want[key] != have.get(key):
+                raise DistillError(f"latent cache {path} was made by another teacher: its {key} has shape "
+                                   f"{have.get(key)}, this teacher's {want.get(key)}; rebuild it with distill cache")
+
 
 DIGIT_PROMPTS = [f"a handwritten digit {k}" for k in range(10)]
 
@@ -235,6 +285,8 @@ def build(cfg: DataConfig, resolution: int, teacher=None, seed: int = 0):
         ds = TarShards(path, resolution)
     elif cfg.kind == "latents":
         ds = LatentCache(path)
+        if teacher is not None:
+            ds.check_fits(teacher, path)
     elif cfg.kind == "digits":
         ds = Digits(resolution)
     else:

@@ -6,6 +6,7 @@ evaluations per image (CFG counted), milliseconds per image end to end, peak mem
 """
 from __future__ import annotations
 
+import hashlib
 import re
 import resource
 import subprocess
@@ -69,13 +70,24 @@ def nfe(method, steps: int, guidance: float, teacher: bool) -> int:
     return steps * (2 if cfg else 1)
 
 
-def reference_images(kind: str, resolution: int, n: int) -> torch.Tensor:
+def reference_images(kind: str, resolution: int, n: int | None = None) -> torch.Tensor:
+    """The first n real images of the reference set (all of them when n is None: 1,797 for digits)."""
     if kind != "digits":
         raise DistillError(f"unknown reference '{kind}'; allowed: digits")
     from distill.data import Digits
 
     ds = Digits(resolution)
-    return torch.stack([ds[i]["image"] for i in range(min(n, len(ds)))])
+    return torch.stack([ds[i]["image"] for i in range(len(ds) if n is None else min(n, len(ds)))])
+
+
+def reference_count(kind: str, n: int | None = None) -> int:
+    """How many real images `reference_images(kind, _, n)` gives, without loading them."""
+    if kind != "digits":
+        raise DistillError(f"unknown reference '{kind}'; allowed: digits")
+    from distill.data import Digits
+
+    total = len(Digits(8))
+    return total if n is None else min(n, total)
 
 
 @dataclass
@@ -88,6 +100,28 @@ class Scoring:
     extractor: str = metrics.DIGITS_EXTRACTOR
     extractor_weights: str | None = None
     teacher_reference_steps: int = 0  # also score against the teacher's own samples at this many steps
+    reference_size: int | None = None  # real images FID/KID compare with; None: the whole set (1,797 digits)
+    bootstrap: int = 200  # resamples for FID's 95% interval
+    teacher_reference_guidance: float | None = None  # CFG of those samples (default: the config's)
+
+
+def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> dict:
+    """How a row was measured. Rows are ranked together only when the fields in leaderboard.PROTOCOL_KEY agree;
+    guidance and sampler describe the row itself and are recorded with it."""
+    distinct = list(dict.fromkeys(scoring.prompts))
+    ref_size = reference_count(scoring.reference, scoring.reference_size)
+    ref_steps = scoring.teacher_reference_steps
+    ref_guidance = cfg.sample.guidance_scale if scoring.teacher_reference_guidance is None \
+        else scoring.teacher_reference_guidance
+    return {"samples": len(scoring.prompts), "num_prompts": len(distinct),
+            "prompts": hashlib.sha256("\n".join(scoring.prompts).encode()).hexdigest()[:12],
+            "prompt_examples": [p[:60] for p in distinct[:64]], "reference": scoring.reference,
+            "reference_size": ref_size, "extractor": scoring.extractor,
+            "extractor_weights": Path(scoring.extractor_weights).name if scoring.extractor_weights else None,
+            "resolution": cfg.teacher.resolution, "eval_seeds": [scoring.seed], "bootstrap": scoring.bootstrap,
+            "teacher_reference_steps": ref_steps or None,
+            "teacher_reference_guidance": ref_guidance if ref_steps else None,
+            "guidance": guidance, "sampler": "teacher DDIM" if teacher else f"{cfg.method.name} student"}
 
 
 def load_run(run: Path) -> tuple[Path, Config, Method, int]:
@@ -107,28 +141,35 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
              teacher_images: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
     """One leaderboard row for a method's student (or, with `teacher`, its teacher) and the images it was made
     from. `teacher_images` are the teacher-reference samples when the caller already has them."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise DistillError(f"steps must be an integer >= 1 (got {steps!r})")
+    if not scoring.prompts:
+        raise DistillError("evaluation needs at least one prompt")
     prompts, device = scoring.prompts, method.teacher.device
     guidance = cfg.sample.guidance_scale if guidance is None else guidance
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     images, ms = sample_images(method, prompts, steps, scoring.seed, guidance, teacher)
-    ref = reference_images(scoring.reference, cfg.teacher.resolution, len(prompts))
+    ref = reference_images(scoring.reference, cfg.teacher.resolution, scoring.reference_size)
     row = {"teacher": cfg.teacher.source, "method": "teacher" if teacher else cfg.method.name,
            "student": "-" if teacher else cfg.student.kind, "steps": steps, "nfe": nfe(method, steps, guidance, teacher),
            "ms_per_image": ms, "peak_memory_mb": peak_memory_mb(device),
            "train_steps": 0 if teacher else train_step, "config_hash": cfg.hash(), "git_commit": git_commit(),
-           "guidance": guidance, "samples": len(prompts), "run": run}
-    quality = metrics.fid_kid(images, ref, scoring.extractor, scoring.extractor_weights)
-    row.update(fid=quality["fid"], kid=quality["kid"])
+           "guidance": guidance, "samples": len(prompts), "run": run,
+           "protocol": protocol(scoring, cfg, guidance, teacher)}
+    row.update(metrics.fid_kid(images, ref, scoring.extractor, scoring.extractor_weights, scoring.bootstrap,
+                               scoring.seed))
     labels = [DIGIT.search(p) for p in prompts]
     if all(labels):
-        row["adherence"] = metrics.adherence(images, torch.tensor([int(m.group(1)) for m in labels]))
+        row.update(metrics.adherence_interval(images, torch.tensor([int(m.group(1)) for m in labels])))
     if teacher_images is None and scoring.teacher_reference_steps:
         teacher_images, _ = sample_images(method, prompts, scoring.teacher_reference_steps, scoring.seed,
-                                          cfg.sample.guidance_scale, teacher=True)
+                                          row["protocol"]["teacher_reference_guidance"], teacher=True)
     if teacher_images is not None:
-        quality = metrics.fid_kid(images, teacher_images, scoring.extractor, scoring.extractor_weights)
-        row.update(fid_teacher=quality["fid"], kid_teacher=quality["kid"])
+        quality = metrics.fid_kid(images, teacher_images, scoring.extractor, scoring.extractor_weights,
+                                  scoring.bootstrap, scoring.seed)
+        # fid, fid_lo, fid_hi, kid, kid_std -> fid_teacher, fid_teacher_lo, ..., kid_teacher_std
+        row.update({k[:3] + "_teacher" + k[3:]: v for k, v in quality.items()})
     times = Path(run).parent.parent / "train_time.txt"
     if times.is_file() and not teacher:
         row["train_seconds"] = float(times.read_text().split()[0])

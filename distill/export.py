@@ -24,9 +24,10 @@ import yaml
 from safetensors.torch import save_file
 
 import students
-from distill import data, leaderboard
+from distill import checkpoint, data, leaderboard, paths
 from distill.errors import DistillError
 from distill.evaluate import git_commit, load_run, sample_images, write_grid
+from distill.sampling import diffusers_sampling
 
 FORMATS = ("lora", "kohya", "merged")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -41,11 +42,20 @@ def kohya_state(student: students.Student, dtype: torch.dtype) -> dict[str, torc
     return {k: (torch.tensor(alpha, dtype=dtype) if k.endswith(".alpha") else v.contiguous()) for k, v in state.items()}
 
 
-def _check_target(to: Path, overwrite: bool) -> None:
-    if to.exists() and not to.is_dir():
-        raise DistillError(f"{to} is a file; give a folder to export to")
-    if to.is_dir() and any(to.iterdir()) and not overwrite:
-        raise DistillError(f"{to} is not empty; pass --overwrite to replace it")
+def _check_target(to: Path, ckpt: Path, overwrite: bool) -> Path:
+    """The export folder, resolved (symlinks too). It never holds the checkpoint or its run, and --overwrite
+    replaces only an earlier export, which distill_export.json marks."""
+    to, ckpt = to.expanduser().resolve(), ckpt.resolve()
+    if paths.contains(to, ckpt):
+        raise DistillError(f"--to {to} holds the run being exported ({ckpt}); exporting there would delete it, "
+                           "so choose another folder")
+    if to.is_dir() and any(to.iterdir()):
+        if not overwrite:
+            raise DistillError(f"--to {to} is not empty; pass --overwrite to replace an earlier export")
+        if not (to / "distill_export.json").is_file():
+            raise DistillError(f"--to {to} is not an earlier export (it has no distill_export.json); --overwrite "
+                               "only replaces those, so choose an empty or new folder")
+    return paths.check_writable(to, "--to")
 
 
 def _check(student, teacher, formats: list[str]) -> None:
@@ -61,15 +71,15 @@ def _check(student, teacher, formats: list[str]) -> None:
                            "use --format lora (diffusers) or merged")
 
 
-def _usage(teacher, sched, call: dict, folder: Path, formats: list[str], steps: int, guidance: float) -> str:
-    args = ", ".join([f"num_inference_steps={steps}", f"guidance_scale={guidance}",
-                      *(f"{k}={v}" for k, v in call.items())])
-    cls, sched_cls = teacher.pipeline_class.__name__, type(sched).__name__
+def _usage(teacher, sampling: dict, folder: Path, formats: list[str]) -> str:
+    args = ", ".join(f"{k}={v!r}" for k, v in sampling["pipeline_call"].items())
+    cls, sched_cls = teacher.pipeline_class.__name__, sampling["scheduler"]
     if "merged" in formats:
         load = f'pipe = {cls}.from_pretrained("{folder}/pipeline")  # its scheduler is already {sched_cls}'
-    else:
+    else:  # the teacher's scheduler config, with what distill's sampler needs changed
+        changes = "".join(f", {k}={v!r}" for k, v in sampling["scheduler_config"].items())
         load = (f'pipe = {cls}.from_pretrained("<the teacher>")\n'
-                f"pipe.scheduler = {sched_cls}.from_config(pipe.scheduler.config)\n"
+                f"pipe.scheduler = {sched_cls}.from_config(pipe.scheduler.config{changes})\n"
                 f'pipe.load_lora_weights("{folder}")')
     return (f"import torch\nfrom diffusers import {cls}, {sched_cls}\n\n{load}\n"
             f'image = pipe("your prompt", {args}).images[0]')
@@ -80,15 +90,16 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
     to = Path(to)
     if dtype not in DTYPES:
         raise DistillError(f"unknown dtype '{dtype}'; allowed: {', '.join(DTYPES)}")
-    _check_target(to, overwrite)
+    to = _check_target(to, checkpoint.find(Path(run), str(run)), overwrite)
     ckpt, cfg, method, step = load_run(Path(run))
+    checkpoint.require_finite(method.state_to_save(), f"checkpoint {ckpt} cannot be exported")
     student, teacher = method.student, method.teacher
     if formats is None:
         formats = ["merged"] if student.kind == "full" else ["lora"] + (["kohya"] if teacher.family == "sdxl" else [])
     _check(student, teacher, formats)
     steps = steps or cfg.sample.steps
     guidance = cfg.sample.guidance_scale
-    sched, call = teacher.scheduler_for(method.renoises, method.sample_times(steps))
+    sched, sampling = diffusers_sampling(method, cfg, steps)
 
     tmp = to.with_name(f".{to.name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -111,12 +122,13 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
 
         facts = {"teacher": cfg.teacher.source, "family": teacher.family, "method": cfg.method.name,
                  "student": cfg.student.kind, "train_steps": step, "steps": steps, "guidance_scale": guidance,
-                 "scheduler": type(sched).__name__, "pipeline_call": call, "formats": formats, "dtype": dtype,
+                 **sampling, "formats": formats, "dtype": dtype,
                  "config_hash": cfg.hash(), "git_commit": git_commit(), "checkpoint": str(ckpt)}
         (tmp / "distill_export.json").write_text(json.dumps(facts, indent=2) + "\n")
         rows = []
         if db and Path(db).is_file():
-            rows = [r for r in leaderboard.Leaderboard(db).rows("nfe") if r["config_hash"] == cfg.hash()
+            board = leaderboard.Leaderboard(db, readonly=True)  # the card only reads the leaderboard
+            rows = [r for r in board.rows("nfe") if r["config_hash"] == cfg.hash()
                     or (r["method"] == "teacher" and r["teacher"] == cfg.teacher.source)]
         card = [
             "---", yaml.safe_dump({"library_name": "diffusers", "base_model": cfg.teacher.source,
@@ -126,9 +138,10 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
             f"A {student.kind} student trained for {step} steps with distill's `{cfg.method.name}` method; it "
             f"samples in {steps} steps with `{type(sched).__name__}` at guidance scale {guidance}. "
             f"Weights are {dtype}.", "",
-            "## Sampling", "", "```python", _usage(teacher, sched, call, to, formats, steps, guidance), "```", "",
-            "The `timesteps`/`sigmas` argument gives the exact times distill samples at (`distill generate` makes "
-            "the same images from the same seed).", "", "## Files", "",
+            "## Sampling", "", "```python", _usage(teacher, sampling, to, formats), "```", "",
+            "The call gives the exact times distill samples at (`timesteps`/`sigmas`) and the resolution it was "
+            "trained at (`height`, `width`); `distill generate` makes the same images from the same seed.", "",
+            "## Files", "",
             *(f"- `{f}`" for f in sorted(p.name for p in tmp.iterdir())), "- `README.md`", "",
             "## Leaderboard", "", leaderboard.markdown(rows).split("\n", 2)[2] if rows else
             "No leaderboard rows for this recipe yet (`distill eval` adds them).", "",

@@ -2,21 +2,25 @@
 
 SQLite in WAL mode gives each reader a consistent snapshot while writers append, and every insert
 is one transaction, so no row is half-written or lost. The schema carries a version
-(`PRAGMA user_version`); an older file is migrated forward in place, never dropped. Reports
-(Markdown, HTML) are written to a temporary file and renamed into place.
+(`PRAGMA user_version`); an older file is migrated forward in place, never dropped. A file that is
+not ours (another program's tables) is refused before anything is written to it, and a read-only
+view (`readonly=True`) never writes. Rows are checked before they are stored: nothing invalid lands.
+The tables, pages and plot are drawn by `distill.leaderboard_view` (re-exported here).
 """
 from __future__ import annotations
 
-import base64
-import html
-import io
+import hashlib
 import json
+import math
 import os
 import sqlite3
+import sys
 import time
 from pathlib import Path
 
 from distill.errors import DistillError
+from distill.leaderboard_view import (  # noqa: F401  (the views, re-exported for the commands)
+    INTERVALS, markdown, page, plot_quality_vs_nfe, table, write_atomic, write_reports)
 
 # Each entry upgrades the file from version i to i + 1. Append, never edit: files in the wild hold old versions.
 MIGRATIONS = [
@@ -29,24 +33,137 @@ MIGRATIONS = [
        ALTER TABLE rows ADD COLUMN clip_score REAL;
        ALTER TABLE rows ADD COLUMN peak_memory_mb REAL;
        ALTER TABLE rows ADD COLUMN extra TEXT""",
+    # Intervals (95% bootstrap for FID, Wilson for adherence, std over subsets for KID), the training seed, and
+    # the evaluation protocol (JSON) with the id of the table it belongs to.
+    """ALTER TABLE rows ADD COLUMN fid_lo REAL;
+       ALTER TABLE rows ADD COLUMN fid_hi REAL;
+       ALTER TABLE rows ADD COLUMN kid_std REAL;
+       ALTER TABLE rows ADD COLUMN fid_teacher_lo REAL;
+       ALTER TABLE rows ADD COLUMN fid_teacher_hi REAL;
+       ALTER TABLE rows ADD COLUMN kid_teacher_std REAL;
+       ALTER TABLE rows ADD COLUMN adherence_lo REAL;
+       ALTER TABLE rows ADD COLUMN adherence_hi REAL;
+       ALTER TABLE rows ADD COLUMN seed INTEGER;
+       ALTER TABLE rows ADD COLUMN protocol TEXT;
+       ALTER TABLE rows ADD COLUMN protocol_id TEXT""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+OUR_TABLES = {"rows", "sqlite_sequence"}  # sqlite_sequence: SQLite's own, for AUTOINCREMENT
 REQUIRED = ("teacher", "method", "student", "steps")
-SHOWN = ("teacher", "method", "student", "steps", "nfe", "fid", "kid", "fid_teacher", "adherence", "ms_per_image",
-         "train_steps", "config_hash")
+INTEGERS = {"steps": 1, "nfe": 1, "train_steps": 0}  # column -> least allowed value
+FLOATS = ("fid", "kid", "fid_teacher", "kid_teacher", "adherence", "clip_score", "ms_per_image", "peak_memory_mb",
+          "train_seconds", "fid_lo", "fid_hi", "kid_std", "fid_teacher_lo", "fid_teacher_hi", "kid_teacher_std",
+          "adherence_lo", "adherence_hi")
+NON_NEGATIVE = ("fid", "fid_teacher", "fid_lo", "fid_teacher_lo", "kid_std", "kid_teacher_std", "peak_memory_mb",
+                "train_seconds", "clip_score")
+# The fields of a protocol that must match for rows to be ranked together (by FID against the reference set). A
+# row's guidance and sampler are also recorded in its protocol, but they are what sets a row apart (teacher DDIM
+# with CFG against a one-pass student); the bootstrap's resample count only refines an interval; and the teacher
+# reference (steps, guidance) concerns only the unranked "FID vs teacher samples" column.
+PROTOCOL_KEY = ("samples", "prompts", "reference", "reference_size", "extractor", "extractor_weights", "resolution",
+                "eval_seeds")
+
+
+def protocol_id(protocol: dict) -> str:
+    """The id of a protocol's table: a hash of the fields rows must share to be ranked together."""
+    key = {k: protocol.get(k) for k in PROTOCOL_KEY}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
+
+
+def _holders(path: Path) -> list[str]:
+    """'pid N (command line)' of every other process that has the file (or its -wal/-shm) open, read from /proc:
+    nothing is opened, so none of this process's own SQLite locks are disturbed."""
+    names = {str(path.resolve()) + s for s in ("", "-wal", "-shm", "-journal")}
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        if int(proc.name) == os.getpid():
+            continue
+        try:
+            if any(os.readlink(fd) in names for fd in (proc / "fd").iterdir()):
+                cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace").strip()
+                found.append(f"pid {proc.name} ({cmd[:80]})")
+        except OSError:  # gone, or not ours to read
+            continue
+    return found
+
+
+def _is_locked(e: sqlite3.OperationalError) -> bool:
+    return "locked" in str(e) or "busy" in str(e)
 
 
 class Leaderboard:
-    def __init__(self, path: str | Path, timeout: float = 60.0, target_version: int = SCHEMA_VERSION):
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    """`timeout`: how long to wait for another process's lock, with a countdown on stderr. `readonly`: view an
+    existing file without writing anything to it (no migration, no WAL switch), even when the file is read-only."""
+
+    def __init__(self, path: str | Path, timeout: float = 60.0, target_version: int = SCHEMA_VERSION,
+                 readonly: bool = False, log=None):
+        self.path, self.timeout, self.readonly = Path(path), timeout, readonly
+        self.log = log or (lambda msg, end="\n": print(msg, end=end, file=sys.stderr, flush=True))
+        if readonly and not self.path.is_file():
+            raise DistillError(f"no leaderboard at {self.path}; evaluations add rows to it (set --db to another file)")
         try:
-            self.db = sqlite3.connect(self.path, timeout=timeout, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self._migrate(target_version)
+            self._wait_if_locked(self._check_ours)
+            if readonly:
+                self.db = self._connect_readonly()
+            else:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(self.path, timeout=min(timeout, 0.5), isolation_level=None)
+                self._wait_if_locked(lambda: self.db.execute("PRAGMA journal_mode=WAL"))
+                self._wait_if_locked(lambda: self._migrate(target_version))
         except sqlite3.DatabaseError as e:
             raise DistillError(f"leaderboard {self.path} cannot be used ({e}); it is left untouched: move it "
                                "aside or point --db at another file") from e
+
+    def _connect_readonly(self) -> sqlite3.Connection:
+        # With no -wal file every row is in the main file: read it as immutable, which creates no -wal/-shm files
+        # and needs no write access. With one, a plain read-only connection sees the rows still in the WAL.
+        uri = self.path.resolve().as_uri()
+        wal = self.path.with_name(self.path.name + "-wal").exists()
+        return sqlite3.connect(f"{uri}?mode=ro" if wal else f"{uri}?immutable=1", uri=True, isolation_level=None)
+
+    def _check_ours(self) -> None:
+        """Refuse, before writing a byte, a file with a newer schema or another program's tables."""
+        if not self.path.is_file() or self.path.stat().st_size == 0:
+            return
+        probe = self._connect_readonly()
+        try:
+            version = probe.execute("PRAGMA user_version").fetchone()[0]
+            tables = {r[0] for r in probe.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            probe.close()
+        if version > SCHEMA_VERSION:
+            raise DistillError(f"leaderboard {self.path} has schema {version}, newer than this distill "
+                               f"({SCHEMA_VERSION}); upgrade distill")
+        if tables - OUR_TABLES or (version == 0 and tables) or (version > 0 and "rows" not in tables):
+            shown = ", ".join(sorted(tables)) or "none"
+            raise DistillError(f"{self.path} is not a distill leaderboard (schema version {version}, tables: "
+                               f"{shown}); it is left untouched: point --db at a leaderboard or a new file")
+
+    def _wait_if_locked(self, fn):
+        """Run fn, retrying while another process holds the lock: say who holds it and count down to `timeout`."""
+        deadline, told = time.monotonic() + self.timeout, None
+        while True:
+            try:
+                return fn()
+            except sqlite3.OperationalError as e:
+                if not _is_locked(e):
+                    raise
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    if told is not None and sys.stderr.isatty():
+                        self.log("")  # end the countdown's line
+                    raise DistillError(f"leaderboard {self.path} is still locked by {self._who()} after "
+                                       f"{self.timeout:.0f} s; nothing was written: run again once it has finished") \
+                        from e
+                # A countdown: in place on a terminal, a line every 10 s in a log.
+                if told is None or told - left >= (1 if sys.stderr.isatty() else 10):
+                    told = left
+                    self.log(f"leaderboard {self.path} is locked by {self._who()}; waiting {left:.0f} s more ",
+                             end="\r" if sys.stderr.isatty() else "\n")
+                time.sleep(min(0.5, max(left, 0.01)))
+
+    def _who(self) -> str:
+        return ", ".join(_holders(self.path)[:3]) or "another process"
 
     def _migrate(self, target: int) -> None:
         self.db.execute("BEGIN IMMEDIATE")  # one migrator at a time; the others wait, then see it done
@@ -58,7 +175,8 @@ class Leaderboard:
             for v in range(version, target):
                 for statement in MIGRATIONS[v].split(";"):
                     self.db.execute(statement)
-            self.db.execute(f"PRAGMA user_version = {max(version, target)}")
+            if target > version:
+                self.db.execute(f"PRAGMA user_version = {target}")
             self.db.execute("COMMIT")
         except BaseException:
             self.db.execute("ROLLBACK")
@@ -71,10 +189,35 @@ class Leaderboard:
     def columns(self) -> list[str]:
         return [r[1] for r in self.db.execute("PRAGMA table_info(rows)")]
 
-    def add(self, row: dict) -> int:
-        missing = [k for k in REQUIRED if row.get(k) is None]
-        if missing:
-            raise DistillError(f"a leaderboard row needs {', '.join(missing)}")
+    def protocols(self) -> dict[str, dict]:
+        """protocol_id -> protocol of every table in the file (rows without a recorded protocol are not one)."""
+        if "protocol_id" not in self.columns():
+            return {}
+        found = self._wait_if_locked(lambda: self.db.execute(
+            "SELECT protocol_id, protocol, MAX(id) AS last FROM rows WHERE protocol_id IS NOT NULL "
+            "GROUP BY protocol_id ORDER BY last").fetchall())
+        return {pid: json.loads(text) for pid, text, _ in found}  # oldest table first
+
+    def check_protocol(self, protocol: dict, new_table: bool = False) -> None:
+        """Refuse, in one line, a row whose protocol differs from every table in the file, unless `new_table`."""
+        tables = self.protocols()
+        if new_table or not tables or protocol_id(protocol) in tables:
+            return
+        latest = list(tables.values())[-1]
+        diff = "; ".join(f"{k} {latest.get(k)!r} -> {protocol.get(k)!r}" for k in PROTOCOL_KEY
+                         if latest.get(k) != protocol.get(k))
+        raise DistillError(f"leaderboard {self.path} ranks rows under another protocol ({diff}); rows are only "
+                           "ranked against the same protocol: use the same settings, or start a new table "
+                           "(--new-table)")
+
+    def add(self, row: dict, new_table: bool = False) -> int:
+        if self.readonly:
+            raise DistillError(f"leaderboard {self.path} was opened read-only")
+        row = validate(row)
+        if row.get("protocol") is not None:
+            protocol = row["protocol"] if isinstance(row["protocol"], dict) else json.loads(row["protocol"])
+            self.check_protocol(protocol, new_table)
+            row = {**row, "protocol": json.dumps(protocol, sort_keys=True), "protocol_id": protocol_id(protocol)}
         known = set(self.columns())
         extra = {k: v for k, v in row.items() if k not in known}
         values = {k: v for k, v in row.items() if k in known and k != "id"}
@@ -82,126 +225,68 @@ class Leaderboard:
         if extra and "extra" not in known:
             raise DistillError(f"leaderboard {self.path} has no columns {', '.join(extra)}")
         if extra:
-            values["extra"] = json.dumps({**json.loads(values.get("extra") or "{}"), **extra}, sort_keys=True)
+            values["extra"] = json.dumps({**json.loads(values.get("extra") or "{}"), **extra}, sort_keys=True,
+                                         allow_nan=False)
         names = ", ".join(values)
-        cur = self.db.execute(f"INSERT INTO rows ({names}) VALUES ({', '.join('?' * len(values))})",
-                              list(values.values()))
+        cur = self._wait_if_locked(lambda: self.db.execute(
+            f"INSERT INTO rows ({names}) VALUES ({', '.join('?' * len(values))})", list(values.values())))
         return cur.lastrowid
 
     def rows(self, sort: str = "fid") -> list[dict]:
+        """Every row as a dict with every column of the current schema (None where an older file lacks one)."""
         if sort not in self.columns():
             raise DistillError(f"cannot sort by '{sort}'; columns: {', '.join(self.columns())}")
-        cur = self.db.execute(f"SELECT * FROM rows ORDER BY {sort} IS NULL, {sort}, id")
+        cur = self._wait_if_locked(lambda: self.db.execute(f"SELECT * FROM rows ORDER BY {sort} IS NULL, {sort}, id"))
         names = [d[0] for d in cur.description]
-        return [dict(zip(names, r)) for r in cur.fetchall()]
+        blank = dict.fromkeys(ALL_COLUMNS)
+        return [{**blank, **dict(zip(names, r))} for r in cur.fetchall()]
 
     def close(self) -> None:
         self.db.close()
 
 
-def _fmt(v) -> str:
-    if v is None:
-        return "-"
-    return f"{v:.4g}" if isinstance(v, float) else str(v)
+ALL_COLUMNS = ("id", "created", "teacher", "method", "student", "steps", "nfe", *FLOATS, "train_steps",
+               "config_hash", "git_commit", "extra", "seed", "protocol", "protocol_id")
 
 
-def table(rows: list[dict]) -> str:
-    cells = [list(SHOWN)] + [[_fmt(r.get(c)) for c in SHOWN] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(SHOWN))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+def _refuse(why: str) -> DistillError:
+    return DistillError(f"leaderboard row refused: {why}; nothing was written")
 
 
-def markdown(rows: list[dict]) -> str:
-    head = "| " + " | ".join(SHOWN) + " |\n|" + "---|" * len(SHOWN) + "\n"
-    return "# Leaderboard\n\n" + head + "".join("| " + " | ".join(_fmt(r.get(c)) for c in SHOWN) + " |\n"
-                                                 for r in rows)
+def validate(row: dict) -> dict:
+    """The row if every field is sound (one-line DistillError otherwise): names present, steps and NFE >= 1,
+    metrics finite and in range, each interval around its value."""
+    missing = [k for k in REQUIRED if row.get(k) is None or row.get(k) == ""]
+    if missing:
+        raise _refuse(f"a leaderboard row needs {', '.join(missing)}")
+    for k, least in INTEGERS.items():
+        v = row.get(k)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < least):
+            raise _refuse(f"{k} must be an integer >= {least} (got {v!r})")
+    if row.get("seed") is not None and (isinstance(row["seed"], bool) or not isinstance(row["seed"], int)):
+        raise _refuse(f"seed must be an integer (got {row['seed']!r})")
+    for k, v in row.items():  # extra fields too: JSON has no NaN
+        if isinstance(v, float) and not math.isfinite(v):
+            raise _refuse(f"{k} must be a finite number (got {v!r})")
+    for k in FLOATS:
+        v = row.get(k)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _refuse(f"{k} must be a finite number (got {v!r})")
+        if k in NON_NEGATIVE and v < -1e-6:
+            raise _refuse(f"{k} cannot be negative (got {v!r})")
+    if row.get("ms_per_image") is not None and row["ms_per_image"] <= 0:
+        raise _refuse(f"ms_per_image must be > 0 (got {row['ms_per_image']!r})")
+    for k in ("adherence", "adherence_lo", "adherence_hi"):
+        if row.get(k) is not None and not 0 <= row[k] <= 1:
+            raise _refuse(f"{k} must lie in [0, 1] (got {row[k]!r})")
+    for k, (lo, hi) in INTERVALS.items():
+        v, a, b = row.get(k), row.get(lo), row.get(hi)
+        if (a is None) != (b is None) or (a is not None and (v is None or not a - 1e-9 <= v <= b + 1e-9)):
+            raise _refuse(f"{lo}..{hi} must both be given and contain {k} (got {a!r}..{b!r} around {v!r})")
+    return row
 
 
-def _extra(row: dict) -> dict:
-    return json.loads(row.get("extra") or "{}")
-
-
-def _data_uri(png: bytes) -> str:
-    return "data:image/png;base64," + base64.b64encode(png).decode()
-
-
-def plot_quality_vs_nfe(rows: list[dict]) -> bytes | None:
-    """PNG of FID against NFE (log x axis), one line per (teacher, method, student kind), one panel per teacher:
-    the Pareto view of cost against quality. None when no row has both."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    rows = [r for r in rows if r.get("fid") is not None and r.get("nfe")]
-    if not rows:
-        return None
-    teachers = sorted({r["teacher"] for r in rows})
-    fig, axes = plt.subplots(1, len(teachers), figsize=(6 * len(teachers), 4.5), squeeze=False)
-    for ax, teacher in zip(axes[0], teachers):
-        lines: dict[str, list] = {}
-        for r in rows:
-            if r["teacher"] == teacher:
-                label = "teacher (DDIM)" if r["method"] == "teacher" else f"{r['method']} ({r['student']})"
-                lines.setdefault(label, []).append((r["nfe"], r["fid"]))
-        for label, points in sorted(lines.items()):
-            best = {}
-            for n, fid in points:  # the best row at each NFE
-                best[n] = min(fid, best.get(n, fid))
-            xs = sorted(best)
-            ax.plot(xs, [best[x] for x in xs], "--o" if label.startswith("teacher") else "-o", label=label)
-        ax.set(xscale="log", xlabel="NFE per image (CFG counted)", ylabel="FID (lower is better)",
-               title=teacher)
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
-
-
-def page(rows: list[dict], plot: bytes | None = None) -> str:
-    """A static, self-contained HTML page: the table, the quality-versus-NFE plot, and sample grids."""
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in SHOWN)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(_fmt(r.get(c)))}</td>" for c in SHOWN) + "</tr>\n"
-                   for r in rows)
-    figure = f"<h2>Quality against cost</h2><img alt='FID against NFE' src='{_data_uri(plot)}'>" if plot else ""
-    grids = []
-    for r in rows:
-        grid = _extra(r).get("grid")
-        if grid and Path(grid).is_file():
-            title = html.escape(f"{r['teacher']} · {r['method']} ({r['student']}) · {r['steps']} steps · FID "
-                                f"{_fmt(r.get('fid'))}")
-            grids.append(f"<figure><img alt='{title}' src='{_data_uri(Path(grid).read_bytes())}' "
-                         f"style='image-rendering:pixelated;width:480px'><figcaption>{title}</figcaption></figure>")
-    samples = "<h2>Samples (first seed of each prompt)</h2>" + "".join(grids) if grids else ""
-    return ("<!doctype html><html><head><meta charset='utf-8'><title>distill leaderboard</title>"
-            "<style>body{font-family:sans-serif}td,th{padding:2px 8px;text-align:right}</style></head><body>"
-            f"<h1>distill leaderboard</h1><table><thead><tr>{head}</tr></thead><tbody>\n{body}</tbody></table>"
-            f"{figure}{samples}</body></html>\n")
-
-
-def write_atomic(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def write_reports(rows: list[dict], out: Path) -> tuple[Path, Path]:
-    """leaderboard.md, leaderboard.html and, when there is something to plot, quality_vs_nfe.png."""
-    out = Path(out)
-    plot = plot_quality_vs_nfe(rows)
-    if plot:
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".quality_vs_nfe.{os.getpid()}.tmp"
-        tmp.write_bytes(plot)
-        os.replace(tmp, out / "quality_vs_nfe.png")
-    return write_atomic(out / "leaderboard.md", markdown(rows)), write_atomic(out / "leaderboard.html",
-                                                                             page(rows, plot))
+__all__ = ["Leaderboard", "validate", "protocol_id", "table", "markdown", "page", "plot_quality_vs_nfe",
+           "write_atomic", "write_reports", "SCHEMA_VERSION", "MIGRATIONS"]

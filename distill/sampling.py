@@ -1,10 +1,14 @@
-"""Samplers, written once over the teacher interface: the teacher's DDIM and multistep consistency."""
+"""Samplers, written once over the teacher interface: the teacher's DDIM and multistep consistency; and the
+diffusers scheduler and pipeline call that sample as a method does."""
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
 from PIL import Image
 
+from distill.errors import DistillError
 from distill.solvers import bcast, consistency_scalings, ddim_step
 from teachers.base import Cond, Teacher
 
@@ -16,13 +20,14 @@ def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
 
 @torch.no_grad()
 def ddim_sample(teacher: Teacher, cond: Cond, steps: int, generator: torch.Generator, shape, guidance=1.0,
-                backbone=None, times: list[float] | None = None, guidance_cond=None) -> torch.Tensor:
+                backbone=None, times: list[float] | None = None, guidance_cond=None,
+                prediction_type: str | None = None) -> torch.Tensor:
     """The deterministic sampler on the teacher's own n-step grid, or on `times` (steps + 1 points, ending
     clean); for flow teachers this is Euler (see solvers.ddim_step)."""
     times = times or teacher.timesteps(steps).tolist() + [teacher.end_time]
     x = _noise((len(cond), *shape), generator, teacher.device)
     for t, s in zip(times[:-1], times[1:]):
-        x0, eps = teacher.predict(x, t, cond, guidance, backbone=backbone, guidance_cond=guidance_cond)
+        x0, eps = teacher.predict(x, t, cond, guidance, backbone, guidance_cond, prediction_type)
         x = ddim_step(x0, eps, *teacher.alpha_sigma(torch.tensor(s)))
     return x
 
@@ -47,3 +52,34 @@ def to_pil(images: torch.Tensor) -> list[Image.Image]:
     arr = (images.float() / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
     arr = (arr * 255).round().astype(np.uint8)
     return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in arr]
+
+
+def diffusers_sampling(method, cfg, steps: int | None = None) -> tuple[object, dict]:
+    """The diffusers scheduler with which the teacher family's pipeline samples as `method.sample` does at
+    `steps` (default sample.steps), and the facts a user needs: {"scheduler": its class, "scheduler_config":
+    what differs from it built from the teacher's scheduler config, "pipeline_call": every call kwarg but the
+    prompt and the generator}. The times come from method.sample_times, never re-derived here."""
+    teacher, params = method.teacher, method.params
+    steps = steps or cfg.sample.steps
+    # Consistency students end every step with LCM's boundary scalings, which their params carry; the other
+    # re-noising students (ADD, LADD) take the backbone's x0 as it is.
+    boundary = (params.sigma_data, params.timestep_scaling) if hasattr(params, "timestep_scaling") else None
+    sched, times = teacher.scheduler_for(method.renoises, method.sample_times(steps),
+                                         getattr(method, "student_prediction", None), boundary)
+    size = teacher.call_size(cfg.sample.height or teacher.resolution, cfg.sample.width or teacher.resolution)
+    call = {"num_inference_steps": steps, "guidance_scale": cfg.sample.guidance_scale, **size, **times}
+    plain = type(sched).from_config(teacher.pipe.scheduler.config).config
+    changed = {k: v for k, v in sched.config.items() if not k.startswith("_") and plain.get(k) != v}
+    return sched, {"scheduler": type(sched).__name__, "scheduler_config": changed, "pipeline_call": call}
+
+
+def student_folder_sampling(method, cfg) -> tuple[object, dict] | None:
+    """diffusers_sampling for a run's student/ folder, or None where there is none: no pipeline, or a
+    sample.steps this student cannot sample at (the folder then keeps the teacher's scheduler, with a warning)."""
+    if getattr(method.teacher, "backbone_name", None) is None:
+        return None
+    try:
+        return diffusers_sampling(method, cfg)
+    except DistillError as e:
+        warnings.warn(f"student/ keeps the teacher's scheduler: {e}", stacklevel=2)
+        return None

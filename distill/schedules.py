@@ -60,6 +60,15 @@ def flow_timesteps(n: int, shift: float = 3.0, num_train_timesteps: int = 1000) 
     return torch.from_numpy(flow_shift(sigmas, shift).astype(np.float32) * num_train_timesteps)
 
 
+def flow_student_timesteps(n: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:
+    """n distinct times for a few-step student of a flow teacher: the shift applied to the evenly spaced sigmas
+    1, (n-1)/n, ..., 1/n (4 steps, shift 3: 1000, 900, 750, 500), the flow counterpart of VP's trailing grid.
+    FlowMatchEuler's own grid ends at sigma_min (shifted, 0.009), so a re-noising sampler on it would spend its
+    last step (and training its last time) on a near-identity denoise: 2 steps would be [1000, 8.9]."""
+    sigmas = np.arange(n, 0, -1, dtype=np.float64) / n
+    return torch.from_numpy(flow_shift(sigmas, shift).astype(np.float32) * num_train_timesteps)
+
+
 def with_end(grid: torch.Tensor, end: float) -> torch.Tensor:
     """The grid followed by the clean-data time, so step i goes from grid[i] to grid[i + 1]."""
     return torch.cat([grid.float(), torch.tensor([float(end)])])

@@ -8,10 +8,10 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import sys
 import time
 from pathlib import Path
-
-import sys
 
 import numpy as np
 import torch
@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 import students
 import teachers
-from distill import checkpoint, data, speed
+from distill import checkpoint, config, data, paths, speed
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods import METHODS, Method
+from distill.sampling import student_folder_sampling
 from teachers.base import Cond
 
 
@@ -86,16 +87,45 @@ def _check_resumable(cfg: Config, trainer_state: dict) -> None:
                            f"{now}; resume with the original config or start a new train.output_dir")
 
 
-def train(cfg: Config, resume: str | None = None, stop_after: int | None = None) -> Method:
+def check_output_dir(out: Path, resume: str | None, restart: bool) -> Path | None:
+    """Refuse a start that would overwrite or mix with what `out` holds; with `restart`, the path the old run
+    is moved aside to (None when there is nothing to move)."""
+    out = out.expanduser().resolve()
+    own = out / "config.yaml"
+    if own.exists() and not config.written_by_distill(own) and not (out / "checkpoints").is_dir():
+        raise DistillError(f"train.output_dir {out} holds a config.yaml that distill did not write (your own "
+                           "config?); it would be overwritten, so choose another train.output_dir")
+    marker = checkpoint.run_marker(out)
+    if resume or marker is None:
+        paths.check_writable(out, "train.output_dir")
+        return None
+    if not restart:
+        raise DistillError(f"train.output_dir {out} already holds a run (it has {marker}); continue it with "
+                           "--resume latest, or pass --restart to move it aside and start over")
+    if paths.contains(out, Path.cwd()):
+        raise DistillError(f"--restart would move {out}, the current folder or one of its parents; run from "
+                           "elsewhere or choose another train.output_dir")
+    return out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+
+
+def train(cfg: Config, resume: str | None = None, stop_after: int | None = None, restart: bool = False) -> Method:
     """Train to cfg.train.max_steps (or `stop_after` more steps), checkpointing into cfg.train.output_dir;
-    returns the trained method (teacher and student)."""
-    tc, out = cfg.train, Path(cfg.train.output_dir)
+    returns the trained method (teacher and student). A folder that already holds a run is continued only with
+    `resume`, or moved aside first with `restart`."""
+    tc, out = cfg.train, Path(cfg.train.output_dir).expanduser()
+    aside = check_output_dir(out, resume, restart)
     ckpt = checkpoint.find(out, resume) if resume else None
     AcceleratorState._reset_state()  # Accelerate keeps settings process-wide; each run sets its own
     # With several turns, each forward leaves the other turns' parameters unused.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(METHODS[cfg.method.name].turns) > 1)
     accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None, kwargs_handlers=[ddp],
                               project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    if aside is not None:
+        accelerator.wait_for_everyone()  # every rank has checked the folder before it moves
+        if accelerator.is_main_process:
+            os.replace(out, aside)
+            print(f"moved the old run in {out} aside to {aside}", file=sys.stderr)
+        accelerator.wait_for_everyone()
     method = build_method(cfg, accelerator.device)
     if accelerator.is_main_process and accelerator.device.type == "cuda" and hasattr(method.teacher, "pipe"):
         x, cond = method.teacher.probe()  # which attention kernel the backbone runs, seen by the profiler
@@ -177,6 +207,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
             method.after_step(turn, step)
             logs[f"{turn}/lr"] = schedulers[turn].get_last_lr()[0]
         done = step + 1
+        method.step_done(done)  # step-count state (progressive rounds) moves on even when the updates were skipped
         bad_in_row = bad_in_row + 1 if bad_step else 0
         logs["nonfinite_in_row"] = bad_in_row
         if bad_step:
@@ -195,15 +226,19 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None)
                     f.write(json.dumps({"step": done, **logs}) + "\n")
         milestone = method.milestone(done)
         if done % tc.checkpoint_every == 0 or done == end or milestone:
+            state = method.state_to_save()
+            # Every rank holds the same weights, so every rank reaches the same verdict before any saves.
+            checkpoint.require_finite(state, f"stopped at step {done}; the last good checkpoint in "
+                                      f"{out / 'checkpoints'} is kept (lower train.learning_rate)")
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                checkpoint.save(out, done, method.state_to_save(), optimizers, schedulers, cfg, tc.keep_checkpoints,
-                                milestone)
+                checkpoint.save(out, done, state, optimizers, schedulers, cfg, tc.keep_checkpoints, milestone)
     bar.close()
     select_turn(turn_params, None)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process and end == tc.max_steps:
-        students.save(method.student, method.teacher, out / "student")
+        # With the scheduler and call that sample as distill does (a full student's folder is a pipeline).
+        students.save(method.student, method.teacher, out / "student", student_folder_sampling(method, cfg))
         (out / "train_time.txt").write_text(f"{time.time() - t0:.1f} s for steps {start}..{end}\n")
     accelerator.end_training()
     return method

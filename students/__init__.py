@@ -6,11 +6,13 @@ adapters switched off (teachers.base.adapters_disabled), so one copy of the weig
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 from pathlib import Path
 
 import torch
+import torch.utils.checkpoint
 from safetensors.torch import save_file
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -18,7 +20,7 @@ from torch import nn
 
 from distill.config import StudentConfig
 from distill.errors import DistillError
-from teachers.base import Teacher
+from teachers.base import Teacher, adapter_layers, adapters_on, set_adapters_on
 
 
 class Student(nn.Module):
@@ -102,17 +104,25 @@ def save_pipeline(teacher: Teacher, backbone: nn.Module, folder: Path, **swap) -
             setattr(pipe, k, v)
             pipe.register_to_config(**{k: (type(v).__module__.split(".")[0], type(v).__name__)})
 
+    # The pipeline's default height and width come from the backbone's sample_size: make it the trained one.
+    size = teacher.size_config()
+    before = {k: backbone.config.get(k) for k in size}
+    backbone.register_to_config(**size)
     put(swap)
     try:
         pipe.save_pretrained(folder, safe_serialization=True)
     finally:
         put(originals)
+        backbone.register_to_config(**before)
 
 
-def save(student: Student, teacher: Teacher, folder: Path) -> Path:
+def save(student: Student, teacher: Teacher, folder: Path, sampling: tuple | None = None) -> Path:
     """Write the trained student where diffusers reads it: `pytorch_lora_weights.safetensors` for a LoRA
     (pipeline.load_lora_weights(folder)), or for a full student the whole pipeline with the student's
-    backbone in place of the teacher's (DiffusionPipeline.from_pretrained(folder), or teacher.source)."""
+    backbone in place of the teacher's (DiffusionPipeline.from_pretrained(folder), or teacher.source).
+    `sampling` = (scheduler, facts) from distill.sampling.diffusers_sampling: a full student's pipeline gets
+    that scheduler, so it samples as distill does, and the facts (the pipeline call) go to
+    distill_sampling.json."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -122,10 +132,32 @@ def save(student: Student, teacher: Teacher, folder: Path) -> Path:
     elif student.kind == "lora":
         save_lora(student, teacher, tmp)
     else:
-        save_pipeline(teacher, student.backbone, tmp)
+        save_pipeline(teacher, student.backbone, tmp, **({"scheduler": sampling[0]} if sampling else {}))
+    if sampling:
+        (tmp / "distill_sampling.json").write_text(json.dumps(sampling[1], indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)
     os.replace(tmp, folder)
     return folder
+
+
+def checkpoint_with_adapter_state(module: nn.Module, *args, **kwargs):
+    """diffusers' gradient-checkpointing call (non-reentrant), but the block is recomputed with its LoRA adapters
+    switched as they were in the original forward. A LoRA student's teacher is the same backbone with adapters
+    off (teachers.base.adapters_disabled); LADD back-propagates through that teacher pass after the switch is
+    back on, so a plain recompute would run the student in place of the teacher: wrong gradients, or a
+    CheckpointError where shapes differ."""
+    layers = adapter_layers(module)
+    state = adapters_on(layers)
+
+    def run(*inputs, **kw):
+        now = adapters_on(layers)
+        set_adapters_on(layers, state)
+        try:
+            return module(*inputs, **kw)
+        finally:
+            set_adapters_on(layers, now)
+
+    return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
 def build(teacher: Teacher, cfg: StudentConfig) -> Student:
@@ -151,5 +183,5 @@ def build(teacher: Teacher, cfg: StudentConfig) -> Student:
         backbone = backbone.float().requires_grad_(True)
         student = Student(backbone, "full", cfg.ema_decay, guidance_input=cfg.guidance_embedding)
     if cfg.gradient_checkpointing and hasattr(student.backbone, "enable_gradient_checkpointing"):
-        student.backbone.enable_gradient_checkpointing()
+        student.backbone.enable_gradient_checkpointing(checkpoint_with_adapter_state)
     return student

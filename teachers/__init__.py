@@ -82,6 +82,46 @@ def _builtin(cfg: TeacherConfig) -> Path | Teacher:
     return folder
 
 
+def check_components(folder: Path) -> None:
+    """Name the broken part of a pipeline folder (a missing component, an unknown class, an unreadable weights
+    file) before diffusers' loader reports it as a problem with the whole pipeline."""
+    import importlib
+
+    from safetensors import safe_open
+
+    for name, spec in json.loads((folder / "model_index.json").read_text()).items():
+        if name.startswith("_") or not isinstance(spec, list) or len(spec) != 2 or spec[0] is None:
+            continue
+        library, cls = spec
+        if library not in ("diffusers", "transformers") or not hasattr(importlib.import_module(library), str(cls)):
+            raise DistillError(f"teacher {folder}: component '{name}' names the class {library}.{cls}, which is "
+                               "not known; fix model_index.json")
+        if not (folder / name).is_dir():
+            raise DistillError(f"teacher {folder} is missing its {name}/ component, which model_index.json lists")
+        for weights in (folder / name).glob("*.safetensors"):
+            try:
+                with safe_open(str(weights), "pt") as f:
+                    f.keys()
+            except Exception as e:  # safetensors raises its own error type for empty or truncated files
+                raise DistillError(f"teacher component {name}/{weights.name} in {folder} is not a readable "
+                                   f"safetensors file ({weights.stat().st_size} bytes)") from e
+
+
+def check_single_file(path: Path, family: str) -> None:
+    """A single-file teacher must hold the backbone; a VAE or LoRA file would otherwise send diffusers to the
+    hub for what is missing."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            keys = list(f.keys())
+    except Exception as e:  # safetensors raises its own error type for empty or truncated files
+        raise DistillError(f"teacher {path} is not a readable safetensors file") from e
+    if not any(k.startswith("model.diffusion_model.") for k in keys):
+        raise DistillError(f"teacher {path} holds no diffusion model weights (model.diffusion_model.*): it is not a "
+                           f"full {family} checkpoint (a VAE, text encoder or LoRA file?)")
+
+
 def _pipeline(source: str, family: str | None, dtype: torch.dtype):
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
@@ -93,10 +133,12 @@ def _pipeline(source: str, family: str | None, dtype: torch.dtype):
     path = Path(source).expanduser()
     try:
         if path.is_file():
+            check_single_file(path, family)
             return _classes()[family].pipeline_class.from_single_file(str(path), dtype=dtype)
         if path.is_dir():
             family_of(path)
             refuse_pickles(path)
+            check_components(path)
         return DiffusionPipeline.from_pretrained(str(path) if path.exists() else source, dtype=dtype,
                                                  use_safetensors=True)
     except (OSError, HFValidationError, ValueError, RuntimeError) as e:

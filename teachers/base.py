@@ -52,19 +52,35 @@ def _cat(a: dict, b: dict) -> dict:
     return {k: torch.cat([a[k], b[k]]) for k in a}
 
 
+def adapter_layers(module: nn.Module) -> list[nn.Module]:
+    """The LoRA (peft tuner) layers inside a module."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
+
+
+def adapters_on(layers: list[nn.Module]) -> list[bool]:
+    return [not m.disable_adapters for m in layers]
+
+
+def set_adapters_on(layers: list[nn.Module], on: list[bool]) -> None:
+    # Only the flag a LoRA layer's forward reads. peft's enable_adapters() also flips the adapters' requires_grad,
+    # which belongs to the trainer's per-turn selection and must not change while a backward pass recomputes a
+    # checkpointed block (students.checkpoint_with_adapter_state).
+    for m, flag in zip(layers, on):
+        m._disable_adapters = not flag
+
+
 @contextmanager
 def adapters_disabled(module: nn.Module):
     """Run a backbone as the bare teacher: any LoRA adapters on it are switched off inside."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
-    for m in layers:
-        m.enable_adapters(False)
+    layers = adapter_layers(module)
+    before = adapters_on(layers)
+    set_adapters_on(layers, [False] * len(layers))
     try:
         yield
     finally:
-        for m in layers:
-            m.enable_adapters(True)
+        set_adapters_on(layers, before)
 
 
 class Teacher(nn.Module):
@@ -84,10 +100,28 @@ class Teacher(nn.Module):
         """The teacher's own n-step grid, descending, in train timesteps."""
         raise NotImplementedError
 
-    def scheduler_for(self, renoises: bool, times: list[float]):
+    def student_timesteps(self, n: int) -> torch.Tensor:
+        """n distinct, useful times (descending) for a few-step student: evenly spaced in the family's own
+        noise scale from pure noise, with no point at ~zero noise. VP's trailing grid already is that
+        ({999, 749, 499, 249}); flow teachers override (their sampler grid ends at sigma_min)."""
+        return self.timesteps(n)
+
+    def scheduler_for(self, renoises: bool, times: list[float], prediction_type: str | None = None,
+                      boundary: tuple[float, float] | None = None):
         """(diffusers scheduler, pipeline-call kwargs) with which the family's pipeline samples at `times` as
-        distill's sampler does."""
+        distill's sampler does, reading the backbone as `prediction_type` (None: the teacher's) and, for a
+        re-noising sampler, ending each step with LCM's boundary scalings at `boundary` = (sigma_data,
+        timestep_scaling), or with x0 as it is (None)."""
         raise DistillError(f"the {self.family} teacher has no diffusers pipeline to export to")
+
+    def call_size(self, height: int, width: int) -> dict:
+        """Pipeline-call kwargs for images of height x width conditioned as distill conditions them."""
+        return {"height": height, "width": width}
+
+    def size_config(self) -> dict:
+        """Backbone config that makes the family's pipeline default to the trained resolution (diffusers
+        defaults to the backbone's sample_size, in latent pixels)."""
+        return {"sample_size": self.resolution // self.pipe.vae_scale_factor}
 
     end_time: float = 0.0  # the clean-data time that closes every grid
     probe_prompt: str = ""  # a prompt any teacher of the family can encode (for shape probes)
@@ -147,18 +181,19 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def predict(self, x: torch.Tensor, t, cond: Cond, guidance=1.0, backbone: nn.Module | None = None,
-                guidance_cond=None) -> tuple[torch.Tensor, torch.Tensor]:
+                guidance_cond=None, prediction_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, eps) for x at time t. `guidance` > 1 applies classifier-free guidance with the negatives.
 
         With `backbone=None` the teacher itself answers, adapters off; a student passes its own backbone
-        (and, if it reads w, `guidance_cond`)."""
+        (and, if it reads w, `guidance_cond`; if its output means something else than the teacher's,
+        `prediction_type`, e.g. a progressive student's x or v)."""
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
         alpha, sigma = self.alpha_sigma(t)
         alpha, sigma = alpha.to(x.device), sigma.to(x.device)
         use_cfg = not (isinstance(guidance, (int, float)) and guidance == 1.0)
         if backbone is None:
             with adapters_disabled(self.backbone):
-                return self.predict(x, t, cond, guidance, self.backbone, guidance_cond)
+                return self.predict(x, t, cond, guidance, self.backbone, guidance_cond, prediction_type)
         if use_cfg:
             if guidance_cond is not None:
                 guidance_cond = torch.as_tensor(guidance_cond, device=x.device).expand(len(x)).repeat(2)
@@ -167,7 +202,7 @@ class Teacher(nn.Module):
             out = cfg_combine(*both.float().chunk(2)[::-1], guidance)
         else:
             out = self._forward(backbone, x, t, cond.pos, guidance_cond).float()
-        return to_x0_eps(out, x.float(), alpha, sigma, self.prediction_type)
+        return to_x0_eps(out, x.float(), alpha, sigma, prediction_type or self.prediction_type)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         alpha, sigma = self.alpha_sigma(torch.as_tensor(t, device=x0.device))

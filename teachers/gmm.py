@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.schedules import flow_alpha_sigma, flow_timesteps, vp_alpha_sigma, vp_alphas_cumprod, vp_timesteps
+from distill.schedules import (flow_alpha_sigma, flow_student_timesteps, flow_timesteps, vp_alpha_sigma,
+                               vp_alphas_cumprod, vp_timesteps)
 from teachers.base import Cond, Teacher
 
 
@@ -85,6 +86,9 @@ class GMMTeacher(Teacher):
 
     def timesteps(self, n):
         return vp_timesteps(n) if self.schedule == "vp" else flow_timesteps(n, self.shift)
+
+    def student_timesteps(self, n):
+        return vp_timesteps(n) if self.schedule == "vp" else flow_student_timesteps(n, self.shift)
 
     def labels(self, prompts: list[str]) -> torch.Tensor:
         ks = []

@@ -4,8 +4,27 @@ from __future__ import annotations
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, StableDiffusion3Pipeline
 
-from distill.schedules import flow_alpha_sigma, flow_timesteps, flow_unshift
+from distill.errors import DistillError
+from distill.schedules import flow_alpha_sigma, flow_student_timesteps, flow_timesteps, flow_unshift
+from distill.solvers import consistency_scalings
 from teachers.base import Cond, Teacher
+
+# FlowMatchLCMScheduler applies no boundary scalings (it takes x0 as it is). Leaving out c_skip and c_out moves
+# the latent by about 2 * c_skip: on the digits-sd3 teacher c_skip = 8e-4 moved a pixel by 0.04/255, and 7.5e-3 by
+# 0.37/255 (README); at the default scalings c_skip <= 7.5e-7.
+BOUNDARY_TOLERANCE = 1e-3
+
+
+def _check_boundary(times: list[float], sigma_data: float, timestep_scaling: float) -> None:
+    c_skip, c_out = consistency_scalings(torch.tensor(times), sigma_data, timestep_scaling)
+    gap = torch.maximum(c_skip, 1 - c_out)
+    if float(gap.max()) > BOUNDARY_TOLERANCE:
+        t = times[int(gap.argmax())]
+        raise DistillError(
+            f"FlowMatchLCMScheduler applies no boundary scalings, and this consistency student's (sigma_data="
+            f"{sigma_data}, timestep_scaling={timestep_scaling}) give c_skip = {float(c_skip.max()):.2g} at t = "
+            f"{t:g}, above {BOUNDARY_TOLERANCE:g}: diffusers would not sample it as distill does; sample with "
+            "distill generate, or train with a larger method.params.timestep_scaling")
 
 
 class SD3Teacher(Teacher):
@@ -39,15 +58,29 @@ class SD3Teacher(Teacher):
     def timesteps(self, n: int) -> torch.Tensor:
         return flow_timesteps(n, self.shift, self.num_train_timesteps)
 
-    def scheduler_for(self, renoises: bool, times: list[float]):
+    def student_timesteps(self, n: int) -> torch.Tensor:
+        return flow_student_timesteps(n, self.shift, self.num_train_timesteps)
+
+    def scheduler_for(self, renoises: bool, times: list[float], prediction_type: str | None = None,
+                      boundary: tuple[float, float] | None = None):
         """The diffusers scheduler, and the pipeline-call arguments, that sample at `times` as distill does:
         FlowMatchLCMScheduler for re-noising samplers, FlowMatchEuler otherwise. Both shift the sigmas they
         are given, so the call gets the unshifted ones."""
+        if prediction_type not in (None, self.prediction_type):
+            raise DistillError(f"diffusers' flow-matching schedulers read the backbone as a velocity, and this "
+                               f"student outputs '{prediction_type}' (method.params.student_output): it has no "
+                               "diffusers export; train it with student_output: teacher")
+        if renoises and boundary is not None:
+            _check_boundary(times, *boundary)
         cls = FlowMatchLCMScheduler if renoises else FlowMatchEulerDiscreteScheduler
         s = [t / self.num_train_timesteps for t in times]
         return cls.from_config(self.pipe.scheduler.config), {
             "sigmas": [round(flow_unshift(v, self.shift), 7) for v in s],
             "max_sequence_length": self.max_text_length}  # T5 padding length changes the joint attention
+
+    def size_config(self) -> dict:
+        # Without pos_embed_max_size the position table is built for sample_size, so it must stay as trained.
+        return super().size_config() if self.backbone.config.get("pos_embed_max_size") else {}
 
     @torch.no_grad()
     def encode_prompts(self, prompts, negative=None) -> Cond:

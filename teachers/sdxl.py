@@ -2,12 +2,23 @@
 from __future__ import annotations
 
 import torch
-from diffusers import DDIMScheduler, LCMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+from diffusers import (DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 
-from distill.errors import DistillError
 from distill.schedules import vp_alpha_sigma, vp_alphas_cumprod, vp_timesteps
 from distill.solvers import guidance_embedding
 from teachers.base import Cond, Teacher
+
+
+def _lcm_scaling(boundary: tuple[float, float] | None) -> float:
+    """LCMScheduler's timestep_scaling for a student's (sigma_data, timestep_scaling). It fixes sigma_data = 0.5,
+    but c_skip and c_out depend only on timestep_scaling / sigma_data, so scaling by 0.5 / sigma_data carries
+    any sigma_data exactly. A student without boundary scalings (ADD, LADD: x0 as it is) gets one so large
+    that c_skip < 1e-12 and c_out = 1 in float32 at every t >= 1."""
+    if boundary is None:
+        return 1e6
+    sigma_data, timestep_scaling = boundary
+    return timestep_scaling * 0.5 / sigma_data
 
 
 class SDXLTeacher(Teacher):
@@ -43,16 +54,35 @@ class SDXLTeacher(Teacher):
     def timesteps(self, n: int) -> torch.Tensor:
         return vp_timesteps(n, self.num_train_timesteps)
 
-    def scheduler_for(self, renoises: bool, times: list[float]):
-        """The diffusers scheduler, and the pipeline-call arguments, that sample at `times` as distill does:
-        LCMScheduler at those timesteps for re-noising samplers, DDIM on the trailing grid otherwise."""
-        config = {**self.pipe.scheduler.config, "prediction_type": self.prediction_type}
+    def scheduler_for(self, renoises: bool, times: list[float], prediction_type: str | None = None,
+                      boundary: tuple[float, float] | None = None):
+        """The diffusers scheduler, and the pipeline-call arguments, that sample at `times` as distill does.
+
+        Re-noising samplers: LCMScheduler at those timesteps, with the student's boundary scalings
+        (sigma_data, timestep_scaling), or none. Deterministic ones: DDIM on its trailing grid where that is
+        exact, else Euler at those timesteps."""
+        config = {**self.pipe.scheduler.config, "prediction_type": prediction_type or self.prediction_type}
+        steps = [round(t) for t in times]
         if renoises:
-            return LCMScheduler.from_config(config), {"timesteps": [int(t) for t in times]}
-        if [int(t) for t in times] != self.timesteps(len(times)).tolist():
-            raise DistillError(f"no diffusers scheduler samples DDIM at the timesteps {times}")
-        return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False,
-                                         set_alpha_to_one=True, steps_offset=0), {}
+            return LCMScheduler.from_config(config, timestep_scaling=_lcm_scaling(boundary)), {"timesteps": steps}
+        n, T = len(steps), self.num_train_timesteps
+        if T % n == 0 and steps == self.timesteps(n).tolist():
+            return DDIMScheduler.from_config(config, timestep_spacing="trailing", clip_sample=False,
+                                             set_alpha_to_one=True, steps_offset=0), {}
+        # DDIMScheduler steps from t to t - T // n, which misses the next time when n does not divide T (at 64
+        # steps, 40 of 64 steps). Euler on sigma/alpha at the given timesteps is the same DDIM step (solvers.
+        # ddim_step), landing exactly. "leading" only makes its initial noise sqrt(sigma^2 + 1), as x_T = eps.
+        return EulerDiscreteScheduler.from_config(
+            config, timestep_spacing="leading", final_sigmas_type="zero", interpolation_type="linear",
+            timestep_type="discrete", use_karras_sigmas=False, use_exponential_sigmas=False,
+            use_beta_sigmas=False), {"timesteps": steps}
+
+    def call_size(self, height: int, width: int) -> dict:
+        size = super().call_size(height, width)
+        r = self.resolution
+        if (height, width) != (r, r):  # the pipeline's micro-conditioning defaults to the image size, ours is r
+            size |= {"original_size": [r, r], "crops_coords_top_left": [0, 0], "target_size": [r, r]}
+        return size
 
     @torch.no_grad()
     def encode_prompts(self, prompts, negative=None) -> Cond:

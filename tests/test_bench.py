@@ -1,8 +1,20 @@
 """`distill bench` end to end on a tiny teacher: baselines and a trained run land in a real SQLite leaderboard,
-the pages carry a matplotlib plot and sample grids, and a second invocation redoes nothing."""
+the pages carry a matplotlib plot and sample grids, and a second invocation redoes nothing. The matrix loader
+range-checks every field and expands training seeds into runs of their own."""
+import json
 import sqlite3
 
+import pytest
 import yaml
+
+from distill.bench import load_matrix, seedless_hash
+from distill.config import ConfigError
+from distill.leaderboard import Leaderboard
+
+
+def _field(row: dict, name: str):
+    """A row's value whether the leaderboard keeps it in a column or in the JSON `extra`."""
+    return row[name] if name in row else json.loads(row.get("extra") or "{}").get(name)
 
 
 def test_bench_trains_evaluates_writes_pages_and_resumes(tmp_path, tiny_sdxl_dir, cli):
@@ -13,21 +25,29 @@ def test_bench_trains_evaluates_writes_pages_and_resumes(tmp_path, tiny_sdxl_dir
         "train": {"max_steps": 2, "checkpoint_every": 1}}))
     matrix = tmp_path / "matrix.yaml"
     matrix.write_text(yaml.safe_dump({
-        "out": str(tmp_path / "bench"), "num_per_prompt": 1, "teacher_reference_steps": 4,
+        "out": str(tmp_path / "bench"), "num_per_prompt": 1, "teacher_reference_steps": 4, "seeds": [1],
+        "timing": {"repeats": 10, "batch_size": 1, "reference_steps": 4},
         "teachers": [{"source": str(tiny_sdxl_dir), "resolution": 32, "guidance_scale": 3.0, "steps": [4, 1]}],
         "runs": [{"config": str(run_cfg), "name": "lcm", "steps": [2, 1]}]}))
     first = cli("bench", matrix)
     assert "training consistency (lora)" in first.stdout and "leaderboard.html in a browser" in first.stdout
+    assert "10 interleaved rounds of batch 1" in first.stdout
     db = tmp_path / "bench/leaderboard.sqlite"
     rows = sqlite3.connect(db).execute("SELECT method, steps, nfe, fid, fid_teacher, train_steps FROM rows "
                                        "ORDER BY id").fetchall()
     assert [r[:3] for r in rows] == [("teacher", 4, 8), ("teacher", 1, 2), ("consistency", 2, 2),
                                      ("consistency", 1, 1)]
     assert all(r[3] > 0 and r[4] is not None for r in rows) and rows[-1][5] == 2
+    full = sorted(Leaderboard(db).rows("id"), key=lambda r: r["id"])
+    assert _field(full[0], "speedup") == 1.0  # the teacher's 4-step row is the timing reference itself
+    assert all(r["ms_per_image"] > 0 and _field(r, "ms_iqr") >= 0 and _field(r, "timing_repeats") == 10
+               and _field(r, "device") == "CPU" and _field(r, "threads") >= 1 for r in full)
+    assert [_field(r, "seed") for r in full] == [None, None, 1, 1]  # the training seed; teachers have none
     page = (tmp_path / "bench/leaderboard.html").read_text()
     assert page.count("data:image/png;base64,") == 5  # the plot and four grids
     assert (tmp_path / "bench/quality_vs_nfe.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(list((tmp_path / "bench/grids").glob("*.png"))) == 4
+    assert (tmp_path / "bench/lcm-seed1/student").exists()
 
     again = cli("bench", matrix)  # nothing left to do: no training, no new rows
     assert "training" not in again.stdout
@@ -42,3 +62,55 @@ def test_bench_bad_matrix(tmp_path, cli):
     matrix.write_text("teachers: [{source: builtin:digits-sdxl, stepz: [4]}]\n")
     proc = cli("bench", matrix, check=False)
     assert proc.returncode == 2 and "did you mean 'teachers[0].steps'" in proc.stderr
+    matrix.write_text("num_per_prompt: 0\nteachers: [{source: builtin:digits-sdxl}]\n")
+    proc = cli("bench", matrix, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "'num_per_prompt' has bad value 0: must be an integer >= 1" in proc.stderr
+
+
+TEACHER = {"source": "builtin:digits-sdxl"}
+RUN = {"config": "no/such.yaml"}  # never read: range checks come first
+
+
+@pytest.mark.parametrize("raw, field, allowed", [
+    ({"num_per_prompt": -3}, "num_per_prompt", ">= 1"),
+    ({"seed": -1}, "seed", ">= 0"),
+    ({"teacher_reference_steps": -1}, "teacher_reference_steps", ">= 0"),
+    ({"seeds": [0, 1, 1]}, "seeds", "must not repeat"),
+    ({"seeds": [0, -2]}, "seeds[1]", ">= 0"),
+    ({"seeds": []}, "seeds", "non-empty list"),
+    ({"timing": {"repeats": 3}}, "timing.repeats", ">= 10"),
+    ({"timing": {"batch_size": 0}}, "timing.batch_size", ">= 1"),
+    ({"timing": {"threads": 0}}, "timing.threads", ">= 1"),
+    ({"teachers": [{**TEACHER, "steps": [4, 0]}]}, "teachers[0].steps[1]", ">= 1"),
+    ({"teachers": [{**TEACHER, "steps": [4, 4]}]}, "teachers[0].steps", "must not repeat"),
+    ({"teachers": [{**TEACHER, "guidance_scale": float("nan")}]}, "teachers[0].guidance_scale", "finite"),
+    ({"teachers": [{**TEACHER, "resolution": 0}]}, "teachers[0].resolution", ">= 8"),
+    ({"runs": [{**RUN, "steps": []}]}, "runs[0].steps", "non-empty list"),
+    ({"runs": [{**RUN, "guidance_scale": float("inf")}]}, "runs[0].guidance_scale", "finite"),
+    ({"runs": [{**RUN, "seeds": [1.5]}]}, "runs[0].seeds[0]", "expected int"),
+    ({"prompts": "no/such.txt"}, "prompts", "no such prompts file"),
+])
+def test_matrix_fields_are_range_checked(tmp_path, raw, field, allowed):
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"teachers": [TEACHER], **raw}))
+    with pytest.raises(ConfigError, match="allowed|must|expected|no such") as e:
+        load_matrix(path)
+    assert e.value.field == field and allowed in str(e.value)
+
+
+def test_training_seeds_give_runs_of_their_own(tmp_path):
+    run_cfg = tmp_path / "lcm.yaml"
+    run_cfg.write_text(yaml.safe_dump({"teacher": {"source": "builtin:digits-sdxl"}, "method": {"name": "consistency"},
+                                       "data": {"kind": "digits"}, "train": {"seed": 7}}))
+    path = tmp_path / "m.yaml"
+    path.write_text(yaml.safe_dump({"out": str(tmp_path / "b"), "seeds": [0, 2], "runs": [
+        {"config": str(run_cfg), "name": "a"}, {"config": str(run_cfg), "name": "b", "seeds": [5]}]}))
+    matrix, configs = load_matrix(path)
+    assert [r.name for r in matrix.runs] == ["a-seed0", "a-seed2", "b-seed5"]
+    assert {n: c.train.seed for n, c in configs.items()} == {"a-seed0": 0, "a-seed2": 2, "b-seed5": 5}
+    assert configs["a-seed2"].train.output_dir == str(tmp_path / "b/a-seed2")
+    assert len({c.hash() for c in configs.values()}) == 3  # one recipe hash per seed ...
+    assert len({seedless_hash(c) for c in configs.values()}) == 1  # ... and one recipe without it
+    path.write_text(yaml.safe_dump({"runs": [{"config": str(run_cfg)}]}))
+    assert {c.train.seed for c in load_matrix(path)[1].values()} == {7}  # no seeds: the config's own

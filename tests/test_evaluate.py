@@ -1,4 +1,6 @@
-"""`distill eval` on a real (tiny) run: rows with quality and cost land in a real SQLite leaderboard."""
+"""`distill eval` on a real (tiny) run: rows with quality, intervals, protocol and cost land in a real SQLite
+leaderboard; a row measured another way, or with impossible steps, does not."""
+import json
 import sqlite3
 
 import pytest
@@ -32,8 +34,27 @@ def test_eval_adds_student_and_teacher_rows(run, tmp_path, cli):
     assert s_fid > 0 and s_fidt is not None and 0 <= s_adh <= 1 and s_ms > 0 and len(s_hash) == 12 and s_git
     assert t[:4] == ("teacher", "-", 4, 8) and t[6] is None
     assert (tmp_path / "grids/teacher-4steps.png").is_file() and (run / "checkpoints/step-00000002/eval").is_dir()
+    fid, lo, hi, kid_std, a_lo, adh, a_hi, protocol, pid = sqlite3.connect(db).execute(
+        "SELECT fid, fid_lo, fid_hi, kid_std, adherence_lo, adherence, adherence_hi, protocol, protocol_id FROM rows "
+        "WHERE id = 1").fetchone()
+    assert 0 <= lo <= fid < hi and kid_std >= 0 and 0 <= a_lo <= adh <= a_hi <= 1
+    protocol = json.loads(protocol)
+    assert protocol["samples"] == 30 and protocol["reference_size"] == 1797 and protocol["eval_seeds"] == [0]
+    assert protocol["teacher_reference_steps"] == 4 and protocol["extractor"] == "distill-digits"
+    assert pid == sqlite3.connect(db).execute("SELECT protocol_id FROM rows WHERE id = 2").fetchone()[0]  # one table
+    other = cli("eval", run, "--steps", "1", "--num-per-prompt", "2", "--db", db, check=False)
+    (line,) = [ln for ln in other.stderr.splitlines() if "error:" in ln]
+    assert other.returncode == 2 and "samples 30 -> 20" in line and "--new-table" in line
+    assert "Traceback" not in other.stderr
     board = cli("leaderboard", "--db", db, "--out", tmp_path / "pages")
     assert "2 rows" in board.stdout
+
+
+def _row_count(db) -> int:
+    if not db.exists():
+        return 0
+    tables = sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE name = 'rows'").fetchall()
+    return sqlite3.connect(db).execute("SELECT COUNT(*) FROM rows").fetchone()[0] if tables else 0
 
 
 def test_eval_bad_inputs(run, tmp_path, cli):
@@ -44,7 +65,35 @@ def test_eval_bad_inputs(run, tmp_path, cli):
     proc = cli("eval", run, "--steps", "2", "--num-per-prompt", "2", "--extractor", "no-such", "--db",
                tmp_path / "b.sqlite", check=False)
     assert proc.returncode == 2 and "feature extractor 'no-such'" in proc.stderr
+    proc = cli("eval", run, "--steps", "-1", "--db", tmp_path / "c.sqlite", check=False)
+    assert proc.returncode == 2 and "-1" in proc.stderr and "Traceback" not in proc.stderr
+    assert _row_count(tmp_path / "c.sqlite") == 0
     (tmp_path / "corrupt.sqlite").write_bytes(b"junk" * 100)
     proc = cli("eval", run, "--steps", "2", "--db", tmp_path / "corrupt.sqlite", check=False)
     assert proc.returncode == 2 and "cannot be used" in proc.stderr
     assert (tmp_path / "corrupt.sqlite").read_bytes() == b"junk" * 100
+
+
+@pytest.mark.parametrize("steps", [-1, 0, 2.5])
+def test_evaluate_refuses_impossible_steps_before_sampling(steps):
+    from distill.errors import DistillError
+    from distill.evaluate import Scoring, evaluate
+
+    with pytest.raises(DistillError, match="steps must be an integer >= 1"):
+        evaluate(None, None, steps, Scoring(["a handwritten digit 1"]))  # fails before touching the model
+
+
+def test_a_row_records_its_protocol_and_only_how_it_was_measured_picks_its_table():
+    from distill.evaluate import Scoring, protocol
+    from distill.leaderboard import protocol_id
+
+    cfg = config.parse({"teacher": {"source": "builtin:digits-sdxl", "resolution": 16}}, for_training=False)
+    prompts = [f"a handwritten digit {k}" for k in range(10) for _ in range(100)]
+    default = protocol(Scoring(prompts, teacher_reference_steps=50), cfg, 5.0, teacher=True)
+    assert default["samples"] == 1000 and default["reference_size"] == 1797 and default["eval_seeds"] == [0]
+    assert default["sampler"] == "teacher DDIM" and default["guidance"] == 5.0 and default["resolution"] == 16
+    assert default["extractor"] == "distill-digits" and default["num_prompts"] == 10 and default["bootstrap"] == 200
+    student = protocol(Scoring(prompts, teacher_reference_steps=50), cfg, 1.0, teacher=False)
+    assert protocol_id(student) == protocol_id(default)  # a student's own guidance and sampler: the same table
+    for other in (Scoring(prompts[::2]), Scoring(prompts, seed=1), Scoring(prompts, reference_size=500)):
+        assert protocol_id(protocol(other, cfg, 5.0, teacher=True)) != protocol_id(default)

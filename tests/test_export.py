@@ -29,7 +29,8 @@ if kind == "merged":
     assert type(pipe.scheduler).__name__ == facts["scheduler"]
 else:
     pipe = Pipe.from_pretrained(teacher)
-    pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config)
+    pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config,
+                                                                        **facts["scheduler_config"])
     before = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **KW).images
     pipe.load_lora_weights(export if kind == "lora" else f"{export}/lora_kohya.safetensors")
 out = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **KW).images
@@ -40,10 +41,10 @@ np.save(sys.argv[4], out)
 
 
 def _load_in_fresh_process(teacher, export, kind, tmp_path, steps):
+    # The call exactly as distill_export.json writes it, nothing added: steps, guidance, size and times.
     facts = json.loads((export / "distill_export.json").read_text())
-    kw = dict(num_inference_steps=steps, guidance_scale=facts["guidance_scale"], height=32, width=32,
-              **facts["pipeline_call"])
-    script = f"PROMPTS = {PROMPTS!r}\nKW = {kw!r}\n" + LOAD
+    assert facts["pipeline_call"]["num_inference_steps"] == steps
+    script = f"PROMPTS = {PROMPTS!r}\nKW = {facts['pipeline_call']!r}\n" + LOAD
     out = tmp_path / f"{kind}.npy"
     proc = subprocess.run([sys.executable, "-c", script, str(teacher), str(export), kind, str(out)],
                           capture_output=True, text=True, timeout=600)
@@ -118,9 +119,29 @@ def test_sd3_lora_exports_load_in_diffusers_and_half_precision(tmp_path, tiny_sd
     assert pipe.transformer.dtype == torch.float16
 
 
-@pytest.fixture
-def full_run(tmp_path, tiny_sdxl_dir):
-    return _train(tmp_path, tiny_sdxl_dir, **{"student.kind": "full", "train.max_steps": 1})
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, tiny_sdxl_dir):
+    # sigma_data and timestep_scaling far from LCMScheduler's 0.5 and 10: c_skip is large at every time.
+    return _train(tmp_path_factory.mktemp("full"), tiny_sdxl_dir, **{
+        "student.kind": "full", "train.max_steps": 1, "sample.steps": 2,
+        "method.params": "{guidance_min: 3.0, guidance_max: 3.0, sigma_data: 0.25, timestep_scaling: 0.001}"})
+
+
+def test_full_student_folder_samples_as_distill_with_its_boundary_scalings(tmp_path, full_run):
+    """runs/<run>/student/ of a full student carries the scheduler, with the run's own boundary scalings, and
+    the call (distill_sampling.json) that sample as distill does; as written, it makes generate's images."""
+    from diffusers import DiffusionPipeline
+
+    from distill.evaluate import load_run, sample_images
+
+    sampling = json.loads((full_run / "student/distill_sampling.json").read_text())
+    pipe = DiffusionPipeline.from_pretrained(full_run / "student")
+    assert type(pipe.scheduler).__name__ == sampling["scheduler"] == "LCMScheduler"
+    theirs = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11),
+                  **sampling["pipeline_call"]).images
+    _, cfg, method, _ = load_run(full_run)
+    ours, _ = sample_images(method, PROMPTS, 2, 11, cfg.sample.guidance_scale, teacher=False)
+    assert np.abs(theirs - (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max() < 1e-5
 
 
 def test_export_refuses_bad_requests_and_writes_nothing(tmp_path, full_run, cli):
@@ -135,8 +156,12 @@ def test_export_refuses_bad_requests_and_writes_nothing(tmp_path, full_run, cli)
     proc = cli("export", full_run, "--to", tmp_path / "busy", check=False)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr
     assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
+    proc = cli("export", full_run, "--to", tmp_path / "busy", "--overwrite", check=False)
+    assert proc.returncode == 2 and "not an earlier export" in proc.stderr  # --overwrite replaces exports only
+    assert [p.name for p in (tmp_path / "busy").iterdir()] == ["keep.txt"]
+    (tmp_path / "busy/distill_export.json").write_text("{}")  # now it is one
     cli("export", full_run, "--to", tmp_path / "busy", "--overwrite")
-    assert (tmp_path / "busy/pipeline/model_index.json").is_file()
+    assert (tmp_path / "busy/pipeline/model_index.json").is_file() and not (tmp_path / "busy/keep.txt").exists()
 
 
 def test_kohya_is_refused_for_sd3(tmp_path, tiny_sd3_dir, cli):

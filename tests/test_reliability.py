@@ -71,7 +71,7 @@ def _bad_inputs(tmp: Path, tiny_sdxl_dir: Path) -> list[tuple[dict, str]]:
     sdxl = {"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}}
     return [
         ({"teacher": {"source": str(tmp)}}, "is not a diffusers pipeline (no model_index.json)"),
-        ({"teacher": {"source": str(trunc), "resolution": 32}}, "could not load teacher"),
+        ({"teacher": {"source": str(trunc), "resolution": 32}}, "unet/diffusion_pytorch_model.safetensors in"),
         ({"teacher": {"source": str(pickled), "resolution": 32}}, "is a pickle, which distill never loads"),
         ({"teacher": {"source": str(tmp / "model.ckpt"), "family": "sdxl"}}, "pickled .ckpt/.bin files are refused"),
         ({**sdxl, "data": {"kind": "images", "path": str(tmp / "empty-images")}}, "lists no images"),
@@ -202,7 +202,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path,
 # ---- SIGKILL at any moment ------------------------------------------------------------------------------
 def _launch(cfg: Path, out: Path, resume: bool) -> subprocess.Popen:
     args = [sys.executable, "-m", "distill", "train", str(cfg), f"train.output_dir={out}"]
-    return subprocess.Popen(args + (["--resume", "latest"] if resume else []), cwd=ROOT, stdout=subprocess.DEVNULL,
+    # With no checkpoint yet, a killed start is started over (its partial folder is moved aside).
+    return subprocess.Popen(args + (["--resume", "latest"] if resume else ["--restart"]), cwd=ROOT,
+                            stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 

@@ -1,14 +1,17 @@
 """The sampling fast path and `distill bench-speed` on a real tiny run: the optimised student makes the same images,
-SDPA is what the attention runs, and the side-by-side measurements land in the report and the leaderboard."""
-import sqlite3
+SDPA is what the attention runs, and the side-by-side measurements land in the report and the leaderboard. The
+measurements run with tiny repeats (`min_repeats`): these tests check the plumbing, never a timing."""
+import json
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-from distill import config
+from distill import cli, config, speed
+from distill.errors import DistillError
 from distill.evaluate import load_run
+from distill.leaderboard import Leaderboard
 from distill.speed import fast_path
 from distill.trainer import train
 
@@ -21,6 +24,11 @@ def run(tmp_path_factory, tiny_sdxl_dir):
                         "data": {"kind": "digits", "batch_size": 2},
                         "train": {"output_dir": str(out), "max_steps": 2, "learning_rate": 1e-2}}))
     return out
+
+
+def _field(row: dict, name: str):
+    """A row's value whether the leaderboard keeps it in a column or in the JSON `extra`."""
+    return row[name] if name in row else json.loads(row.get("extra") or "{}").get(name)
 
 
 def _pngs(folder):
@@ -38,24 +46,56 @@ def test_generate_fast_path_flags_make_the_same_images(run, tmp_path, cli):
     assert proc.returncode == 2 and "the teacher is gone" in proc.stderr
 
 
-def test_bench_speed_reports_side_by_side_and_fills_cost_columns(run, tmp_path, cli):
-    db, report = tmp_path / "board.sqlite", tmp_path / "speed.md"
-    proc = cli("bench-speed", run, "--steps", 1, 2, "--teacher-steps", 8, "--batch-size", 2, "--repeats", 1,
-               "--channels-last", "--db", db, "--out", report)
-    text = report.read_text()
+def test_bench_speed_reports_side_by_side_and_fills_cost_columns(run, tmp_path):
+    db = tmp_path / "board.sqlite"
+    before = torch.get_num_threads()
+    text = speed.bench(run, [1, 2], 8, 5.0, 2, 2, dict(compile=False, channels_last=True, fuse_qkv=False), None,
+                       False, db, threads=1, warmup=1, min_repeats=1)
+    assert torch.get_num_threads() == before  # pinned while measuring only
+    assert "CPU (1 threads)" in text and "median and IQR of 2 rounds after 1 warm-up" in text
     assert "AttnProcessor2_0" in text and "aten::_scaled_dot_product" in text  # SDPA is what ran
     lines = [line for line in text.splitlines() if line.startswith("| teacher") or line.startswith("| student")]
-    assert len(lines) == 3 and "fast_speedup" in text and "wrote" in proc.stdout
-    rows = sqlite3.connect(db).execute("SELECT method, steps, nfe, ms_per_image FROM rows ORDER BY id").fetchall()
-    assert [r[:3] for r in rows] == [("teacher", 8, 16), ("consistency", 1, 1), ("consistency", 2, 2)]
-    assert all(r[3] > 0 for r in rows)
+    assert len(lines) == 3 and "fast_speedup" in text and "speedup_iqr" in text
+    rows = sorted(Leaderboard(db).rows("id"), key=lambda r: r["id"])
+    assert [(r["method"], r["steps"], r["nfe"]) for r in rows] == [("teacher", 8, 16), ("consistency", 1, 1),
+                                                                 ("consistency", 2, 2)]
+    assert all(r["ms_per_image"] > 0 for r in rows) and _field(rows[0], "speedup") == 1.0
+    assert all(_field(r, "threads") == 1 and _field(r, "timing_repeats") == 2 and _field(r, "ms_iqr") >= 0
+               for r in rows)
 
 
-def test_bench_speed_train_times_every_method_beside_a_fine_tune(run, tmp_path, cli):
-    proc = cli("bench-speed", run, "--train", "--batch-size", 2, "--repeats", 1, "--db", tmp_path / "b.sqlite")
-    table = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| ")}
+def test_bench_speed_train_times_every_method_beside_a_fine_tune(run, tmp_path):
+    text = speed.bench(run, [1], 1, 5.0, 2, 1, {}, None, True, tmp_path / "b.sqlite", warmup=1, min_repeats=1)
+    table = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
     assert {"denoise", "consistency", "progressive", "add", "ladd"} <= set(table)
-    assert table["denoise"].split("|")[-2].strip() == "1"  # the fine-tune is the unit
+    assert "vs_fine_tune_iqr" in table["method"]
+    assert table["denoise"].split("|")[4].strip() == "1"  # the fine-tune is the unit
+
+
+@pytest.mark.parametrize("flag, value", [("--repeats", 0), ("--repeats", 9), ("--steps", 0),
+                                         ("--teacher-steps", 0), ("--batch-size", 0)])
+def test_bench_speed_refuses_bad_counts_in_one_line(tmp_path, capsys, flag, value):
+    counts = {"steps": [1], "teacher_steps": 50, "batch_size": 10, "repeats": 10}
+    name = flag[2:].replace("-", "_")
+    counts[name] = [value] if name == "steps" else value
+    with pytest.raises(DistillError, match=f"^{flag} must be an integer >= (1|10), got {value}$"):
+        speed.bench(tmp_path / "never-loaded", teacher_guidance=5.0, flags={}, amp=None, train=False,
+                    db=tmp_path / "db", **counts)
+    try:  # the command line may refuse it while parsing (argparse exits) or through the error above
+        code = cli.main(["bench-speed", str(tmp_path / "never-loaded"), "--repeats", "10", flag, str(value)])
+    except SystemExit as e:
+        code = e.code
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and flag in err and str(value) in err
+
+
+def test_interleaved_warms_up_then_rotates_round_robin():
+    calls = []
+    times = speed.interleaved({k: (lambda k=k: calls.append(k)) for k in "abc"}, repeats=3, warmup=2)
+    assert calls == list("aabbcc") + list("abc") + list("bca") + list("cab")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert speed.median_iqr([1.0, 2.0, 3.0, 4.0, 100.0]) == (3.0, 2.0)  # the outlier moves neither
+    assert speed.ratio([4.0, 9.0, 2.0], [2.0, 3.0, 2.0]) == (2.0, 1.0)
 
 
 @pytest.mark.slow

@@ -14,7 +14,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from discriminators.feature_net import FeatureHeads, FeatureNetwork
-from discriminators.losses import hinge_d, hinge_g
+from discriminators.losses import hinge_d, hinge_g, per_sample
 from distill.config import ConfigError
 from distill.methods.base import Adversarial, LossOut, randn
 from distill.solvers import bcast
@@ -69,10 +69,11 @@ class ADD(Adversarial):
             with sdpa_kernel(SDPBackend.MATH) if p.r1_gamma > 0 else contextlib.nullcontext():
                 real_logits = self.logits(real, cond)
             fake_logits = self.logits(fake, cond)
-            loss, logs = hinge_d(real_logits, fake_logits), {"d_real": real_logits.mean().item(),
-                                                             "d_fake": fake_logits.mean().item()}
-            if p.r1_gamma > 0:  # R1: gamma/2 * E||grad_x D(x)||^2 on real data
-                (grad,) = torch.autograd.grad(real_logits.sum(), real, create_graph=True)
+            real_score, fake_score = per_sample(real_logits), per_sample(fake_logits)
+            loss, logs = hinge_d(real_logits, fake_logits), {"d_real": real_score.mean().item(),
+                                                             "d_fake": fake_score.mean().item()}
+            if p.r1_gamma > 0:  # R1: gamma/2 * E||grad_x D(x)||^2 on real data, D = the per-sample score
+                (grad,) = torch.autograd.grad(real_score.sum(), real, create_graph=True)
                 r1 = grad.pow(2).flatten(1).sum(1).mean()
                 loss, logs["r1"] = loss + p.r1_gamma / 2 * r1, r1.item()
             return LossOut(loss, logs)

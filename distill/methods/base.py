@@ -66,6 +66,8 @@ class Method(nn.Module):
     # How the student samples: deterministic DDIM/Euler steps (False), or denoise to x0 and re-noise with fresh
     # noise at the next time (True: consistency and adversarial students; diffusers' LCM schedulers).
     renoises: bool = False
+    # How the student's backbone output is read (None: as the teacher's; progressive's student_output: x or v).
+    student_prediction: str | None = None
 
     def sample_times(self, steps: int) -> list[float]:
         """The `steps` times (teacher units, descending) the student's sampler visits."""
@@ -76,12 +78,17 @@ class Method(nn.Module):
         """How this method's student samples; by default DDIM on the teacher's grid with the student's backbone."""
         cfg, w = self.guidance_args(guidance, len(cond))
         return ddim_sample(self.teacher, cond, steps, generator, shape, cfg, backbone=self.student.backbone,
-                           times=self.sample_times(steps) + [self.teacher.end_time], guidance_cond=w)
+                           times=self.sample_times(steps) + [self.teacher.end_time], guidance_cond=w,
+                           prediction_type=self.student_prediction)
 
     def after_step(self, turn: str, step: int) -> None:
         """Called after `turn`'s optimiser step at (0-based) global step `step`."""
         if turn == "student":
             self.student.update_ema()
+
+    def step_done(self, done: int) -> None:
+        """Called after every training step, `done` steps in all, whether its updates were skipped or not, and
+        before that step's checkpoint."""
 
     def resume_at(self, step: int) -> None:
         """Restore any step-dependent state after loading a checkpoint taken at `step`."""
@@ -131,7 +138,9 @@ class Adversarial(Method):
 
     def __init__(self, teacher: Teacher, student: Student, params):
         super().__init__(teacher, student, params)
-        self.register_buffer("student_grid", teacher.timesteps(params.student_steps).float(), persistent=False)
+        # n distinct useful times from pure noise: {999, 749, 499, 249} (VP), {1000, 900, 750, 500} (flow, shift 3)
+        self.register_buffer("student_grid", teacher.student_timesteps(params.student_steps).float(),
+                             persistent=False)
 
     def parameters_for(self, turn: str) -> list[nn.Parameter]:
         if turn == "discriminator":
@@ -139,13 +148,24 @@ class Adversarial(Method):
         return self.student.trainable_parameters()
 
     def generate(self, x0: torch.Tensor, cond, generator: torch.Generator) -> torch.Tensor:
-        """The student's sample from x0 noised to one of its times."""
+        """The student's sample from x0 noised to one of its times. The first time gets pure noise, as in
+        sampling: ADD sec. 4 sets tau_n = 1000 with zero terminal SNR (Lin et al. 2024). On VP, t = 999 keeps
+        sqrt(abar) = 0.068 of the data, which the sampler never has; feeding pure noise at t = 999 (the
+        conversion to x0 still reads abar_999, as the sampler's does) makes training and sampling agree without
+        changing the teacher's schedule, which an epsilon teacher needs (alpha = 0 has no x0 from eps)."""
         pick = torch.randint(0, len(self.student_grid), (len(x0),), generator=generator).to(x0.device)
         t = self.student_grid[pick]
-        x_t = self.teacher.add_noise(x0, randn(x0.shape, generator, x0), t)
+        noise = randn(x0.shape, generator, x0)
+        first = (pick == 0).reshape(-1, *[1] * (x0.ndim - 1))
+        x_t = torch.where(first, noise, self.teacher.add_noise(x0, noise, t))
         return self.teacher.predict(x_t, t, cond, backbone=self.student.backbone)[0]
 
     renoises = True
+
+    def sample_times(self, steps: int) -> list[float]:
+        """`steps` distinct times from pure noise (Teacher.student_timesteps), the training grid's for
+        steps = student_steps."""
+        return self.teacher.student_timesteps(steps).tolist()
 
     @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):

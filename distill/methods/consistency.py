@@ -47,8 +47,11 @@ class Consistency(Method):
 
     def __init__(self, teacher, student, params: ConsistencyParams):
         super().__init__(teacher, student, params)
-        # t_1 > ... > t_N on the teacher's grid, closed by t = 0 where f(x, 0) = x (c_skip = 1, c_out = 0).
-        self.register_buffer("grid", with_end(teacher.timesteps(params.num_teacher_steps), 0.0), persistent=False)
+        # t_1 > ... > t_N evenly spaced on the teacher's scale (VP: its trailing DDIM grid; flow: shifted sigmas
+        # without FlowMatchEuler's sigma_min point, so n-step sampling has no near-zero time), closed by t = 0
+        # where f(x, 0) = x (c_skip = 1, c_out = 0).
+        self.register_buffer("grid", with_end(teacher.student_timesteps(params.num_teacher_steps), 0.0),
+                             persistent=False)
 
     def consistency_fn(self, x, t, cond, backbone, w):
         """f(x, t) = c_skip(t) x + c_out(t) x0(x, t)  (LCM eq. 5)."""

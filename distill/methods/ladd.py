@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from discriminators.losses import hinge_d, hinge_g
+from discriminators.losses import hinge_d, hinge_g, per_sample
 from discriminators.teacher_heads import TeacherHeads, capture
 from distill.config import ConfigError
 from distill.methods.base import Adversarial, LossOut, randn
@@ -82,10 +82,11 @@ class LADD(Adversarial):
                 fake = self.generate(real, cond, g)
             real_logits, fake_logits = self.logits(real, cond, g)[0], self.logits(fake, cond, g)[0]
             return LossOut(hinge_d(real_logits, fake_logits),
-                           {"d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()})
+                           {"d_real": per_sample(real_logits).mean().item(),
+                            "d_fake": per_sample(fake_logits).mean().item()})
         fake = self.generate(real, cond, g)
         fake_logits, x_t, t = self.logits(fake, cond, g)
-        loss, logs = hinge_g(fake_logits), {"g_adv": fake_logits.mean().item()}
+        loss, logs = hinge_g(fake_logits), {"g_adv": per_sample(fake_logits).mean().item()}
         if p.distill_weight > 0:
             with torch.no_grad():
                 target = self.teacher.predict(x_t, t, cond)[0]

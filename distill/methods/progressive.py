@@ -22,6 +22,10 @@ from distill.schedules import with_end
 from distill.solvers import bcast, ddim_step, prediction_loss
 
 
+# student_output -> the prediction type its backbone output is read as (None: the teacher's own)
+STUDENT_OUTPUTS = {"teacher": None, "x": "sample", "v": "v_prediction"}
+
+
 @dataclass
 class ProgressiveParams:
     start_steps: int = 64  # the teacher's steps in round 0
@@ -35,6 +39,10 @@ class ProgressiveParams:
     # Round 0's teacher is the initial student (a guidance-distilled one, via student.init_from) instead of the
     # teacher with CFG: Meng et al.'s stage two.
     teacher_from_student: bool = False
+    # What the student's backbone outputs (Salimans & Ho 2022, sec. 4): the teacher's own parameterisation, x, or
+    # v = alpha*eps - sigma*x (VP teachers). An eps student's x0 = (z - sigma*eps)/alpha amplifies its error by
+    # sigma/alpha (14.6 at t = 999), which is what 1-2 step students sample with; x and v do not amplify.
+    student_output: str = "teacher"
 
     def check(self) -> None:
         ratio = self.start_steps / max(self.end_steps, 1)
@@ -46,6 +54,13 @@ class ProgressiveParams:
         if self.target not in ("x", "eps", "v"):
             raise ConfigError("method.params.target", self.target, "allowed: x, eps, v")
         check_guidance_range(self.guidance_min, self.guidance_max)
+        if self.student_output not in STUDENT_OUTPUTS:
+            raise ConfigError("method.params.student_output", self.student_output,
+                              f"allowed: {', '.join(STUDENT_OUTPUTS)}")
+        if self.teacher_from_student and self.student_output != "teacher":
+            raise ConfigError("method.params.student_output", self.student_output,
+                              "teacher_from_student needs student_output: teacher (the initial student's output "
+                              "is the teacher's parameterisation)")
 
     @property
     def rounds(self) -> int:
@@ -57,8 +72,15 @@ class Progressive(Method):
 
     def __init__(self, teacher, student, params: ProgressiveParams):
         super().__init__(teacher, student, params)
-        self.register_buffer("grid", with_end(teacher.timesteps(params.start_steps), teacher.end_time),
+        # Evenly spaced from pure noise on the family's scale, so every n-step student nests in it with n useful
+        # times (a flow teacher's own Euler grid ends at sigma_min, a near-identity last step).
+        self.register_buffer("grid", with_end(teacher.student_timesteps(params.start_steps), teacher.end_time),
                              persistent=False)
+        a, s = teacher.alpha_sigma(torch.tensor(teacher.num_train_timesteps // 2))
+        if params.student_output == "v" and abs(float(a**2 + s**2) - 1) > 1e-4:
+            raise ConfigError("method.params.student_output", "v", "v = alpha*eps - sigma*x needs a variance-"
+                              "preserving teacher (a flow teacher's own output already is a velocity): use teacher or x")
+        self.student_prediction = STUDENT_OUTPUTS[params.student_output]
         self.round = 0
         self.previous = None  # the previous round's student: a frozen module (full) or LoRA tensors
         if params.teacher_from_student:
@@ -102,25 +124,25 @@ class Progressive(Method):
         with torch.no_grad(), self._round_teacher() as backbone:
             # The raw teacher applies CFG at w; a previous student already has it built in (or reads w).
             cfg = (1.0 if p.guidance_max == 1.0 else w) if backbone is None else 1.0
-            w_teacher = None if backbone is None else w_in
-            z1 = ddim_step(*teacher.predict(z, t, cond, cfg, backbone=backbone, guidance_cond=w_teacher),
-                           *teacher.alpha_sigma(t1))
-            z2 = ddim_step(*teacher.predict(z1, t1, cond, cfg, backbone=backbone, guidance_cond=w_teacher),
-                           *teacher.alpha_sigma(t2))
+            w_teacher, out = (None, None) if backbone is None else (w_in, self.student_prediction)
+            z1 = ddim_step(*teacher.predict(z, t, cond, cfg, backbone, w_teacher, out), *teacher.alpha_sigma(t1))
+            z2 = ddim_step(*teacher.predict(z1, t1, cond, cfg, backbone, w_teacher, out), *teacher.alpha_sigma(t2))
             # Alg. 2: the x0 that one DDIM step takes from z_t to z_t''; at t'' = 0 (sigma'' = 0) this is the
             # teacher's own x0 after its last two steps.
             a2, s2 = teacher.alpha_sigma(t2)
             ratio = bcast(s2 / s, z)
             x_target = (z2 - ratio * z) / (bcast(a2, z) - ratio * bcast(a, z))
-        x_pred, eps_pred = teacher.predict(z, t, cond, backbone=self.student.backbone, guidance_cond=w_in)
+        x_pred, eps_pred = teacher.predict(z, t, cond, backbone=self.student.backbone, guidance_cond=w_in,
+                                           prediction_type=self.student_prediction)
         eps_target = (z - bcast(a, z) * x_target) / bcast(s, z)
         loss = prediction_loss(x_pred, eps_pred, x_target, eps_target, a, s, p.target)
         return LossOut(loss, {"round": float(self.round), "student_steps": float(n)})
 
-    def after_step(self, turn: str, step: int) -> None:
-        """At a round's end the student becomes the next round's teacher."""
-        super().after_step(turn, step)
-        new_round = self.round_of(step + 1)
+    def step_done(self, done: int) -> None:
+        """At a round's end the student becomes the next round's teacher. Decided by the step count, not by an
+        optimiser step: a skipped (non-finite) last step of a round must still switch before the milestone
+        checkpoint, or a resume would pair the next round with the old teacher."""
+        new_round = self.round_of(done)
         if new_round != self.round:
             self._snapshot()
             self.round = new_round

@@ -1,0 +1,562 @@
+"""What people read: the leaderboard's rows arranged into tables, verdicts, and the terminal, Markdown and HTML views.
+
+Arrangement: one table per evaluation protocol (rows are ranked only against rows measured the same way), one group
+per teacher inside it, the teacher's 50-step row on top, then by NFE and FID. Rows of one recipe over several
+training seeds are summarised as mean ± sd with n, their per-seed rows listed beneath. A row is "better" or "worse"
+than a reference only when their 95% intervals do not overlap; otherwise it is a "tie".
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REFERENCE_STEPS = 50  # the teacher row every other row is compared with
+METRICS = ("fid", "kid", "fid_teacher", "kid_teacher", "adherence", "ms_per_image", "peak_memory_mb", "clip_score",
+           "speedup")
+INTERVALS = {"fid": ("fid_lo", "fid_hi"), "fid_teacher": ("fid_teacher_lo", "fid_teacher_hi"),
+             "adherence": ("adherence_lo", "adherence_hi")}
+SPREADS = {"kid": "kid_std", "kid_teacher": "kid_teacher_std"}  # shown as ± but not an interval
+
+
+@dataclass
+class Line:
+    """One displayed line: a row, or the mean over a recipe's training seeds (`seeds` holds their rows)."""
+
+    row: dict
+    seeds: list[dict] = field(default_factory=list)
+    reference: bool = False  # this teacher's 50-step row
+    best: bool = False  # best FID at its NFE within its teacher group
+
+    @property
+    def n(self) -> int:
+        return len(self.seeds) or 1
+
+
+@dataclass
+class Group:
+    teacher: str
+    lines: list[Line]
+
+    @property
+    def reference(self) -> dict | None:
+        return self.lines[0].row if self.lines and self.lines[0].reference else None
+
+
+@dataclass
+class Table:
+    protocol_id: str | None
+    protocol: dict | None
+    groups: list[Group]
+
+
+def flat(row: dict) -> dict:
+    """A stored row with its JSON `extra` merged in (columns win) and its protocol parsed."""
+    extra = json.loads(row.get("extra") or "{}")
+    out = {**extra, **{k: v for k, v in row.items() if v is not None or k not in extra}}
+    if isinstance(out.get("protocol"), str):
+        out["protocol"] = json.loads(out["protocol"])
+    return out
+
+
+def _t975(dof: int) -> float:
+    """The 97.5% quantile of Student's t (Student 1908), for the interval of a mean over a few seeds."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.975, dof))
+
+
+def _mean_row(rows: list[dict]) -> dict:
+    """Mean ± sd over training seeds; the interval a verdict uses is the t-interval of the mean, which carries the
+    seed-to-seed spread and, through it, each row's own sampling noise."""
+    out = dict(rows[0], seed=None, id=None)
+    for k in METRICS:
+        vals = [r[k] for r in rows if r.get(k) is not None]
+        out[k] = sum(vals) / len(vals) if vals else None
+        sd = math.sqrt(sum((v - out[k]) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+        out[f"{k}_sd"] = sd
+        if k in INTERVALS:
+            lo, hi = INTERVALS[k]
+            half = _t975(len(vals) - 1) * sd / math.sqrt(len(vals)) if sd is not None else None
+            out[lo], out[hi] = (None, None) if half is None else (max(0.0, out[k] - half), out[k] + half)
+            if k == "adherence" and out[hi] is not None:
+                out[hi] = min(1.0, out[hi])
+    return out
+
+
+def _recipe(row: dict):
+    """Rows that differ only in their training seed share this key (bench writes `seedless_hash`, the recipe's hash
+    with the seed left out)."""
+    if row.get("seed") is None:
+        return ("row", row.get("id"), id(row))
+    return (row.get("seedless_hash") or row.get("recipe"), row["teacher"], row["method"], row["student"],
+            row["steps"], row.get("guidance"))
+
+
+def _lines(rows: list[dict]) -> list[Line]:
+    by_recipe: dict = {}
+    for r in rows:
+        by_recipe.setdefault(_recipe(r), []).append(r)
+    out = []
+    for members in by_recipe.values():
+        if len(members) == 1:
+            out.append(Line(members[0]))
+        else:
+            members.sort(key=lambda r: (r.get("seed") is None, r.get("seed"), r.get("id") or 0))
+            out.append(Line(_mean_row(members), seeds=members))
+    return out
+
+
+def _order(lines: list[Line]) -> list[Line]:
+    """The teacher's 50-step row first (the reference of the Δ and speed-up columns; none without one), then by
+    NFE, then FID; the best FID among the rows at each NFE is marked."""
+    teachers = [ln for ln in lines if ln.row["method"] == "teacher" and ln.row["steps"] == REFERENCE_STEPS]
+    if teachers:
+        min(teachers, key=lambda ln: _num(ln.row.get("fid"))).reference = True
+    rest = sorted((ln for ln in lines if not ln.reference),
+                  key=lambda ln: (_num(ln.row.get("nfe")), _num(ln.row.get("fid")), ln.row["method"]))
+    ordered = [ln for ln in lines if ln.reference] + rest
+    at_nfe: dict = {}
+    for ln in ordered:
+        if ln.row.get("fid") is not None:
+            at_nfe.setdefault(ln.row.get("nfe"), []).append(ln)
+    for rivals in at_nfe.values():
+        if len(rivals) > 1:  # a row alone at its NFE is not "best" of anything
+            min(rivals, key=lambda ln: ln.row["fid"]).best = True
+    return ordered
+
+
+def _num(v) -> float:
+    return math.inf if v is None else v
+
+
+def arrange(rows: list[dict]) -> list[Table]:
+    """Tables (the newest protocol first, rows with no recorded protocol last), teacher groups in each."""
+    rows = [flat(r) for r in rows]
+    by_protocol: dict = {}
+    for r in sorted(rows, key=lambda r: -(r.get("id") or 0)):
+        by_protocol.setdefault(r.get("protocol_id"), []).append(r)
+    keys = [k for k in by_protocol if k is not None] + ([None] if None in by_protocol else [])
+    tables = []
+    for key in keys:
+        members = sorted(by_protocol[key], key=lambda r: r.get("id") or 0)
+        teachers = list(dict.fromkeys(r["teacher"] for r in members))
+        groups = [Group(t, _order(_lines([r for r in members if r["teacher"] == t]))) for t in teachers]
+        tables.append(Table(key, members[-1].get("protocol") if key else None, groups))
+    return tables
+
+
+# ---- verdicts -------------------------------------------------------------------------------------------------
+
+def interval(row: dict, metric: str) -> tuple[float, float] | None:
+    lo, hi = INTERVALS[metric]
+    if row.get(metric) is None or row.get(lo) is None or row.get(hi) is None:
+        return None
+    return row[lo], row[hi]
+
+
+def verdict(row: dict, reference: dict | None, metric: str = "fid", lower_is_better: bool = True) -> str:
+    """'better' / 'worse' when the two 95% intervals separate, 'tie' when they overlap, '-' without intervals."""
+    if reference is None or row is reference:
+        return "-"
+    a, b = interval(row, metric), interval(reference, metric)
+    if a is None or b is None:
+        return "-"
+    if a[1] < b[0]:
+        return "better" if lower_is_better else "worse"
+    if a[0] > b[1]:
+        return "worse" if lower_is_better else "better"
+    return "tie"
+
+
+def _same_steps_teacher(group: Group, row: dict) -> dict | None:
+    for ln in group.lines:
+        if ln.row["method"] == "teacher" and ln.row["steps"] == row["steps"]:
+            return ln.row
+    return None
+
+
+# ---- cells ----------------------------------------------------------------------------------------------------
+
+COLUMNS = ("method", "student", "steps", "NFE ↓", "seeds", "FID ↓", "ΔFID vs teacher@50", "vs teacher, same steps",
+           "KID ↓", "FID vs teacher samples ↓", "adherence ↑ (%)", "ms / image ↓", "speed-up vs teacher@50",
+           "train steps")
+DECIMALS = {"fid": 2, "fid_teacher": 2, "kid": 4, "kid_teacher": 4, "adherence": 1, "ms_per_image": 1}
+
+
+def _fixed(v: float | None, decimals: int) -> str:
+    if v is None:
+        return "-"
+    v = round(v, decimals)
+    return f"{(v if v != 0 else 0.0):.{decimals}f}"  # never "-0.00", never "-6.1e-13"
+
+
+def _plus_minus(row: dict, metric: str, aggregated: bool) -> str:
+    """'1.96 ± 0.12': over seeds the sd; for one row the interval's larger half (or KID's std over subsets)."""
+    scale = 100 if metric == "adherence" else 1
+    d = DECIMALS[metric]
+    v = row.get(metric)
+    if v is None:
+        return "-"
+    if aggregated:
+        spread = row.get(f"{metric}_sd")
+    elif metric in SPREADS:
+        spread = row.get(SPREADS[metric])
+    else:
+        iv = interval(row, metric) if metric in INTERVALS else None
+        spread = max(v - iv[0], iv[1] - v) if iv else None
+    text = _fixed(v * scale, d)
+    return text if spread is None else f"{text} ± {_fixed(spread * scale, d)}"
+
+
+def cells(line: Line, group: Group, seed_row: dict | None = None) -> list[str]:
+    """The COLUMNS of one line (or, with `seed_row`, of one of its per-seed rows)."""
+    r, agg = (seed_row, False) if seed_row is not None else (line.row, bool(line.seeds))
+    ref = group.reference
+    teacher = r["method"] == "teacher"
+    if seed_row is not None:
+        method, seeds = f"└ seed {r.get('seed')}", ""
+    else:
+        method = ("★ teacher" if teacher else r["method"]) + (" (reference)" if line.reference else "")
+        seeds = f"n={line.n}" if agg else ("-" if r.get("seed") is None else str(r["seed"]))
+    delta, same = "-", "-"
+    if ref is not None and r.get("fid") is not None and ref.get("fid") is not None and not line.reference:
+        word = verdict(r, ref)
+        delta = f"{r['fid'] - ref['fid']:+.2f}" + ("" if word == "-" else f" ({word})")
+    if not teacher:
+        same = verdict(r, _same_steps_teacher(group, r))
+    speedup = "-"
+    timed_with_50 = r.get("speedup_reference_steps") == REFERENCE_STEPS  # timed beside teacher@50 in one run
+    if r.get("speedup") and timed_with_50:
+        speedup = f"{r['speedup']:.1f}×"
+    elif ref is not None and r.get("ms_per_image") and ref.get("ms_per_image"):
+        speedup = f"{ref['ms_per_image'] / r['ms_per_image']:.1f}×"
+    return [method, "-" if teacher else str(r.get("student") or "-"), str(r["steps"]), str(r.get("nfe") or "-"),
+            seeds, _plus_minus(r, "fid", agg), delta, same, _plus_minus(r, "kid", agg),
+            _plus_minus(r, "fid_teacher", agg), _plus_minus(r, "adherence", agg), _plus_minus(r, "ms_per_image", agg)
+            if agg else _fixed(r.get("ms_per_image"), 1), speedup, str(r.get("train_steps") or 0)]
+
+
+def describe(table: Table) -> list[str]:
+    """The table's note, one point a line: what FID is measured against and with how many samples, what ± means,
+    how verdicts are reached, and where timings come from."""
+    p = table.protocol
+    if p is None:
+        return ["Rows without a recorded protocol (from an older distill, or timing-only rows from "
+                "`distill bench-speed`): their sample sizes and references are unknown, so they are ranked against "
+                "no other table and carry no intervals or verdicts."]
+    notes = [f"Measured on {p.get('samples'):,} generated samples per row ({p.get('num_prompts')} prompts, "
+             f"evaluation seeds {p.get('eval_seeds')}, {p.get('resolution')} px) against {p.get('reference_size'):,} "
+             f"real images of `{p.get('reference')}`, with `{p.get('extractor')}` features."]
+    refs = {(r["protocol"].get("teacher_reference_steps"), r["protocol"].get("teacher_reference_guidance"))
+            for g in table.groups for ln in g.lines for r in [ln.row] if r.get("fid_teacher") is not None}
+    if len(refs) == 1:
+        (steps, guidance), = refs
+        notes.append(f"FID vs teacher samples: against the teacher's own {steps}-step samples (guidance {guidance}) "
+                     "of the same prompts and seeds.")
+    elif refs:
+        notes.append("FID vs teacher samples: against the teacher's own samples at the steps and guidance in each "
+                     "row's protocol record, of the same prompts and seeds.")
+    notes += [f"±: FID, the half-width of its 95% bootstrap interval ({p.get('bootstrap')} resamples); KID, its std "
+              "over subsets; adherence (share the digits classifier reads as the prompted digit), its 95% Wilson "
+              "interval. A recipe over several training seeds: mean ± sd with n, its per-seed rows beneath.",
+              "Verdicts (vs teacher@50, vs the teacher at the same steps): better or worse only when the 95% "
+              "intervals separate, otherwise tie.",
+              _timing_note(table)]
+    return notes
+
+
+def _timing_note(table: Table) -> str:
+    where = {(r.get("device"), r.get("threads"), r.get("timing_repeats"), r.get("timing_batch"))
+             for g in table.groups for ln in g.lines for r in (ln.seeds or [ln.row]) if r.get("device")}
+    if len(where) == 1:
+        (device, threads, repeats, batch), = where
+        return (f"ms / image: end to end (prompt encoding to pixels), the median of {repeats} timings of a batch of "
+                f"{batch} on {device} ({threads} threads), interleaved with the teacher's 50-step sampling in the "
+                "same process; speed-up vs teacher@50 is measured in that same run.")
+    if where:
+        return ("ms / image: end to end, timed interleaved with the teacher's 50-step sampling; each row's device, "
+                "threads and repeats are stored with it. Speed-up vs teacher@50: measured in the same run.")
+    return ("ms / image: end to end (prompt encoding to pixels), as timed by the evaluation that made the row on its "
+            "machine; speed-up vs teacher@50: the reference row's ms over the row's.")
+
+
+# ---- terminal and Markdown ------------------------------------------------------------------------------------
+
+def _rows_of(group: Group):
+    """(kind, cells) per displayed line: 'ref', 'teacher', 'row' or 'seed'; best FID cells are flagged."""
+    for ln in group.lines:
+        kind = "ref" if ln.reference else ("teacher" if ln.row["method"] == "teacher" else "row")
+        yield kind, cells(ln, group), ln.best
+        for s in ln.seeds:
+            yield "seed", cells(ln, group, s), False
+
+
+def table(rows: list[dict]) -> str:
+    """The terminal view: one block per protocol, a header line per teacher, best FID at each NFE starred."""
+    out = []
+    for t in arrange(rows):
+        body = [list(COLUMNS)]
+        marks = []
+        for g in t.groups:
+            body.append([f"[{g.teacher}]"] + [""] * (len(COLUMNS) - 1))
+            marks.append(False)
+            for _, c, best in _rows_of(g):
+                body.append(c[:5] + [c[5] + (" *" if best else "")] + c[6:])
+                marks.append(best)
+        widths = [max(len(row[i]) for row in body) for i in range(len(COLUMNS))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
+        title = f"protocol {t.protocol_id}" if t.protocol_id else "rows without a recorded protocol"
+        out += [f"== {title} ==", describe(t)[0], lines[0], "  ".join("-" * w for w in widths), *lines[1:],
+                "* best FID at its NFE in its teacher group", ""]
+    return "\n".join(out).rstrip()
+
+
+def _md_cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["# Leaderboard", ""]
+    for t in arrange(rows):
+        out += [f"## {'Protocol ' + t.protocol_id if t.protocol_id else 'Rows without a recorded protocol'}", "",
+                *(f"- {n}" for n in describe(t)), "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+        for g in t.groups:
+            out.append(f"| **{_md_cell(g.teacher)}** |" + " |" * (len(COLUMNS) - 1))
+            for kind, c, best in _rows_of(g):
+                c = [_md_cell(x) for x in c]
+                if best:
+                    c[5] = f"**{c[5]}**"
+                if kind == "ref":
+                    c[0] = f"**{c[0]}**"
+                out.append("| " + " | ".join(c) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+# ---- the plot -------------------------------------------------------------------------------------------------
+
+def _series(group: Group) -> dict[str, list[dict]]:
+    """label -> the best line at each NFE, per (method, student kind)."""
+    series: dict[str, dict] = {}
+    for ln in group.lines:
+        r = ln.row
+        if not r.get("nfe"):
+            continue
+        label = "teacher (DDIM)" if r["method"] == "teacher" else f"{r['method']} ({r['student']})"
+        at = series.setdefault(label, {})
+        if r["nfe"] not in at or _num(r.get("fid")) < _num(at[r["nfe"]].get("fid")):
+            at[r["nfe"]] = r
+    return {k: [v[n] for n in sorted(v)] for k, v in sorted(series.items(), key=lambda kv: kv[0] != "teacher (DDIM)")}
+
+
+def _bars(points: list[dict], metric: str, scale: float = 1.0):
+    ys = [p[metric] * scale for p in points]
+    lo = [(p[metric] - (interval(p, metric) or (p[metric],))[0]) * scale for p in points]
+    hi = [((interval(p, metric) or (0, p[metric]))[1] - p[metric]) * scale for p in points]
+    return ys, [lo, hi]
+
+
+def _fid_limit(groups_points: list[float]) -> float | None:
+    """A top for the FID axis that one far-off point (the 1-step teacher) does not flatten: 1.25x the largest
+    value within 3x the median; points above it are drawn on the edge with their value written."""
+    vals = sorted(groups_points)
+    if len(vals) < 3:
+        return None
+    median = vals[len(vals) // 2]
+    inside = [v for v in vals if v <= 3 * median]
+    return 1.25 * max(inside) if len(inside) < len(vals) else None
+
+
+def plot_quality_vs_nfe(rows: list[dict], table_: Table | None = None) -> bytes | None:
+    """PNG: FID (top) and adherence (bottom) against NFE, one panel per teacher in the table's order, one line per
+    (method, student kind), teachers dashed, 95% interval bars. None when nothing has both FID and NFE."""
+    import matplotlib
+    import matplotlib.lines
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    t = table_ or (arrange(rows)[0] if rows else None)
+    groups = [g for g in (t.groups if t else []) if any(ln.row.get("fid") is not None and ln.row.get("nfe")
+                                                        for ln in g.lines)]
+    if not groups:
+        return None
+    fig, axes = plt.subplots(2, len(groups), figsize=(5.5 * len(groups), 7.8), squeeze=False, sharex="col")
+    labels = sorted({label for g in groups for label in _series(g)}, key=lambda k: (k != "teacher (DDIM)", k))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(labels)}  # one colour per method in every panel
+    for col, g in enumerate(groups):
+        top, bottom = axes[0][col], axes[1][col]
+        series = _series(g)
+        fids = [p["fid"] for pts in series.values() for p in pts if p.get("fid") is not None]
+        limit = _fid_limit(fids)
+        for label, points in series.items():
+            style = dict(fmt="--o" if label.startswith("teacher") else "-o", capsize=3, label=label, ms=4,
+                         color=colours[label])
+            pts = [p for p in points if p.get("fid") is not None]
+            if pts:
+                ys, err = _bars(pts, "fid")
+                shown = [min(y, limit) if limit else y for y in ys]
+                top.errorbar([p["nfe"] for p in pts], shown, yerr=err, **style)
+                for p, y in zip(pts, ys):
+                    if limit and y > limit:  # off the scale: drawn on the top edge, its value written beside it
+                        top.annotate(f"{y:.2f} ↑", (p["nfe"], limit), textcoords="offset points", xytext=(6, -12),
+                                     fontsize=8, color=colours[label])
+            pts = [p for p in points if p.get("adherence") is not None]
+            if pts:
+                ys, err = _bars(pts, "adherence", 100)
+                bottom.errorbar([p["nfe"] for p in pts], ys, yerr=err, **style)
+        top.set_ylim(0, limit)  # FID from 0, so gaps read as proportions; limit None: matplotlib's own top
+        top.set(xscale="log", ylabel="FID ↓ (95% bootstrap interval)", title=g.teacher)
+        bottom.set(xscale="log", xlabel="NFE per image ↓ (a CFG step counts two)",
+                   ylabel="adherence ↑ (%, 95% Wilson interval)")
+        for ax in (top, bottom):
+            ax.grid(True, which="both", alpha=0.3)
+    handles = [matplotlib.lines.Line2D([], [], color=colours[k], ls="--" if k.startswith("teacher") else "-",
+                                       marker="o", ms=4) for k in labels]
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 6), fontsize=9, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1, 0.95))
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+# ---- the HTML page --------------------------------------------------------------------------------------------
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;margin:0 auto;max-width:1400px;padding:0 1em 2em;
+line-height:1.45;color:#1b1f24}
+img{max-width:100%;height:auto}
+.scroll{overflow-x:auto;-webkit-overflow-scrolling:touch;margin:0.5em 0 1em}
+table{border-collapse:collapse;font-variant-numeric:tabular-nums;font-size:14px}
+th,td{padding:4px 9px;text-align:right;white-space:nowrap;border-bottom:1px solid #e3e6ea}
+th{background:#f0f2f5;position:sticky;top:0}
+th:first-child,td:first-child,td.l{text-align:left}
+tbody tr:nth-child(even){background:#f8f9fb}
+tr.group th{background:#2f3b4c;color:#fff;text-align:left;position:static}
+tr.teacher{background:#eef4ff!important}
+tr.ref{background:#dde9ff!important;font-weight:600}
+tr.seed td{color:#59636e;font-size:12px}
+td.best{background:#d8f3dc;font-weight:700}
+.better{color:#1a7f37;font-weight:600}.worse{color:#b42318}.tie{color:#6e7781}
+.note{color:#3d4752;max-width:70em}
+table.grid td{text-align:center;vertical-align:middle}
+table.grid img{image-rendering:pixelated;width:240px}
+"""
+
+
+def _data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode()
+
+
+def _td(text: str, cls: str = "") -> str:
+    for word in ("better", "worse", "tie"):
+        if text == word or text.endswith(f"({word})"):
+            cls = (cls + " " + word).strip()
+    return f"<td class='{cls}'>{html.escape(text)}</td>" if cls else f"<td>{html.escape(text)}</td>"
+
+
+def _html_table(t: Table) -> str:
+    head = "".join(f"<th scope='col'>{html.escape(c)}</th>" for c in COLUMNS)
+    body = []
+    for g in t.groups:
+        body.append(f"<tr class='group'><th colspan='{len(COLUMNS)}' scope='rowgroup'>teacher: "
+                    f"{html.escape(g.teacher)}</th></tr>")
+        for kind, c, best in _rows_of(g):
+            tds = "".join(_td(x, "best" if (i == 5 and best) else ("l" if i < 2 else "")) for i, x in enumerate(c))
+            body.append(f"<tr class='{kind}'>{tds}</tr>")
+    return (f"<div class='scroll'><table class='board'><thead><tr>{head}</tr></thead>"
+            f"<tbody>\n{chr(10).join(body)}\n</tbody></table></div>")
+
+
+def _steps(n: int) -> str:
+    return f"{n} step" if n == 1 else f"{n} steps"
+
+
+def _grids(t: Table) -> str:
+    """Per teacher: methods as rows (teacher first), steps as columns, the prompts named once above."""
+    parts = []
+    for g in t.groups:
+        cells: dict = {}
+        for ln in g.lines:
+            rows = ln.seeds or [ln.row]
+            grid = next((r.get("grid") for r in rows if r.get("grid") and Path(r["grid"]).is_file()), None)
+            if grid:
+                r = ln.row
+                label = "teacher" if r["method"] == "teacher" else f"{r['method']} ({r['student']})"
+                cells.setdefault(label, {}).setdefault(r["steps"], (grid, r))
+        if not cells:
+            continue
+        steps = sorted({s for by in cells.values() for s in by}, reverse=True)
+        labels = sorted(cells, key=lambda k: (k != "teacher", k))
+        head = "<th></th>" + "".join(f"<th scope='col'>{_steps(s)}</th>" for s in steps)
+        trs = []
+        for label in labels:
+            tds = []
+            for s in steps:
+                if s in cells[label]:
+                    grid, r = cells[label][s]
+                    alt = html.escape(f"{g.teacher}, {label}, {_steps(s)}, FID {_fixed(r.get('fid'), 2)}")
+                    tds.append(f"<td><img alt='{alt}' src='{_data_uri(Path(grid).read_bytes())}'></td>")
+                else:
+                    tds.append("<td>-</td>")
+            trs.append(f"<tr><th scope='row'>{html.escape(label)}</th>{''.join(tds)}</tr>")
+        prompts = (t.protocol or {}).get("prompt_examples")
+        named = ("Each image: the first sample of each prompt, left to right: " +
+                 ", ".join(f"“{html.escape(p)}”" for p in prompts) + "." if prompts else
+                 "Each image: the first sample of each prompt, in the order of the prompt list.")
+        parts.append(f"<h3>{html.escape(g.teacher)}</h3><p class='note'>{named}</p><div class='scroll'>"
+                     f"<table class='grid'><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table></div>")
+    return "<h2>Samples</h2>" + "".join(parts) if parts else ""
+
+
+def page(rows: list[dict], plot: bytes | None = None) -> str:
+    """A static, self-contained HTML page: per protocol the table, the quality-versus-NFE plot and the sample
+    grids. `plot` replaces the first table's plot (drawn here otherwise)."""
+    sections = []
+    for i, t in enumerate(arrange(rows)):
+        title = f"Protocol {t.protocol_id}" if t.protocol_id else "Rows without a recorded protocol"
+        if i == 0:
+            figure = plot if plot is not None else plot_quality_vs_nfe(rows, t)
+        else:  # rows of unknown protocols are not plotted against each other, except when they are all there is
+            figure = plot_quality_vs_nfe(rows, t) if t.protocol_id else None
+        img = (f"<h3>Quality against cost</h3><img alt='FID and adherence against NFE, one panel per teacher' "
+               f"src='{_data_uri(figure)}'>" if figure else "")
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in describe(t))
+        sections.append(f"<section><h2>{html.escape(title)}</h2><ul class='note'>{notes}</ul>"
+                        f"{_html_table(t)}<p class='note'>★ teacher rows; the reference row (teacher@50) heads each "
+                        "group; green: the best FID of the rows at its NFE in its group. Headers say which way is "
+                        f"better (↓ lower, ↑ higher).</p>{img}{_grids(t)}</section>")
+    return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+            f"<title>distill leaderboard</title><style>{STYLE}</style></head><body><h1>distill leaderboard</h1>"
+            f"{''.join(sections)}</body></html>\n")
+
+
+def write_atomic(path: Path, text: str | bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write_reports(rows: list[dict], out: Path) -> tuple[Path, Path]:
+    """leaderboard.md, leaderboard.html and, when there is something to plot, quality_vs_nfe.png (the first
+    table's plot)."""
+    out = Path(out)
+    tables = arrange(rows)
+    plot = plot_quality_vs_nfe(rows, tables[0]) if tables else None
+    if plot:
+        write_atomic(out / "quality_vs_nfe.png", plot)
+    return write_atomic(out / "leaderboard.md", markdown(rows)), write_atomic(out / "leaderboard.html",
+                                                                             page(rows, plot))

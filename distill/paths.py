@@ -1,0 +1,33 @@
+"""Destinations a command will write to, checked before any work: a leaf module that imports no command."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from distill.errors import DistillError
+
+
+def check_writable(path: Path, what: str) -> Path:
+    """Refuse a destination folder that is a file, sits under a file, or cannot be written. Creates nothing:
+    the probe file is removed again, so a refused command leaves the disk as it was."""
+    path = Path(path).expanduser()
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        where = "is a file" if probe == path else f"is under {probe}, which is a file"
+        raise DistillError(f"{what} {path} {where}; give a folder")
+    try:
+        fd, name = tempfile.mkstemp(dir=probe, prefix=".distill-probe-")
+        os.close(fd)
+        os.unlink(name)
+    except OSError as e:
+        raise DistillError(f"{what} {path} cannot be written ({e.strerror})") from e
+    return path
+
+
+def contains(outer: Path, inner: Path) -> bool:
+    """Whether `outer` is `inner` or one of its ancestors, after resolving both (symlinks included)."""
+    outer, inner = Path(outer).expanduser().resolve(), Path(inner).expanduser().resolve()
+    return outer == inner or outer in inner.parents
