@@ -86,7 +86,7 @@ def test_resume_latest_matches_an_uninterrupted_run(tmp_path, tiny_sdxl_dir, cli
     cfg.dump(cfg_file)
     run_cli("train", cfg_file, f"train.output_dir={tmp_path / 'whole'}")
     first = run_cli("train", cfg_file, f"train.output_dir={tmp_path / 'split'}", "--stop-after-steps", "3")
-    assert "run saved" in first.stdout
+    assert "stopped at step 3 of 5" in first.stdout  # an early stop says where, not "run saved"
     assert (tmp_path / "split/checkpoints/latest").read_text() == "step-00000003"
     assert not (tmp_path / "split/student").exists()  # stopped early: no final export yet
     run_cli("train", cfg_file, f"train.output_dir={tmp_path / 'split'}", "--resume", "latest")
