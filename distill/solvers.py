@@ -60,6 +60,11 @@ def guidance_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb
 
 
+def loss_space(prediction_type: str) -> str:
+    """The space a family's own denoising loss compares in (prediction_loss): eps, v, flow or x."""
+    return {"epsilon": "eps", "v_prediction": "v", "flow": "flow", "sample": "x"}[prediction_type]
+
+
 def prediction_loss(x_pred, eps_pred, x_target, eps_target, alpha, sigma, space: str) -> torch.Tensor:
     """Mean squared error between two predictions of the same x_t, compared as x (weighted by the truncated SNR
     max(alpha^2 / sigma^2, 1), Salimans & Ho 2022, sec. 4), as eps, as v = alpha*eps - sigma*x, or as the flow

@@ -143,8 +143,12 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
     optimizers = {turn: torch.optim.AdamW(params, lr=tc.turn_learning_rates.get(turn, tc.learning_rate),
                                           betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
                   for turn, params in turn_params.items()}
-    schedulers = {turn: get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=tc.warmup_steps,
-                                      num_training_steps=tc.max_steps) for turn, opt in optimizers.items()}
+    # A turn that runs every k steps steps its schedule k times less often: its warm-up and horizon are counted in
+    # its own updates, so every turn warms up over the same global steps and ends its schedule with the run.
+    every = {turn: tc.turn_every.get(turn, 1) for turn in method.turns}
+    schedulers = {turn: get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=-(-tc.warmup_steps // every[turn]),
+                                      num_training_steps=-(-tc.max_steps // every[turn]))
+                  for turn, opt in optimizers.items()}
     start = 0
     if ckpt is not None:
         weights, optim_states, trainer_state = checkpoint.load(ckpt)
@@ -179,7 +183,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         skipped_samples += sum(raw["skipped"] for raw in raws)
         logs, bad_step = {"data/skipped_samples": skipped_samples}, False
         for turn_i, turn in enumerate(method.turns):
-            if step % tc.turn_every.get(turn, 1):
+            if step % every[turn]:
                 continue
             select_turn(turn_params, turn)
             for micro, raw in enumerate(raws):

@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -20,7 +21,10 @@ from torch import nn
 
 from distill.config import StudentConfig
 from distill.errors import DistillError
-from teachers.base import Teacher, adapter_layers, adapters_on, set_adapters_on
+from teachers.base import Teacher, adapter_layers, adapter_state, set_adapter_state
+
+
+STUDENT_ADAPTER = "default"  # the student's LoRA adapter name (peft's default; what diffusers' files carry)
 
 
 class Student(nn.Module):
@@ -35,6 +39,8 @@ class Student(nn.Module):
         return self.ema if self.ema is not None else self.backbone
 
     def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.kind == "lora":  # the student's own adapter, not others on the same backbone (DMD2's fake score)
+            return adapter_parameters(self.backbone, STUDENT_ADAPTER)
         return [p for p in self.backbone.parameters() if p.requires_grad]
 
     @torch.no_grad()
@@ -51,25 +57,58 @@ class Student(nn.Module):
     def state_to_save(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must keep: LoRA weights, or the full backbone and its EMA."""
         if self.kind == "lora":
-            return {f"lora.{k}": v for k, v in get_peft_model_state_dict(self.backbone).items()}
+            return {f"lora.{k}": v for k, v in adapter_state_dict(self.backbone, STUDENT_ADAPTER).items()}
         state = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
         return state | {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
 
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
         if self.kind == "lora":
             lora = {k.removeprefix("lora."): v for k, v in state.items() if k.startswith("lora.")}
-            result = set_peft_model_state_dict(self.backbone, lora)
-            if getattr(result, "unexpected_keys", None):
-                raise DistillError(f"checkpoint LoRA does not fit this student: {result.unexpected_keys[:3]}")
+            load_adapter_state_dict(self.backbone, STUDENT_ADAPTER, lora)
             return
         pick = lambda pre: {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}  # noqa: E731
         self.backbone.load_state_dict(pick("backbone."))
         self.ema.load_state_dict(pick("ema."))
 
 
+def adapter_state_dict(backbone: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """Adapter `name`'s weights in peft/diffusers naming (without the adapter name)."""
+    return get_peft_model_state_dict(backbone, adapter_name=name)
+
+
+def load_adapter_state_dict(backbone: nn.Module, name: str, state: dict[str, torch.Tensor]) -> None:
+    result = set_peft_model_state_dict(backbone, state, adapter_name=name)
+    if getattr(result, "unexpected_keys", None):
+        raise DistillError(f"checkpoint LoRA does not fit adapter {name!r}: {result.unexpected_keys[:3]}")
+
+
+def adapter_parameters(backbone: nn.Module, name: str) -> list[nn.Parameter]:
+    return [p for n, p in backbone.named_parameters() if "lora_" in n and f".{name}." in n]
+
+
+def add_adapter(student: Student, name: str, rank: int) -> list[nn.Parameter]:
+    """A second LoRA adapter `name` beside a LoRA student's own, on the same layers of the same backbone (one
+    copy of the base weights); it starts as the teacher (B = 0) and is switched on only inside
+    teachers.base.adapters_as(backbone, name). Returns its parameters, trainable in float32."""
+    backbone = student.backbone
+    lora = copy.copy(backbone.peft_config[STUDENT_ADAPTER])
+    lora.r, lora.lora_alpha = rank, rank
+    with warnings.catch_warnings():  # "multiple adapters in the model": that is the point
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(lora, backbone, adapter_name=name)
+    backbone.peft_config[name] = lora
+    for layer in adapter_layers(backbone):  # peft activates nothing new, but keep the student's adapter active
+        layer._active_adapter = STUDENT_ADAPTER
+    params = adapter_parameters(backbone, name)
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
 def lora_layers(student: Student, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The LoRA weights in peft/diffusers naming, without the backbone prefix."""
-    return {k: v.to(dtype or v.dtype).contiguous() for k, v in get_peft_model_state_dict(student.backbone).items()}
+    return {k: v.to(dtype or v.dtype).contiguous() for k, v in adapter_state_dict(student.backbone, STUDENT_ADAPTER).items()}
 
 
 def save_lora(student: Student, teacher: Teacher, folder: Path, dtype: torch.dtype | None = None) -> None:
@@ -77,15 +116,17 @@ def save_lora(student: Student, teacher: Teacher, folder: Path, dtype: torch.dty
     name = teacher.backbone_name
     teacher.pipeline_class.save_lora_weights(
         folder, **{f"{name}_lora_layers": lora_layers(student, dtype),
-                   f"{name}_lora_adapter_metadata": student.backbone.peft_config["default"].to_dict()},
+                   f"{name}_lora_adapter_metadata": student.backbone.peft_config[STUDENT_ADAPTER].to_dict()},
         safe_serialization=True)
 
 
-def fuse_lora(backbone: torch.nn.Module) -> torch.nn.Module:
-    """Fold every LoRA adapter into its base layer and put the base layer back in its place (in place)."""
+def fuse_lora(backbone: torch.nn.Module, merge: bool = True) -> torch.nn.Module:
+    """Fold every active LoRA adapter into its base layer (merge=False: drop the adapters) and put the base layer
+    back in its place (in place)."""
     for name, module in list(backbone.named_modules()):
         if isinstance(module, BaseTunerLayer):
-            module.merge()
+            if merge:
+                module.merge()
             parent, _, child = name.rpartition(".")
             setattr(backbone.get_submodule(parent) if parent else backbone, child, module.get_base_layer())
     backbone.__dict__.pop("peft_config", None)
@@ -142,20 +183,20 @@ def save(student: Student, teacher: Teacher, folder: Path, sampling: tuple | Non
 
 def checkpoint_with_adapter_state(module: nn.Module, *args, **kwargs):
     """diffusers' gradient-checkpointing call (non-reentrant), but the block is recomputed with its LoRA adapters
-    switched as they were in the original forward. A LoRA student's teacher is the same backbone with adapters
-    off (teachers.base.adapters_disabled); LADD back-propagates through that teacher pass after the switch is
-    back on, so a plain recompute would run the student in place of the teacher: wrong gradients, or a
-    CheckpointError where shapes differ."""
+    switched and chosen as they were in the original forward. A LoRA student's teacher is the same backbone with
+    adapters off (teachers.base.adapters_disabled), and DMD2's fake score a second adapter on it; LADD and DMD2
+    back-propagate through those passes after the switch is back, so a plain recompute would run the student in
+    their place: wrong gradients, or a CheckpointError where shapes differ."""
     layers = adapter_layers(module)
-    state = adapters_on(layers)
+    state = adapter_state(layers)
 
     def run(*inputs, **kw):
-        now = adapters_on(layers)
-        set_adapters_on(layers, state)
+        now = adapter_state(layers)
+        set_adapter_state(layers, state)
         try:
             return module(*inputs, **kw)
         finally:
-            set_adapters_on(layers, now)
+            set_adapter_state(layers, now)
 
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
@@ -167,11 +208,11 @@ def build(teacher: Teacher, cfg: StudentConfig) -> Student:
                           target_modules=targets)
         backbone = teacher.backbone
         try:
-            inject_adapter_in_model(lora, backbone, adapter_name="default")
+            inject_adapter_in_model(lora, backbone, adapter_name=STUDENT_ADAPTER)
         except ValueError as e:
             raise DistillError(f"student.lora_targets {targets} match no module of the {teacher.family} "
                                f"backbone: {str(e).splitlines()[0]}") from e
-        backbone.peft_config = {"default": lora}
+        backbone.peft_config = {STUDENT_ADAPTER: lora}
         for name, p in backbone.named_parameters():
             if "lora_" in name:  # adapters train in float32 even over a half-precision teacher
                 p.data = p.data.float()

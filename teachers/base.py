@@ -59,28 +59,34 @@ def adapter_layers(module: nn.Module) -> list[nn.Module]:
     return [m for m in module.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def adapters_on(layers: list[nn.Module]) -> list[bool]:
-    return [not m.disable_adapters for m in layers]
+def adapter_state(layers: list[nn.Module]) -> list[tuple[bool, object]]:
+    """Per LoRA layer: whether its adapters are on, and which adapter is active."""
+    return [(not m.disable_adapters, m.active_adapter) for m in layers]
 
 
-def set_adapters_on(layers: list[nn.Module], on: list[bool]) -> None:
-    # Only the flag a LoRA layer's forward reads. peft's enable_adapters() also flips the adapters' requires_grad,
-    # which belongs to the trainer's per-turn selection and must not change while a backward pass recomputes a
-    # checkpointed block (students.checkpoint_with_adapter_state).
-    for m, flag in zip(layers, on):
-        m._disable_adapters = not flag
+def set_adapter_state(layers: list[nn.Module], state: list[tuple[bool, object]]) -> None:
+    # Only what a LoRA layer's forward reads. peft's enable_adapters() and set_adapter() also flip the adapters'
+    # requires_grad, which belongs to the trainer's per-turn selection and must not change while a backward pass
+    # recomputes a checkpointed block (students.checkpoint_with_adapter_state).
+    for m, (on, active) in zip(layers, state):
+        m._disable_adapters, m._active_adapter = not on, active
 
 
 @contextmanager
-def adapters_disabled(module: nn.Module):
-    """Run a backbone as the bare teacher: any LoRA adapters on it are switched off inside."""
+def adapters_as(module: nn.Module, active: str | None):
+    """Run a backbone with only adapter `active` switched on, or as the bare teacher (None: adapters off)."""
     layers = adapter_layers(module)
-    before = adapters_on(layers)
-    set_adapters_on(layers, [False] * len(layers))
+    before = adapter_state(layers)
+    set_adapter_state(layers, [(active is not None, active or was) for _, was in before])
     try:
         yield
     finally:
-        set_adapters_on(layers, before)
+        set_adapter_state(layers, before)
+
+
+def adapters_disabled(module: nn.Module):
+    """Run a backbone as the bare teacher: any LoRA adapters on it are switched off inside."""
+    return adapters_as(module, None)
 
 
 class Teacher(nn.Module):
@@ -130,6 +136,11 @@ class Teacher(nn.Module):
     def feature_layers(self) -> tuple[tuple[str, int | None], ...]:
         """Backbone submodules whose outputs (element `index` of a tuple) LADD's heads read."""
         raise NotImplementedError
+
+    def bottleneck_layer(self) -> tuple[str, int | None]:
+        """The middle of feature_layers (SDXL: the UNet's mid block), where DMD2's GAN head reads."""
+        layers = self.feature_layers()
+        return layers[len(layers) // 2]
 
     def pooled(self, cond: dict) -> torch.Tensor:
         """One vector per prompt that summarises it (the pooled text embedding)."""

@@ -46,14 +46,16 @@ def _vae(latent_channels: int, **extra) -> AutoencoderKL:
                          norm_num_groups=8, layers_per_block=1, sample_size=64, **extra).eval()
 
 
-def tiny_sdxl(prediction_type: str = "epsilon", seed: int = 0) -> StableDiffusionXLPipeline:
+def tiny_sdxl(prediction_type: str = "epsilon", seed: int = 0, **unet) -> StableDiffusionXLPipeline:
+    """`unet` overrides the UNet's config (e.g. SDXL's own channels, for memory benchmarks)."""
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(2, 4), use_linear_projection=True, addition_embed_type="text_time",
-        addition_time_embed_dim=8, transformer_layers_per_block=(1, 1), projection_class_embeddings_input_dim=80,
-        cross_attention_dim=64, norm_num_groups=8).eval()
+    unet = UNet2DConditionModel(**{
+        "block_out_channels": (32, 64), "layers_per_block": 1, "sample_size": 8, "in_channels": 4, "out_channels": 4,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "attention_head_dim": (2, 4),
+        "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
+        "transformer_layers_per_block": (1, 1), "projection_class_embeddings_input_dim": 80,
+        "cross_attention_dim": 64, "norm_num_groups": 8, **unet}).eval()
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1, prediction_type=prediction_type)
     return StableDiffusionXLPipeline(vae=_vae(4), text_encoder=_clip(False, seed + 1),
@@ -82,12 +84,12 @@ def tiny_sd3(seed: int = 0, layers: int = 2, head_dim: int = 8) -> StableDiffusi
 BUILDERS = {"tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3}
 
 
-def build(name: str, out: Path) -> Path:
+def build(name: str, out: Path, **overrides) -> Path:
     """Build a tiny pipeline and save it as a diffusers folder (safetensors), returning the folder."""
     from transformers.utils import logging as tlog
 
     tlog.disable_progress_bar()
     out = Path(out)
     with torch.random.fork_rng():  # seeded builds leave the caller's RNG alone
-        BUILDERS[name]().save_pretrained(out, safe_serialization=True)
+        BUILDERS[name](**overrides).save_pretrained(out, safe_serialization=True)
     return out

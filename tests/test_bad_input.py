@@ -18,6 +18,7 @@ from distill.export import export
 from distill.trainer import train
 
 READ_ONLY = "/sys/distill-bad-input"  # sysfs refuses new entries even to root
+PROMPTS = Path(__file__).resolve().parents[1] / "experiments/prompts/digits.txt"
 GMM = {"teacher": {"source": "builtin:gmm-vp"}, "student": {"kind": "full"},
        "method": {"params": {"guidance_min": 1.0, "guidance_max": 1.0}},
        "data": {"kind": "teacher", "batch_size": 8, "size": 64}, "train": {"max_steps": 2}}
@@ -110,6 +111,14 @@ def _cases(w: Path, tiny: Path) -> list[tuple[list[str], str]]:
     speed = lambda *a: ["bench-speed", run, "--db", str(w / "board.sqlite"), *a]  # noqa: E731
     return [
         # train: every numeric field is range-checked; NaN and inf never pass
+        # DMD2 (issue #13): refused before any model loads
+        (train_("method.name=dmd2", "method.params={fake_adapter: default}"),
+         "'method.params.fake_adapter' has bad value 'default': must be a name"),
+        (train_("method.name=dmd2", "method.params={student_steps: 5000}"), "'method.params.student_steps' has bad"),
+        (train_("method.name=dmd2", "method.params={student_steps: 0}"), "'method.params.student_steps' has bad"),
+        (train_("method.name=dmd2", "method.params={fake_score: twin}"), "'method.params.fake_score'"),
+        (train_("method.name=dmd2", "method.params={}", "data.kind=prompts", f"data.path={PROMPTS}"),
+         "'data.kind' has bad value 'prompts': DMD2's GAN term needs real images"),
         (train_("train.max_grad_norm=-1"), "'train.max_grad_norm' has bad value -1"),
         (train_("train.max_grad_norm=.nan"), "'train.max_grad_norm'"),
         (train_("train.learning_rate=.inf"), "'train.learning_rate' has bad value inf"),

@@ -125,3 +125,17 @@ def test_add_moves_few_step_student_toward_truth(tmp_path, schedule, student_ste
         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 400, "learning_rate": 1e-3,
                   "adam_beta1": 0.0, "adam_beta2": 0.99, "checkpoint_every": 100000}})
     _assert_closer_to_truth(train(cfg), build_method(cfg, "cpu"), range(1, student_steps + 1), f"add {schedule}")
+
+
+@pytest.mark.parametrize("schedule", ["vp", "flow"])
+def test_dmd2_moves_one_step_student_toward_truth(tmp_path, schedule):
+    """The recipe of experiments/results/exact_teacher.md: five fake-score updates per generator update."""
+    cfg = config.parse({
+        "teacher": {"source": f"builtin:gmm-{schedule}"},
+        "student": {"kind": "full"},
+        "method": {"name": "dmd2", "params": {"student_steps": 1, "real_guidance": 1.0}},
+        "data": {"kind": "teacher", "batch_size": 256, "size": 20000},
+        "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1200, "learning_rate": 1e-2,
+                  "turn_every": {"student": 5}, "lr_scheduler": "cosine", "adam_beta1": 0.0, "adam_beta2": 0.99,
+                  "checkpoint_every": 100000}})
+    _assert_closer_to_truth(train(cfg), build_method(cfg, "cpu"), (1,), f"dmd2 {schedule}")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -21,11 +22,13 @@ def _run(args, timeout=600):
     return proc
 
 
-def test_two_process_ladd_matches_one_process_with_the_same_global_batch(tmp_path, tiny_sdxl_dir):
-    cfg = tmp_path / "ladd.yaml"
+# LADD: heads on the teacher (slow-marked); DMD2: heads on the fake score, an adapter beside the student's
+@pytest.mark.parametrize("method", [pytest.param("ladd", marks=pytest.mark.slow), "dmd2"])
+def test_two_process_training_matches_one_process_with_the_same_global_batch(tmp_path, tiny_sdxl_dir, method):
+    cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({
         "teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "lora", "lora_rank": 4},
-        "method": {"name": "ladd", "params": {"student_steps": 2}}, "data": {"kind": "digits", "batch_size": 2},
+        "method": {"name": method, "params": {"student_steps": 2}}, "data": {"kind": "digits", "batch_size": 2},
         "train": {"max_steps": 3, "learning_rate": 1e-3, "checkpoint_every": 3, "output_dir": str(tmp_path / "x")}}))
     two, one = tmp_path / "two", tmp_path / "one"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml")]
@@ -37,11 +40,13 @@ def test_two_process_ladd_matches_one_process_with_the_same_global_batch(tmp_pat
     final = [load_file(two / f"final-{r}.safetensors") for r in (0, 1)]
     single = load_file(one / "final-0.safetensors")
     assert any(k.startswith("discriminator.") for k in init[0]) and any(k.startswith("student.") for k in init[0])
+    assert method != "dmd2" or any(k.startswith("fake.") for k in init[0])
     for k in init[0]:
         assert torch.equal(init[0][k], init[1][k]), k  # heads and adapters identical at step 0
         assert torch.equal(final[0][k], final[1][k]), k  # and after training
         assert torch.allclose(final[0][k], single[k], atol=1e-5, rtol=1e-4), (k, (final[0][k] - single[k]).abs().max())
-    assert any(not torch.equal(init[0][k], final[0][k]) for k in init[0] if k.startswith("student."))
+    for part in ("student.", "discriminator.") + (("fake.",) if method == "dmd2" else ()):
+        assert any(not torch.equal(init[0][k], final[0][k]) for k in init[0] if k.startswith(part)), part
 
     seen = [json.loads((two / f"seen-{r}.json").read_text()) for r in (0, 1)]
     seen_one = json.loads((one / "seen-0.json").read_text())

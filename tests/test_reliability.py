@@ -223,8 +223,10 @@ def _kill_when(proc: subprocess.Popen, ready, timeout=120) -> bool:
 
 @pytest.mark.parametrize("method", [
     {"name": "consistency", "params": {"guidance_min": 2.0, "guidance_max": 5.0}},  # one turn
-    {"name": "ladd", "params": {"student_steps": 2}},  # two turns: discriminator, student
-])
+    # two turns (discriminator, student): slow-marked, as DMD2's two turns over three parts cover the same path
+    pytest.param({"name": "ladd", "params": {"student_steps": 2}}, marks=pytest.mark.slow),
+    {"name": "dmd2", "params": {"student_steps": 2}},  # two turns, three parts: student, fake score and head
+], ids=["consistency", "ladd", "dmd2"])
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_sdxl_dir, cli, method):
     cfg = tmp_path / "c.yaml"
     config.parse({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "full"},
@@ -250,7 +252,7 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_sdxl_dir, 
     assert proc.wait(timeout=300) == 0
     assert not list(ckpts.glob(".*.tmp"))
     names = sorted(p.name for p in (tmp_path / "whole/checkpoints/step-00000018").glob("*.safetensors"))
-    turns = {"consistency": 1, "ladd": 2}[method["name"]]
+    turns = {"consistency": 1, "ladd": 2, "dmd2": 2}[method["name"]]
     assert len(names) == 1 + turns  # the weights, and one optimiser per turn
     for name in names:
         whole = load_file(tmp_path / "whole/checkpoints/step-00000018" / name)

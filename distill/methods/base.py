@@ -13,6 +13,7 @@ from torch import nn
 from distill.config import coerce_params
 from distill.errors import ConfigError
 from distill.sampling import ddim_sample
+from distill.solvers import loss_space, prediction_loss
 from students import Student
 from teachers.base import Teacher
 
@@ -125,6 +126,23 @@ def randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor
     return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device)
 
 
+def family_times(teacher: Teacher, n: int, generator: torch.Generator, like: torch.Tensor,
+                 logit_normal: bool | None = None) -> torch.Tensor:
+    """Times as the family's own denoising training draws them (None: by the family): logit-normal for flow
+    teachers (Esser et al. 2024, sec. 3.1), uniform over the train timesteps for VP."""
+    T = teacher.num_train_timesteps
+    if logit_normal if logit_normal is not None else teacher.end_time == 0.0:
+        return (torch.sigmoid(torch.randn(n, generator=generator)) * T).to(like.device)
+    return torch.randint(0, T, (n,), generator=generator).float().to(like.device)
+
+
+def denoising_loss(teacher: Teacher, x_pred, eps_pred, x0, noise, t) -> torch.Tensor:
+    """The family's own objective for predictions of x_t = alpha(t) x0 + sigma(t) noise: epsilon or v for VP
+    teachers (Ho et al. 2020; Salimans & Ho 2022), the velocity for flow teachers."""
+    alpha, sigma = (v.to(x0.device) for v in teacher.alpha_sigma(t))
+    return prediction_loss(x_pred, eps_pred, x0, noise, alpha, sigma, loss_space(teacher.prediction_type))
+
+
 def uniform(n: int, lo: float, hi: float, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
     return (lo + (hi - lo) * torch.rand(n, generator=generator)).to(like.device)
 
@@ -167,13 +185,16 @@ class Adversarial(Method):
         steps = student_steps."""
         return self.teacher.student_timesteps(steps).tolist()
 
-    @torch.no_grad()
-    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
-        times = self.sample_times(steps)
-        cfg, w = self.guidance_args(guidance, len(cond))
-        x = randn((len(cond), *shape), generator, self.student_grid)
+    def chain(self, x, cond, times: list[float], generator, guidance=1.0, guidance_cond=None) -> torch.Tensor:
+        """The student's x0 after denoising x at each of `times` in turn, re-noised with fresh noise to the next."""
         for i, t in enumerate(times):
-            x = self.teacher.predict(x, t, cond, cfg, backbone=self.student.backbone, guidance_cond=w)[0]
+            x = self.teacher.predict(x, t, cond, guidance, backbone=self.student.backbone, guidance_cond=guidance_cond)[0]
             if i + 1 < len(times):
                 x = self.teacher.add_noise(x, randn(x.shape, generator, x), times[i + 1])
         return x
+
+    @torch.no_grad()
+    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
+        cfg, w = self.guidance_args(guidance, len(cond))
+        x = randn((len(cond), *shape), generator, self.student_grid)
+        return self.chain(x, cond, self.sample_times(steps), generator, cfg, w)

@@ -12,11 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.config import ConfigError
-from distill.methods.base import LossOut, Method, randn
-from distill.solvers import prediction_loss
-
-SPACE = {"epsilon": "eps", "v_prediction": "v", "flow": "flow", "sample": "x"}
-
+from distill.methods.base import LossOut, Method, denoising_loss, family_times, randn
 
 @dataclass
 class DenoiseParams:
@@ -41,18 +37,11 @@ class Denoise(Method):
     def loss(self, batch, turn) -> LossOut:
         p, teacher, g = self.params, self.teacher, batch["generator"]
         x0, cond = batch["latents"].float(), batch["cond"]
-        n, T = len(x0), teacher.num_train_timesteps
-        logit_normal = p.time_sampling == "logit_normal" or (p.time_sampling == "auto" and teacher.end_time == 0.0)
-        if logit_normal:
-            t = torch.sigmoid(torch.randn(n, generator=g)) * T
-        else:
-            t = torch.randint(0, T, (n,), generator=g).float()
-        t = t.to(x0.device)
+        n = len(x0)
+        t = family_times(teacher, n, g, x0, {"auto": None, "logit_normal": True, "uniform": False}[p.time_sampling])
         drop = (torch.rand(n, generator=g) < p.uncond_prob).to(x0.device)
         cond = cond.dropped(drop)
         noise = randn(x0.shape, g, x0)
-        x_t = teacher.add_noise(x0, noise, t)
-        x_pred, eps_pred = teacher.predict(x_t, t, cond, backbone=self.student.backbone)
-        alpha, sigma = (v.to(x0.device) for v in teacher.alpha_sigma(t))
-        loss = prediction_loss(x_pred, eps_pred, x0, noise, alpha, sigma, SPACE[teacher.prediction_type])
+        x_pred, eps_pred = teacher.predict(teacher.add_noise(x0, noise, t), t, cond, backbone=self.student.backbone)
+        loss = denoising_loss(teacher, x_pred, eps_pred, x0, noise, t)
         return LossOut(loss, {"uncond_share": drop.float().mean().item()})

@@ -1,0 +1,187 @@
+"""Improved distribution matching distillation (DMD2; Yin et al. 2024), for VP and flow teachers alike.
+
+The student (generator) is pushed along the difference of two scores at its own noised samples: the frozen
+teacher with CFG (real) and a fake score that keeps learning the student's distribution by plain denoising
+(DMD, Yin et al. 2023, eq. 7). A GAN term on the fake score's bottleneck features (DMD2 sec. 4.3) replaces the
+regression loss (sec. 4.1), and the fake score takes several updates per generator update (sec. 4.2; set
+train.turn_every: {student: 5}). Multi-step students are trained by backward simulation (sec. 4.4).
+
+A LoRA student's fake score is a second adapter on the same frozen backbone, so one copy of the base weights
+serves teacher (adapters off), student (adapter `default`) and fake score (adapter `fake`). Constants follow
+the reference code's SDXL recipe (tianweiy/DMD2, main/sd_guidance.py and train_sd.py).
+"""
+from __future__ import annotations
+
+import copy
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+import students
+from discriminators.teacher_heads import TeacherHeads, capture
+from distill.config import MAX_STEPS, ConfigError
+from distill.methods.base import Adversarial, LossOut, denoising_loss, family_times, randn
+from teachers.base import adapters_as
+
+
+@dataclass
+class DMD2Params:
+    student_steps: int = 4  # {999, 749, 499, 249} on VP; the shifted equivalent on flow teachers
+    real_guidance: float = 8.0  # CFG of the real score (DMD2's SDXL recipe)
+    min_time: float = 0.02  # the distribution-matching loss draws t in [min, max] * T (reference: 20..980)
+    max_time: float = 0.98
+    gan_student_weight: float = 5e-3  # the generator's non-saturating GAN loss (DMD2's SDXL recipe)
+    gan_fake_weight: float = 1e-2  # the head's classification loss, added to the fake score's
+    fake_score: str = "adapter"  # adapter: a second LoRA beside a LoRA student's; copy: a trainable full copy
+    fake_adapter: str = "fake"  # the fake score's adapter name
+    fake_rank: int = 0  # its LoRA rank (0: the student's)
+    head_hidden: int = 128
+
+    def check(self) -> None:
+        if not 1 <= self.student_steps <= MAX_STEPS:
+            raise ConfigError("method.params.student_steps", self.student_steps,
+                              f"the teacher's grid has times 0..{MAX_STEPS - 1}: need 1 <= student_steps <= {MAX_STEPS}")
+        if not (self.real_guidance >= 1.0 and self.real_guidance < float("inf")):
+            raise ConfigError("method.params.real_guidance", self.real_guidance, "need a finite CFG scale >= 1")
+        if not 0.0 <= self.min_time < self.max_time <= 1.0:
+            raise ConfigError("method.params.min_time/max_time", (self.min_time, self.max_time),
+                              "need 0 <= min_time < max_time <= 1")
+        if not (self.gan_student_weight >= 0 and self.gan_fake_weight >= 0):
+            raise ConfigError("method.params.gan_student_weight/gan_fake_weight",
+                              (self.gan_student_weight, self.gan_fake_weight), "must be >= 0")
+        if self.fake_score not in ("adapter", "copy"):
+            raise ConfigError("method.params.fake_score", self.fake_score, "allowed: adapter, copy")
+        name = self.fake_adapter
+        if name == students.STUDENT_ADAPTER or not name.isidentifier():
+            raise ConfigError("method.params.fake_adapter", name, f"must be a name (letters, digits, _) other than "
+                              f"{students.STUDENT_ADAPTER!r}, the student's own adapter")
+        if self.fake_rank < 0:
+            raise ConfigError("method.params.fake_rank", self.fake_rank, "must be >= 0 (0: the student's rank)")
+
+    @property
+    def gan(self) -> bool:
+        return self.gan_student_weight > 0 or self.gan_fake_weight > 0
+
+
+class DMD2(Adversarial):
+    Params = DMD2Params
+    turns = ("student", "fake")  # generator first, then the fake score on the same (detached) samples
+
+    def __init__(self, teacher, student, params: DMD2Params):
+        super().__init__(teacher, student, params)
+        if student.kind == "lora" and params.fake_score == "adapter":
+            self.fake_params = students.add_adapter(student, params.fake_adapter,
+                                                    params.fake_rank or student.backbone.peft_config["default"].r)
+            self.fake = None  # the teacher's backbone with the fake adapter active
+        else:
+            # the bare teacher: a LoRA student's adapters on the backbone are dropped from the copy
+            self.fake = students.fuse_lora(copy.deepcopy(teacher.backbone), merge=False).float().requires_grad_(True)
+            self.fake_params = list(self.fake.parameters())
+        self.layer = teacher.bottleneck_layer()
+        with torch.no_grad():
+            x, cond = teacher.probe()
+            feats = self.fake_features(x, teacher.num_train_timesteps // 2, cond)[0]
+        self.discriminator = TeacherHeads([feats.shape[-1]], teacher.pooled(cond.pos).shape[-1], params.head_hidden)
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        params = cls.parse_params(cfg.method.params)
+        if params.gan and cfg.data.kind == "prompts":  # every other kind carries real images or latents
+            raise ConfigError("data.kind", cfg.data.kind, "DMD2's GAN term needs real images (images, shards, "
+                              "latents or digits), or set method.params.gan_student_weight and gan_fake_weight to 0")
+
+    @property
+    def needs_latents(self) -> bool:
+        return self.params.gan
+
+    def parameters_for(self, turn: str) -> list:
+        if turn == "fake":
+            return self.fake_params + list(self.discriminator.parameters())
+        return self.student.trainable_parameters()
+
+    def _as_fake(self):
+        if self.fake is None:
+            return self.teacher.backbone, adapters_as(self.teacher.backbone, self.params.fake_adapter)
+        return self.fake, contextlib.nullcontext()
+
+    def fake_predict(self, x_t, t, cond):
+        backbone, active = self._as_fake()
+        with active:
+            return self.teacher.predict(x_t, t, cond, backbone=backbone)
+
+    def fake_features(self, x_t, t, cond):
+        """The fake score's (x0, eps) and its bottleneck tokens, where the GAN head reads (DMD2 sec. 4.3)."""
+        backbone, active = self._as_fake()
+        with active, capture(backbone, (self.layer,)) as feats:
+            x0, _ = self.teacher.predict(x_t, t, cond, backbone=backbone)
+        return feats[0], x0
+
+    def logits(self, x0, cond, g):
+        """The head's logits for x0 noised at its own t ~ U[0, T) (reference: independent t for real and fake)."""
+        t = torch.randint(0, self.teacher.num_train_timesteps, (len(x0),), generator=g).float().to(x0.device)
+        feats, _ = self.fake_features(self.teacher.add_noise(x0, randn(x0.shape, g, x0), t), t, cond)
+        return self.discriminator([feats], self.teacher.pooled(cond.pos), t)[0]
+
+    def simulate(self, cond, g) -> torch.Tensor:
+        """Backward simulation (DMD2 sec. 4.4): the student's input at grid step k (one k per batch) is its own
+        k-step sample re-noised to that time, as at inference; step 0 is pure noise."""
+        shape = (len(cond), *self.teacher.latent_shape(self.teacher.resolution, self.teacher.resolution))
+        k = int(torch.randint(0, len(self.student_grid), (1,), generator=g))
+        x = randn(shape, g, self.student_grid)
+        if k:
+            with torch.no_grad():
+                x = self.teacher.add_noise(self.chain(x, cond, self.student_grid[:k].tolist(), g), randn(shape, g, x),
+                                           self.student_grid[k])
+        return self.teacher.predict(x, self.student_grid[k], cond, backbone=self.student.backbone)[0]
+
+    def dm_loss(self, x0, cond, g):
+        """DMD eq. 7-8 as the reference trains it: grad = (mu_fake - mu_real) / mean|x0 - mu_real| at x0 noised to
+        t ~ U[min, max] * T, applied through 0.5 * ||x0 - sg(x0 - grad)||^2, whose gradient in x0 is grad."""
+        p, T = self.params, self.teacher.num_train_timesteps
+        t = torch.randint(int(p.min_time * T), int(p.max_time * T) + 1, (len(x0),), generator=g).float().to(x0.device)
+        with torch.no_grad():
+            x_t = self.teacher.add_noise(x0, randn(x0.shape, g, x0), t)
+            real = self.teacher.predict(x_t, t, cond, p.real_guidance)[0]
+            fake = self.fake_predict(x_t, t, cond)[0]
+            norm = (x0 - real).abs().flatten(1).mean(1).reshape(-1, *[1] * (x0.ndim - 1))
+            grad = torch.nan_to_num((fake - real) / norm)
+        return 0.5 * F.mse_loss(x0, (x0 - grad).detach())
+
+    def loss(self, batch, turn) -> LossOut:
+        p, g, cond = self.params, batch["generator"], batch["cond"]
+        if turn == "student":
+            x0 = self.simulate(cond, g)
+            dm = self.dm_loss(x0, cond, g)
+            loss, logs = dm, {"dm": dm.item()}
+            if p.gan_student_weight > 0:  # non-saturating: softplus(-D(fake))
+                gan = F.softplus(-self.logits(x0, cond, g)).mean()
+                loss, logs["gan"] = loss + p.gan_student_weight * gan, gan.item()
+            return LossOut(loss, logs)
+        with torch.no_grad():
+            x0 = self.simulate(cond, g)
+        # The fake score learns the student's distribution with the family's own denoising loss and times.
+        t, noise = family_times(self.teacher, len(x0), g, x0), randn(x0.shape, g, x0)
+        x_pred, eps_pred = self.fake_predict(self.teacher.add_noise(x0, noise, t), t, cond)
+        denoise = denoising_loss(self.teacher, x_pred, eps_pred, x0, noise, t)
+        loss, logs = denoise, {"denoise": denoise.item()}
+        if p.gan_fake_weight > 0:
+            real_logits, fake_logits = self.logits(batch["latents"].float(), cond, g), self.logits(x0, cond, g)
+            cls = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
+            loss, logs["cls"] = loss + p.gan_fake_weight * cls, cls.item()
+            logs |= {"d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
+        return LossOut(loss, logs)
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        fake = (students.adapter_state_dict(self.teacher.backbone, self.params.fake_adapter) if self.fake is None
+                else self.fake.state_dict())
+        return super().state_to_save() | {f"fake.{k}": v for k, v in fake.items()}
+
+    def load_saved(self, state: dict[str, torch.Tensor]) -> None:
+        super().load_saved(state)
+        fake = {k.removeprefix("fake."): v for k, v in state.items() if k.startswith("fake.")}
+        if self.fake is None:
+            students.load_adapter_state_dict(self.teacher.backbone, self.params.fake_adapter, fake)
+        else:
+            self.fake.load_state_dict(fake)
