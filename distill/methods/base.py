@@ -131,7 +131,9 @@ def family_times(teacher: Teacher, n: int, generator: torch.Generator, like: tor
     """Times as the family's own denoising training draws them (None: by the family): logit-normal for flow
     teachers (Esser et al. 2024, sec. 3.1), uniform over the train timesteps for VP."""
     T = teacher.num_train_timesteps
-    if logit_normal if logit_normal is not None else teacher.end_time == 0.0:
+    if logit_normal is None:
+        logit_normal = teacher.end_time == 0.0
+    if logit_normal:
         return (torch.sigmoid(torch.randn(n, generator=generator)) * T).to(like.device)
     return torch.randint(0, T, (n,), generator=generator).float().to(like.device)
 

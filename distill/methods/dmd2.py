@@ -73,7 +73,7 @@ class DMD2(Adversarial):
         super().__init__(teacher, student, params)
         if student.kind == "lora" and params.fake_score == "adapter":
             self.fake_params = students.add_adapter(student, params.fake_adapter,
-                                                    params.fake_rank or student.backbone.peft_config["default"].r)
+                                                    params.fake_rank or student.backbone.peft_config[students.STUDENT_ADAPTER].r)
             self.fake = None  # the teacher's backbone with the fake adapter active
         else:
             # the bare teacher: a LoRA student's adapters on the backbone are dropped from the copy
@@ -82,7 +82,7 @@ class DMD2(Adversarial):
         self.layer = teacher.bottleneck_layer()
         with torch.no_grad():
             x, cond = teacher.probe()
-            feats = self.fake_features(x, teacher.num_train_timesteps // 2, cond)[0]
+            feats = self.fake_features(x, teacher.num_train_timesteps // 2, cond)
         self.discriminator = TeacherHeads([feats.shape[-1]], teacher.pooled(cond.pos).shape[-1], params.head_hidden)
 
     @classmethod
@@ -112,16 +112,16 @@ class DMD2(Adversarial):
             return self.teacher.predict(x_t, t, cond, backbone=backbone)
 
     def fake_features(self, x_t, t, cond):
-        """The fake score's (x0, eps) and its bottleneck tokens, where the GAN head reads (DMD2 sec. 4.3)."""
+        """The fake score's bottleneck tokens, where the GAN head reads (DMD2 sec. 4.3)."""
         backbone, active = self._as_fake()
         with active, capture(backbone, (self.layer,)) as feats:
-            x0, _ = self.teacher.predict(x_t, t, cond, backbone=backbone)
-        return feats[0], x0
+            self.teacher.predict(x_t, t, cond, backbone=backbone)
+        return feats[0]
 
     def logits(self, x0, cond, g):
         """The head's logits for x0 noised at its own t ~ U[0, T) (reference: independent t for real and fake)."""
-        t = torch.randint(0, self.teacher.num_train_timesteps, (len(x0),), generator=g).float().to(x0.device)
-        feats, _ = self.fake_features(self.teacher.add_noise(x0, randn(x0.shape, g, x0), t), t, cond)
+        t = family_times(self.teacher, len(x0), g, x0, logit_normal=False)
+        feats = self.fake_features(self.teacher.add_noise(x0, randn(x0.shape, g, x0), t), t, cond)
         return self.discriminator([feats], self.teacher.pooled(cond.pos), t)[0]
 
     def simulate(self, cond, g) -> torch.Tensor:
