@@ -104,6 +104,9 @@ class Scoring:
     bootstrap: int = 200  # resamples for FID's 95% interval
     teacher_reference_guidance: float | None = None  # CFG of those samples (default: the config's)
 
+    def __post_init__(self):
+        metrics.fid_layer(self.extractor)  # an unknown extractor is refused here, before any sampling
+
 
 def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> dict:
     """How a row was measured. Rows are ranked together only when the fields in leaderboard.PROTOCOL_KEY agree;

@@ -124,16 +124,23 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
     return x if x.shape[1] == 3 else x.expand(-1, 3, -1, -1).contiguous()
 
 
-def features(images: torch.Tensor, extractor: str = DIGITS_EXTRACTOR, weights: str | None = None) -> torch.Tensor:
-    """[N, D] float64 features of an image set ([-1, 1] floats or uint8) at the layer torch-fidelity uses for FID."""
+def fid_layer(extractor: str) -> str:
+    """The layer of a registered torch-fidelity extractor that FID reads; refuses an unknown name, so callers
+    check it before sampling anything."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
 
     if extractor == DIGITS_EXTRACTOR:
         register_digits_extractor()
     if extractor not in FEATURE_EXTRACTORS_REGISTRY:
         raise DistillError(f"feature extractor '{extractor}' failed: it is not registered with torch-fidelity")
-    layer = FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+    return FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
+
+
+def features(images: torch.Tensor, extractor: str = DIGITS_EXTRACTOR, weights: str | None = None) -> torch.Tensor:
+    """[N, D] float64 features of an image set ([-1, 1] floats or uint8) at the layer torch-fidelity uses for FID."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    layer = fid_layer(extractor)
     kwargs = {"feature_extractor_weights_path": weights} if weights else {}
     cuda = torch.cuda.is_available()
     try:

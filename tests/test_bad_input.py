@@ -74,6 +74,10 @@ def _inputs(w: Path) -> None:
     (w / "meta-latin1/metadata.jsonl").write_bytes('{"file_name": "a.png", "text": "caf\xe9"}\n'.encode("latin-1"))
     good = {**GMM, "train": {**GMM["train"], "output_dir": str(w / "new-run")}}
     (w / "good.yaml").write_text(yaml.safe_dump(good))
+    (w / "corrupt.sqlite").write_bytes(b"junk" * 100)
+    (w / "bench-missing.yaml").write_text("runs: [{config: no/such.yaml}]\n")
+    (w / "bench-typo.yaml").write_text("teachers: [{source: builtin:digits-sdxl, stepz: [4]}]\n")
+    (w / "bench-zero.yaml").write_text("num_per_prompt: 0\nteachers: [{source: builtin:digits-sdxl}]\n")
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +121,7 @@ def _cases(w: Path, tiny: Path) -> list[tuple[list[str], str]]:
         (train_("method.name=dmd2", "method.params={student_steps: 5000}"), "'method.params.student_steps' has bad"),
         (train_("method.name=dmd2", "method.params={student_steps: 0}"), "'method.params.student_steps' has bad"),
         (train_("method.name=dmd2", "method.params={fake_score: twin}"), "'method.params.fake_score'"),
+        (train_("method.name=dmd2", "method.params={gan_fake_weight: 0}"), "both > 0 (GAN on) or both 0 (GAN off)"),
         (train_("method.name=dmd2", "method.params={}", "data.kind=prompts", f"data.path={PROMPTS}"),
          "'data.kind' has bad value 'prompts': DMD2's GAN term needs real images"),
         (train_("train.max_grad_norm=-1"), "'train.max_grad_norm' has bad value -1"),
@@ -212,6 +217,8 @@ def _cases(w: Path, tiny: Path) -> list[tuple[list[str], str]]:
         (ev("--steps", "1", "--teacher-reference-steps", "-1"), "argument --teacher-reference-steps"),
         (ev("--steps", "1", "--prompts", str(w / "empty.txt")), "holds no prompts"),
         (ev("--steps", "1", "--out", str(w / "a-file")), "is a file"),
+        (ev("--steps", "2", "--num-per-prompt", "2", "--extractor", "no-such"), "feature extractor 'no-such'"),
+        (["eval", run, "--steps", "2", "--db", str(w / "corrupt.sqlite")], "cannot be used"),
         # export: --overwrite replaces only an earlier export, never the run or anything holding it
         (exp(w, "--overwrite"), "holds the run being exported"),
         (exp(w / "run", "--overwrite"), "holds the run being exported"),
@@ -241,6 +248,9 @@ def _cases(w: Path, tiny: Path) -> list[tuple[list[str], str]]:
         (["leaderboard", "--db", str(w / "board.sqlite"), "--out", str(w / "a-file")], "is a file"),
         (["bench", str(w / "folder")], "is a folder"),
         (["bench", str(w / "empty.yaml")], "the matrix file is empty"),
+        (["bench", str(w / "bench-missing.yaml")], "no such config file"),
+        (["bench", str(w / "bench-typo.yaml")], "did you mean 'teachers[0].steps'"),
+        (["bench", str(w / "bench-zero.yaml")], "'num_per_prompt' has bad value 0: must be an integer >= 1"),
         (speed("--repeats", "0"), "argument --repeats"),
         (speed("--steps", "0"), "argument --steps"),
         (speed("--batch-size", "0"), "argument --batch-size"),

@@ -50,30 +50,6 @@ def test_eval_adds_student_and_teacher_rows(run, tmp_path, cli):
     assert "2 rows" in board.stdout
 
 
-def _row_count(db) -> int:
-    if not db.exists():
-        return 0
-    tables = sqlite3.connect(db).execute("SELECT name FROM sqlite_master WHERE name = 'rows'").fetchall()
-    return sqlite3.connect(db).execute("SELECT COUNT(*) FROM rows").fetchone()[0] if tables else 0
-
-
-def test_eval_bad_inputs(run, tmp_path, cli):
-    (tmp_path / "empty.txt").write_text("")
-    proc = cli("eval", run, "--steps", "2", "--prompts", tmp_path / "empty.txt", "--db", tmp_path / "b.sqlite",
-               check=False)
-    assert proc.returncode == 2 and "holds no prompts" in proc.stderr
-    proc = cli("eval", run, "--steps", "2", "--num-per-prompt", "2", "--extractor", "no-such", "--db",
-               tmp_path / "b.sqlite", check=False)
-    assert proc.returncode == 2 and "feature extractor 'no-such'" in proc.stderr
-    proc = cli("eval", run, "--steps", "-1", "--db", tmp_path / "c.sqlite", check=False)
-    assert proc.returncode == 2 and "-1" in proc.stderr and "Traceback" not in proc.stderr
-    assert _row_count(tmp_path / "c.sqlite") == 0
-    (tmp_path / "corrupt.sqlite").write_bytes(b"junk" * 100)
-    proc = cli("eval", run, "--steps", "2", "--db", tmp_path / "corrupt.sqlite", check=False)
-    assert proc.returncode == 2 and "cannot be used" in proc.stderr
-    assert (tmp_path / "corrupt.sqlite").read_bytes() == b"junk" * 100
-
-
 @pytest.mark.parametrize("steps", [-1, 0, 2.5])
 def test_evaluate_refuses_impossible_steps_before_sampling(steps):
     from distill.errors import DistillError

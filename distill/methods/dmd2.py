@@ -48,9 +48,12 @@ class DMD2Params:
         if not 0.0 <= self.min_time < self.max_time <= 1.0:
             raise ConfigError("method.params.min_time/max_time", (self.min_time, self.max_time),
                               "need 0 <= min_time < max_time <= 1")
-        if not (self.gan_student_weight >= 0 and self.gan_fake_weight >= 0):
-            raise ConfigError("method.params.gan_student_weight/gan_fake_weight",
-                              (self.gan_student_weight, self.gan_fake_weight), "must be >= 0")
+        weights = (self.gan_student_weight, self.gan_fake_weight)
+        if not (min(weights) >= 0 and (min(weights) > 0) == (max(weights) > 0)):
+            # one side alone trains a generator against a head that never learns, or disturbs the fake score
+            # for nothing; the reference only ever switches both on together
+            raise ConfigError("method.params.gan_student_weight/gan_fake_weight", weights,
+                              "must be >= 0, and both > 0 (GAN on) or both 0 (GAN off)")
         if self.fake_score not in ("adapter", "copy"):
             raise ConfigError("method.params.fake_score", self.fake_score, "allowed: adapter, copy")
         name = self.fake_adapter
@@ -67,7 +70,7 @@ class DMD2Params:
 
 class DMD2(Adversarial):
     Params = DMD2Params
-    turns = ("student", "fake")  # generator first, then the fake score on the same (detached) samples
+    turns = ("student", "fake")  # generator first, then the fake score on fresh (no-grad) samples of it
 
     def __init__(self, teacher, student, params: DMD2Params):
         super().__init__(teacher, student, params)
@@ -140,7 +143,8 @@ class DMD2(Adversarial):
         """DMD eq. 7-8 as the reference trains it: grad = (mu_fake - mu_real) / mean|x0 - mu_real| at x0 noised to
         t ~ U[min, max] * T, applied through 0.5 * ||x0 - sg(x0 - grad)||^2, whose gradient in x0 is grad."""
         p, T = self.params, self.teacher.num_train_timesteps
-        t = torch.randint(int(p.min_time * T), int(p.max_time * T) + 1, (len(x0),), generator=g).float().to(x0.device)
+        high = min(int(p.max_time * T) + 1, T)  # integer times up to T - 1, the last the teacher has
+        t = torch.randint(int(p.min_time * T), high, (len(x0),), generator=g).float().to(x0.device)
         with torch.no_grad():
             x_t = self.teacher.add_noise(x0, randn(x0.shape, g, x0), t)
             real = self.teacher.predict(x_t, t, cond, p.real_guidance)[0]
