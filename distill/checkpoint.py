@@ -80,11 +80,20 @@ def verify(path: Path) -> str | None:
     return None
 
 
+def first_nonfinite(tensors: dict[str, torch.Tensor]) -> str | None:
+    """The name of the first floating-point tensor holding NaN or inf, or None."""
+    return next((name for name, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+
+
+def nonfinite_error(what: str, name: str) -> DistillError:
+    return DistillError(f"{what}: {name} holds NaN or inf values; nothing was written")
+
+
 def require_finite(tensors: dict[str, torch.Tensor], what: str) -> None:
     """Weights with NaN or inf must never be saved or exported: they load fine and sample garbage."""
-    for name, v in tensors.items():
-        if v.is_floating_point() and not torch.isfinite(v).all():
-            raise DistillError(f"{what}: {name} holds NaN or inf values; nothing was written")
+    name = first_nonfinite(tensors)
+    if name is not None:
+        raise nonfinite_error(what, name)
 
 
 def run_marker(folder: Path) -> str | None:
@@ -105,7 +114,7 @@ def step_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
-def save(root: Path, step: int, weights: dict, optimizers: dict, schedulers: dict, config, keep: int = 0,
+def save(root: Path, step: int, weights: dict, optim_states: dict, schedulers: dict, config, keep: int = 0,
          milestone: bool = False) -> Path:
     """Write a checkpoint; `keep` > 0 then prunes all but the newest `keep`, sparing milestones (e.g. each
     progressive round's student)."""
@@ -114,8 +123,8 @@ def save(root: Path, step: int, weights: dict, optimizers: dict, schedulers: dic
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    for turn, opt in optimizers.items():
-        tensors, meta = _flatten_optimizer(opt.state_dict())
+    for turn, opt_state in optim_states.items():
+        tensors, meta = _flatten_optimizer(opt_state)
         save_file(tensors, str(tmp / f"optim-{turn}.safetensors"))
         (tmp / f"optim-{turn}.json").write_text(json.dumps(meta))
     trainer = {"step": step, "schedulers": {t: s.state_dict() for t, s in schedulers.items()},

@@ -273,11 +273,11 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for the sample grid (default: <checkpoint>/eval)")
     e.set_defaults(func=_eval)
 
-    x = sub.add_parser("export", help="write a student as a diffusers LoRA, a kohya LoRA and/or a merged "
-                       "pipeline, with a model card")
+    x = sub.add_parser("export", help="write a student as a diffusers LoRA, a kohya LoRA, a merged pipeline "
+                       "and/or one single-file checkpoint, with a model card")
     x.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
     x.add_argument("--to", required=True, help="the export folder (must be empty, or pass --overwrite)")
-    x.add_argument("--format", action="append", help="lora | kohya | merged (repeatable; default: lora, and kohya "
+    x.add_argument("--format", action="append", help="lora | kohya | merged | single-file (repeatable; default: lora, and kohya "
                    "for SDXL, for a LoRA student; merged for a full one)")
     x.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 weights")
     x.add_argument("--steps", type=STEPS, help="the sampling steps the card and scheduler recommend "

@@ -89,6 +89,7 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     mixed_precision: str = "no"  # no | fp16 | bf16
     compile: bool = False  # torch.compile the student's and the teacher's backbones (nn.Module.compile, in place)
+    fsdp: bool = False  # shard a full student over the processes (FSDP2; distill.sharding)
     seed: int = 0
     checkpoint_every: int = 50
     keep_checkpoints: int = 0  # keep the last K checkpoints; 0 keeps all
@@ -118,9 +119,11 @@ class Config:
         return dataclasses.asdict(self)
 
     def hash(self) -> str:
-        """Identifies the recipe: every field except where the run is written."""
+        """Identifies the recipe: every field except where the run is written and whether it is sharded (a
+        sharded run computes what an unsharded one does)."""
         recipe = self.to_dict()
         recipe["train"].pop("output_dir")
+        recipe["train"].pop("fsdp")
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
     def dump(self, path: Path) -> None:
@@ -344,6 +347,9 @@ def validate(cfg: Config) -> None:
     if cfg.student.guidance_embedding and cfg.student.kind != "full":
         raise ConfigError("student.guidance_embedding", True, "needs student.kind=full (a LoRA shares the "
                           "teacher's backbone, which has no w input)")
+    if cfg.train.fsdp and cfg.student.kind != "full":
+        raise ConfigError("train.fsdp", True, "shards a full student; a LoRA student is small, so train it with "
+                          "plain data parallel (leave train.fsdp false)")
     for tracker in cfg.train.trackers:
         if tracker not in ("wandb", "tensorboard"):
             raise ConfigError("train.trackers", tracker, "allowed: wandb, tensorboard")

@@ -2,9 +2,13 @@
 
 - `lora`: DIR/pytorch_lora_weights.safetensors, for `pipeline.load_lora_weights(DIR)` (SDXL and SD3).
 - `kohya`: DIR/lora_kohya.safetensors, `lora_unet_*` keys with `.alpha` tensors, for ComfyUI, A1111 and
-  diffusers' kohya loading path (SDXL family). The module names inside the keys are diffusers' own.
+  diffusers' kohya loading path (SDXL family). The module names inside the keys are the original (LDM) ones
+  A1111 expects, e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.
 - `merged`: DIR/pipeline/, the LoRA fused into the backbone (or the full student's backbone), saved as a
   diffusers pipeline with the scheduler that samples as distill does; `DiffusionPipeline.from_pretrained`.
+- `single-file`: DIR/<family>_<method>_<n>step.safetensors, the fused student with the rest of the pipeline in
+  the original layout: one file for A1111 and ComfyUI, or `from_single_file(path, config=<the teacher>)`
+  (SDXL family).
 A full student with a w embedding keeps it in the merged backbone (`time_cond_proj_dim`, which diffusers'
 SDXL pipelines feed with `guidance_scale`); it has no LoRA form.
 
@@ -29,17 +33,22 @@ from distill.errors import DistillError
 from distill.evaluate import git_commit, load_run, sample_images, write_grid
 from distill.sampling import diffusers_sampling
 
-FORMATS = ("lora", "kohya", "merged")
+FORMATS = ("lora", "kohya", "merged", "single-file")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def kohya_state(student: students.Student, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The LoRA in kohya's key format: lora_unet_<module path with underscores>.lora_down/lora_up/alpha."""
-    from diffusers.utils.state_dict_utils import convert_state_dict_to_kohya
-
-    state = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in students.lora_layers(student, dtype).items()})
-    alpha = float(student.backbone.peft_config["default"].lora_alpha)
-    return {k: (torch.tensor(alpha, dtype=dtype) if k.endswith(".alpha") else v.contiguous()) for k, v in state.items()}
+def kohya_state(student: students.Student, teacher, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The LoRA in kohya's key format: lora_unet_<the module's original (LDM) path, dots as underscores> with
+    .lora_down.weight (peft's A), .lora_up.weight (B) and .alpha."""
+    ldm = teacher.ldm_names()
+    alpha = torch.tensor(float(student.backbone.peft_config[students.STUDENT_ADAPTER].lora_alpha), dtype=dtype)
+    state = {}
+    for key, v in students.lora_layers(student, dtype).items():  # <module>.lora_A.weight / .lora_B.weight
+        module, _, part = key.rpartition(".lora_")
+        name = "lora_unet_" + ldm(module).replace(".", "_")
+        state[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = v
+        state[f"{name}.alpha"] = alpha.clone()
+    return state
 
 
 def _check_target(to: Path, ckpt: Path, overwrite: bool) -> Path:
@@ -69,18 +78,26 @@ def _check(student, teacher, formats: list[str]) -> None:
     if "kohya" in formats and teacher.family != "sdxl":
         raise DistillError(f"the kohya LoRA format is for the SDXL family, not {teacher.family}; "
                            "use --format lora (diffusers) or merged")
+    if "single-file" in formats and not teacher.single_file:
+        raise DistillError(f"no single-file layout is known for the {teacher.family} family; use --format merged "
+                           "(a diffusers folder)")
+    if "single-file" in formats and student.guidance_input:
+        raise DistillError("this student reads the guidance scale w, and the original single-file layout has no "
+                           "w input; use --format merged")
 
 
-def _usage(teacher, sampling: dict, folder: Path, formats: list[str]) -> str:
+def _usage(teacher, sampling: dict, folder: Path, formats: list[str], single_file: str) -> str:
     args = ", ".join(f"{k}={v!r}" for k, v in sampling["pipeline_call"].items())
     cls, sched_cls = teacher.pipeline_class.__name__, sampling["scheduler"]
+    changes = "".join(f", {k}={v!r}" for k, v in sampling["scheduler_config"].items())
+    scheduler = f"pipe.scheduler = {sched_cls}.from_config(pipe.scheduler.config{changes})"
     if "merged" in formats:
         load = f'pipe = {cls}.from_pretrained("{folder}/pipeline")  # its scheduler is already {sched_cls}'
-    else:  # the teacher's scheduler config, with what distill's sampler needs changed
-        changes = "".join(f", {k}={v!r}" for k, v in sampling["scheduler_config"].items())
-        load = (f'pipe = {cls}.from_pretrained("<the teacher>")\n'
-                f"pipe.scheduler = {sched_cls}.from_config(pipe.scheduler.config{changes})\n"
-                f'pipe.load_lora_weights("{folder}")')
+    elif "single-file" in formats:  # the teacher's configs; its scheduler config with distill's sampler's changes
+        load = (f'pipe = {cls}.from_single_file("{folder}/{single_file}", config="<the teacher>")'
+                f"\n{scheduler}")
+    else:
+        load = f'pipe = {cls}.from_pretrained("<the teacher>")\n{scheduler}\npipe.load_lora_weights("{folder}")'
     return (f"import torch\nfrom diffusers import {cls}, {sched_cls}\n\n{load}\n"
             f'image = pipe("your prompt", {args}).images[0]')
 
@@ -100,6 +117,7 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
     steps = steps or cfg.sample.steps
     guidance = cfg.sample.guidance_scale
     sched, sampling = diffusers_sampling(method, cfg, steps)
+    single_file = f"{teacher.family}_{cfg.method.name}_{steps}step.safetensors"
 
     tmp = to.with_name(f".{to.name}.export-tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -112,17 +130,24 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
         if "lora" in formats:
             students.save_lora(student, teacher, tmp, torch_dtype)
         if "kohya" in formats:
-            save_file(kohya_state(student, torch_dtype), str(tmp / "lora_kohya.safetensors"),
+            save_file(kohya_state(student, teacher, torch_dtype), str(tmp / "lora_kohya.safetensors"),
                       metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
                                 "distill_method": cfg.method.name})
-        if "merged" in formats:  # last: fusing changes the student in place
+        if {"merged", "single-file"} & set(formats):  # last: fusing changes the student in place
             backbone = students.fuse_lora(student.backbone) if student.kind == "lora" else student.backbone
             teacher.pipe.to(torch_dtype)
-            students.save_pipeline(teacher, backbone.to(torch_dtype), tmp / "pipeline", scheduler=sched)
+            backbone = backbone.to(torch_dtype)
+            if "merged" in formats:
+                students.save_pipeline(teacher, backbone, tmp / "pipeline", scheduler=sched)
+            if "single-file" in formats:
+                save_file(teacher.single_file_state(backbone), str(tmp / single_file),
+                          metadata={"distill_method": cfg.method.name, "distill_steps": str(steps),
+                                    "distill_sampling": json.dumps(sampling)})
 
         facts = {"teacher": cfg.teacher.source, "family": teacher.family, "method": cfg.method.name,
                  "student": cfg.student.kind, "train_steps": step, "steps": steps, "guidance_scale": guidance,
                  **sampling, "formats": formats, "dtype": dtype,
+                 **({"single_file": single_file} if "single-file" in formats else {}),
                  "config_hash": cfg.hash(), "git_commit": git_commit(), "checkpoint": str(ckpt)}
         (tmp / "distill_export.json").write_text(json.dumps(facts, indent=2) + "\n")
         rows = []
@@ -138,7 +163,7 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
             f"A {student.kind} student trained for {step} steps with distill's `{cfg.method.name}` method; it "
             f"samples in {steps} steps with `{type(sched).__name__}` at guidance scale {guidance}. "
             f"Weights are {dtype}.", "",
-            "## Sampling", "", "```python", _usage(teacher, sampling, to, formats), "```", "",
+            "## Sampling", "", "```python", _usage(teacher, sampling, to, formats, single_file), "```", "",
             "The call gives the exact times distill samples at (`timesteps`/`sigmas`) and the resolution it was "
             "trained at (`height`, `width`); `distill generate` makes the same images from the same seed.", "",
             "## Files", "",

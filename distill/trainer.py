@@ -17,13 +17,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 import students
 import teachers
-from distill import checkpoint, config, data, paths, speed
+from distill import checkpoint, config, data, paths, sharding, speed
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods import METHODS, Method
@@ -115,6 +115,10 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
     tc, out = cfg.train, Path(cfg.train.output_dir).expanduser()
     aside = check_output_dir(out, resume, restart)
     ckpt = checkpoint.find(out, resume) if resume else None
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise DistillError("accelerate's own FSDP would wrap the teacher too and save shards: launch with a plain "
+                           "multi-process config (experiments/accelerate/ddp_8gpu.yaml) and set train.fsdp=true, "
+                           "and distill shards the full student itself")
     AcceleratorState._reset_state()  # Accelerate keeps settings process-wide; each run sets its own
     # With several turns, each forward leaves the other turns' parameters unused.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(METHODS[cfg.method.name].turns) > 1)
@@ -126,6 +130,13 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
             os.replace(out, aside)
             print(f"moved the old run in {out} aside to {aside}", file=sys.stderr)
         accelerator.wait_for_everyone()
+    if (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3):  # untested: DeepSpeed does not run here
+        raise DistillError("DeepSpeed ZeRO-3 partitions the student's parameters, and distill saves whole ones: "
+                           "use ZeRO-2, or train.fsdp=true with a plain multi-process config")
+    if tc.fsdp and accelerator.num_processes < 2:
+        raise DistillError("train.fsdp shards the student over several processes; launch with accelerate launch "
+                           "--num_processes N (N >= 2), or leave train.fsdp false on one")
     method = build_method(cfg, accelerator.device)
     if accelerator.is_main_process and accelerator.device.type == "cuda" and hasattr(method.teacher, "pipe"):
         x, cond = method.teacher.probe()  # which attention kernel the backbone runs, seen by the profiler
@@ -139,6 +150,15 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
                            f"{cfg.data.kind} has none; use images, shards, latents or digits")
 
+    start, optim_states, trainer_state = 0, None, None
+    if ckpt is not None:
+        weights, optim_states, trainer_state = checkpoint.load(ckpt)
+        _check_resumable(cfg, trainer_state)
+        method.load_saved(weights)  # whole weights, before any sharding
+        start = trainer_state["step"]
+        method.resume_at(start)
+    if tc.fsdp:
+        sharding.shard(method, method.teacher.shard_blocks)
     turn_params = {turn: method.parameters_for(turn) for turn in method.turns}
     optimizers = {turn: torch.optim.AdamW(params, lr=tc.turn_learning_rates.get(turn, tc.learning_rate),
                                           betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
@@ -149,18 +169,15 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
     schedulers = {turn: get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=-(-tc.warmup_steps // every[turn]),
                                       num_training_steps=-(-tc.max_steps // every[turn]))
                   for turn, opt in optimizers.items()}
-    start = 0
     if ckpt is not None:
-        weights, optim_states, trainer_state = checkpoint.load(ckpt)
-        _check_resumable(cfg, trainer_state)
-        method.load_saved(weights)
         for turn, opt in optimizers.items():
-            opt.load_state_dict(optim_states[turn])
+            sharding.load_optimizer(opt, optim_states[turn])
             schedulers[turn].load_state_dict(trainer_state["schedulers"][turn])
-        start = trainer_state["step"]
-        method.resume_at(start)
-    model, *prepared = accelerator.prepare(method, *optimizers.values())
-    optimizers = dict(zip(optimizers, prepared))
+    if tc.fsdp:  # sharded modules sync their own gradients: Accelerate must not wrap the method in DDP
+        model, optimizers = method, {t: accelerator.prepare_optimizer(o) for t, o in optimizers.items()}
+    else:
+        model, *prepared = accelerator.prepare(method, *optimizers.values())
+        optimizers = dict(zip(optimizers, prepared))
     model.train()
 
     sampler = data.StepBatches(len(dataset), cfg.data.batch_size, accelerator.num_processes,
@@ -186,6 +203,8 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
             if step % every[turn]:
                 continue
             select_turn(turn_params, turn)
+            if tc.fsdp:
+                sharding.reshard(method)
             for micro, raw in enumerate(raws):
                 gen = step_generator(tc.seed, step, micro * accelerator.num_processes + accelerator.process_index,
                                      turn_i)
@@ -197,7 +216,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
                 logs[f"{turn}/loss"] = logs.get(f"{turn}/loss", 0.0) + result.loss.item() / accum
             logs.update({f"{turn}/{k}": v for k, v in result.logs.items()})
             norm = accelerator.clip_grad_norm_(turn_params[turn], tc.max_grad_norm or math.inf)
-            logs[f"{turn}/grad_norm"] = float(norm)
+            logs[f"{turn}/grad_norm"] = float(sharding.full(norm, True))
             # Every rank must reach the same verdict: the loss is averaged, the gradient norm is already synced.
             loss_all = float(accelerator.reduce(torch.tensor(logs[f"{turn}/loss"], device=accelerator.device), "mean"))
             # Under fp16 an infinite gradient is the loss scaler's business: it skips the step and rescales.
@@ -230,19 +249,29 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
                     f.write(json.dumps({"step": done, **logs}) + "\n")
         milestone = method.milestone(done)
         if done % tc.checkpoint_every == 0 or done == end or milestone:
-            state = method.state_to_save()
-            # Every rank holds the same weights, so every rank reaches the same verdict before any saves.
-            checkpoint.require_finite(state, f"stopped at step {done}; the last good checkpoint in "
-                                      f"{out / 'checkpoints'} is kept (lower train.learning_rate)")
+            state, main = method.state_to_save(), accelerator.is_main_process
+            # Every rank must reach the same verdict before any saves; a sharded rank sees only its own part.
+            bad = checkpoint.first_nonfinite(sharding.local(state))
+            if accelerator.reduce(torch.tensor(float(bad is not None), device=accelerator.device), "sum") > 0:
+                raise checkpoint.nonfinite_error(f"stopped at step {done}; the last good checkpoint in "
+                                                 f"{out / 'checkpoints'} is kept (lower train.learning_rate)",
+                                                 bad or "a weight held by another process")
+            optim_states = {t: opt.state_dict() for t, opt in optimizers.items()}
+            if tc.fsdp:  # whole tensors, gathered to the main process: the files an unsharded run writes
+                state, optim_states = sharding.full(state, main), sharding.full(optim_states, main)
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                checkpoint.save(out, done, state, optimizers, schedulers, cfg, tc.keep_checkpoints, milestone)
+            if main:
+                checkpoint.save(out, done, state, optim_states, schedulers, cfg, tc.keep_checkpoints, milestone)
     bar.close()
     select_turn(turn_params, None)
     accelerator.wait_for_everyone()
+    backbone = method.student.backbone
+    if tc.fsdp and end == tc.max_steps:
+        backbone = sharding.whole_copy(backbone, accelerator.is_main_process)
     if accelerator.is_main_process and end == tc.max_steps:
         # With the scheduler and call that sample as distill does (a full student's folder is a pipeline).
-        students.save(method.student, method.teacher, out / "student", student_folder_sampling(method, cfg))
+        students.save(method.student, method.teacher, out / "student", student_folder_sampling(method, cfg),
+                      backbone)
         (out / "train_time.txt").write_text(f"{time.time() - t0:.1f} s for steps {start}..{end}\n")
     accelerator.end_training()
     return method

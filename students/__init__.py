@@ -157,13 +157,14 @@ def save_pipeline(teacher: Teacher, backbone: nn.Module, folder: Path, **swap) -
         backbone.register_to_config(**before)
 
 
-def save(student: Student, teacher: Teacher, folder: Path, sampling: tuple | None = None) -> Path:
+def save(student: Student, teacher: Teacher, folder: Path, sampling: tuple | None = None,
+         backbone: nn.Module | None = None) -> Path:
     """Write the trained student where diffusers reads it: `pytorch_lora_weights.safetensors` for a LoRA
     (pipeline.load_lora_weights(folder)), or for a full student the whole pipeline with the student's
     backbone in place of the teacher's (DiffusionPipeline.from_pretrained(folder), or teacher.source).
     `sampling` = (scheduler, facts) from distill.sampling.diffusers_sampling: a full student's pipeline gets
     that scheduler, so it samples as distill does, and the facts (the pipeline call) go to
-    distill_sampling.json."""
+    distill_sampling.json. `backbone`: a whole copy of a sharded full student's backbone, saved in its place."""
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -173,7 +174,7 @@ def save(student: Student, teacher: Teacher, folder: Path, sampling: tuple | Non
     elif student.kind == "lora":
         save_lora(student, teacher, tmp)
     else:
-        save_pipeline(teacher, student.backbone, tmp, **({"scheduler": sampling[0]} if sampling else {}))
+        save_pipeline(teacher, backbone or student.backbone, tmp, **({"scheduler": sampling[0]} if sampling else {}))
     if sampling:
         (tmp / "distill_sampling.json").write_text(json.dumps(sampling[1], indent=2) + "\n")
     shutil.rmtree(folder, ignore_errors=True)

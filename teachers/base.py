@@ -96,6 +96,8 @@ class Teacher(nn.Module):
     prediction_type: str
     num_train_timesteps: int = 1000
     lora_targets: tuple[str, ...] = ()
+    shard_blocks: tuple[type, ...] = ()  # the backbone's repeated blocks: FSDP's units (distill.sharding)
+    single_file: bool = False  # whether single_file_state and ldm_names know this family's original layout
     backbone: nn.Module
 
     # --- family-specific ---------------------------------------------------------------
@@ -169,6 +171,14 @@ class Teacher(nn.Module):
         """A copy of the backbone that also reads the CFG scale w (for guidance-distilled students)."""
         raise DistillError(f"student.guidance_embedding is not available for the {self.family} family: its "
                            "backbone has no w input that diffusers loads; use a LoRA or a plain full student")
+
+    def single_file_state(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
+        """The pipeline with `backbone` in place, as the one file of the family's original layout."""
+        raise DistillError(f"no single-file layout is known for the {self.family} family")
+
+    def ldm_names(self):
+        """A function from a backbone module name (diffusers) to its name in the original layout."""
+        raise DistillError(f"no original layout is known for the {self.family} family")
 
     # --- shared ------------------------------------------------------------------------
     @property

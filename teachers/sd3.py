@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, StableDiffusion3Pipeline
+from diffusers.models.attention import JointTransformerBlock
 
 from distill.errors import DistillError
 from distill.schedules import flow_alpha_sigma, flow_student_timesteps, flow_timesteps, flow_unshift
@@ -33,6 +34,7 @@ class SD3Teacher(Teacher):
     prediction_type = "flow"
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
+    shard_blocks = (JointTransformerBlock,)
     backbone_name = "transformer"  # its folder in the pipeline and its LoRA key prefix
     end_time = 0.0
 

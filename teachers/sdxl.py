@@ -4,9 +4,12 @@ from __future__ import annotations
 import torch
 from diffusers import (DDIMScheduler, EulerDiscreteScheduler, LCMScheduler, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
+from diffusers.models.attention import BasicTransformerBlock
+from diffusers.models.resnet import ResnetBlock2D
 
 from distill.schedules import vp_alpha_sigma, vp_alphas_cumprod, vp_timesteps
 from distill.solvers import guidance_embedding
+from teachers import sdxl_ldm
 from teachers.base import Cond, Teacher
 
 
@@ -26,6 +29,8 @@ class SDXLTeacher(Teacher):
     pipeline_class = StableDiffusionXLPipeline
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
+    shard_blocks = (BasicTransformerBlock, ResnetBlock2D)
+    single_file = True
     backbone_name = "unet"  # its folder in the pipeline and its LoRA key prefix
     end_time = -1.0  # VP: one step past t = 0 reaches alpha = 1 (diffusers' final_alpha_cumprod = 1)
 
@@ -122,3 +127,9 @@ class SDXLTeacher(Teacher):
         assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
         torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
         return student
+
+    def single_file_state(self, backbone):
+        return sdxl_ldm.single_file_state(self.pipe, backbone)
+
+    def ldm_names(self):
+        return sdxl_ldm.unet_names(self.backbone.config)

@@ -32,9 +32,9 @@ def t5_tokenizer() -> T5TokenizerFast:
     return T5TokenizerFast(vocab=vocab, extra_ids=0, model_max_length=512)
 
 
-def _clip(projection: bool, seed: int):
+def _clip(projection: bool, seed: int, width: int = 32):
     torch.manual_seed(seed)
-    cfg = CLIPTextConfig(vocab_size=515, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    cfg = CLIPTextConfig(vocab_size=515, hidden_size=width, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, max_position_embeddings=77, projection_dim=32,
                          bos_token_id=512, eos_token_id=513, pad_token_id=513)
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(cfg).eval()
@@ -46,8 +46,11 @@ def _vae(latent_channels: int, **extra) -> AutoencoderKL:
                          norm_num_groups=8, layers_per_block=1, sample_size=64, **extra).eval()
 
 
-def tiny_sdxl(prediction_type: str = "epsilon", seed: int = 0, **unet) -> StableDiffusionXLPipeline:
-    """`unet` overrides the UNet's config (e.g. SDXL's own channels, for memory benchmarks)."""
+def tiny_sdxl(prediction_type: str = "epsilon", seed: int = 0, text_width_2: int = 32, **unet
+              ) -> StableDiffusionXLPipeline:
+    """`unet` overrides the UNet's config (e.g. SDXL's own channels, for memory benchmarks). `text_width_2`: the
+    second text encoder's width; as in SDXL, set it apart from the first's (32) where a reader tells the two
+    encoders apart by width (diffusers' from_single_file)."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**{
         "block_out_channels": (32, 64), "layers_per_block": 1, "sample_size": 8, "in_channels": 4, "out_channels": 4,
@@ -55,11 +58,11 @@ def tiny_sdxl(prediction_type: str = "epsilon", seed: int = 0, **unet) -> Stable
         "up_block_types": ("CrossAttnUpBlock2D", "UpBlock2D"), "attention_head_dim": (2, 4),
         "use_linear_projection": True, "addition_embed_type": "text_time", "addition_time_embed_dim": 8,
         "transformer_layers_per_block": (1, 1), "projection_class_embeddings_input_dim": 80,
-        "cross_attention_dim": 64, "norm_num_groups": 8, **unet}).eval()
+        "cross_attention_dim": 32 + text_width_2, "norm_num_groups": 8, **unet}).eval()
     scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                                        timestep_spacing="leading", steps_offset=1, prediction_type=prediction_type)
     return StableDiffusionXLPipeline(vae=_vae(4), text_encoder=_clip(False, seed + 1),
-                                     text_encoder_2=_clip(True, seed + 2), tokenizer=clip_tokenizer(),
+                                     text_encoder_2=_clip(True, seed + 2, text_width_2), tokenizer=clip_tokenizer(),
                                      tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler)
 
 

@@ -141,6 +141,8 @@ def _cases(w: Path, tiny: Path) -> list[tuple[list[str], str]]:
         (train_("train.gradient_accumulation_steps=0"), "'train.gradient_accumulation_steps'"),
         (train_("data.batch_size=0"), "'data.batch_size'"),
         (train_("student.lora_alpha=0"), "'student.lora_alpha'"),
+        (train_("student.kind=lora", "train.fsdp=true"), "'train.fsdp' has bad value True: shards a full student"),
+        (train_("student.kind=full", "train.fsdp=true"), "train.fsdp shards the student over several processes"),
         (train_("sample.guidance_scale=.nan"), "'sample.guidance_scale' has bad value nan"),
         (train_("sample.guidance_scale=0.5"), "'sample.guidance_scale'"),
         (train_("sample.steps=0"), "'sample.steps'"),
@@ -287,6 +289,13 @@ def test_every_bad_input_fails_cleanly_and_changes_nothing(world, tiny_sdxl_dir,
     assert not failures, "\n".join(failures)
     assert tree_digest(world) == digest
     assert not Path(READ_ONLY).exists()
+
+
+def test_a_launch_with_accelerates_own_fsdp_is_refused(world, capsys, monkeypatch):
+    monkeypatch.chdir(world)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what accelerate launch sets for distributed_type: FSDP
+    code, err = _run(["train", str(world / "good.yaml"), "student.kind=full", "train.fsdp=true"], capsys)
+    assert code == 2 and err.strip().splitlines() == [err.strip()] and "set train.fsdp=true" in err, err
 
 
 def test_the_real_entry_point_prints_one_line(world, cli):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from distill import config, data
+import students
 from students import checkpoint_with_adapter_state
 from distill.trainer import build_method, encode_batch, select_turn, step_generator, train
 from test_faithful_methods import tiny_cfg
@@ -38,7 +39,7 @@ def test_the_fake_score_adapter_never_changes_the_teacher_or_the_student(lora_dm
         x, 500, cond, backbone=method.student.backbone)[0]
     assert torch.equal(method.fake_predict(x, 500, cond)[0], teacher)  # the fake score starts as the teacher
     with torch.no_grad():
-        for p in method.fake_params:
+        for p in students.adapter_parameters(method.teacher.backbone, "fake"):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     assert torch.equal(method.teacher.predict(x, 500, cond)[0], teacher)
     assert torch.equal(method.teacher.predict(x, 500, cond, backbone=method.student.backbone)[0], student)
@@ -66,7 +67,7 @@ def test_gradient_checkpointing_recomputes_each_pass_with_its_own_adapter(lora_d
     its forward ran with, in both turns."""
     method, cfg = lora_dmd2
     with torch.no_grad():  # a fake score that differs from the teacher, so a wrong adapter would show
-        for p in method.fake_params:
+        for p in students.adapter_parameters(method.teacher.backbone, "fake"):
             p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     backbone = method.student.backbone
     for turn in method.turns:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from distill import config
 from distill.trainer import train
+from teachers import tiny
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 8"]
 
@@ -27,14 +28,20 @@ Pipe = getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDi
 if kind == "merged":
     pipe = Pipe.from_pretrained(f"{export}/pipeline")
     assert type(pipe.scheduler).__name__ == facts["scheduler"]
+elif kind == "single-file":  # the teacher's folder gives the configs and tokenizers, the file every weight
+    pipe = Pipe.from_single_file(f"{export}/{facts['single_file']}", config=teacher, local_files_only=True)
+    pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config,
+                                                                        **facts["scheduler_config"])
 else:
     pipe = Pipe.from_pretrained(teacher)
     pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config,
                                                                         **facts["scheduler_config"])
     before = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **KW).images
     pipe.load_lora_weights(export if kind == "lora" else f"{export}/lora_kohya.safetensors")
+    backbone = pipe.unet if facts["family"] == "sdxl" else pipe.transformer
+    print("lora modules", sum(bool(getattr(m, "lora_A", None)) for m in backbone.modules()))
 out = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **KW).images
-if kind != "merged":
+if kind in ("lora", "kohya"):
     assert np.abs(out - before).max() > 1e-3, "the LoRA changed nothing"
 np.save(sys.argv[4], out)
 """
@@ -49,7 +56,7 @@ def _load_in_fresh_process(teacher, export, kind, tmp_path, steps):
     proc = subprocess.run([sys.executable, "-c", script, str(teacher), str(export), kind, str(out)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.load(out)
+    return np.load(out), proc.stdout
 
 
 def _same_as_generate(images, run, tmp_path, cli, steps):
@@ -73,20 +80,33 @@ def _train(tmp_path, teacher, **params):
     return tmp_path / "run"
 
 
-def test_sdxl_lora_kohya_and_merged_exports_load_in_diffusers(tmp_path, tiny_sdxl_dir, cli):
-    run = _train(tmp_path, tiny_sdxl_dir)
+def test_sdxl_lora_kohya_merged_and_single_file_exports_load_in_diffusers(tmp_path, cli):
+    # SDXL's two text encoders differ in width, which from_single_file tells them apart by: so must the tiny ones
+    teacher = tiny.build("tiny-sdxl", tmp_path / "teacher", text_width_2=48)
+    run = _train(tmp_path, teacher)
     export = tmp_path / "export"
     proc = cli("export", run, "--to", export, "--format", "lora", "--format", "kohya", "--format", "merged",
-               "--steps", 2, "--db", tmp_path / "none.sqlite")
+               "--format", "single-file", "--steps", 2, "--db", tmp_path / "none.sqlite")
     assert "pytorch_lora_weights.safetensors" in proc.stdout
     card = (export / "README.md").read_text()
     assert "LCMScheduler" in card and "consistency" in card and "![samples](samples.png)" in card
     assert (export / "samples.png").is_file() and not list(tmp_path.glob(".export*"))
-    kohya = load_file(export / "lora_kohya.safetensors")
-    assert all(k.startswith("lora_unet_") for k in kohya)
+    kohya, single = load_file(export / "lora_kohya.safetensors"), load_file(export / "sdxl_consistency_2step.safetensors")
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
-    for kind in ("lora", "kohya", "merged"):
-        _same_as_generate(_load_in_fresh_process(tiny_sdxl_dir, export, kind, tmp_path, 2), run, tmp_path, cli, 2)
+    # Every kohya module is a module of the original layout, as the single file names it, with the right shape
+    modules = {k.removesuffix(".alpha") for k in kohya if k.endswith(".alpha")}
+    ldm = {"lora_unet_" + k.removeprefix("model.diffusion_model.").removesuffix(".weight").replace(".", "_"): v
+           for k, v in single.items() if k.startswith("model.diffusion_model.") and k.endswith(".weight")}
+    assert modules and all("down_blocks" not in m and "up_blocks" not in m for m in modules)
+    for m in modules:
+        w, down, up = ldm[m], kohya[f"{m}.lora_down.weight"], kohya[f"{m}.lora_up.weight"]
+        assert (up.shape[0], down.shape[1]) == w.shape[:2], m
+    assert {"first_stage_model", "conditioner", "model"} == {k.split(".")[0] for k in single}
+    for kind in ("lora", "kohya", "merged", "single-file"):
+        images, stdout = _load_in_fresh_process(teacher, export, kind, tmp_path, 2)
+        if kind == "kohya":  # diffusers' kohya loader finds every module
+            assert f"lora modules {len(modules)}" in stdout, stdout
+        _same_as_generate(images, run, tmp_path, cli, 2)
 
 
 def test_sd3_lora_exports_load_in_diffusers_and_half_precision(tmp_path, tiny_sd3_dir, cli):
@@ -96,7 +116,7 @@ def test_sd3_lora_exports_load_in_diffusers_and_half_precision(tmp_path, tiny_sd
     cli("export", lcm, "--to", tmp_path / "lcm-export", "--steps", 1, "--db", tmp_path / "none.sqlite")
     facts = json.loads((tmp_path / "lcm-export/distill_export.json").read_text())
     assert facts["scheduler"] == "FlowMatchLCMScheduler" and facts["formats"] == ["lora"]
-    images = _load_in_fresh_process(tiny_sd3_dir, tmp_path / "lcm-export", "lora", tmp_path, 1)
+    images, _ = _load_in_fresh_process(tiny_sd3_dir, tmp_path / "lcm-export", "lora", tmp_path, 1)
     _same_as_generate(images, lcm, tmp_path / "lcm", cli, 1)
 
     pd = _train(tmp_path / "pd", tiny_sd3_dir, **{"method.name": "progressive", "train.max_steps": 2,
@@ -106,7 +126,7 @@ def test_sd3_lora_exports_load_in_diffusers_and_half_precision(tmp_path, tiny_sd
     assert json.loads((tmp_path / "pd-export/distill_export.json").read_text())["scheduler"] == \
         "FlowMatchEulerDiscreteScheduler"
     for kind in ("lora", "merged"):
-        images = _load_in_fresh_process(tiny_sd3_dir, tmp_path / "pd-export", kind, tmp_path, 2)
+        images, _ = _load_in_fresh_process(tiny_sd3_dir, tmp_path / "pd-export", kind, tmp_path, 2)
         _same_as_generate(images, pd, tmp_path / "pd", cli, 2)
 
     cli("export", lcm, "--to", tmp_path / "half", "--format", "merged", "--dtype", "fp16", "--db",
@@ -157,8 +177,10 @@ def test_export_refuses_bad_requests_and_writes_nothing(tmp_path, full_run, cli)
     assert (tmp_path / "busy/pipeline/model_index.json").is_file() and not (tmp_path / "busy/stale.txt").exists()
 
 
-def test_kohya_is_refused_for_sd3(tmp_path, tiny_sd3_dir, cli):
+def test_kohya_and_single_file_are_refused_for_sd3(tmp_path, tiny_sd3_dir, cli):
     run = _train(tmp_path, tiny_sd3_dir, **{"train.max_steps": 1})
-    proc = cli("export", run, "--to", tmp_path / "out", "--format", "kohya", check=False)
-    assert proc.returncode == 2 and "kohya LoRA format is for the SDXL family" in proc.stderr
-    assert not (tmp_path / "out").exists()
+    for fmt, message in (("kohya", "kohya LoRA format is for the SDXL family"),
+                         ("single-file", "no single-file layout is known for the sd3 family")):
+        proc = cli("export", run, "--to", tmp_path / "out", "--format", fmt, check=False)
+        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "out").exists()

@@ -102,6 +102,11 @@ class Method(nn.Module):
         """Whether the student after `step` steps deserves a checkpoint kept whatever the retention."""
         return False
 
+    def sharded_modules(self) -> list[nn.Module]:
+        """What `train.fsdp` shards (distill.sharding): every module a turn trains, and the student's EMA."""
+        return [m for m in (self.student.backbone, self.student.ema, getattr(self, "discriminator", None))
+                if m is not None]
+
     def state_to_save(self) -> dict[str, torch.Tensor]:
         state = {f"student.{k}": v for k, v in self.student.state_to_save().items()}
         if getattr(self, "discriminator", None) is not None:

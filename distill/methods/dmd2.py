@@ -75,13 +75,12 @@ class DMD2(Adversarial):
     def __init__(self, teacher, student, params: DMD2Params):
         super().__init__(teacher, student, params)
         if student.kind == "lora" and params.fake_score == "adapter":
-            self.fake_params = students.add_adapter(student, params.fake_adapter,
+            students.add_adapter(student, params.fake_adapter,
                                                     params.fake_rank or student.backbone.peft_config[students.STUDENT_ADAPTER].r)
             self.fake = None  # the teacher's backbone with the fake adapter active
         else:
             # the bare teacher: a LoRA student's adapters on the backbone are dropped from the copy
             self.fake = students.fuse_lora(copy.deepcopy(teacher.backbone), merge=False).float().requires_grad_(True)
-            self.fake_params = list(self.fake.parameters())
         self.layer = teacher.bottleneck_layer()
         with torch.no_grad():
             x, cond = teacher.probe()
@@ -101,8 +100,13 @@ class DMD2(Adversarial):
 
     def parameters_for(self, turn: str) -> list:
         if turn == "fake":
-            return self.fake_params + list(self.discriminator.parameters())
+            fake = (students.adapter_parameters(self.teacher.backbone, self.params.fake_adapter) if self.fake is None
+                    else list(self.fake.parameters()))
+            return fake + list(self.discriminator.parameters())
         return self.student.trainable_parameters()
+
+    def sharded_modules(self) -> list:
+        return super().sharded_modules() + ([self.fake] if self.fake is not None else [])
 
     def _as_fake(self):
         if self.fake is None:

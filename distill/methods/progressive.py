@@ -83,6 +83,10 @@ class Progressive(Method):
         self.student_prediction = STUDENT_OUTPUTS[params.student_output]
         self.round = 0
         self.previous = None  # the previous round's student: a frozen module (full) or LoRA tensors
+        # A full student's round teacher is made once and refilled at each round's end (a sharded module cannot be
+        # copied, only filled).
+        self.round_backbone = (copy.deepcopy(student.backbone).requires_grad_(False).eval()
+                               if student.kind == "full" else None)
         if params.teacher_from_student:
             self._snapshot()
 
@@ -150,10 +154,17 @@ class Progressive(Method):
     def _snapshot(self) -> None:
         """Freeze the student as it is now: the next round's teacher."""
         if self.student.kind == "full":
-            self.previous = copy.deepcopy(self.student.backbone).requires_grad_(False).eval()
+            mine, now = self.round_backbone.state_dict(), self.student.backbone.state_dict()
+            with torch.no_grad():
+                for k, v in now.items():
+                    mine[k].copy_(v)
+            self.previous = self.round_backbone
         else:
             self.previous = {k: v.detach().clone() for k, v in self.student.backbone.named_parameters()
                              if "lora_" in k}
+
+    def sharded_modules(self) -> list:
+        return super().sharded_modules() + ([self.round_backbone] if self.round_backbone is not None else [])
 
     def checkpoint_for(self, steps: int) -> int | None:
         """The end of the round whose student samples in `steps` (start_steps / 2^(r+1) after round r)."""

@@ -1,6 +1,7 @@
 """One rank of a multi-process run, observed from outside: `python ddp_worker.py CONFIG OUT [overrides]`, or under
 `accelerate launch`. It trains with distill's own trainer and records, per rank, the student and heads as
-built (before Accelerate prepares them), as trained, and a fingerprint of every sample the rank read."""
+built (before Accelerate prepares them), as trained, and a fingerprint of every sample the rank read. Under
+train.fsdp it records instead how much of each sharded module's parameters the rank holds."""
 import hashlib
 import json
 import os
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 from safetensors.torch import save_file
+from torch.distributed.tensor import DTensor
 
 from distill import config, data, trainer
 
@@ -24,11 +26,19 @@ def main():
 
     def recording_build(cfg, device):
         method = build(cfg, device)
+        if cfg.train.fsdp:
+            return method
         save_file({k: v.contiguous() for k, v in method.state_to_save().items()}, str(out / f"init-{rank}.safetensors"))
         return method
 
     data.collate, trainer.build_method = recording_collate, recording_build
-    method = trainer.train(config.load(cfg_path, overrides))
+    cfg = config.load(cfg_path, overrides)
+    method = trainer.train(cfg)
+    if cfg.train.fsdp:
+        held = {name: [(p.to_local().numel(), p.numel()) for p in m.parameters() if isinstance(p, DTensor)]
+                for name, m in zip(("student", "ema", "discriminator"), method.sharded_modules())}
+        (out / f"shards-{rank}.json").write_text(json.dumps(held))
+        return
     save_file({k: v.contiguous() for k, v in method.state_to_save().items()}, str(out / f"final-{rank}.safetensors"))
     (out / f"seen-{rank}.json").write_text(json.dumps(seen))
 
