@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from distill.errors import DistillError
@@ -62,7 +62,9 @@ def whole_copy(module: nn.Module, keep: bool) -> nn.Module | None:
     state = full(module.state_dict(), keep)
     if not keep:
         return None
-    copy = type(module).from_config(module.config)
+    # fully_shard made the module's class an FSDP subclass: build (and name, when saved) the model's own class
+    cls = next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
+    copy = cls.from_config(module.config)
     copy.load_state_dict(state)
     return copy
 

@@ -109,7 +109,8 @@ def test_fsdp_shards_a_full_student_saves_what_one_process_saves_and_resumes_bit
     init = load_file(resumed / "checkpoints" / "step-00000002" / "weights.safetensors")
     assert any(not torch.equal(init[k], a[k]) for k in a if k.startswith("student.backbone."))
 
-    from diffusers import UNet2DConditionModel  # plain diffusers, from the saved folder alone
-    unet = UNet2DConditionModel.from_pretrained(sharded / "run" / "student" / "unet")
+    from diffusers import DiffusionPipeline  # plain diffusers, from the saved folder alone
+    unet = DiffusionPipeline.from_pretrained(sharded / "run" / "student").unet
+    assert type(unet).__name__ == "UNet2DConditionModel"
     for k, v in unet.state_dict().items():
         assert torch.equal(v, a[f"student.backbone.{k}"]), k
