@@ -8,7 +8,7 @@
   diffusers pipeline with the scheduler that samples as distill does; `DiffusionPipeline.from_pretrained`.
 - `single-file`: DIR/<family>_<method>_<n>step.safetensors, the fused student with the rest of the pipeline in
   the original layout: one file for A1111 and ComfyUI, or `from_single_file(path, config=<the teacher>)`
-  (SDXL family).
+  (SDXL and SD3).
 A full student with a w embedding keeps it in the merged backbone (`time_cond_proj_dim`, which diffusers'
 SDXL pipelines feed with `guidance_scale`); it has no LoRA form.
 

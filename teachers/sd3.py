@@ -8,6 +8,7 @@ from diffusers.models.attention import JointTransformerBlock
 from distill.errors import DistillError
 from distill.schedules import flow_alpha_sigma, flow_student_timesteps, flow_timesteps, flow_unshift
 from distill.solvers import consistency_scalings
+from teachers import ldm
 from teachers.base import Cond, Teacher
 
 # FlowMatchLCMScheduler applies no boundary scalings (it takes x0 as it is). Leaving out c_skip and c_out moves
@@ -35,6 +36,7 @@ class SD3Teacher(Teacher):
     lora_targets = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out",
                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
     shard_blocks = (JointTransformerBlock,)
+    single_file = True
     backbone_name = "transformer"  # its folder in the pipeline and its LoRA key prefix
     end_time = 0.0
 
@@ -105,3 +107,6 @@ class SD3Teacher(Teacher):
     def decode(self, latents):
         cfg = self.vae.config
         return self.vae.decode(latents.to(self.vae.dtype) / cfg.scaling_factor + cfg.shift_factor, return_dict=False)[0]
+
+    def single_file_state(self, backbone):
+        return ldm.sd3_single_file(self.pipe, backbone)

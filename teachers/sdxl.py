@@ -9,7 +9,7 @@ from diffusers.models.resnet import ResnetBlock2D
 
 from distill.schedules import vp_alpha_sigma, vp_alphas_cumprod, vp_timesteps
 from distill.solvers import guidance_embedding
-from teachers import sdxl_ldm
+from teachers import ldm
 from teachers.base import Cond, Teacher
 
 
@@ -129,7 +129,7 @@ class SDXLTeacher(Teacher):
         return student
 
     def single_file_state(self, backbone):
-        return sdxl_ldm.single_file_state(self.pipe, backbone)
+        return ldm.sdxl_single_file(self.pipe, backbone)
 
     def ldm_names(self):
-        return sdxl_ldm.unet_names(self.backbone.config)
+        return ldm.unet_names(self.backbone.config)

@@ -66,8 +66,11 @@ def tiny_sdxl(prediction_type: str = "epsilon", seed: int = 0, text_width_2: int
                                      tokenizer_2=clip_tokenizer(), unet=unet, scheduler=scheduler)
 
 
-def tiny_sd3(seed: int = 0, layers: int = 2, head_dim: int = 8) -> StableDiffusion3Pipeline:
-    """`layers` and `head_dim` (4 heads) size the MMDiT; the digits teacher uses a larger one than the tests."""
+def tiny_sd3(seed: int = 0, layers: int = 2, head_dim: int = 8, text_width_2: int = 32,
+             identity_projection: bool = False) -> StableDiffusion3Pipeline:
+    """`layers` and `head_dim` (4 heads) size the MMDiT; the digits teacher uses a larger one than the tests.
+    `text_width_2` (at most 32) and `identity_projection` make the text encoders as SD3's original single file
+    has them: CLIP-G narrower or wider than CLIP-L, and CLIP-L's projection the identity."""
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4,
                                         num_layers=layers, attention_head_dim=head_dim, num_attention_heads=4,
@@ -76,11 +79,14 @@ def tiny_sd3(seed: int = 0, layers: int = 2, head_dim: int = 8) -> StableDiffusi
     torch.manual_seed(seed + 3)
     t5 = T5EncoderModel(T5Config(vocab_size=98, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
                                  relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+    clip_l = _clip(True, seed + 1)
+    if identity_projection:
+        torch.nn.init.eye_(clip_l.text_projection.weight)
     return StableDiffusion3Pipeline(
         transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
         vae=_vae(4, shift_factor=0.0609, scaling_factor=1.5035),
-        text_encoder=_clip(True, seed + 1), tokenizer=clip_tokenizer(),
-        text_encoder_2=_clip(True, seed + 2), tokenizer_2=clip_tokenizer(),
+        text_encoder=clip_l, tokenizer=clip_tokenizer(),
+        text_encoder_2=_clip(True, seed + 2, text_width_2), tokenizer_2=clip_tokenizer(),
         text_encoder_3=t5, tokenizer_3=t5_tokenizer())
 
 

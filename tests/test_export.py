@@ -177,10 +177,16 @@ def test_export_refuses_bad_requests_and_writes_nothing(tmp_path, full_run, cli)
     assert (tmp_path / "busy/pipeline/model_index.json").is_file() and not (tmp_path / "busy/stale.txt").exists()
 
 
-def test_kohya_and_single_file_are_refused_for_sd3(tmp_path, tiny_sd3_dir, cli):
-    run = _train(tmp_path, tiny_sd3_dir, **{"train.max_steps": 1})
-    for fmt, message in (("kohya", "kohya LoRA format is for the SDXL family"),
-                         ("single-file", "no single-file layout is known for the sd3 family")):
-        proc = cli("export", run, "--to", tmp_path / "out", "--format", fmt, check=False)
-        assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
-        assert not (tmp_path / "out").exists()
+def test_sd3_single_file_loads_in_diffusers_and_kohya_is_refused(tmp_path, cli):
+    # As in SD3's own file: CLIP-G's width differs from CLIP-L's, and CLIP-L's projection is the identity
+    teacher = tiny.build("tiny-sd3", tmp_path / "teacher", text_width_2=24, identity_projection=True)
+    run = _train(tmp_path, teacher, **{"train.max_steps": 2})
+    proc = cli("export", run, "--to", tmp_path / "out", "--format", "kohya", check=False)
+    assert proc.returncode == 2 and "kohya LoRA format is for the SDXL family" in proc.stderr
+    assert not (tmp_path / "out").exists()
+    export = tmp_path / "export"
+    cli("export", run, "--to", export, "--format", "single-file", "--steps", 1, "--db", tmp_path / "none.sqlite")
+    single = load_file(export / "sd3_consistency_1step.safetensors")
+    assert {k.split(".")[0] for k in single} == {"model", "first_stage_model", "text_encoders"}
+    images, _ = _load_in_fresh_process(teacher, export, "single-file", tmp_path, 1)
+    _same_as_generate(images, run, tmp_path, cli, 1)  # a re-noising SD3 student matches exactly at 1 step

@@ -1,16 +1,23 @@
-"""SDXL in its original (Stability / LDM) layout: the one `.safetensors` file A1111 and ComfyUI load, which
-diffusers reads with `StableDiffusionXLPipeline.from_single_file`, and the module names kohya LoRAs use.
+"""The original (Stability / LDM) layouts: the one `.safetensors` file A1111 and ComfyUI load, which diffusers
+reads with `from_single_file(path, config=<a diffusers folder>)`, and the module names kohya LoRAs use.
 
+SDXL:
     model.diffusion_model.*          the UNet: input_blocks / middle_block / output_blocks
     first_stage_model.*              the VAE: encoder.down.{i}.block.{j}, mid.block_1, mid.attn_1, decoder.up.*
     conditioner.embedders.0.transformer.*   CLIP ViT-L, transformers' own names
     conditioner.embedders.1.model.*  OpenCLIP ViT-bigG: resblocks, fused q/k/v (in_proj), text_projection
+SD3:
+    model.diffusion_model.*          the MMDiT: joint_blocks.{i}.x_block / context_block, fused qkv, adaLN
+    first_stage_model.*              the VAE, as SDXL's
+    text_encoders.clip_l / clip_g / t5xxl.transformer.*   transformers' own names
 
-The UNet's block numbering comes from the model's config, so any SDXL-shaped UNet (the real one, the tiny test
+Block numbering comes from the model's config, so any model of the family's shape (the real one, the tiny test
 ones) maps; a name is renamed by its longest matching module prefix."""
 from __future__ import annotations
 
 from typing import Callable
+
+import re
 
 import torch
 
@@ -125,11 +132,75 @@ def _open_clip(state: dict) -> dict:
     return out
 
 
-def single_file_state(pipe, unet) -> dict[str, torch.Tensor]:
-    """The whole pipeline, with `unet` in place of its own, as one state dict in the original layout."""
+def _own_storage(state: dict) -> dict:
+    """Contiguous tensors, each with storage of its own (safetensors refuses tied weights, e.g. T5's embeddings)."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        v = v.contiguous()
+        out[k] = v.clone() if v.data_ptr() in seen else v
+        seen.add(v.data_ptr())
+    return out
+
+
+def sdxl_single_file(pipe, unet) -> dict[str, torch.Tensor]:
+    """An SDXL pipeline, with `unet` in place of its own, as one state dict in the original layout."""
     ldm = unet_names(unet.config)
     state = {f"model.diffusion_model.{ldm(k)}": v for k, v in unet.state_dict().items()}
     state |= {f"first_stage_model.{k}": v for k, v in _vae(pipe.vae.state_dict(), pipe.vae.config).items()}
     state |= {f"conditioner.embedders.0.transformer.{k}": v for k, v in _text_model(pipe.text_encoder).items()}
     state |= {f"conditioner.embedders.1.model.{k}": v for k, v in _open_clip(_text_model(pipe.text_encoder_2)).items()}
-    return {k: v.contiguous() for k, v in state.items()}
+    return _own_storage(state)
+
+
+MMDIT_FIXED = {"pos_embed.pos_embed": "pos_embed", "pos_embed.proj": "x_embedder.proj",
+               "time_text_embed.timestep_embedder.linear_1": "t_embedder.mlp.0",
+               "time_text_embed.timestep_embedder.linear_2": "t_embedder.mlp.2",
+               "time_text_embed.text_embedder.linear_1": "y_embedder.mlp.0",
+               "time_text_embed.text_embedder.linear_2": "y_embedder.mlp.2",
+               "proj_out": "final_layer.linear", "norm_out.linear": "final_layer.adaLN_modulation.1"}
+MMDIT_BLOCK = {"attn.norm_q": "x_block.attn.ln_q", "attn.norm_k": "x_block.attn.ln_k",
+               "attn.norm_added_q": "context_block.attn.ln_q", "attn.norm_added_k": "context_block.attn.ln_k",
+               "attn.to_out.0": "x_block.attn.proj", "attn.to_add_out": "context_block.attn.proj",
+               "attn2.norm_q": "x_block.attn2.ln_q", "attn2.norm_k": "x_block.attn2.ln_k",
+               "attn2.to_out.0": "x_block.attn2.proj", "norm1.linear": "x_block.adaLN_modulation.1",
+               "norm1_context.linear": "context_block.adaLN_modulation.1",
+               "ff.net.0.proj": "x_block.mlp.fc1", "ff.net.2": "x_block.mlp.fc2",
+               "ff_context.net.0.proj": "context_block.mlp.fc1", "ff_context.net.2": "context_block.mlp.fc2"}
+QKV = re.compile(r"transformer_blocks\.(\d+)\.(attn2?)\.(to_|add_)([qkv])(?:_proj)?\.(weight|bias)")
+
+
+def _swap_halves(v: torch.Tensor) -> torch.Tensor:
+    """(shift, scale) <-> (scale, shift): the two layouts order the final adaLN outputs oppositely."""
+    a, b = v.chunk(2, dim=0)
+    return torch.cat([b, a])
+
+
+def _mmdit(state: dict, config) -> dict:
+    last = config["num_layers"] - 1
+    prefixes = dict(MMDIT_FIXED)
+    for i in range(config["num_layers"]):
+        prefixes |= {f"transformer_blocks.{i}.{d}": f"joint_blocks.{i}.{o}" for d, o in MMDIT_BLOCK.items()}
+    out, qkv = {}, {}
+    for k, v in state.items():
+        m = QKV.fullmatch(k)
+        if m:  # q, k and v of one stream stacked into one qkv
+            i, attn, stream, which, kind = m.groups()
+            block = "context_block" if stream == "add_" else "x_block"
+            qkv.setdefault(f"joint_blocks.{i}.{block}.{attn}.qkv.{kind}", {})[which] = v
+            continue
+        if k.startswith("norm_out.linear.") or k.startswith(f"transformer_blocks.{last}.norm1_context.linear."):
+            v = _swap_halves(v)  # the last block's context stream ends in the same final-layer modulation
+        out[rename(k, prefixes, {})] = v
+    out |= {name: torch.cat([p["q"], p["k"], p["v"]]) for name, p in qkv.items()}
+    return out
+
+
+def sd3_single_file(pipe, transformer) -> dict[str, torch.Tensor]:
+    """An SD3 pipeline, with `transformer` in place of its own, as one state dict in the original layout. The
+    reader takes CLIP-L's text projection as the identity (so is SD3's own)."""
+    state = {f"model.diffusion_model.{k}": v for k, v in _mmdit(transformer.state_dict(), transformer.config).items()}
+    state |= {f"first_stage_model.{k}": v for k, v in _vae(pipe.vae.state_dict(), pipe.vae.config).items()}
+    for name, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2), ("t5xxl", pipe.text_encoder_3)):
+        own = _text_model(encoder) if name != "t5xxl" else encoder.state_dict()
+        state |= {f"text_encoders.{name}.transformer.{k}": v for k, v in own.items()}
+    return _own_storage(state)
