@@ -150,9 +150,9 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
                            f"{cfg.data.kind} has none; use images, shards, latents or digits")
 
-    start, optim_states, trainer_state = 0, None, None
+    start, saved_optims, trainer_state = 0, None, None
     if ckpt is not None:
-        weights, optim_states, trainer_state = checkpoint.load(ckpt)
+        weights, saved_optims, trainer_state = checkpoint.load(ckpt)
         _check_resumable(cfg, trainer_state)
         method.load_saved(weights)  # whole weights, before any sharding
         start = trainer_state["step"]
@@ -171,7 +171,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
                   for turn, opt in optimizers.items()}
     if ckpt is not None:
         for turn, opt in optimizers.items():
-            sharding.load_optimizer(opt, optim_states[turn])
+            sharding.load_optimizer(opt, saved_optims[turn])
             schedulers[turn].load_state_dict(trainer_state["schedulers"][turn])
     if tc.fsdp:  # sharded modules sync their own gradients: Accelerate must not wrap the method in DDP
         model, optimizers = method, {t: accelerator.prepare_optimizer(o) for t, o in optimizers.items()}
