@@ -277,8 +277,8 @@ def parser() -> argparse.ArgumentParser:
                        "and/or one single-file checkpoint, with a model card")
     x.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
     x.add_argument("--to", required=True, help="the export folder (must be empty, or pass --overwrite)")
-    x.add_argument("--format", action="append", help="lora | kohya | merged | single-file (repeatable; default: lora, and kohya "
-                   "for SDXL, for a LoRA student; merged for a full one)")
+    x.add_argument("--format", action="append", help="lora | kohya | merged | single-file (repeatable; default: "
+                   "lora, and kohya for SDXL, for a LoRA student; merged for a full one)")
     x.add_argument("--dtype", default="fp32", help="fp32 | fp16 | bf16 weights")
     x.add_argument("--steps", type=STEPS, help="the sampling steps the card and scheduler recommend "
                    "(default: sample.steps of the run)")

@@ -200,7 +200,8 @@ def sd3_single_file(pipe, transformer) -> dict[str, torch.Tensor]:
     reader takes CLIP-L's text projection as the identity (so is SD3's own)."""
     state = {f"model.diffusion_model.{k}": v for k, v in _mmdit(transformer.state_dict(), transformer.config).items()}
     state |= {f"first_stage_model.{k}": v for k, v in _vae(pipe.vae.state_dict(), pipe.vae.config).items()}
-    for name, encoder in (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2), ("t5xxl", pipe.text_encoder_3)):
+    encoders = (("clip_l", pipe.text_encoder), ("clip_g", pipe.text_encoder_2), ("t5xxl", pipe.text_encoder_3))
+    for name, encoder in encoders:
         own = _text_model(encoder) if name != "t5xxl" else encoder.state_dict()
         state |= {f"text_encoders.{name}.transformer.{k}": v for k, v in own.items()}
     return _own_storage(state)

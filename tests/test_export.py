@@ -91,7 +91,8 @@ def test_sdxl_lora_kohya_merged_and_single_file_exports_load_in_diffusers(tmp_pa
     card = (export / "README.md").read_text()
     assert "LCMScheduler" in card and "consistency" in card and "![samples](samples.png)" in card
     assert (export / "samples.png").is_file() and not list(tmp_path.glob(".export*"))
-    kohya, single = load_file(export / "lora_kohya.safetensors"), load_file(export / "sdxl_consistency_2step.safetensors")
+    kohya = load_file(export / "lora_kohya.safetensors")
+    single = load_file(export / "sdxl_consistency_2step.safetensors")
     assert {float(v) for k, v in kohya.items() if k.endswith(".alpha")} == {8.0}
     # Every kohya module is a module of the original layout, as the single file names it, with the right shape
     modules = {k.removesuffix(".alpha") for k in kohya if k.endswith(".alpha")}

@@ -75,8 +75,8 @@ class DMD2(Adversarial):
     def __init__(self, teacher, student, params: DMD2Params):
         super().__init__(teacher, student, params)
         if student.kind == "lora" and params.fake_score == "adapter":
-            students.add_adapter(student, params.fake_adapter,
-                                                    params.fake_rank or student.backbone.peft_config[students.STUDENT_ADAPTER].r)
+            rank = params.fake_rank or student.backbone.peft_config[students.STUDENT_ADAPTER].r
+            students.add_adapter(student, params.fake_adapter, rank)
             self.fake = None  # the teacher's backbone with the fake adapter active
         else:
             # the bare teacher: a LoRA student's adapters on the backbone are dropped from the copy
