@@ -160,7 +160,7 @@ def _bench_speed(args) -> None:
     text = speed.bench(Path(args.run), args.steps, args.teacher_steps, args.teacher_guidance, args.batch_size,
                        args.repeats, dict(compile=args.compile, channels_last=args.channels_last,
                                           fuse_qkv=args.fuse_qkv), args.amp, args.train, Path(args.db),
-                       threads=args.threads)
+                       threads=args.threads, methods=args.methods, profile=args.profile)
     print(text)
     if args.out:
         from distill.leaderboard import write_atomic
@@ -178,14 +178,18 @@ def _bench(args) -> None:
 
 def _make_teacher(args) -> None:
     from distill import paths
-    from teachers import tiny
+    from teachers import real_size, tiny
 
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()):
         raise DistillError(f"{out} exists and is not empty; choose a new folder")
     paths.check_writable(out, "make-teacher OUT")
-    tiny.build(args.name, out)
-    print(f"wrote tiny {args.name} pipeline to {out}")
+    if args.name in real_size.ARCHITECTURES:
+        real_size.build(args.name, out)
+        print(f"wrote {args.name} (real architecture, random bfloat16 weights) to {out}")
+    else:
+        tiny.build(args.name, out)
+        print(f"wrote tiny {args.name} pipeline to {out}")
 
 
 def _cache(args) -> None:
@@ -295,14 +299,14 @@ def parser() -> argparse.ArgumentParser:
 
     sp = sub.add_parser("bench-speed", help="time a student and its teacher side by side (or, with --train, a "
                         "training step of every method)")
-    sp.add_argument("run", help="a run folder or checkpoint")
+    sp.add_argument("run", help="a run folder or checkpoint; with --train also a config YAML")
     sp.add_argument("--steps", type=STEPS, nargs="+", default=[1, 2, 4], help="student steps")
     sp.add_argument("--teacher-steps", type=STEPS, default=50)
     sp.add_argument("--teacher-guidance", type=_guidance, default=5.0, help="the teacher's CFG scale")
     sp.add_argument("--batch-size", type=POSITIVE, default=10,
                     help="images per call (prompts cycle through the digits)")
-    sp.add_argument("--repeats", type=POSITIVE, default=10, help="timed rounds, at least 10: median and IQR, "
-                    "configurations interleaved round-robin")
+    sp.add_argument("--repeats", type=POSITIVE, default=10, help="timed rounds, at least 10 (5 with "
+                    "--train): median and IQR; sampling configurations interleaved round-robin")
     sp.add_argument("--threads", type=POSITIVE, help="torch threads while measuring (default: torch's current "
                     "setting); recorded with the figures")
     sp.add_argument("--compile", action="store_true", help="also time with torch.compile")
@@ -310,12 +314,16 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--fuse-qkv", action="store_true", help="fused QKV projections (a LoRA is fused first)")
     sp.add_argument("--amp", choices=["bf16", "fp16"], help="autocast on GPU")
     sp.add_argument("--train", action="store_true", help="time a training step of each method instead")
+    sp.add_argument("--methods", nargs="+", help="with --train: time only these methods (and denoise, the unit)")
+    sp.add_argument("--profile", type=POSITIVE, default=0, metavar="N",
+                    help="with --train: also list each method's N operators with the most self time in one step")
     sp.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"))
     sp.add_argument("--out", help="also write the result as Markdown here")
     sp.set_defaults(func=_bench_speed)
 
-    m = sub.add_parser("make-teacher", help="build a tiny random teacher pipeline offline (tests, demos)")
-    m.add_argument("name", choices=["tiny-sdxl", "tiny-sd3"])
+    m = sub.add_parser("make-teacher", help="build a random teacher pipeline offline: tiny (tests, demos) or a real "
+                       "architecture (speed benchmarks; sdxl-base-arch is 7 GB)")
+    m.add_argument("name", choices=["tiny-sdxl", "tiny-sd3", "sdxl-base-arch", "sd3-medium-arch"])
     m.add_argument("out")
     m.set_defaults(func=_make_teacher)
 

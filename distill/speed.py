@@ -19,8 +19,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import math
+import re
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -29,7 +32,7 @@ from distill.errors import DistillError
 
 AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_REPEATS = 10  # fewer timed rounds give a median and IQR too noisy to compare on a shared machine
-TRAIN_METHODS = ["denoise", "consistency", "progressive", "add", "ladd"]  # denoise first: the unit of cost
+MIN_TRAIN_REPEATS = 5  # training steps last long enough (seconds at real size) for five to give a median
 
 
 def fast_path(method, compile: bool = False, channels_last: bool = False, fuse_qkv: bool = False) -> list[str]:
@@ -201,64 +204,143 @@ def timed_costs(method, prompts: list[str], steps: list[int], guidance: float, t
 
 # --- training ----------------------------------------------------------------------------------------------
 
-def train_stepper(cfg, compile: bool = False):
-    """A call that runs one full training step (every turn: loss, backward, optimiser step) of cfg's method on
-    a fixed batch; the noise differs per call, as in training."""
+def train_stepper(method, cfg, compile: bool = False):
+    """A call that runs one full training step (every turn: loss, backward, clipping, optimiser step) of a built
+    method on a fixed batch, as the trainer does; the noise differs per call, as in training."""
     from distill import data
-    from distill.trainer import build_method, encode_batch, select_turn, step_generator
+    from distill.trainer import encode_batch, select_turn, step_generator
 
-    method = build_method(cfg, "cuda" if torch.cuda.is_available() else "cpu").train()
+    method.train()
     fast_path(method, compile=compile)
     dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, cfg.train.seed)
     raw = data.collate([dataset[i] for i in range(cfg.data.batch_size)])
     params = {turn: method.parameters_for(turn) for turn in method.turns}
     optimizers = {turn: torch.optim.AdamW(p, lr=1e-6) for turn, p in params.items()}
-    amp = None if cfg.train.mixed_precision == "no" else cfg.train.mixed_precision
+    device = method.teacher.device
+    amp = None if cfg.train.mixed_precision == "no" else AUTOCAST[cfg.train.mixed_precision]
     calls = iter(range(10**9))
 
     def step():
         k = next(calls)
         for i, turn in enumerate(method.turns):
             select_turn(params, turn)
-            with autocast(method.teacher.device, amp):
+            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):  # the trainer's mixed precision
                 loss = method(encode_batch(raw, method.teacher, step_generator(cfg.train.seed, k, 0, i)), turn).loss
             loss.backward()
+            torch.nn.utils.clip_grad_norm_(params[turn], cfg.train.max_grad_norm or math.inf)
             optimizers[turn].step()
             optimizers[turn].zero_grad(set_to_none=True)
         select_turn(params, None)
     return step
 
 
+@contextlib.contextmanager
+def peak_memory(device):
+    """{"mb": peak memory of what runs inside}: CUDA's allocator peak, or on CPU the process's resident-set
+    high-water mark (Linux VmHWM), both reset on entry, so each measurement is its own."""
+    out, device = {}, torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
+    yield out
+    if device.type == "cuda":
+        out["mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    else:
+        out["mb"] = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text())[1]) / 1024
+
+
+def ratio_interval(top: list[float], bottom: list[float], resamples: int = 2000, seed: int = 0) -> tuple:
+    """The ratio of two medians and its 95% percentile-bootstrap interval, each sample resampled on its own
+    (the two were timed one after the other, not in pairs)."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.tensor(top), torch.tensor(bottom)
+    boot = (a[torch.randint(len(a), (resamples, len(a)), generator=g)].median(1).values
+            / b[torch.randint(len(b), (resamples, len(b)), generator=g)].median(1).values)
+    lo, hi = torch.quantile(boot.double(), torch.tensor([0.025, 0.975], dtype=torch.double)).tolist()
+    return a.median().item() / b.median().item(), lo, hi
+
+
 def _method_config(cfg, name: str, batch_size: int):
-    """cfg with another method on the same teacher and student kind, trained on digits at `batch_size`."""
+    """cfg with another method on the same teacher and student, trained on digits at `batch_size`."""
     from distill import config
 
     params = {"add": {"feature_net": "vit_tiny_patch16_224", "feature_size": 32}}.get(name, {})
     return dataclasses.replace(cfg, method=config.MethodConfig(name, params),
-                               student=dataclasses.replace(cfg.student, guidance_embedding=False),
                                data=dataclasses.replace(cfg.data, kind="digits", batch_size=batch_size))
 
 
-def training_rows(cfg, batch_size: int, repeats: int, compile: bool, warmup: int = 2) -> list[dict]:
-    """Every method's training step, eager (and compiled), all built first and timed interleaved."""
-    steps = {}
-    for name in TRAIN_METHODS:
-        steps[name, "eager"] = train_stepper(_method_config(cfg, name, batch_size))
-        if compile:
-            steps[name, "compiled"] = train_stepper(_method_config(cfg, name, batch_size), compile=True)
-    times = interleaved(steps, repeats, warmup)
-    unit = times[TRAIN_METHODS[0], "eager"]
+def train_methods(cfg, batch_size: int, only: list[str] | None = None) -> tuple[dict, list[str]]:
+    """{name: config} of every registered method (or those in `only`) that trains cfg's student, denoise (the unit
+    of cost) always first, and one line per method that does not train it, with its reason."""
+    from distill.config import ConfigError
+    from distill.methods import METHODS
+
+    unknown = sorted(set(only or []) - set(METHODS))
+    if unknown:
+        raise DistillError(f"--methods {' '.join(unknown)}: no such method; choose from {', '.join(METHODS)}")
+    chosen, skipped = {}, []
+    for name in ["denoise"] + [m for m in METHODS if m != "denoise" and (not only or m in only)]:
+        mcfg = _method_config(cfg, name, batch_size)
+        try:
+            METHODS[name].check_config(mcfg)
+        except ConfigError as e:
+            skipped.append(f"{name}: {e}")
+            continue
+        chosen[name] = mcfg
+    return chosen, skipped
+
+
+def top_ops(fn, rows: int) -> str:
+    """The profiler's table of the `rows` operators with the most self time in one call of `fn`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = torch.cuda.is_available()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        fn()
+    return prof.key_averages().table(sort_by="self_cuda_time_total" if cuda else "self_cpu_time_total",
+                                     row_limit=rows)
+
+
+def training_rows(cfg, batch_size: int, repeats: int, compile: bool, warmup: int = 2,
+                  methods: list[str] | None = None, profile: int = 0) -> tuple[list[dict], list, dict]:
+    """Every method's training step on one loaded teacher, one method at a time: its student is built (a LoRA is
+    put on the teacher's backbone), warmed up, timed `repeats` times with its peak memory, and taken off again.
+    A real-size teacher leaves room for one student at a time, so the methods are not interleaved. With `profile`,
+    also {method: its top `profile` operators by self time in one more, untimed step}."""
+    import teachers
+    from distill.trainer import build_method
+
+    chosen, skipped = train_methods(cfg, batch_size, methods)
+    teacher = teachers.load(cfg.teacher, "cuda" if torch.cuda.is_available() else "cpu")
+    times, peaks, profiles = {}, {}, {}
+    for mode in ["eager", "compiled"][:1 + compile]:  # compiling is in place: the teacher stays compiled after
+        for name, mcfg in chosen.items():
+            method = build_method(mcfg, teacher.device, teacher)
+            step = train_stepper(method, mcfg, compile=mode == "compiled")
+            with peak_memory(teacher.device) as peak:
+                times[name, mode] = interleaved({name: step}, repeats, warmup)[name]
+            peaks[name, mode] = peak["mb"]
+            if profile and mode == "eager":
+                profiles[name] = top_ops(step, profile)
+            del method, step
+            students.fuse_lora(teacher.backbone, merge=False)  # the bare teacher for the next method
+            gc.collect()
     rows = []
-    for name in TRAIN_METHODS:
+    for name in chosen:
         eager = times[name, "eager"]
         row = dict(zip(["method", "eager_ms", "eager_iqr"], [name, *median_iqr(eager)]))
-        row["vs_fine_tune"], row["vs_fine_tune_iqr"] = ratio(eager, unit)
+        unit = times["denoise", "eager"]
+        row["vs_fine_tune"], lo, hi = (1.0, 1.0, 1.0) if name == "denoise" else ratio_interval(eager, unit)
+        row["vs_fine_tune_95ci"] = f"[{lo:.3g}, {hi:.3g}]"
+        row["peak_mb"] = peaks[name, "eager"]
+        row["peak_vs_fine_tune"] = peaks[name, "eager"] / peaks["denoise", "eager"]
         if compile:
             compiled = times[name, "compiled"]
             row["compiled_ms"], row["compiled_iqr"] = median_iqr(compiled)
-            row["compile_speedup"], _ = ratio(eager, compiled)
+            row["compile_speedup"], _, _ = ratio_interval(eager, compiled)
         rows.append(row)
-    return rows
+    return rows, skipped, profiles
 
 
 # --- the command -------------------------------------------------------------------------------------------
@@ -283,33 +365,54 @@ def check_args(steps: list[int], teacher_steps: int, batch_size: int, repeats: i
 
 def bench(run, steps: list[int], teacher_steps: int, teacher_guidance: float, batch_size: int, repeats: int,
           flags: dict, amp: str | None, train: bool, db, threads: int | None = None, warmup: int = 2,
-          min_repeats: int = MIN_REPEATS) -> str:
-    """`distill bench-speed`: Markdown with the measurements; sampling rows also go to the leaderboard.
+          min_repeats: int | None = None, methods: list[str] | None = None, profile: int = 0) -> str:
+    """`distill bench-speed`: Markdown with the measurements; sampling rows also go to the leaderboard. `run`: a run
+    folder or checkpoint; with `train`, also a config YAML (only its teacher, student and train settings count).
     `min_repeats` exists for tests, which need no statistics, only the plumbing."""
+    from distill import checkpoint, config
     from distill.evaluate import load_run
 
+    if min_repeats is None:
+        min_repeats = MIN_TRAIN_REPEATS if train else MIN_REPEATS
     check_args(steps, teacher_steps, batch_size, repeats, threads, min_repeats)
     check_count("warmup", warmup, 1)
+    shown = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v] + (["--train"] if train else [])
     with pinned_threads(threads) as n:
-        ckpt, cfg, method, step = load_run(run)
-        shown = [f"--{k.replace('_', '-')}" for k, v in flags.items() if v] + (["--train"] if train else [])
-        lines = [f"# distill bench-speed {run} {' '.join(shown)}".rstrip(), "",
-                 f"device: {device_name(method.teacher.device)} ({n} threads), torch {torch.__version__}; batch "
-                 f"{batch_size}, {cfg.teacher.resolution} px; median and IQR of {repeats} rounds after {warmup} "
-                 "warm-up calls, configurations interleaved round-robin in this one process", ""]
         if train:
-            return "\n".join(lines + _training_report(cfg, batch_size, repeats, flags.get("compile"), warmup))
+            path = Path(run)
+            cfg = config.load(path if path.suffix in (".yaml", ".yml") and path.is_file() else
+                              checkpoint.find(path, str(run)) / "config.yaml", for_training=False)
+            device, order = "cuda" if torch.cuda.is_available() else "cpu", "one method after another"
+        else:
+            ckpt, cfg, method, step = load_run(run)
+            device, order = method.teacher.device, "configurations interleaved round-robin"
+        lines = [f"# distill bench-speed {run} {' '.join(shown)}".rstrip(), "",
+                 f"device: {device_name(device)} ({n} threads), torch {torch.__version__}; batch {batch_size}, "
+                 f"{cfg.teacher.resolution} px; median and IQR of {repeats} rounds after {warmup} warm-up "
+                 f"calls, {order}, in this one process", ""]
+        if train:
+            return "\n".join(lines + _training_report(cfg, batch_size, repeats, flags.get("compile"), warmup, methods,
+                                                       profile))
         return "\n".join(lines + _sampling_report(run, cfg, method, step, steps, teacher_steps, teacher_guidance,
                                                   batch_size, repeats, flags, amp, db, warmup, n))
 
 
-def _training_report(cfg, batch_size, repeats, compile, warmup) -> list[str]:
-    rows = training_rows(cfg, batch_size, repeats, bool(compile), warmup)
-    cols = ["method", "eager_ms", "eager_iqr", "vs_fine_tune", "vs_fine_tune_iqr"]
+def _training_report(cfg, batch_size, repeats, compile, warmup, methods, profile) -> list[str]:
+    rows, skipped, profiles = training_rows(cfg, batch_size, repeats, bool(compile), warmup, methods, profile)
+    cols = ["method", "eager_ms", "eager_iqr", "vs_fine_tune", "vs_fine_tune_95ci", "peak_mb", "peak_vs_fine_tune"]
     cols += ["compiled_ms", "compiled_iqr", "compile_speedup"] if compile else []
-    return [f"Training step (all turns) in ms, {cfg.student.kind} student; `vs_fine_tune`: the eager step over a "
-            "plain denoising fine-tune step (`denoise`) of the same backbone, the median of per-round ratios; "
-            "`*_iqr`: interquartile ranges.", "", markdown(rows, cols)]
+    s = cfg.student
+    student = f"LoRA rank {s.lora_rank}" if s.kind == "lora" else "full"
+    return [f"Training step (all turns, as the trainer runs them) in ms: {student} student, teacher "
+            f"{cfg.teacher.source} in {cfg.teacher.dtype}, gradient checkpointing "
+            f"{'on' if s.gradient_checkpointing else 'off'}, mixed precision {cfg.train.mixed_precision}. "
+            "`vs_fine_tune`: the method's median step over the median step of a plain denoising fine-tune "
+            "(`denoise`) of the same student, with a 95% bootstrap interval; `eager_iqr`: interquartile range; "
+            "`peak_mb`: peak memory while the method's steps ran (GPU: allocated; CPU: the process's resident set, "
+            "teacher included), and its ratio to the fine-tune's.", "", markdown(rows, cols)] + (
+        ["Not timed (they do not train this student):", "", *[f"- {line}" for line in skipped], ""] if skipped else []
+    ) + [line for name, table in profiles.items()
+         for line in [f"## Top operators by self time, one `{name}` step (torch.profiler)", "", "```", table, "```", ""]]
 
 
 def _sampling_report(run, cfg, method, step, steps, teacher_steps, teacher_guidance, batch_size, repeats, flags,

@@ -46,9 +46,10 @@ def select_turn(turn_params: dict[str, list], turn: str | None) -> None:
             p.requires_grad_(turn is None or other == turn)
 
 
-def build_method(cfg: Config, device) -> Method:
+def build_method(cfg: Config, device, teacher=None) -> Method:
+    """cfg's method on its teacher (loaded here unless given: a bare, already loaded teacher of cfg.teacher)."""
     set_seed(cfg.train.seed)  # adapters and heads start identical on every rank and every run
-    teacher = teachers.load(cfg.teacher, device)
+    teacher = teachers.load(cfg.teacher, device) if teacher is None else teacher
     student = students.build(teacher, cfg.student).to(device)
     if cfg.student.init_from:
         source = Path(cfg.student.init_from)

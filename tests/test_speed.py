@@ -65,11 +65,32 @@ def test_bench_speed_reports_side_by_side_and_fills_cost_columns(run, tmp_path):
 
 
 def test_bench_speed_train_times_every_method_beside_a_fine_tune(run, tmp_path):
-    text = speed.bench(run, [1], 1, 5.0, 2, 1, {}, None, True, tmp_path / "b.sqlite", warmup=1, min_repeats=1)
-    table = {line.split("|")[1].strip(): line for line in text.splitlines() if line.startswith("| ")}
-    assert {"denoise", "consistency", "progressive", "add", "ladd"} <= set(table)
-    assert "vs_fine_tune_iqr" in table["method"]
-    assert table["denoise"].split("|")[4].strip() == "1"  # the fine-tune is the unit
+    # A config YAML works as well as a run folder (a real-size teacher has no run yet); one teacher serves all.
+    text = speed.bench(run / "config.yaml", [1], 1, 5.0, 2, 2, {}, None, True, tmp_path / "b.sqlite", warmup=1,
+                       min_repeats=1)
+    table = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")}
+    assert set(table) == {"method", "denoise", "consistency", "progressive", "add", "ladd", "dmd2"}
+    assert "- guidance: config field 'student.guidance_embedding' has bad value False" in text  # said why
+    head = [c.strip() for c in table["method"]]
+    assert table["denoise"][head.index("vs_fine_tune")].strip() == "1"  # the fine-tune is the unit
+    assert table["denoise"][head.index("vs_fine_tune_95ci")].strip() == "[1, 1]"
+    peaks = {name: float(row[head.index("peak_mb")]) for name, row in table.items() if name != "method"}
+    assert all(p > 0 for p in peaks.values()), peaks
+    assert float(table["consistency"][head.index("vs_fine_tune")]) > 0
+
+
+def test_peak_memory_is_each_measurements_own():
+    with speed.peak_memory("cpu") as big:
+        x = torch.ones(64 * 2**20, dtype=torch.uint8) + 1  # 128 MB touched
+    del x
+    with speed.peak_memory("cpu") as small:
+        torch.ones(1)
+    assert big["mb"] - small["mb"] > 100
+
+
+def test_ratio_interval_brackets_the_ratio_of_medians():
+    ratio, lo, hi = speed.ratio_interval([2.0, 2.2, 1.8, 2.1, 1.9], [1.0, 1.1, 0.9, 1.0, 1.0])
+    assert ratio == 2.0 and 1.6 < lo <= ratio <= hi < 2.5
 
 
 @pytest.mark.parametrize("flag, value", [("--repeats", 0), ("--repeats", 9), ("--steps", 0),
