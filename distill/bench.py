@@ -26,8 +26,9 @@ import torch
 
 from distill import config, data, leaderboard, speed
 from distill.config import ConfigError, coerce_params
-from distill.evaluate import Scoring, evaluate, load_run, sample_images, write_grid
-from distill.trainer import build_method, train
+from distill.evaluate import Scoring, evaluate, sample_images, write_grid
+from distill.runs import build_method, default_device, load_run
+from distill.trainer import train
 
 BASELINE_STEPS = [50, 25, 8, 4, 2, 1]
 
@@ -240,7 +241,7 @@ class _Bench:
         if not todo:
             return
         self.log(f"teacher {t.source}: baselines at {todo} steps, CFG {t.guidance_scale}")
-        method = build_method(cfg, "cuda" if torch.cuda.is_available() else "cpu").eval()
+        method = build_method(cfg, default_device()).eval()
         label = "teacher-" + t.source.replace("builtin:", "").replace("/", "_")
         cost = self.time(method, t.source, todo, t.guidance_scale, True)
         for s in todo:

@@ -71,27 +71,21 @@ def _generate(args) -> None:
     import torch
     from tqdm.auto import tqdm
 
-    from distill import checkpoint, config, data, paths, speed
+    from distill import data, fastpath, paths
+    from distill.runs import load_run
     from distill.sampling import ddim_sample, to_pil
-    from distill.trainer import build_method
 
     if not Path(args.run).is_dir():
         raise DistillError(f"{args.run} is neither a run folder nor a checkpoint folder")
     out = paths.check_writable(Path(args.out), "--out")
-    ckpt = checkpoint.find(Path(args.run), args.run)
-    cfg = config.load(ckpt / "config.yaml", args.overrides, for_training=False)
     prompts = list(args.prompt or []) + (data.read_prompts(Path(args.prompts)) if args.prompts else [])
     if not prompts:
         raise DistillError("give at least one --prompt or a --prompts file")
+    _, cfg, method, _ = load_run(Path(args.run), args.overrides)
     steps = args.steps or cfg.sample.steps
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    method = build_method(cfg, device)
-    weights, _, _ = checkpoint.load(ckpt)
-    method.load_saved(weights)
-    method.eval()
     if args.fuse_qkv and args.teacher and method.student.kind == "lora":
         raise DistillError("--fuse-qkv folds the LoRA into the backbone, so the teacher is gone; drop --teacher or --fuse-qkv")
-    done = speed.fast_path(method, args.compile, args.channels_last, args.fuse_qkv)
+    done = fastpath.fast_path(method, args.compile, args.channels_last, args.fuse_qkv)
     if done:
         print(f"fast path: {', '.join(done)}" + (" (the first batch compiles)" if args.compile else ""))
     teacher = method.teacher
@@ -102,7 +96,7 @@ def _generate(args) -> None:
     guidance = args.guidance_scale if args.guidance_scale is not None else cfg.sample.guidance_scale
     jobs = [p for p in prompts for _ in range(args.num_per_prompt)]
     written = 0
-    with torch.no_grad(), speed.autocast(teacher.device, args.amp):
+    with torch.no_grad(), fastpath.autocast(teacher.device, args.amp):
         for lo in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch"):
             batch = jobs[lo:lo + args.batch_size]
             cond = teacher.encode_prompts(batch)
@@ -119,7 +113,8 @@ def _generate(args) -> None:
 
 def _eval(args) -> None:
     from distill import data, leaderboard, paths
-    from distill.evaluate import Scoring, evaluate, load_run, protocol, write_grid
+    from distill.evaluate import Scoring, evaluate, protocol, write_grid
+    from distill.runs import load_run
 
     if args.out:
         paths.check_writable(Path(args.out), "--out")

@@ -17,12 +17,11 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distill import checkpoint, config, metrics
+from distill import metrics
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods.base import Method
 from distill.sampling import ddim_sample, to_pil
-from distill.trainer import build_method
 
 DIGIT = re.compile(r"digit (\d)\b")
 
@@ -125,18 +124,6 @@ def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> d
             "teacher_reference_steps": ref_steps or None,
             "teacher_reference_guidance": ref_guidance if ref_steps else None,
             "guidance": guidance, "sampler": "teacher DDIM" if teacher else f"{cfg.method.name} student"}
-
-
-def load_run(run: Path) -> tuple[Path, Config, Method, int]:
-    """A run folder or checkpoint, loaded for sampling: (checkpoint, config, method, training step)."""
-    ckpt = checkpoint.find(Path(run), str(run))
-    cfg = config.load(ckpt / "config.yaml", for_training=False)
-    method = build_method(cfg, "cuda" if torch.cuda.is_available() else "cpu")
-    weights, _, state = checkpoint.load(ckpt)
-    method.load_saved(weights)
-    method.resume_at(state["step"])
-    method.eval()
-    return ckpt, cfg, method, state["step"]
 
 
 def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance: float | None = None,

@@ -30,7 +30,8 @@ from safetensors.torch import save_file
 import students
 from distill import checkpoint, data, leaderboard, paths
 from distill.errors import DistillError
-from distill.evaluate import git_commit, load_run, sample_images, write_grid
+from distill.evaluate import git_commit, sample_images, write_grid
+from distill.runs import load_run
 from distill.sampling import diffusers_sampling
 
 FORMATS = ("lora", "kohya", "merged", "single-file")

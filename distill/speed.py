@@ -1,18 +1,11 @@
-"""Fast sampling and training, and `distill bench-speed`, which measures it side by side in one process.
-
-Fast path (each optional, each measured by bench-speed):
-- `torch.compile` of the backbone in place (nn.Module.compile: same parameters, same state-dict names). The
-  first call compiles (over a minute for a tiny UNet on CPU, minutes for SDXL on GPU); compiled kernels are
-  cached in TORCHINDUCTOR_CACHE_DIR (default /tmp/torchinductor_$USER), so later processes start warm.
-- channels-last memory format (UNets: convolutions).
-- fused QKV projections (diffusers' `fuse_qkv_projections`); a LoRA is folded into the backbone first.
-- bf16/fp16 autocast on GPU.
-- scaled-dot-product attention is diffusers' default processor; `sdpa_ops` shows which kernel ran.
+"""`distill bench-speed`: the fast path (distill.fastpath) and every method's training step, measured side by side
+in one process.
 
 Timing (`interleaved`): every configuration gets warm-up calls first, then the configurations are timed
 round-robin (a, b, c, b, c, a, ...) for `repeats` rounds and each reports its median and interquartile range.
 Ratios (speed-ups, cost against a fine-tune step) are medians of per-round ratios, so both sides of a ratio
-were measured seconds apart under the same load.
+were measured seconds apart under the same load. Training steps are timed one method after another (see
+training_rows).
 """
 from __future__ import annotations
 
@@ -29,57 +22,10 @@ import torch
 
 import students
 from distill.errors import DistillError
+from distill.fastpath import AUTOCAST, attention_processors, autocast, fast_path, sdpa_ops
 
-AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
 MIN_REPEATS = 10  # fewer timed rounds give a median and IQR too noisy to compare on a shared machine
 MIN_TRAIN_REPEATS = 5  # training steps last long enough (seconds at real size) for five to give a median
-
-
-def fast_path(method, compile: bool = False, channels_last: bool = False, fuse_qkv: bool = False) -> list[str]:
-    """Apply the chosen optimisations to the student's (and teacher's) backbone; returns what was done."""
-    done = []
-    backbones = [method.student.backbone]
-    if method.teacher.backbone is not method.student.backbone:
-        backbones.append(method.teacher.backbone)
-    if fuse_qkv:
-        if method.student.kind == "lora":
-            students.fuse_lora(method.student.backbone)  # the LoRA is now the backbone: the teacher is gone
-            done.append("LoRA fused")
-        fused = [b for b in backbones if hasattr(b, "fuse_qkv_projections")]
-        for b in fused:
-            b.fuse_qkv_projections()
-        done.append(f"fused QKV in {len(fused)} backbone(s)")
-    if channels_last:
-        for b in backbones:
-            b.to(memory_format=torch.channels_last)
-        done.append("channels-last")
-    if compile:
-        for b in backbones:
-            b.compile()
-        done.append("torch.compile")
-    return done
-
-
-def autocast(device: torch.device, dtype: str | None):
-    if dtype is None or torch.device(device).type != "cuda":
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=AUTOCAST[dtype])
-
-
-def attention_processors(backbone) -> list[str]:
-    procs = getattr(backbone, "attn_processors", {})
-    return sorted({type(p).__name__ for p in procs.values()})
-
-
-def sdpa_ops(fn) -> list[str]:
-    """The scaled-dot-product-attention kernels (aten ops) that one call of `fn` ran, from the profiler:
-    e.g. _scaled_dot_product_flash_attention (GPU), _efficient_attention, _flash_attention_for_cpu."""
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=activities) as prof:
-        fn()
-    return sorted({e.key for e in prof.key_averages() if "scaled_dot_product" in e.key and e.key.startswith("aten::_")})
 
 
 # --- measuring ---------------------------------------------------------------------------------------------
@@ -309,10 +255,10 @@ def training_rows(cfg, batch_size: int, repeats: int, compile: bool, warmup: int
     A real-size teacher leaves room for one student at a time, so the methods are not interleaved. With `profile`,
     also {method: its top `profile` operators by self time in one more, untimed step}."""
     import teachers
-    from distill.trainer import build_method
+    from distill.runs import build_method, default_device
 
     chosen, skipped = train_methods(cfg, batch_size, methods)
-    teacher = teachers.load(cfg.teacher, "cuda" if torch.cuda.is_available() else "cpu")
+    teacher = teachers.load(cfg.teacher, default_device())
     times, peaks, profiles = {}, {}, {}
     for mode in ["eager", "compiled"][:1 + compile]:  # compiling is in place: the teacher stays compiled after
         for name, mcfg in chosen.items():
@@ -370,7 +316,7 @@ def bench(run, steps: list[int], teacher_steps: int, teacher_guidance: float, ba
     folder or checkpoint; with `train`, also a config YAML (only its teacher, student and train settings count).
     `min_repeats` exists for tests, which need no statistics, only the plumbing."""
     from distill import checkpoint, config
-    from distill.evaluate import load_run
+    from distill.runs import default_device, load_run
 
     if min_repeats is None:
         min_repeats = MIN_TRAIN_REPEATS if train else MIN_REPEATS
@@ -382,7 +328,7 @@ def bench(run, steps: list[int], teacher_steps: int, teacher_guidance: float, ba
             path = Path(run)
             cfg = config.load(path if path.suffix in (".yaml", ".yml") and path.is_file() else
                               checkpoint.find(path, str(run)) / "config.yaml", for_training=False)
-            device, order = "cuda" if torch.cuda.is_available() else "cpu", "one method after another"
+            device, order = default_device(), "one method after another"
         else:
             ckpt, cfg, method, step = load_run(run)
             device, order = method.teacher.device, "configurations interleaved round-robin"
@@ -427,7 +373,7 @@ def _sampling_report(run, cfg, method, step, steps, teacher_steps, teacher_guida
     jobs = {("teacher", teacher_steps): sampler(method, prompts, teacher_steps, teacher_guidance, True, amp=amp)}
     jobs.update({("student", s): sampler(method, prompts, s, guidance, False, amp=amp) for s in steps})
     if any(flags.values()):  # a second copy of the student with the fast path, timed in the same rounds
-        from distill.evaluate import load_run
+        from distill.runs import load_run
 
         fast = load_run(run)[2]
         lines.append(f"fast path: {', '.join(fast_path(fast, **flags))}")

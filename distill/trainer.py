@@ -17,16 +17,16 @@ import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType, ProjectConfiguration
 from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 import students
-import teachers
-from distill import checkpoint, config, data, paths, sharding, speed
+from distill import checkpoint, config, data, fastpath, paths, sharding
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods import METHODS, Method
+from distill.runs import build_method
 from distill.sampling import student_folder_sampling
 from teachers.base import Cond
 
@@ -44,26 +44,6 @@ def select_turn(turn_params: dict[str, list], turn: str | None) -> None:
     for other, params in turn_params.items():
         for p in params:
             p.requires_grad_(turn is None or other == turn)
-
-
-def build_method(cfg: Config, device, teacher=None) -> Method:
-    """cfg's method on its teacher (loaded here unless given: a bare, already loaded teacher of cfg.teacher)."""
-    set_seed(cfg.train.seed)  # adapters and heads start identical on every rank and every run
-    teacher = teachers.load(cfg.teacher, device) if teacher is None else teacher
-    student = students.build(teacher, cfg.student).to(device)
-    if cfg.student.init_from:
-        source = Path(cfg.student.init_from)
-        weights, _, state = checkpoint.load(checkpoint.find(source, str(source)))
-        if (state["teacher"], state["student"]) != (cfg.teacher.source, cfg.student.kind):
-            raise DistillError(f"student.init_from {source} holds a {state['student']} student of {state['teacher']}, "
-                               f"not a {cfg.student.kind} student of {cfg.teacher.source}")
-        try:
-            student.load_saved({k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")})
-        except RuntimeError as e:
-            raise DistillError(f"student.init_from {source} does not fit this student (is student.guidance_embedding "
-                               f"the same?): {str(e).splitlines()[0]}") from e
-    method_cls = METHODS[cfg.method.name]
-    return method_cls(teacher, student, method_cls.parse_params(cfg.method.params))
 
 
 @torch.no_grad()
@@ -141,11 +121,11 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
     method = build_method(cfg, accelerator.device)
     if accelerator.is_main_process and accelerator.device.type == "cuda" and hasattr(method.teacher, "pipe"):
         x, cond = method.teacher.probe()  # which attention kernel the backbone runs, seen by the profiler
-        kernels = speed.sdpa_ops(lambda: method.teacher.predict(x, method.teacher.timesteps(1)[0], cond))
-        print(f"attention: {', '.join(speed.attention_processors(method.teacher.backbone))}; SDPA kernels: "
+        kernels = fastpath.sdpa_ops(lambda: method.teacher.predict(x, method.teacher.timesteps(1)[0], cond))
+        print(f"attention: {', '.join(fastpath.attention_processors(method.teacher.backbone))}; SDPA kernels: "
               f"{', '.join(kernels) or 'none'}")
     if tc.compile:
-        speed.fast_path(method, compile=True)
+        fastpath.fast_path(method, compile=True)
     dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, tc.seed)
     if method.needs_latents and not ({"image", "latents"} & dataset.provides):
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="

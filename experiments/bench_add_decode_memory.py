@@ -5,7 +5,6 @@ fresh process per case, measures peak RSS of decode -> sum -> backward against a
 same size. Run: python experiments/bench_add_decode_memory.py [pixels ...]
 """
 import json
-import resource
 import subprocess
 import sys
 

@@ -22,7 +22,8 @@ CASES = {
 STEP = r"""
 import json, resource, sys, torch
 from distill import config, data
-from distill.trainer import build_method, encode_batch, select_turn, step_generator
+from distill.runs import build_method
+from distill.trainer import encode_batch, select_turn, step_generator
 torch.set_num_threads(2)
 teacher, method, resolution, batch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 cfg = config.parse({"teacher": {"source": teacher, "resolution": resolution},

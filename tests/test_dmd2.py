@@ -8,7 +8,8 @@ import torch
 from distill import config, data
 import students
 from students import checkpoint_with_adapter_state
-from distill.trainer import build_method, encode_batch, select_turn, step_generator, train
+from distill.runs import build_method
+from distill.trainer import encode_batch, select_turn, step_generator, train
 from test_faithful_methods import tiny_cfg
 
 DMD2 = {"method.name": "dmd2", "method.params": "{student_steps: 2}"}

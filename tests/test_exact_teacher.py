@@ -4,7 +4,8 @@ import torch
 
 from distill import checkpoint, config
 from distill.sampling import ddim_sample
-from distill.trainer import build_method, train
+from distill.runs import build_method
+from distill.trainer import train
 from teachers.gmm import GMMTeacher, energy_distance
 
 

@@ -12,7 +12,8 @@ from diffusers import DiffusionPipeline
 import teachers
 from distill import config
 from distill.errors import DistillError
-from distill.evaluate import load_run, sample_images
+from distill.evaluate import sample_images
+from distill.runs import load_run
 from distill.export import export
 from distill.sampling import diffusers_sampling
 from distill.solvers import consistency_scalings

@@ -10,7 +10,8 @@ from distill import checkpoint, config, data
 from distill.errors import ConfigError
 from distill.methods import progressive as progressive_module
 from distill.schedules import flow_shift
-from distill.trainer import build_method, encode_batch, select_turn, step_generator, train
+from distill.runs import build_method
+from distill.trainer import encode_batch, select_turn, step_generator, train
 
 ADD_PARAMS = "{feature_net: vit_tiny_patch16_224, feature_size: 32}"
 

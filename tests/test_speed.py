@@ -10,9 +10,9 @@ from PIL import Image
 
 from distill import cli, config, speed
 from distill.errors import DistillError
-from distill.evaluate import load_run
+from distill.runs import load_run
 from distill.leaderboard import Leaderboard
-from distill.speed import fast_path
+from distill.fastpath import fast_path
 from distill.trainer import train
 
 

@@ -14,7 +14,8 @@ import teachers
 from distill import config
 from distill.config import TeacherConfig
 from distill.errors import ConfigError
-from distill.trainer import build_method, train
+from distill.runs import build_method
+from distill.trainer import train
 
 
 def tiny_cfg(tmp_path, source, **over):

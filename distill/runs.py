@@ -1,0 +1,53 @@
+"""What every command that samples, scores, exports or times a student needs: the device, a method built on its
+teacher, and a saved run loaded back. The trainer builds its method here too; this module imports no command."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate.utils import set_seed
+
+import students
+import teachers
+from distill import checkpoint, config
+from distill.config import Config
+from distill.errors import DistillError
+from distill.methods import METHODS, Method
+
+
+def default_device() -> str:
+    """Where a single-process command runs: the GPU if there is one."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def build_method(cfg: Config, device, teacher=None) -> Method:
+    """cfg's method on its teacher (loaded here unless given: a bare, already loaded teacher of cfg.teacher)."""
+    set_seed(cfg.train.seed)  # adapters and heads start identical on every rank and every run
+    teacher = teachers.load(cfg.teacher, device) if teacher is None else teacher
+    student = students.build(teacher, cfg.student).to(device)
+    if cfg.student.init_from:
+        source = Path(cfg.student.init_from)
+        weights, _, state = checkpoint.load(checkpoint.find(source, str(source)))
+        if (state["teacher"], state["student"]) != (cfg.teacher.source, cfg.student.kind):
+            raise DistillError(f"student.init_from {source} holds a {state['student']} student of {state['teacher']}, "
+                               f"not a {cfg.student.kind} student of {cfg.teacher.source}")
+        try:
+            student.load_saved({k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")})
+        except RuntimeError as e:
+            raise DistillError(f"student.init_from {source} does not fit this student (is student.guidance_embedding "
+                               f"the same?): {str(e).splitlines()[0]}") from e
+    method_cls = METHODS[cfg.method.name]
+    return method_cls(teacher, student, method_cls.parse_params(cfg.method.params))
+
+
+def load_run(run: Path, overrides: list[str] = ()) -> tuple[Path, Config, Method, int]:
+    """A run folder or checkpoint, loaded for sampling: (checkpoint, config, method, training step). `overrides`
+    (key=value) change the saved config, e.g. sample.steps."""
+    ckpt = checkpoint.find(Path(run), str(run))
+    cfg = config.load(ckpt / "config.yaml", overrides, for_training=False)
+    method = build_method(cfg, default_device())
+    weights, _, state = checkpoint.load(ckpt)
+    method.load_saved(weights)
+    method.resume_at(state["step"])
+    method.eval()
+    return ckpt, cfg, method, state["step"]
