@@ -18,13 +18,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from distill import config, data, leaderboard, speed
+from distill import config, data, leaderboard, paths, speed
 from distill.config import ConfigError, coerce_params
 from distill.evaluate import Scoring, evaluate, sample_images, write_grid
 from distill.runs import build_method, default_device, load_run
@@ -168,9 +167,7 @@ class _Done:
 
     def add(self, key: str) -> None:
         self.keys.add(key)
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(sorted(self.keys)))
-        os.replace(tmp, self.path)
+        paths.write_atomic(self.path, json.dumps(sorted(self.keys)))
 
 
 def _trained(cfg: config.Config) -> bool:

@@ -22,7 +22,13 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from distill import paths
 from distill.errors import DistillError
+
+
+def section(state: dict, prefix: str) -> dict:
+    """The entries of `state` whose names start with `prefix`, with it taken off (one module's part of a state)."""
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
 
 
 def _flatten_optimizer(sd: dict) -> tuple[dict[str, torch.Tensor], dict]:
@@ -139,9 +145,7 @@ def save(root: Path, step: int, weights: dict, optim_states: dict, schedulers: d
     _fsync_dir(tmp)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
-    latest_tmp = root / ".latest.tmp"
-    latest_tmp.write_text(final.name)
-    os.replace(latest_tmp, root / "latest")
+    paths.write_atomic(root / "latest", final.name)
     if keep > 0:
         for old in sorted(root.glob("step-*"))[:-keep]:
             if not (old / "MILESTONE").exists():

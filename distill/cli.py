@@ -158,9 +158,8 @@ def _bench_speed(args) -> None:
                        threads=args.threads, methods=args.methods, profile=args.profile)
     print(text)
     if args.out:
-        from distill.leaderboard import write_atomic
 
-        write_atomic(Path(args.out), text)
+        paths.write_atomic(Path(args.out), text)
         print(f"wrote {args.out}")
 
 

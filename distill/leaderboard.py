@@ -20,7 +20,7 @@ from pathlib import Path
 
 from distill.errors import DistillError
 from distill.leaderboard_view import (  # noqa: F401  (the views, re-exported for the commands)
-    INTERVALS, markdown, page, plot_quality_vs_nfe, table, write_atomic, write_reports)
+    INTERVALS, markdown, page, plot_quality_vs_nfe, table, write_reports)
 
 # Each entry upgrades the file from version i to i + 1. Append, never edit: files in the wild hold old versions.
 MIGRATIONS = [
@@ -289,4 +289,4 @@ def validate(row: dict) -> dict:
 
 
 __all__ = ["Leaderboard", "validate", "protocol_id", "table", "markdown", "page", "plot_quality_vs_nfe",
-           "write_atomic", "write_reports", "SCHEMA_VERSION", "MIGRATIONS"]
+           "write_reports", "SCHEMA_VERSION", "MIGRATIONS"]

@@ -12,9 +12,10 @@ import html
 import io
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from distill.paths import write_atomic
 
 REFERENCE_STEPS = 50  # the teacher row every other row is compared with
 METRICS = ("fid", "kid", "fid_teacher", "kid_teacher", "adherence", "ms_per_image", "peak_memory_mb", "clip_score",
@@ -537,17 +538,6 @@ def page(rows: list[dict], plot: bytes | None = None) -> str:
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>distill leaderboard</title><style>{STYLE}</style></head><body><h1>distill leaderboard</h1>"
             f"{''.join(sections)}</body></html>\n")
-
-
-def write_atomic(path: Path, text: str | bytes) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
 
 
 def write_reports(rows: list[dict], out: Path) -> tuple[Path, Path]:

@@ -31,3 +31,15 @@ def contains(outer: Path, inner: Path) -> bool:
     """Whether `outer` is `inner` or one of its ancestors, after resolving both (symlinks included)."""
     outer, inner = Path(outer).expanduser().resolve(), Path(inner).expanduser().resolve()
     return outer == inner or outer in inner.parents
+
+
+def write_atomic(path: Path, text: str | bytes) -> Path:
+    """Write a file whole or not at all: into a temporary file beside it, synced, then renamed over it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(text if isinstance(text, bytes) else text.encode())
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

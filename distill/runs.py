@@ -32,7 +32,7 @@ def build_method(cfg: Config, device, teacher=None) -> Method:
             raise DistillError(f"student.init_from {source} holds a {state['student']} student of {state['teacher']}, "
                                f"not a {cfg.student.kind} student of {cfg.teacher.source}")
         try:
-            student.load_saved({k.removeprefix("student."): v for k, v in weights.items() if k.startswith("student.")})
+            student.load_saved(checkpoint.section(weights, "student."))
         except RuntimeError as e:
             raise DistillError(f"student.init_from {source} does not fit this student (is student.guidance_embedding "
                                f"the same?): {str(e).splitlines()[0]}") from e

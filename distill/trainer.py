@@ -49,7 +49,7 @@ def select_turn(turn_params: dict[str, list], turn: str | None) -> None:
 @torch.no_grad()
 def encode_batch(raw: dict, teacher, generator: torch.Generator) -> dict:
     """Text to conditioning and images to latents with the frozen teacher, unless the cache has them."""
-    flat = {k.removeprefix("cond."): v for k, v in raw.items() if k.startswith("cond.")}
+    flat = checkpoint.section(raw, "cond.")
     cond = Cond.from_flat(flat).to(teacher.device) if flat else teacher.encode_prompts(raw["prompt"])
     batch = {"prompt": raw["prompt"], "cond": cond, "generator": generator}
     if "latents" in raw:

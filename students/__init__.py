@@ -19,6 +19,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
+from distill import checkpoint
 from distill.config import StudentConfig
 from distill.errors import DistillError
 from teachers.base import Teacher, adapter_layers, adapter_state, set_adapter_state
@@ -63,12 +64,11 @@ class Student(nn.Module):
 
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
         if self.kind == "lora":
-            lora = {k.removeprefix("lora."): v for k, v in state.items() if k.startswith("lora.")}
+            lora = checkpoint.section(state, "lora.")
             load_adapter_state_dict(self.backbone, STUDENT_ADAPTER, lora)
             return
-        pick = lambda pre: {k[len(pre):]: v for k, v in state.items() if k.startswith(pre)}  # noqa: E731
-        self.backbone.load_state_dict(pick("backbone."))
-        self.ema.load_state_dict(pick("ema."))
+        self.backbone.load_state_dict(checkpoint.section(state, "backbone."))
+        self.ema.load_state_dict(checkpoint.section(state, "ema."))
 
 
 def adapter_state_dict(backbone: nn.Module, name: str) -> dict[str, torch.Tensor]:

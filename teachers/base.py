@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from distill import checkpoint
 from distill.errors import DistillError
 from distill.solvers import bcast, cfg_combine, to_x0_eps
 
@@ -44,8 +45,7 @@ class Cond:
 
     @staticmethod
     def from_flat(flat: dict[str, torch.Tensor]) -> "Cond":
-        pick = lambda pre: {k[len(pre):]: v for k, v in flat.items() if k.startswith(pre)}  # noqa: E731
-        return Cond(pick("pos."), pick("neg."))
+        return Cond(checkpoint.section(flat, "pos."), checkpoint.section(flat, "neg."))
 
 
 def _cat(a: dict, b: dict) -> dict:

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from distill import checkpoint
 from distill.config import coerce_params
 from distill.errors import ConfigError
 from distill.sampling import ddim_sample
@@ -114,10 +115,10 @@ class Method(nn.Module):
         return state
 
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
-        self.student.load_saved({k.removeprefix("student."): v for k, v in state.items() if k.startswith("student.")})
+        self.student.load_saved(checkpoint.section(state, "student."))
         if getattr(self, "discriminator", None) is not None:
             self.discriminator.load_state_dict(
-                {k.removeprefix("discriminator."): v for k, v in state.items() if k.startswith("discriminator.")})
+                checkpoint.section(state, "discriminator."))
 
 
 def check_guidance_range(lo: float, hi: float) -> None:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 import students
 from discriminators.teacher_heads import TeacherHeads, capture
+from distill import checkpoint
 from distill.config import MAX_STEPS, ConfigError
 from distill.methods.base import Adversarial, LossOut, denoising_loss, family_times, randn
 from teachers.base import adapters_as
@@ -188,7 +189,7 @@ class DMD2(Adversarial):
 
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
         super().load_saved(state)
-        fake = {k.removeprefix("fake."): v for k, v in state.items() if k.startswith("fake.")}
+        fake = checkpoint.section(state, "fake.")
         if self.fake is None:
             students.load_adapter_state_dict(self.teacher.backbone, self.params.fake_adapter, fake)
         else:

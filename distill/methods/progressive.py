@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distill import checkpoint
 from distill.config import ConfigError
 from distill.errors import DistillError
 from distill.methods.base import LossOut, Method, check_guidance_range, randn, uniform
@@ -186,8 +187,8 @@ class Progressive(Method):
 
     def load_saved(self, state) -> None:
         super().load_saved(state)
-        full = {k.removeprefix("previous."): v for k, v in state.items() if k.startswith("previous.")}
-        lora = {k.removeprefix("previous_lora."): v for k, v in state.items() if k.startswith("previous_lora.")}
+        full = checkpoint.section(state, "previous.")
+        lora = checkpoint.section(state, "previous_lora.")
         if full:
             self._snapshot()
             self.previous.load_state_dict(full)
