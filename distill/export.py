@@ -72,12 +72,12 @@ def _check(student, teacher, formats: list[str]) -> None:
     unknown = [f for f in formats if f not in FORMATS]
     if unknown:
         raise DistillError(f"unknown export format '{unknown[0]}'; allowed: {', '.join(FORMATS)}")
-    if getattr(teacher, "backbone_name", None) is None:
+    if not teacher.is_pipeline:
         raise DistillError(f"a student of the {teacher.family} teacher has no diffusers pipeline to export to")
     if student.kind == "full" and {"lora", "kohya"} & set(formats):
         raise DistillError("this is a full student: it has no LoRA to export; use --format merged")
-    if "kohya" in formats and teacher.family != "sdxl":
-        raise DistillError(f"the kohya LoRA format is for the SDXL family, not {teacher.family}; "
+    if "kohya" in formats and "kohya" not in teacher.lora_formats:
+        raise DistillError(f"no kohya LoRA layout is known for the {teacher.family} family; "
                            "use --format lora (diffusers) or merged")
     if "single-file" in formats and not teacher.single_file:
         raise DistillError(f"no single-file layout is known for the {teacher.family} family; use --format merged "
@@ -113,7 +113,7 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
     checkpoint.require_finite(method.state_to_save(), f"checkpoint {ckpt} cannot be exported")
     student, teacher = method.student, method.teacher
     if formats is None:
-        formats = ["merged"] if student.kind == "full" else ["lora"] + (["kohya"] if teacher.family == "sdxl" else [])
+        formats = ["merged"] if student.kind == "full" else list(teacher.lora_formats)
     _check(student, teacher, formats)
     steps = steps or cfg.sample.steps
     guidance = cfg.sample.guidance_scale
@@ -132,7 +132,7 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
             students.save_lora(student, teacher, tmp, torch_dtype)
         if "kohya" in formats:
             save_file(kohya_state(student, teacher, torch_dtype), str(tmp / "lora_kohya.safetensors"),
-                      metadata={"ss_network_module": "networks.lora", "ss_base_model_version": "sdxl_base_v1-0",
+                      metadata={"ss_network_module": "networks.lora", "ss_base_model_version": teacher.kohya_base_model,
                                 "distill_method": cfg.method.name})
         if {"merged", "single-file"} & set(formats):  # last: fusing changes the student in place
             backbone = students.fuse_lora(student.backbone) if student.kind == "lora" else student.backbone

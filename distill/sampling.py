@@ -76,7 +76,7 @@ def diffusers_sampling(method, cfg, steps: int | None = None) -> tuple[object, d
 def student_folder_sampling(method, cfg) -> tuple[object, dict] | None:
     """diffusers_sampling for a run's student/ folder, or None where there is none: no pipeline, or a
     sample.steps this student cannot sample at (the folder then keeps the teacher's scheduler, with a warning)."""
-    if getattr(method.teacher, "backbone_name", None) is None:
+    if not method.teacher.is_pipeline:
         return None
     try:
         return diffusers_sampling(method, cfg)

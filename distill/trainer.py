@@ -119,7 +119,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         raise DistillError("train.fsdp shards the student over several processes; launch with accelerate launch "
                            "--num_processes N (N >= 2), or leave train.fsdp false on one")
     method = build_method(cfg, accelerator.device)
-    if accelerator.is_main_process and accelerator.device.type == "cuda" and hasattr(method.teacher, "pipe"):
+    if accelerator.is_main_process and accelerator.device.type == "cuda" and method.teacher.is_pipeline:
         x, cond = method.teacher.probe()  # which attention kernel the backbone runs, seen by the profiler
         kernels = fastpath.sdpa_ops(lambda: method.teacher.predict(x, method.teacher.timesteps(1)[0], cond))
         print(f"attention: {', '.join(fastpath.attention_processors(method.teacher.backbone))}; SDPA kernels: "

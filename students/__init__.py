@@ -169,7 +169,7 @@ def save(student: Student, teacher: Teacher, folder: Path, sampling: tuple | Non
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    if getattr(teacher, "backbone_name", None) is None:
+    if not teacher.is_pipeline:
         save_file({k: v.contiguous() for k, v in student.state_to_save().items()}, str(tmp / "student.safetensors"))
     elif student.kind == "lora":
         save_lora(student, teacher, tmp)

@@ -70,7 +70,8 @@ class GMMTeacher(Teacher):
         self.schedule, self.num_classes, self.shift = schedule, num_classes, shift
         self.backbone = GMMDenoiser(num_classes)
         self.register_buffer("alphas_cumprod", vp_alphas_cumprod(), persistent=False)
-        self.end_time = -1.0 if schedule == "vp" else 0.0
+        self.flow = schedule != "vp"
+        self.end_time = 0.0 if self.flow else -1.0
         self.freeze()
 
     def feature_layers(self):

@@ -37,6 +37,9 @@ class SD3Teacher(Teacher):
                     "ff.net.0.proj", "ff.net.2", "ff_context.net.0.proj", "ff_context.net.2")
     shard_blocks = (JointTransformerBlock,)
     single_file = True
+    is_pipeline = True
+    flow = True
+    lora_formats = ("lora",)
     backbone_name = "transformer"  # its folder in the pipeline and its LoRA key prefix
     end_time = 0.0
 

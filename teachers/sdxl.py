@@ -31,6 +31,9 @@ class SDXLTeacher(Teacher):
                     "conv1", "conv2", "conv_shortcut", "downsamplers.0.conv", "upsamplers.0.conv", "time_emb_proj")
     shard_blocks = (BasicTransformerBlock, ResnetBlock2D)
     single_file = True
+    is_pipeline = True
+    lora_formats = ("lora", "kohya")  # kohya: A1111 and ComfyUI, with the original (LDM) module names
+    kohya_base_model = "sdxl_base_v1-0"
     backbone_name = "unet"  # its folder in the pipeline and its LoRA key prefix
     end_time = -1.0  # VP: one step past t = 0 reaches alpha = 1 (diffusers' final_alpha_cumprod = 1)
 

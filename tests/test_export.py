@@ -184,7 +184,7 @@ def test_sd3_single_file_loads_in_diffusers_and_kohya_is_refused(tmp_path, cli):
     teacher = tiny.build("tiny-sd3", tmp_path / "teacher", text_width_2=24, identity_projection=True)
     run = _train(tmp_path, teacher, **{"train.max_steps": 2})
     proc = cli("export", run, "--to", tmp_path / "out", "--format", "kohya", check=False)
-    assert proc.returncode == 2 and "kohya LoRA format is for the SDXL family" in proc.stderr
+    assert proc.returncode == 2 and "no kohya LoRA layout is known for the sd3 family" in proc.stderr
     assert not (tmp_path / "out").exists()
     export = tmp_path / "export"
     cli("export", run, "--to", export, "--format", "single-file", "--steps", 1, "--db", tmp_path / "none.sqlite")

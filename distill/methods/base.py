@@ -138,7 +138,7 @@ def family_times(teacher: Teacher, n: int, generator: torch.Generator, like: tor
     teachers (Esser et al. 2024, sec. 3.1), uniform over the train timesteps for VP."""
     T = teacher.num_train_timesteps
     if logit_normal is None:
-        logit_normal = teacher.end_time == 0.0
+        logit_normal = teacher.flow
     if logit_normal:
         return (torch.sigmoid(torch.randn(n, generator=generator)) * T).to(like.device)
     return torch.randint(0, T, (n,), generator=generator).float().to(like.device)
