@@ -5,6 +5,7 @@ adapters switched off (teachers.base.adapters_disabled), so one copy of the weig
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -54,6 +55,23 @@ class Student(nn.Module):
     def train(self, mode: bool = True):
         self.backbone.train(mode)
         return self
+
+    def adapter_snapshot(self) -> dict[str, torch.Tensor]:
+        """A copy of a LoRA student's adapter weights as they are now, by parameter name."""
+        return {k: v.detach().clone() for k, v in self.backbone.named_parameters() if "lora_" in k}
+
+    @contextlib.contextmanager
+    def adapter_swapped(self, weights: dict[str, torch.Tensor]):
+        """The backbone with `weights` (an adapter_snapshot) in place of the adapter's own, which come back after."""
+        params = dict(self.backbone.named_parameters())
+        current = {k: params[k].detach().clone() for k in weights}
+        for k, v in weights.items():
+            params[k].data.copy_(v)
+        try:
+            yield self.backbone
+        finally:
+            for k, v in current.items():
+                params[k].data.copy_(v)
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must keep: LoRA weights, or the full backbone and its EMA."""

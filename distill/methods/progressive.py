@@ -104,16 +104,9 @@ class Progressive(Method):
             yield None
         elif isinstance(self.previous, torch.nn.Module):
             yield self.previous
-        else:  # LoRA: swap the previous round's adapter weights in for the no-grad teacher pass
-            params = dict(self.student.backbone.named_parameters())
-            current = {k: params[k].detach().clone() for k in self.previous}
-            for k, v in self.previous.items():
-                params[k].data.copy_(v)
-            try:
-                yield self.student.backbone
-            finally:
-                for k, v in current.items():
-                    params[k].data.copy_(v)
+        else:  # LoRA: the previous round's adapter weights swapped in for the no-grad teacher pass
+            with self.student.adapter_swapped(self.previous) as backbone:
+                yield backbone
 
     def loss(self, batch, turn) -> LossOut:
         p, teacher, g = self.params, self.teacher, batch["generator"]
@@ -161,8 +154,7 @@ class Progressive(Method):
                     mine[k].copy_(v)
             self.previous = self.round_backbone
         else:
-            self.previous = {k: v.detach().clone() for k, v in self.student.backbone.named_parameters()
-                             if "lora_" in k}
+            self.previous = self.student.adapter_snapshot()
 
     def sharded_modules(self) -> list:
         return super().sharded_modules() + ([self.round_backbone] if self.round_backbone is not None else [])
