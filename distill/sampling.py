@@ -13,9 +13,10 @@ from distill.solvers import bcast, consistency_scalings, ddim_step
 from teachers.base import Cond, Teacher
 
 
-def _noise(shape, generator: torch.Generator, device) -> torch.Tensor:
-    # Drawn on the CPU in float32, as diffusers' randn_tensor does for a CPU generator.
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+def randn(shape, generator: torch.Generator, like) -> torch.Tensor:
+    """Normal noise drawn on the CPU in float32 from an explicit generator (as diffusers' randn_tensor does for a CPU
+    generator), then moved to `like` (a device, or a tensor's device): identical on every device."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(getattr(like, "device", like))
 
 
 @torch.no_grad()
@@ -25,25 +26,27 @@ def ddim_sample(teacher: Teacher, cond: Cond, steps: int, generator: torch.Gener
     """The deterministic sampler on the teacher's own n-step grid, or on `times` (steps + 1 points, ending
     clean); for flow teachers this is Euler (see solvers.ddim_step)."""
     times = times or teacher.timesteps(steps).tolist() + [teacher.end_time]
-    x = _noise((len(cond), *shape), generator, teacher.device)
+    x = randn((len(cond), *shape), generator, teacher.device)
     for t, s in zip(times[:-1], times[1:]):
         x0, eps = teacher.predict(x, t, cond, guidance, backbone, guidance_cond, prediction_type)
         x = ddim_step(x0, eps, *teacher.alpha_sigma(torch.tensor(s)))
     return x
 
 
-@torch.no_grad()
-def consistency_sample(teacher: Teacher, backbone, cond: Cond, timesteps: torch.Tensor, generator: torch.Generator,
-                       shape, guidance=1.0, guidance_cond=None, sigma_data=0.5, timestep_scaling=10.0):
-    """Multistep consistency sampling (Song et al. 2023, Alg. 1; LCM Alg. 3): denoise with f, re-noise to the
-    next time, repeat. Draws noise in the same order as diffusers' LCMScheduler."""
-    x = _noise((len(cond), *shape), generator, teacher.device)
-    for i, t in enumerate(timesteps.tolist()):
-        x0, _ = teacher.predict(x, t, cond, guidance, backbone=backbone, guidance_cond=guidance_cond)
-        c_skip, c_out = consistency_scalings(torch.tensor(t), sigma_data, timestep_scaling)
-        x = bcast(c_out, x0) * x0 + bcast(c_skip, x) * x
-        if i + 1 < len(timesteps):
-            x = teacher.add_noise(x, _noise(x.shape, generator, x.device), timesteps[i + 1])
+def renoise_chain(teacher: Teacher, backbone, x: torch.Tensor, cond: Cond, times: list[float],
+                  generator: torch.Generator, guidance=1.0, guidance_cond=None, boundary: tuple | None = None):
+    """The few-step students' sampler: denoise x at each of `times` in turn to the backbone's clean estimate, and
+    re-noise that with fresh noise to the next time (ADD sec. 3.1; multistep consistency sampling, Song et al. 2023,
+    Alg. 1, LCM Alg. 3, when `boundary` = (sigma_data, timestep_scaling) turns each estimate into the consistency
+    function f = c_skip x + c_out x0, LCM eq. 5). Draws noise in the order diffusers' LCMScheduler does."""
+    for i, t in enumerate(times):
+        x0 = teacher.predict(x, t, cond, guidance, backbone=backbone, guidance_cond=guidance_cond)[0]
+        if boundary is not None:
+            c_skip, c_out = consistency_scalings(torch.tensor(t), *boundary)
+            x0 = bcast(c_out, x0) * x0 + bcast(c_skip, x) * x
+        x = x0
+        if i + 1 < len(times):
+            x = teacher.add_noise(x, randn(x.shape, generator, x), times[i + 1])
     return x
 
 

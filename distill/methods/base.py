@@ -13,7 +13,7 @@ from torch import nn
 from distill import checkpoint
 from distill.config import coerce_params
 from distill.errors import ConfigError
-from distill.sampling import ddim_sample
+from distill.sampling import ddim_sample, randn, renoise_chain
 from distill.solvers import loss_space, prediction_loss
 from students import Student
 from teachers.base import Teacher
@@ -127,11 +127,6 @@ def check_guidance_range(lo: float, hi: float) -> None:
         raise ConfigError("method.params.guidance_min", lo, "need 1 <= guidance_min <= guidance_max")
 
 
-def randn(shape, generator: torch.Generator, like: torch.Tensor) -> torch.Tensor:
-    """Normal noise drawn on the CPU from an explicit generator, then moved: identical on every device."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(like.device)
-
-
 def family_times(teacher: Teacher, n: int, generator: torch.Generator, like: torch.Tensor,
                  logit_normal: bool | None = None) -> torch.Tensor:
     """Times as the family's own denoising training draws them (None: by the family): logit-normal for flow
@@ -193,16 +188,8 @@ class Adversarial(Method):
         steps = student_steps."""
         return self.teacher.student_timesteps(steps).tolist()
 
-    def chain(self, x, cond, times: list[float], generator, guidance=1.0, guidance_cond=None) -> torch.Tensor:
-        """The student's x0 after denoising x at each of `times` in turn, re-noised with fresh noise to the next."""
-        for i, t in enumerate(times):
-            x = self.teacher.predict(x, t, cond, guidance, backbone=self.student.backbone, guidance_cond=guidance_cond)[0]
-            if i + 1 < len(times):
-                x = self.teacher.add_noise(x, randn(x.shape, generator, x), times[i + 1])
-        return x
-
     @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
         cfg, w = self.guidance_args(guidance, len(cond))
         x = randn((len(cond), *shape), generator, self.student_grid)
-        return self.chain(x, cond, self.sample_times(steps), generator, cfg, w)
+        return renoise_chain(self.teacher, self.student.backbone, x, cond, self.sample_times(steps), generator, cfg, w)

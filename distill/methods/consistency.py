@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from distill.config import ConfigError
-from distill.methods.base import LossOut, Method, check_guidance_range, randn, uniform
-from distill.sampling import consistency_sample
+from distill.methods.base import LossOut, Method, check_guidance_range, uniform
+from distill.sampling import randn, renoise_chain
 from distill.schedules import subsample, with_end
 from distill.solvers import bcast, consistency_scalings, ddim_step
 
@@ -90,10 +90,10 @@ class Consistency(Method):
         """`steps` points of the training grid, LCMScheduler's choice."""
         return subsample(self.grid[:-1].cpu(), steps).tolist()
 
+    @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
         """Multistep consistency sampling at sample_times(steps)."""
-        times = torch.tensor(self.sample_times(steps))
         cfg, w = self.guidance_args(guidance, len(cond))
-        return consistency_sample(self.teacher, self.student.backbone, cond, times, generator, shape,
-                                  guidance=cfg, guidance_cond=w, sigma_data=self.params.sigma_data,
-                                  timestep_scaling=self.params.timestep_scaling)
+        x = randn((len(cond), *shape), generator, self.teacher.device)
+        return renoise_chain(self.teacher, self.student.backbone, x, cond, self.sample_times(steps), generator, cfg, w,
+                             boundary=(self.params.sigma_data, self.params.timestep_scaling))

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from distill.config import ConfigError
-from distill.methods.base import LossOut, Method, denoising_loss, family_times, randn
+from distill.methods.base import LossOut, Method, denoising_loss, family_times
+from distill.sampling import randn
 
 @dataclass
 class DenoiseParams:

@@ -23,7 +23,8 @@ import students
 from discriminators.teacher_heads import TeacherHeads, capture
 from distill import checkpoint
 from distill.config import MAX_STEPS, ConfigError
-from distill.methods.base import Adversarial, LossOut, denoising_loss, family_times, randn
+from distill.methods.base import Adversarial, LossOut, denoising_loss, family_times
+from distill.sampling import randn, renoise_chain
 from teachers.base import adapters_as
 
 
@@ -140,8 +141,8 @@ class DMD2(Adversarial):
         x = randn(shape, g, self.student_grid)
         if k:
             with torch.no_grad():
-                x = self.teacher.add_noise(self.chain(x, cond, self.student_grid[:k].tolist(), g), randn(shape, g, x),
-                                           self.student_grid[k])
+                x = renoise_chain(self.teacher, self.student.backbone, x, cond, self.student_grid[:k].tolist(), g)
+                x = self.teacher.add_noise(x, randn(shape, g, x), self.student_grid[k])
         return self.teacher.predict(x, self.student_grid[k], cond, backbone=self.student.backbone)[0]
 
     def dm_loss(self, x0, cond, g):

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 
 from distill.config import ConfigError
-from distill.methods.base import LossOut, Method, check_guidance_range, randn, uniform
+from distill.methods.base import LossOut, Method, check_guidance_range, uniform
+from distill.sampling import randn
 from distill.solvers import prediction_loss
 
 

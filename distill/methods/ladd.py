@@ -14,8 +14,8 @@ import torch
 from discriminators.losses import hinge_d, hinge_g, per_sample
 from discriminators.teacher_heads import TeacherHeads, capture
 from distill.config import ConfigError
-from distill.methods.base import Adversarial, LossOut, randn
-from distill.sampling import ddim_sample
+from distill.methods.base import Adversarial, LossOut
+from distill.sampling import ddim_sample, randn
 
 
 @dataclass

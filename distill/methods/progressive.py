@@ -18,7 +18,8 @@ import torch
 from distill import checkpoint
 from distill.config import ConfigError
 from distill.errors import DistillError
-from distill.methods.base import LossOut, Method, check_guidance_range, randn, uniform
+from distill.methods.base import LossOut, Method, check_guidance_range, uniform
+from distill.sampling import randn
 from distill.schedules import with_end
 from distill.solvers import bcast, ddim_step, prediction_loss
 
