@@ -126,6 +126,14 @@ def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> d
             "guidance": guidance, "sampler": "teacher DDIM" if teacher else f"{cfg.method.name} student"}
 
 
+def row_identity(cfg: Config, steps: int, guidance: float, teacher: bool, train_step: int) -> dict:
+    """What a leaderboard row measured: teacher, method and student, at which steps, guidance and training step,
+    from which config and commit."""
+    return {"teacher": cfg.teacher.source, "method": "teacher" if teacher else cfg.method.name,
+            "student": "-" if teacher else cfg.student.kind, "steps": steps, "guidance": guidance,
+            "train_steps": 0 if teacher else train_step, "config_hash": cfg.hash(), "git_commit": git_commit()}
+
+
 def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance: float | None = None,
              teacher: bool = False, train_step: int = 0, run: str = "-",
              teacher_images: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
@@ -141,11 +149,8 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
         torch.cuda.reset_peak_memory_stats()
     images, ms = sample_images(method, prompts, steps, scoring.seed, guidance, teacher)
     ref = reference_images(scoring.reference, cfg.teacher.resolution, scoring.reference_size)
-    row = {"teacher": cfg.teacher.source, "method": "teacher" if teacher else cfg.method.name,
-           "student": "-" if teacher else cfg.student.kind, "steps": steps, "nfe": nfe(method, steps, guidance, teacher),
-           "ms_per_image": ms, "peak_memory_mb": peak_memory_mb(device),
-           "train_steps": 0 if teacher else train_step, "config_hash": cfg.hash(), "git_commit": git_commit(),
-           "guidance": guidance, "samples": len(prompts), "run": run,
+    row = {**row_identity(cfg, steps, guidance, teacher, train_step), "nfe": nfe(method, steps, guidance, teacher),
+           "ms_per_image": ms, "peak_memory_mb": peak_memory_mb(device), "samples": len(prompts), "run": run,
            "protocol": protocol(scoring, cfg, guidance, teacher)}
     row.update(metrics.fid_kid(images, ref, scoring.extractor, scoring.extractor_weights, scoring.bootstrap,
                                scoring.seed))

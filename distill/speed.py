@@ -410,16 +410,13 @@ def _sampling_rows(method, times: dict, teacher_guidance: float, guidance: float
 
 def _add_cost_rows(rows, cfg, method, step, db, threads, repeats, batch_size) -> None:
     from distill import leaderboard
-    from distill.evaluate import git_commit, peak_memory_mb
+    from distill.evaluate import peak_memory_mb, row_identity
 
     board = leaderboard.Leaderboard(db)
     device = method.teacher.device
     for r in rows:
         student = r["who"] == "student"
-        board.add({"teacher": cfg.teacher.source, "method": cfg.method.name if student else "teacher",
-                   "student": cfg.student.kind if student else "-", "steps": r["steps"], "nfe": r["nfe"],
+        board.add({**row_identity(cfg, r["steps"], r["guidance"], not student, step), "nfe": r["nfe"],
                    "ms_per_image": r["ms_per_image"], "ms_iqr": r["ms_iqr"], "images_per_s": r["images_per_s"],
-                   "peak_memory_mb": peak_memory_mb(device), "train_steps": step if student else 0,
-                   "config_hash": cfg.hash(), "git_commit": git_commit(), "guidance": r["guidance"],
-                   "source": "bench-speed", "speedup": r["speedup"], "speedup_iqr": r["speedup_iqr"],
+                   "peak_memory_mb": peak_memory_mb(device), "source": "bench-speed", "speedup": r["speedup"], "speedup_iqr": r["speedup_iqr"],
                    "nfe_limit": r["nfe_limit"], **provenance(device, threads, repeats, batch_size)})
