@@ -76,7 +76,8 @@ class ADD(Adversarial):
             if p.r1_gamma > 0:  # R1: gamma/2 * E||grad_x D(x)||^2 on real data, D = the per-sample score
                 (grad,) = torch.autograd.grad(real_score.sum(), real, create_graph=True)
                 r1 = grad.pow(2).flatten(1).sum(1).mean()
-                loss, logs["r1"] = loss + p.r1_gamma / 2 * r1, r1.item()
+                loss = loss + p.r1_gamma / 2 * r1
+                logs["r1"] = r1.item()
             return LossOut(loss, logs)
         sample = self.generate(x0, cond, g)
         adv = hinge_g(self.logits(self.teacher.decode(sample), cond))
@@ -91,5 +92,6 @@ class ADD(Adversarial):
                 target = self.teacher.predict(x_t, t, cond, p.teacher_guidance)[0]
             c = bcast(self.teacher.alpha(t).to(x0.device) ** 2, sample)
             distill = (c * (sample - target) ** 2).mean()
-            loss, logs["distill"] = loss + p.distill_weight * distill, distill.item()
+            loss = loss + p.distill_weight * distill
+            logs["distill"] = distill.item()
         return LossOut(loss, logs)

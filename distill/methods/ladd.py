@@ -91,5 +91,6 @@ class LADD(Adversarial):
             with torch.no_grad():
                 target = self.teacher.predict(x_t, t, cond)[0]
             distill = (fake - target).pow(2).mean()
-            loss, logs["distill"] = loss + p.distill_weight * distill, distill.item()
+            loss = loss + p.distill_weight * distill
+            logs["distill"] = distill.item()
         return LossOut(loss, logs)
