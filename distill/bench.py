@@ -24,7 +24,8 @@ from pathlib import Path
 import torch
 
 from distill import config, data, leaderboard, paths, speed
-from distill.config import ConfigError, coerce_params
+from distill.config import coerce_params
+from distill.errors import ConfigError
 from distill.evaluate import Scoring, evaluate, sample_images, write_grid
 from distill.runs import build_method, default_device, load_run
 from distill.trainer import train

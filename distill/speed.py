@@ -219,7 +219,7 @@ def _method_config(cfg, name: str, batch_size: int):
 def train_methods(cfg, batch_size: int, only: list[str] | None = None) -> tuple[dict, list[str]]:
     """{name: config} of every registered method (or those in `only`) that trains cfg's student, denoise (the unit
     of cost) always first, and one line per method that does not train it, with its reason."""
-    from distill.config import ConfigError
+    from distill.errors import ConfigError
     from distill.methods import METHODS
 
     unknown = sorted(set(only or []) - set(METHODS))

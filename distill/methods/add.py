@@ -15,7 +15,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from discriminators.feature_net import FeatureHeads, FeatureNetwork
 from discriminators.losses import hinge_d, hinge_g, per_sample
-from distill.config import ConfigError
+from distill.errors import ConfigError
 from distill.methods.base import Adversarial, LossOut
 from distill.sampling import randn
 from distill.solvers import bcast

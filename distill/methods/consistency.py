@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.config import ConfigError
+from distill.errors import ConfigError
 from distill.methods.base import LossOut, Method, check_guidance_range, uniform
 from distill.sampling import randn, renoise_chain
 from distill.schedules import subsample, with_end

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.config import ConfigError
+from distill.errors import ConfigError
 from distill.methods.base import LossOut, Method, denoising_loss, family_times
 from distill.sampling import randn
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 import students
 from discriminators.teacher_heads import TeacherHeads, capture
 from distill import checkpoint
-from distill.config import MAX_STEPS, ConfigError
+from distill.config import MAX_STEPS
+from distill.errors import ConfigError
 from distill.methods.base import Adversarial, LossOut, denoising_loss, family_times
 from distill.sampling import randn, renoise_chain
 from teachers.base import adapters_as

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.config import ConfigError
+from distill.errors import ConfigError
 from distill.methods.base import LossOut, Method, check_guidance_range, uniform
 from distill.sampling import randn
 from distill.solvers import prediction_loss

@@ -13,7 +13,7 @@ import torch
 
 from discriminators.losses import hinge_d, hinge_g, per_sample
 from discriminators.teacher_heads import TeacherHeads, capture
-from distill.config import ConfigError
+from distill.errors import ConfigError
 from distill.methods.base import Adversarial, LossOut
 from distill.sampling import ddim_sample, randn
 

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from distill import checkpoint
-from distill.config import ConfigError
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.methods.base import LossOut, Method, check_guidance_range, uniform
 from distill.sampling import randn
 from distill.schedules import with_end
