@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from distill import config, data, leaderboard, paths, speed
+from distill import config, data, leaderboard, paths, runs, speed
 from distill.config import coerce_params
 from distill.errors import ConfigError
 from distill.evaluate import Scoring, evaluate, sample_images, write_grid
@@ -148,9 +148,9 @@ def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
         if run.name in configs:
             raise ConfigError(f"runs[{i}].name", run.name, "is used twice")
         out = Path(matrix.out) / run.name
-        configs[run.name] = config.load(run.config, [*run.overrides, f"train.output_dir={out}"])
+        configs[run.name] = runs.load_config(run.config, [*run.overrides, f"train.output_dir={out}"])
     for t in matrix.teachers:
-        config.parse({"teacher": {"source": t.source, "resolution": t.resolution}}, for_training=False)
+        runs.parse_config({"teacher": {"source": t.source, "resolution": t.resolution}}, for_training=False)
     return matrix, configs
 
 
@@ -233,7 +233,7 @@ class _Bench:
                  "steps")
 
     def teacher(self, t: BenchTeacher) -> None:
-        cfg = config.parse({"teacher": {"source": t.source, "resolution": t.resolution},
+        cfg = runs.parse_config({"teacher": {"source": t.source, "resolution": t.resolution},
                             "sample": {"guidance_scale": t.guidance_scale}}, for_training=False)
         todo = [s for s in t.steps if f"teacher|{cfg.hash()}|{s}" not in self.done]
         if not todo:

@@ -51,10 +51,10 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train(args) -> None:
-    from distill import config
+    from distill.runs import load_config
     from distill.trainer import train
 
-    cfg = config.load(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     if args.resume and args.restart:
         raise DistillError("--resume continues the run in train.output_dir and --restart moves it aside; give one")
     train(cfg, resume=args.resume, stop_after=args.stop_after_steps, restart=args.restart)
@@ -188,13 +188,14 @@ def _make_teacher(args) -> None:
 
 def _cache(args) -> None:
     import teachers
-    from distill import config, data, paths
+    from distill import data, paths
+    from distill.runs import load_config
 
     out = Path(args.out)
     if out.suffix != ".safetensors" or out.is_dir():
         raise DistillError(f"--out {out} must name the .safetensors file to write")
     paths.check_writable(out.parent, "--out")
-    cfg = config.load(args.config, args.overrides)
+    cfg = load_config(args.config, args.overrides)
     teacher = teachers.load(cfg.teacher)
     dataset = data.build(cfg.data, cfg.teacher.resolution, teacher, cfg.train.seed)
     path = data.write_cache(teacher, dataset, out, cfg.data.batch_size, cfg.train.seed)

@@ -1,7 +1,9 @@
 """Typed run configuration: YAML plus dotted `key=value` overrides, checked before any model loads.
 
 Every field has a type and a default; `load()` turns a YAML file and overrides into a `Config`,
-and any problem is a `ConfigError` that names the field, the bad value and what is allowed.
+and any problem is a `ConfigError` that names the field, the bad value and what is allowed. This module checks the
+values themselves; the teacher source is checked by `teachers.check_source` and the method by
+`distill.methods.check_config`, and `distill.runs.load_config` runs all three (a leaf: it imports no other part).
 """
 from __future__ import annotations
 
@@ -10,7 +12,6 @@ import difflib
 import hashlib
 import json
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -21,10 +22,6 @@ import yaml
 
 from distill.errors import ConfigError
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-BUILTIN_TEACHERS = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:tiny-sdxl", "builtin:tiny-sd3",
-                    "builtin:gmm-vp", "builtin:gmm-flow")
-FAMILIES = ("sdxl", "sd3", "gmm")
 # Every supported family is trained on 1,000 discrete times, so no sampler has more distinct steps to take.
 MAX_STEPS = 1000
 FLOAT32_MAX = 3.4028234663852886e38  # the largest rate the optimisers' float32 arithmetic accepts
@@ -36,7 +33,7 @@ WRITTEN_BY = "# written by distill: the resolved config of this run (edits here 
 
 @dataclass
 class TeacherConfig:
-    # A diffusers pipeline folder, a single .safetensors checkpoint, a hub id, or one of BUILTIN_TEACHERS.
+    # A diffusers pipeline folder, a single .safetensors checkpoint, a hub id, or one of teachers.BUILTIN.
     source: str = "builtin:tiny-sdxl"
     family: str | None = None  # inferred from the pipeline folder; required for single files
     prediction_type: str | None = None  # override the scheduler's (epsilon | v_prediction)
@@ -140,7 +137,6 @@ def written_by_distill(path: Path) -> bool:
 
 
 CHOICES = {
-    "teacher.family": (None, *FAMILIES),
     "teacher.prediction_type": (None, "epsilon", "v_prediction"),
     "teacher.dtype": ("float32", "float16", "bfloat16"),
     "student.kind": ("lora", "full"),
@@ -194,7 +190,7 @@ def parse(raw: dict, overrides: list[str] = (), for_training: bool = True) -> Co
     cfg = _build(Config, raw, "")
     validate(cfg)
     if for_training:
-        _check_data(cfg)
+        check_data(cfg)
     return cfg
 
 
@@ -353,43 +349,10 @@ def validate(cfg: Config) -> None:
     for tracker in cfg.train.trackers:
         if tracker not in ("wandb", "tensorboard"):
             raise ConfigError("train.trackers", tracker, "allowed: wandb, tensorboard")
-    _check_source(cfg.teacher)
-    from distill.methods import METHODS  # late: methods import this module
-
-    if cfg.method.name not in METHODS:
-        near = difflib.get_close_matches(cfg.method.name, list(METHODS), n=1)
-        hint = f" (did you mean '{near[0]}'?)" if near else ""
-        raise ConfigError("method.name", cfg.method.name, f"allowed: {', '.join(METHODS)}{hint}")
-    METHODS[cfg.method.name].parse_params(cfg.method.params)
-    METHODS[cfg.method.name].check_config(cfg)
-    if cfg.student.init_from and not Path(cfg.student.init_from).expanduser().is_dir():
-        raise ConfigError("student.init_from", cfg.student.init_from, "no such run or checkpoint folder")
-    turns = METHODS[cfg.method.name].turns
-    for turn in {*cfg.train.turn_learning_rates, *cfg.train.turn_every} - set(turns):
-        raise ConfigError("train.turn_learning_rates/turn_every", turn, f"method {cfg.method.name} has turns "
-                          + ", ".join(turns))
 
 
-def _check_source(t: TeacherConfig) -> None:
-    src = t.source
-    if src.startswith("builtin:"):
-        if src not in BUILTIN_TEACHERS:
-            raise ConfigError("teacher.source", src, "allowed builtins: " + ", ".join(BUILTIN_TEACHERS))
-        return
-    path = Path(src).expanduser()
-    if path.exists():
-        if path.is_file() and path.suffix != ".safetensors":
-            raise ConfigError("teacher.source", src, "a single-file teacher must be .safetensors "
-                              "(pickled .ckpt/.bin files are refused)")
-        if path.is_file() and t.family is None:
-            raise ConfigError("teacher.family", None, "a single-file teacher needs teacher.family (sdxl or sd3)")
-        return
-    if not HUB_ID.match(src) or src.startswith((".", "/", "~")):
-        raise ConfigError("teacher.source", src, "no such file or folder (give a pipeline folder, a "
-                          ".safetensors file, a hub id like org/name, or a builtin)")
-
-
-def _check_data(cfg: Config) -> None:
+def check_data(cfg: Config) -> None:
+    """The data a training run reads exists (a checkpoint's config must load where its data is gone)."""
     d = cfg.data
     if d.kind in ("prompts", "images", "shards", "latents"):
         if d.path is None:

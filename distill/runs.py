@@ -1,5 +1,5 @@
-"""What every command that samples, scores, exports or times a student needs: the device, a method built on its
-teacher, and a saved run loaded back. The trainer builds its method here too; this module imports no command."""
+"""What every command needs before it trains, samples, scores, exports or times: a config checked whole, the
+device, a method built on its teacher, and a saved run loaded back. The trainer builds its method here too; this module imports no command."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,10 +9,28 @@ from accelerate.utils import set_seed
 
 import students
 import teachers
-from distill import checkpoint, config
+from distill import checkpoint, config, methods
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods import METHODS, Method
+
+
+def load_config(path, overrides: list[str] = (), for_training: bool = True) -> Config:
+    """A config file checked whole, in this order: its values (distill.config), its teacher source (teachers), its
+    method (distill.methods) and, for training, that its data exists."""
+    return checked(config.load(path, overrides, for_training=False), for_training)
+
+
+def parse_config(raw: dict, overrides: list[str] = (), for_training: bool = True) -> Config:
+    return checked(config.parse(raw, overrides, for_training=False), for_training)
+
+
+def checked(cfg: Config, for_training: bool) -> Config:
+    teachers.check_source(cfg.teacher)
+    methods.check_config(cfg)
+    if for_training:
+        config.check_data(cfg)
+    return cfg
 
 
 def default_device() -> str:
@@ -44,7 +62,7 @@ def load_run(run: Path, overrides: list[str] = ()) -> tuple[Path, Config, Method
     """A run folder or checkpoint, loaded for sampling: (checkpoint, config, method, training step). `overrides`
     (key=value) change the saved config, e.g. sample.steps."""
     ckpt = checkpoint.find(Path(run), str(run))
-    cfg = config.load(ckpt / "config.yaml", overrides, for_training=False)
+    cfg = load_config(ckpt / "config.yaml", overrides, for_training=False)
     method = build_method(cfg, default_device())
     weights, _, state = checkpoint.load(ckpt)
     method.load_saved(weights)

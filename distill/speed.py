@@ -315,8 +315,8 @@ def bench(run, steps: list[int], teacher_steps: int, teacher_guidance: float, ba
     """`distill bench-speed`: Markdown with the measurements; sampling rows also go to the leaderboard. `run`: a run
     folder or checkpoint; with `train`, also a config YAML (only its teacher, student and train settings count).
     `min_repeats` exists for tests, which need no statistics, only the plumbing."""
-    from distill import checkpoint, config
-    from distill.runs import default_device, load_run
+    from distill import checkpoint
+    from distill.runs import default_device, load_config, load_run
 
     if min_repeats is None:
         min_repeats = MIN_TRAIN_REPEATS if train else MIN_REPEATS
@@ -326,7 +326,7 @@ def bench(run, steps: list[int], teacher_steps: int, teacher_guidance: float, ba
     with pinned_threads(threads) as n:
         if train:
             path = Path(run)
-            cfg = config.load(path if path.suffix in (".yaml", ".yml") and path.is_file() else
+            cfg = load_config(path if path.suffix in (".yaml", ".yml") and path.is_file() else
                               checkpoint.find(path, str(run)) / "config.yaml", for_training=False)
             device, order = default_device(), "one method after another"
         else:

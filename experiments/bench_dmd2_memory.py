@@ -21,12 +21,12 @@ CASES = {
 
 STEP = r"""
 import json, resource, sys, torch
-from distill import config, data
+from distill import data, runs
 from distill.runs import build_method
 from distill.trainer import encode_batch, select_turn, step_generator
 torch.set_num_threads(2)
 teacher, method, resolution, batch = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-cfg = config.parse({"teacher": {"source": teacher, "resolution": resolution},
+cfg = runs.parse_config({"teacher": {"source": teacher, "resolution": resolution},
                     "student": {"kind": "lora", "lora_rank": 64}, "method": method,
                     "data": {"kind": "digits", "batch_size": batch}, "train": {"output_dir": "unused"}})
 m = build_method(cfg, "cpu")

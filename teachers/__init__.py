@@ -7,18 +7,45 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 
 from distill.config import TeacherConfig
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from teachers.base import Cond, Teacher
 
-__all__ = ["Cond", "Teacher", "load", "family_of"]
+__all__ = ["Cond", "Teacher", "load", "family_of", "check_source"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:tiny-sdxl", "builtin:tiny-sd3", "builtin:gmm-vp",
+           "builtin:gmm-flow")
+FAMILIES = ("sdxl", "sd3", "gmm")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def check_source(t: TeacherConfig) -> None:
+    """A teacher.source (and teacher.family) that load can take, or a one-line ConfigError; reads no weights."""
+    if t.family not in (None, *FAMILIES):
+        raise ConfigError("teacher.family", t.family, "allowed: " + ", ".join(FAMILIES))
+    src = t.source
+    if src.startswith("builtin:"):
+        if src not in BUILTIN:
+            raise ConfigError("teacher.source", src, "allowed builtins: " + ", ".join(BUILTIN))
+        return
+    path = Path(src).expanduser()
+    if path.exists():
+        if path.is_file() and path.suffix != ".safetensors":
+            raise ConfigError("teacher.source", src, "a single-file teacher must be .safetensors "
+                              "(pickled .ckpt/.bin files are refused)")
+        if path.is_file() and t.family is None:
+            raise ConfigError("teacher.family", None, "a single-file teacher needs teacher.family (sdxl or sd3)")
+        return
+    if not HUB_ID.match(src) or src.startswith((".", "/", "~")):
+        raise ConfigError("teacher.source", src, "no such file or folder (give a pipeline folder, a "
+                          ".safetensors file, a hub id like org/name, or a builtin)")
 
 
 def _classes():

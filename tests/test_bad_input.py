@@ -13,7 +13,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from distill import checkpoint, cli, config, data
+from distill import checkpoint, cli, config, data, runs
 from distill.export import export
 from distill.trainer import train
 
@@ -84,7 +84,7 @@ def _inputs(w: Path) -> None:
 def world(tmp_path_factory, tiny_sdxl_dir):
     """A trained run, an earlier export, a leaderboard and every kind of bad file, all under one folder."""
     w = tmp_path_factory.mktemp("world")
-    cfg = config.parse({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32},
+    cfg = runs.parse_config({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32},
                         "student": {"kind": "lora", "lora_rank": 4},
                         "method": {"name": "consistency", "params": {"guidance_min": 3.0, "guidance_max": 3.0}},
                         "data": {"kind": "digits", "batch_size": 2},
@@ -383,9 +383,9 @@ def test_export_refuses_a_checkpoint_with_nonfinite_weights(tmp_path, capsys):
 
 # ---- values that used to be read wrong ---------------------------------------------------------------------
 def test_an_override_is_text_unless_it_is_one_whole_yaml_value():
-    cfg = config.parse(GMM, ["train.output_dir=/x/run #2", "train.max_steps=7", "train.turn_every={student: 2}"])
+    cfg = runs.parse_config(GMM, ["train.output_dir=/x/run #2", "train.max_steps=7", "train.turn_every={student: 2}"])
     assert cfg.train.output_dir == "/x/run #2" and cfg.train.max_steps == 7 and cfg.train.turn_every == {"student": 2}
-    assert config.parse(GMM, ["train.output_dir='run #3'"]).train.output_dir == "run #3"
+    assert runs.parse_config(GMM, ["train.output_dir='run #3'"]).train.output_dir == "run #3"
 
 
 @pytest.mark.parametrize("mode,suffix", [("I;16", "png"), ("I", "tiff"), ("F", "tiff"), ("P", "png"), ("LA", "png")])

@@ -4,7 +4,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from distill import cli
+from distill import cli, runs
 
 GOOD = {"teacher": {"source": "builtin:gmm-vp"}, "data": {"kind": "teacher", "batch_size": 8},
         "train": {"max_steps": 2}}
@@ -88,14 +88,12 @@ EXPERIMENTS = Path(__file__).parents[1] / "experiments"
 @pytest.mark.parametrize("path", sorted(p for p in EXPERIMENTS.glob("*.yaml") if not p.name.startswith("bench_")),
                          ids=lambda p: p.name)
 def test_every_example_config_is_valid(path):
-    from distill import config
-
     raw = yaml.safe_load(path.read_text())
     if not Path(raw["teacher"]["source"]).exists() and not raw["teacher"]["source"].startswith("builtin:"):
         raw["teacher"]["source"] = "builtin:tiny-sdxl"  # real-weight configs: check everything but the paths
     if raw["student"].get("init_from"):
         raw["student"]["init_from"] = str(path.parent)
-    cfg = config.parse(raw, for_training=False)
+    cfg = runs.parse_config(raw, for_training=False)
     from distill.methods import METHODS
 
     assert cfg.method.name in METHODS

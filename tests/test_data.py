@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill import config, data
+from distill import data, runs
 from distill.config import DataConfig
 from distill.errors import DistillError
 from distill.trainer import train
@@ -79,7 +79,7 @@ def test_step_batches_are_a_pure_function_of_step():
 
 def test_latent_cache_round_trip_and_training_on_it(tmp_path, tiny_sd3_dir, cli):
     cfg_file = tmp_path / "c.yaml"
-    config.parse({"teacher": {"source": str(tiny_sd3_dir), "resolution": 32},
+    runs.parse_config({"teacher": {"source": str(tiny_sd3_dir), "resolution": 32},
                   "data": {"kind": "digits", "batch_size": 64},
                   "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2}}).dump(cfg_file)
     cache = tmp_path / "cache.safetensors"
@@ -88,14 +88,14 @@ def test_latent_cache_round_trip_and_training_on_it(tmp_path, tiny_sd3_dir, cli)
     ds = data.build(DataConfig(kind="latents", path=str(cache)), 32)
     item = ds[5]
     assert item["latents"].shape == (4, 16, 16) and item["cond.pos.embeds"].shape[-1] == 64
-    cfg = config.load(cfg_file, ["data.kind=latents", f"data.path={cache}", "data.batch_size=2"])
+    cfg = runs.load_config(cfg_file, ["data.kind=latents", f"data.path={cache}", "data.batch_size=2"])
     method = train(cfg)
     assert method is not None and (tmp_path / "run/checkpoints/step-00000002").is_dir()
 
 
 def test_prompts_only_data_is_refused_by_consistency(tmp_path):
     (tmp_path / "p.txt").write_text("a\nb\nc\nd\n")
-    cfg = config.parse({"teacher": {"source": "builtin:gmm-vp"},
+    cfg = runs.parse_config({"teacher": {"source": "builtin:gmm-vp"},
                         "data": {"kind": "prompts", "path": str(tmp_path / "p.txt"), "batch_size": 2},
                         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1}})
     with pytest.raises(DistillError, match="needs images or latents"):
@@ -104,7 +104,7 @@ def test_prompts_only_data_is_refused_by_consistency(tmp_path):
 
 def test_tensorboard_and_offline_wandb_trackers(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
-    cfg = config.parse({"teacher": {"source": "builtin:gmm-flow"}, "data": {"kind": "teacher", "batch_size": 16},
+    cfg = runs.parse_config({"teacher": {"source": "builtin:gmm-flow"}, "data": {"kind": "teacher", "batch_size": 16},
                         "method": {"params": {"guidance_min": 1.0, "guidance_max": 2.0}},
                         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6, "log_every": 2,
                                   "trackers": ["tensorboard", "wandb"]}})

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from distill import config, data
+from distill import data, runs
 import students
 from students import checkpoint_with_adapter_state
 from distill.runs import build_method
@@ -85,7 +85,7 @@ def test_gradient_checkpointing_recomputes_each_pass_with_its_own_adapter(lora_d
 def test_a_turn_run_every_k_steps_ends_its_schedule_with_the_run(tmp_path):
     """Five fake-score updates per generator update under a cosine schedule: both learning rates reach zero at the
     last step (the generator's schedule counts its own updates), and warm up over the same global steps."""
-    cfg = config.parse({"teacher": {"source": "builtin:gmm-vp"}, "student": {"kind": "full"},
+    cfg = runs.parse_config({"teacher": {"source": "builtin:gmm-vp"}, "student": {"kind": "full"},
                         "method": {"name": "dmd2", "params": {"student_steps": 1}},
                         "data": {"kind": "teacher", "batch_size": 8, "size": 64},
                         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 20, "learning_rate": 1e-3,

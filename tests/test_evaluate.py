@@ -5,14 +5,14 @@ import sqlite3
 
 import pytest
 
-from distill import config
+from distill import runs
 from distill.trainer import train
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_sdxl_dir):
     tmp = tmp_path_factory.mktemp("eval")
-    cfg = config.parse({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32},
+    cfg = runs.parse_config({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32},
                         "student": {"kind": "lora", "lora_rank": 4}, "data": {"kind": "digits", "batch_size": 2},
                         "train": {"output_dir": str(tmp / "run"), "max_steps": 2}})
     train(cfg)
@@ -63,7 +63,7 @@ def test_a_row_records_its_protocol_and_only_how_it_was_measured_picks_its_table
     from distill.evaluate import Scoring, protocol
     from distill.leaderboard import protocol_id
 
-    cfg = config.parse({"teacher": {"source": "builtin:digits-sdxl", "resolution": 16}}, for_training=False)
+    cfg = runs.parse_config({"teacher": {"source": "builtin:digits-sdxl", "resolution": 16}}, for_training=False)
     prompts = [f"a handwritten digit {k}" for k in range(10) for _ in range(100)]
     default = protocol(Scoring(prompts, teacher_reference_steps=50), cfg, 5.0, teacher=True)
     assert default["samples"] == 1000 and default["reference_size"] == 1797 and default["eval_seeds"] == [0]

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from distill import checkpoint, config
+from distill import checkpoint, runs
 from distill.sampling import ddim_sample
 from distill.runs import build_method
 from distill.trainer import train
@@ -53,7 +53,7 @@ def _assert_closer_to_truth(trained, untrained, steps, name):
 
 @pytest.mark.parametrize("schedule,kind", [("vp", "full"), ("flow", "full"), ("vp", "lora")])
 def test_consistency_distillation_moves_few_step_student_toward_truth(tmp_path, schedule, kind):
-    cfg = config.parse({
+    cfg = runs.parse_config({
         "teacher": {"source": f"builtin:gmm-{schedule}"},
         "student": {"kind": kind, "lora_rank": 8},
         "method": {"name": "consistency", "params": {"guidance_min": 1.0, "guidance_max": 1.0, "loss": "l2"}},
@@ -69,7 +69,7 @@ def test_consistency_distillation_moves_few_step_student_toward_truth(tmp_path, 
 
 @pytest.mark.parametrize("schedule,kind,student_steps", [("vp", "full", 2), ("flow", "full", 1), ("vp", "lora", 1)])
 def test_ladd_moves_few_step_student_toward_truth(tmp_path, schedule, kind, student_steps):
-    cfg = config.parse({
+    cfg = runs.parse_config({
         "teacher": {"source": f"builtin:gmm-{schedule}"},
         "student": {"kind": kind, "lora_rank": 8},
         # A 2-D toy is best judged at low noise, so the renoising time leans low here (the paper's m is 1).
@@ -83,7 +83,7 @@ def test_ladd_moves_few_step_student_toward_truth(tmp_path, schedule, kind, stud
 
 @pytest.mark.parametrize("schedule,kind", [("vp", "full"), ("flow", "lora")])
 def test_progressive_halvings_track_the_teacher_and_approach_truth(tmp_path, schedule, kind):
-    cfg = config.parse({
+    cfg = runs.parse_config({
         "teacher": {"source": f"builtin:gmm-{schedule}"},
         "student": {"kind": kind, "lora_rank": 8},
         "method": {"name": "progressive", "params": {"start_steps": 8, "end_steps": 1, "round_steps": 250}},
@@ -117,7 +117,7 @@ def test_progressive_halvings_track_the_teacher_and_approach_truth(tmp_path, sch
 
 @pytest.mark.parametrize("schedule,student_steps", [("vp", 2), ("flow", 1)])
 def test_add_moves_few_step_student_toward_truth(tmp_path, schedule, student_steps):
-    cfg = config.parse({
+    cfg = runs.parse_config({
         "teacher": {"source": f"builtin:gmm-{schedule}"},
         "student": {"kind": "full"},
         # 2-D points are not images: a frozen random MLP stands in for the ViT; R1 keeps the toy GAN stable.
@@ -131,7 +131,7 @@ def test_add_moves_few_step_student_toward_truth(tmp_path, schedule, student_ste
 @pytest.mark.parametrize("schedule", ["vp", "flow"])
 def test_dmd2_moves_one_step_student_toward_truth(tmp_path, schedule):
     """The recipe of experiments/results/exact_teacher.md: five fake-score updates per generator update."""
-    cfg = config.parse({
+    cfg = runs.parse_config({
         "teacher": {"source": f"builtin:gmm-{schedule}"},
         "student": {"kind": "full"},
         "method": {"name": "dmd2", "params": {"student_steps": 1, "real_guidance": 1.0}},

@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from distill import config
+from distill import runs
 from distill.trainer import train
 from teachers import tiny
 
@@ -70,7 +70,7 @@ def _same_as_generate(images, run, tmp_path, cli, steps):
 
 
 def _train(tmp_path, teacher, **params):
-    cfg = config.parse({"teacher": {"source": str(teacher), "resolution": 32},
+    cfg = runs.parse_config({"teacher": {"source": str(teacher), "resolution": 32},
                         "student": {"kind": "lora", "lora_rank": 4, "lora_alpha": 8},
                         "method": {"name": "consistency", "params": {"guidance_min": 3.0, "guidance_max": 3.0}},
                         "data": {"kind": "digits", "batch_size": 2},

@@ -10,7 +10,7 @@ import torch
 from diffusers import DiffusionPipeline
 
 import teachers
-from distill import config
+from distill import config, runs
 from distill.errors import DistillError
 from distill.evaluate import sample_images
 from distill.runs import load_run
@@ -25,7 +25,7 @@ SIZE = 24  # not the tiny teachers' default (16 px), so a call without height an
 
 def _denoise_run(tmp_path, teacher):
     """A deterministic (DDIM) student: a denoising LoRA after one step."""
-    cfg = config.parse({"teacher": {"source": str(teacher), "resolution": SIZE},
+    cfg = runs.parse_config({"teacher": {"source": str(teacher), "resolution": SIZE},
                         "student": {"kind": "lora", "lora_rank": 4}, "method": {"name": "denoise"},
                         "data": {"kind": "digits", "batch_size": 1},
                         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 1, "learning_rate": 1e-2}})

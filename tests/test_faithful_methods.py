@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from distill import checkpoint, config, data
+from distill import checkpoint, data, runs
 from distill.errors import ConfigError
 from distill.methods import progressive as progressive_module
 from distill.schedules import flow_shift
@@ -22,7 +22,7 @@ def tiny_cfg(tmp_path, source, **over):
            "method": {"name": "ladd", "params": {"student_steps": 2}},
            "data": {"kind": "digits", "batch_size": 2},
            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 2, "learning_rate": 1e-3}}
-    return config.parse(raw, [f"{k}={v}" for k, v in over.items()])
+    return runs.parse_config(raw, [f"{k}={v}" for k, v in over.items()])
 
 
 def gmm_cfg(tmp_path, schedule, method, params, **over):
@@ -31,7 +31,7 @@ def gmm_cfg(tmp_path, schedule, method, params, **over):
            "method": {"name": method, "params": params},
            "data": {"kind": "teacher", "batch_size": 8, "size": 64},
            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "learning_rate": 1e-3, "log_every": 1}}
-    return config.parse(raw, [f"{k}={v}" for k, v in over.items()])
+    return runs.parse_config(raw, [f"{k}={v}" for k, v in over.items()])
 
 
 def student_grads(method, cfg):

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 import teachers
-from distill import checkpoint, cli, config, data
+from distill import checkpoint, cli, data, runs
 from distill.config import TeacherConfig
 from distill.trainer import train
 
@@ -125,7 +125,7 @@ def test_resume_with_a_breaking_change_writes_nothing(tmp_path, capsys):
 # ---- bad samples inside a data set ----------------------------------------------------------------------
 def test_unreadable_images_are_skipped_and_counted(tmp_path, tiny_sdxl_dir):
     folder = _image_folder(tmp_path / "imgs", n=6, bad=(1, 4))
-    cfg = config.parse({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32},
+    cfg = runs.parse_config({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32},
                         "data": {"kind": "images", "path": str(folder), "batch_size": 2},
                         "train": {"output_dir": str(tmp_path / "run"), "max_steps": 3, "log_every": 1}})
     train(cfg)
@@ -178,7 +178,7 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops_keeping_its_last_good_ch
 
 # ---- checkpoints: manifests, fallback, retention --------------------------------------------------------
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_good_one(tmp_path, capsys):
-    cfg = config.parse({**GMM, "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6,
+    cfg = runs.parse_config({**GMM, "train": {"output_dir": str(tmp_path / "run"), "max_steps": 6,
                                          "checkpoint_every": 2, "keep_checkpoints": 2}})
     train(cfg)
     ckpts = tmp_path / "run/checkpoints"
@@ -231,7 +231,7 @@ def _kill_when(proc: subprocess.Popen, ready, timeout=120) -> bool:
 ], ids=["consistency", "ladd", "dmd2"])
 def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_sdxl_dir, cli, method):
     cfg = tmp_path / "c.yaml"
-    config.parse({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "full"},
+    runs.parse_config({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "full"},
                   "method": method,
                   "data": {"kind": "digits", "batch_size": 2},
                   "train": {"max_steps": 18, "checkpoint_every": 3, "keep_checkpoints": 2,
@@ -284,8 +284,8 @@ def test_progressive_resume_restores_the_round_teacher(tmp_path, kind):
     raw = {**GMM, "student": {"kind": kind},
            "method": {"name": "progressive", "params": {"start_steps": 4, "round_steps": 3}},
            "train": {"max_steps": 6, "checkpoint_every": 2}}
-    whole = train(config.parse(raw, [f"train.output_dir={tmp_path / 'whole'}"])).state_to_save()
-    split_cfg = config.parse(raw, [f"train.output_dir={tmp_path / 'split'}"])
+    whole = train(runs.parse_config(raw, [f"train.output_dir={tmp_path / 'whole'}"])).state_to_save()
+    split_cfg = runs.parse_config(raw, [f"train.output_dir={tmp_path / 'split'}"])
     train(split_cfg, stop_after=4)  # stops inside round 1, whose teacher is round 0's student
     split = train(split_cfg, resume="latest").state_to_save()
     assert any(k.startswith("previous") for k in whole) and whole.keys() == split.keys()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from distill import config
+from distill import runs
 from distill.trainer import train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -33,7 +33,7 @@ def _real(env: str) -> str:
 @pytest.mark.gpu
 @pytest.mark.parametrize("env,steps", [("DISTILL_SDXL", 50), ("DISTILL_SD3", 28)])
 def test_real_teacher_lora_consistency_steps(tmp_path, env, steps):
-    cfg = config.parse({
+    cfg = runs.parse_config({
         "teacher": {"source": _real(env), "dtype": "float16", "resolution": 1024},
         "student": {"kind": "lora", "lora_rank": 64, "gradient_checkpointing": True},
         "method": {"name": "consistency", "params": {"num_teacher_steps": steps}},

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from distill import cli, config, speed
+from distill import cli, runs, speed
 from distill.errors import DistillError
 from distill.runs import load_run
 from distill.leaderboard import Leaderboard
@@ -19,7 +19,7 @@ from distill.trainer import train
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, tiny_sdxl_dir):
     out = tmp_path_factory.mktemp("speed") / "run"
-    train(config.parse({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32},
+    train(runs.parse_config({"teacher": {"source": str(tiny_sdxl_dir), "resolution": 32},
                         "student": {"kind": "lora", "lora_rank": 4},
                         "data": {"kind": "digits", "batch_size": 2},
                         "train": {"output_dir": str(out), "max_steps": 2, "learning_rate": 1e-2}}))

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import teachers
-from distill import config
+from distill import runs
 from distill.config import TeacherConfig
 from distill.errors import ConfigError
 from distill.runs import build_method
@@ -25,7 +25,7 @@ def tiny_cfg(tmp_path, source, **over):
            "data": {"kind": "digits", "batch_size": 2},
            "train": {"output_dir": str(tmp_path / "run"), "max_steps": 4, "learning_rate": 1e-3,
                      "checkpoint_every": 2, "log_every": 1}}
-    return config.parse(raw, [f"{k}={v}" for k, v in over.items()])
+    return runs.parse_config(raw, [f"{k}={v}" for k, v in over.items()])
 
 
 def _losses(run):
@@ -85,7 +85,7 @@ def test_resume_latest_matches_an_uninterrupted_run(tmp_path, tiny_sdxl_dir, cli
     cfg = tiny_cfg(tmp_path, tiny_sdxl_dir, **{"train.max_steps": 5, "train.lr_scheduler": "cosine",
                                                "train.warmup_steps": 2, "train.gradient_accumulation_steps": 2})
     cfg.dump(cfg_file)
-    train(config.load(cfg_file, [f"train.output_dir={tmp_path / 'whole'}"]))  # the uninterrupted run, in-process
+    train(runs.load_config(cfg_file, [f"train.output_dir={tmp_path / 'whole'}"]))  # the uninterrupted run, in-process
     first = run_cli("train", cfg_file, f"train.output_dir={tmp_path / 'split'}", "--stop-after-steps", "3")
     assert "stopped at step 3 of 5" in first.stdout  # an early stop says where, not "run saved"
     assert (tmp_path / "split/checkpoints/latest").read_text() == "step-00000003"
@@ -137,7 +137,7 @@ def test_generate_from_a_checkpoint_writes_repeatable_pngs(lcm_run, tmp_path, cl
 @pytest.mark.parametrize("steps", [1, 2, 4])
 def test_plain_diffusers_lcm_scheduler_reproduces_the_student(lcm_run, tiny_sdxl_dir, tmp_path, steps, cli):
     run_cli = cli
-    cfg = config.load(lcm_run / "config.yaml", for_training=False)
+    cfg = runs.load_config(lcm_run / "config.yaml", for_training=False)
     method = build_method(cfg, "cpu")
     from distill import checkpoint
     method.load_saved(checkpoint.load(checkpoint.find(lcm_run, "latest"))[0])

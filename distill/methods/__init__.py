@@ -1,4 +1,8 @@
 """The registry of distillation methods: config name -> class. One file per method."""
+import difflib
+from pathlib import Path
+
+from distill.errors import ConfigError
 from distill.methods.add import ADD
 from distill.methods.base import LossOut, Method
 from distill.methods.consistency import Consistency
@@ -12,4 +16,21 @@ METHODS: dict[str, type[Method]] = {"denoise": Denoise, "consistency": Consisten
                                     "progressive": Progressive, "add": ADD, "ladd": LADD,
                                     "dmd2": DMD2}
 
-__all__ = ["METHODS", "LossOut", "Method"]
+__all__ = ["METHODS", "LossOut", "Method", "check_config"]
+
+
+def check_config(cfg) -> None:
+    """The method part of a config: a registered name, its params, what the method needs of the rest of the
+    config, and turn settings only for turns it has; a one-line ConfigError otherwise."""
+    if cfg.method.name not in METHODS:
+        near = difflib.get_close_matches(cfg.method.name, list(METHODS), n=1)
+        hint = f" (did you mean '{near[0]}'?)" if near else ""
+        raise ConfigError("method.name", cfg.method.name, f"allowed: {', '.join(METHODS)}{hint}")
+    method = METHODS[cfg.method.name]
+    method.parse_params(cfg.method.params)
+    method.check_config(cfg)
+    if cfg.student.init_from and not Path(cfg.student.init_from).expanduser().is_dir():
+        raise ConfigError("student.init_from", cfg.student.init_from, "no such run or checkpoint folder")
+    for turn in {*cfg.train.turn_learning_rates, *cfg.train.turn_every} - set(method.turns):
+        raise ConfigError("train.turn_learning_rates/turn_every", turn, f"method {cfg.method.name} has turns "
+                          + ", ".join(method.turns))

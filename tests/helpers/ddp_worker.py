@@ -11,7 +11,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 
-from distill import config, data, trainer
+from distill import data, runs, trainer
 
 
 def main():
@@ -32,7 +32,7 @@ def main():
         return method
 
     data.collate, trainer.build_method = recording_collate, recording_build
-    cfg = config.load(cfg_path, overrides)
+    cfg = runs.load_config(cfg_path, overrides)
     method = trainer.train(cfg)
     if cfg.train.fsdp:
         held = {name: [(p.to_local().numel(), p.numel()) for p in m.parameters() if isinstance(p, DTensor)]
