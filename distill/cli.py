@@ -171,19 +171,14 @@ def _bench(args) -> None:
 
 
 def _make_teacher(args) -> None:
+    import teachers
     from distill import paths
-    from teachers import real_size, tiny
 
     out = Path(args.out)
     if out.is_dir() and any(out.iterdir()):
         raise DistillError(f"{out} exists and is not empty; choose a new folder")
     paths.check_writable(out, "make-teacher OUT")
-    if args.name in real_size.ARCHITECTURES:
-        real_size.build(args.name, out)
-        print(f"wrote {args.name} (real architecture, random bfloat16 weights) to {out}")
-    else:
-        tiny.build(args.name, out)
-        print(f"wrote tiny {args.name} pipeline to {out}")
+    print(f"wrote {teachers.make(args.name, out)} to {out}")
 
 
 def _cache(args) -> None:
@@ -216,6 +211,10 @@ def _leaderboard(args) -> None:
 
 
 def parser() -> argparse.ArgumentParser:
+    import teachers  # the teachers make-teacher can build
+
+    db = os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite")
+    db_help = "the leaderboard's SQLite file (default $DISTILL_LEADERBOARD or runs/leaderboard.sqlite)"
     p = _Parser(prog="distill", description="Distil SDXL / SD3 teachers into few-step students.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
@@ -268,7 +267,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--extractor-weights", help="local weights file for the feature extractor")
     e.add_argument("--teacher-reference-steps", type=_int_in(0, MAX_STEPS), default=0,
                    help="also score against the teacher's own samples at this many steps (e.g. 50)")
-    e.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"))
+    e.add_argument("--db", default=db, help=db_help)
     e.add_argument("--out", help="folder for the sample grid (default: <checkpoint>/eval)")
     e.set_defaults(func=_eval)
 
@@ -283,7 +282,7 @@ def parser() -> argparse.ArgumentParser:
                    "(default: sample.steps of the run)")
     x.add_argument("--prompt", action="append", help="prompt for the card's sample grid (repeatable)")
     x.add_argument("--overwrite", action="store_true", help="replace a non-empty --to folder")
-    x.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"),
+    x.add_argument("--db", default=db,
                    help="leaderboard whose rows for this recipe go into the model card")
     x.set_defaults(func=_export)
 
@@ -312,13 +311,13 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--methods", nargs="+", help="with --train: time only these methods (and denoise, the unit)")
     sp.add_argument("--profile", type=POSITIVE, default=0, metavar="N",
                     help="with --train: also list each method's N operators with the most self time in one step")
-    sp.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"))
+    sp.add_argument("--db", default=db, help=db_help)
     sp.add_argument("--out", help="also write the result as Markdown here")
     sp.set_defaults(func=_bench_speed)
 
     m = sub.add_parser("make-teacher", help="build a random teacher pipeline offline: tiny (tests, demos) or a real "
                        "architecture (speed benchmarks; sdxl-base-arch is 7 GB)")
-    m.add_argument("name", choices=["tiny-sdxl", "tiny-sd3", "sdxl-base-arch", "sd3-medium-arch"])
+    m.add_argument("name", choices=teachers.MAKEABLE)
     m.add_argument("out")
     m.set_defaults(func=_make_teacher)
 
@@ -328,8 +327,7 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--out", required=True, help="the .safetensors cache to write")
     c.set_defaults(func=_cache)
     lb = sub.add_parser("leaderboard", help="print the leaderboard and write its Markdown and HTML pages")
-    lb.add_argument("--db", default=os.environ.get("DISTILL_LEADERBOARD", "runs/leaderboard.sqlite"),
-                    help="the SQLite file (default $DISTILL_LEADERBOARD or runs/leaderboard.sqlite)")
+    lb.add_argument("--db", default=db, help=db_help)
     lb.add_argument("--out", default="runs/leaderboard", help="folder for leaderboard.md and leaderboard.html")
     lb.add_argument("--sort", default="fid", help="column to sort by, ascending (default fid)")
     lb.set_defaults(func=_leaderboard)

@@ -24,6 +24,19 @@ BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:tiny-sdxl", "bu
            "builtin:gmm-flow")
 FAMILIES = ("sdxl", "sd3", "gmm")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Random pipelines `distill make-teacher` builds offline: tiny ones (tiny.py) and real architectures (real_size.py).
+MAKEABLE = ("tiny-sdxl", "tiny-sd3", "sdxl-base-arch", "sd3-medium-arch")
+
+
+def make(name: str, out: Path) -> str:
+    """Build the random pipeline `name` (one of MAKEABLE) into the folder `out`; returns what was written."""
+    from teachers import real_size, tiny
+
+    if name in real_size.ARCHITECTURES:
+        real_size.build(name, out)
+        return f"{name} (real architecture, random bfloat16 weights)"
+    tiny.build(name, out)
+    return f"tiny {name} pipeline"
 
 
 def check_source(t: TeacherConfig) -> None:
