@@ -11,6 +11,7 @@ import math
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,35 +90,70 @@ def check_output_dir(out: Path, resume: str | None, restart: bool) -> Path | Non
     return out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
+@dataclass
+class Run:
+    """What a training run holds from its setup to its end."""
+    cfg: Config
+    out: Path
+    accelerator: Accelerator
+    method: Method
+    model: torch.nn.Module  # the method as Accelerate wraps it (DDP), or the method itself under train.fsdp
+    turn_params: dict[str, list]
+    optimizers: dict
+    schedulers: dict
+    every: dict[str, int]  # each turn runs every k steps
+    batches: object  # the data loader's iterator, positioned at the first step to run
+    start: int
+
+
 def train(cfg: Config, resume: str | None = None, stop_after: int | None = None, restart: bool = False) -> Method:
     """Train to cfg.train.max_steps (or `stop_after` more steps), checkpointing into cfg.train.output_dir;
     returns the trained method (teacher and student). A folder that already holds a run is continued only with
     `resume`, or moved aside first with `restart`."""
+    run = setup(cfg, resume, restart)
+    tc, accelerator, method = cfg.train, run.accelerator, run.method
+    end = tc.max_steps if stop_after is None else min(tc.max_steps, run.start + stop_after)
+    bar = tqdm(total=tc.max_steps, initial=run.start, desc=f"{cfg.method.name}",
+               disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=1.0)
+    t0, bad_in_row, skipped_samples = time.time(), 0, 0
+    for step in range(run.start, end):
+        raws = [next(run.batches) for _ in range(tc.gradient_accumulation_steps)]
+        skipped_samples += sum(raw["skipped"] for raw in raws)
+        turn_logs, bad_step = train_step(run, step, raws)
+        logs = {"data/skipped_samples": skipped_samples, **turn_logs}
+        done = step + 1
+        method.step_done(done)  # step-count state (progressive rounds) moves on even when the updates were skipped
+        bad_in_row = bad_in_row + 1 if bad_step else 0
+        logs["nonfinite_in_row"] = bad_in_row
+        if bad_step:
+            print(f"warning: step {done} skipped: non-finite loss or gradient ({bad_in_row} in a row)", file=sys.stderr)
+        if bad_in_row >= tc.max_nonfinite_steps:
+            raise DistillError(f"stopped at step {done}: {bad_in_row} steps in a row had a non-finite loss or gradient "
+                               f"(train.max_nonfinite_steps); the last good checkpoint in {run.out / 'checkpoints'} is "
+                               "kept; lower train.learning_rate or check the data, then --resume latest")
+        bar.update(1)
+        bar.set_postfix({k.split("/")[0]: f"{v:.4f}" for k, v in logs.items() if k.endswith("/loss")}, refresh=False)
+        if done % tc.log_every == 0 or done == end:
+            log(run, done, logs)
+        milestone = method.milestone(done)
+        if done % tc.checkpoint_every == 0 or done == end or milestone:
+            save_checkpoint(run, done, milestone)
+    bar.close()
+    select_turn(run.turn_params, None)
+    accelerator.wait_for_everyone()
+    if end == tc.max_steps:
+        save_student(run, f"{time.time() - t0:.1f} s for steps {run.start}..{end}\n")
+    accelerator.end_training()
+    return method
+
+
+def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
+    """Everything before the first step: the output folder's checks, Accelerate, the method, the data, a resumed
+    checkpoint, sharding, optimisers and LR schedules."""
     tc, out = cfg.train, Path(cfg.train.output_dir).expanduser()
     aside = check_output_dir(out, resume, restart)
     ckpt = checkpoint.find(out, resume) if resume else None
-    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
-        raise DistillError("accelerate's own FSDP would wrap the teacher too and save shards: launch with a plain "
-                           "multi-process config (experiments/accelerate/ddp_8gpu.yaml) and set train.fsdp=true, "
-                           "and distill shards the full student itself")
-    AcceleratorState._reset_state()  # Accelerate keeps settings process-wide; each run sets its own
-    # With several turns, each forward leaves the other turns' parameters unused.
-    ddp = DistributedDataParallelKwargs(find_unused_parameters=len(METHODS[cfg.method.name].turns) > 1)
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None, kwargs_handlers=[ddp],
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
-    if aside is not None:
-        accelerator.wait_for_everyone()  # every rank has checked the folder before it moves
-        if accelerator.is_main_process:
-            os.replace(out, aside)
-            print(f"moved the old run in {out} aside to {aside}", file=sys.stderr)
-        accelerator.wait_for_everyone()
-    if (accelerator.distributed_type == DistributedType.DEEPSPEED
-            and accelerator.state.deepspeed_plugin.zero_stage == 3):  # untested: DeepSpeed does not run here
-        raise DistillError("DeepSpeed ZeRO-3 partitions the student's parameters, and distill saves whole ones: "
-                           "use ZeRO-2, or train.fsdp=true with a plain multi-process config")
-    if tc.fsdp and accelerator.num_processes < 2:
-        raise DistillError("train.fsdp shards the student over several processes; launch with accelerate launch "
-                           "--num_processes N (N >= 2), or leave train.fsdp false on one")
+    accelerator = start_accelerator(cfg, out, aside)
     method = build_method(cfg, accelerator.device)
     if accelerator.is_main_process and accelerator.device.type == "cuda" and method.teacher.is_pipeline:
         x, cond = method.teacher.probe()  # which attention kernel the backbone runs, seen by the profiler
@@ -171,91 +207,115 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         cfg.dump(out / "config.yaml")
     if tc.trackers:
         accelerator.init_trackers(tc.project, config=_flat(cfg.to_dict()))
+    return Run(cfg, out, accelerator, method, model, turn_params, optimizers, schedulers, every, batches, start)
 
-    end = tc.max_steps if stop_after is None else min(tc.max_steps, start + stop_after)
-    bar = tqdm(total=tc.max_steps, initial=start, desc=f"{cfg.method.name}", disable=not accelerator.is_main_process,
-               dynamic_ncols=True, mininterval=1.0)
-    accum, t0, bad_in_row, skipped_samples = tc.gradient_accumulation_steps, time.time(), 0, 0
-    for step in range(start, end):
-        raws = [next(batches) for _ in range(accum)]
-        skipped_samples += sum(raw["skipped"] for raw in raws)
-        logs, bad_step = {"data/skipped_samples": skipped_samples}, False
-        for turn_i, turn in enumerate(method.turns):
-            if step % every[turn]:
-                continue
-            select_turn(turn_params, turn)
-            if tc.fsdp:
-                sharding.reshard(method)
-            for micro, raw in enumerate(raws):
-                gen = step_generator(tc.seed, step, micro * accelerator.num_processes + accelerator.process_index,
-                                     turn_i)
-                batch = encode_batch(raw, method.teacher, gen)
-                sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(model)
-                with sync, accelerator.autocast():
-                    result = model(batch, turn)
-                    accelerator.backward(result.loss / accum)
-                logs[f"{turn}/loss"] = logs.get(f"{turn}/loss", 0.0) + result.loss.item() / accum
-            logs.update({f"{turn}/{k}": v for k, v in result.logs.items()})
-            norm = accelerator.clip_grad_norm_(turn_params[turn], tc.max_grad_norm or math.inf)
-            logs[f"{turn}/grad_norm"] = float(sharding.full(norm, True))
-            # Every rank must reach the same verdict: the loss is averaged, the gradient norm is already synced.
-            loss_all = float(accelerator.reduce(torch.tensor(logs[f"{turn}/loss"], device=accelerator.device), "mean"))
-            # Under fp16 an infinite gradient is the loss scaler's business: it skips the step and rescales.
-            if not math.isfinite(loss_all) or (not math.isfinite(float(norm)) and accelerator.scaler is None):
-                optimizers[turn].zero_grad(set_to_none=True)
-                bad_step = True
-                continue
-            optimizers[turn].step()
-            schedulers[turn].step()
-            optimizers[turn].zero_grad(set_to_none=True)
-            method.after_step(turn, step)
-            logs[f"{turn}/lr"] = schedulers[turn].get_last_lr()[0]
-        done = step + 1
-        method.step_done(done)  # step-count state (progressive rounds) moves on even when the updates were skipped
-        bad_in_row = bad_in_row + 1 if bad_step else 0
-        logs["nonfinite_in_row"] = bad_in_row
-        if bad_step:
-            print(f"warning: step {done} skipped: non-finite loss or gradient ({bad_in_row} in a row)", file=sys.stderr)
-        if bad_in_row >= tc.max_nonfinite_steps:
-            raise DistillError(f"stopped at step {done}: {bad_in_row} steps in a row had a non-finite loss or gradient "
-                               f"(train.max_nonfinite_steps); the last good checkpoint in {out / 'checkpoints'} is kept; "
-                               "lower train.learning_rate or check the data, then --resume latest")
-        bar.update(1)
-        bar.set_postfix({k.split("/")[0]: f"{v:.4f}" for k, v in logs.items() if k.endswith("/loss")}, refresh=False)
-        if done % tc.log_every == 0 or done == end:
-            if tc.trackers:
-                accelerator.log(logs, step=done)
-            if accelerator.is_main_process:
-                with open(out / "metrics.jsonl", "a") as f:
-                    f.write(json.dumps({"step": done, **logs}) + "\n")
-        milestone = method.milestone(done)
-        if done % tc.checkpoint_every == 0 or done == end or milestone:
-            state, main = method.state_to_save(), accelerator.is_main_process
-            # Every rank must reach the same verdict before any saves; a sharded rank sees only its own part.
-            bad = checkpoint.first_nonfinite(sharding.local(state))
-            if accelerator.reduce(torch.tensor(float(bad is not None), device=accelerator.device), "sum") > 0:
-                raise checkpoint.nonfinite_error(f"stopped at step {done}; the last good checkpoint in "
-                                                 f"{out / 'checkpoints'} is kept (lower train.learning_rate)",
-                                                 bad or "a weight held by another process")
-            optim_states = {t: opt.state_dict() for t, opt in optimizers.items()}
-            if tc.fsdp:  # whole tensors, gathered to the main process: the files an unsharded run writes
-                state, optim_states = sharding.full(state, main), sharding.full(optim_states, main)
-            accelerator.wait_for_everyone()
-            if main:
-                checkpoint.save(out, done, state, optim_states, schedulers, cfg, tc.keep_checkpoints, milestone)
-    bar.close()
-    select_turn(turn_params, None)
+
+def start_accelerator(cfg: Config, out: Path, aside: Path | None) -> Accelerator:
+    """Accelerate for this run, after refusing launches distill cannot save from; moves an old run in `out` to
+    `aside` (--restart) once every process has checked the folder."""
+    tc = cfg.train
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        raise DistillError("accelerate's own FSDP would wrap the teacher too and save shards: launch with a plain "
+                           "multi-process config (experiments/accelerate/ddp_8gpu.yaml) and set train.fsdp=true, "
+                           "and distill shards the full student itself")
+    AcceleratorState._reset_state()  # Accelerate keeps settings process-wide; each run sets its own
+    # With several turns, each forward leaves the other turns' parameters unused.
+    ddp = DistributedDataParallelKwargs(find_unused_parameters=len(METHODS[cfg.method.name].turns) > 1)
+    accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None, kwargs_handlers=[ddp],
+                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    if aside is not None:
+        accelerator.wait_for_everyone()  # every rank has checked the folder before it moves
+        if accelerator.is_main_process:
+            os.replace(out, aside)
+            print(f"moved the old run in {out} aside to {aside}", file=sys.stderr)
+        accelerator.wait_for_everyone()
+    if (accelerator.distributed_type == DistributedType.DEEPSPEED
+            and accelerator.state.deepspeed_plugin.zero_stage == 3):  # untested: DeepSpeed does not run here
+        raise DistillError("DeepSpeed ZeRO-3 partitions the student's parameters, and distill saves whole ones: "
+                           "use ZeRO-2, or train.fsdp=true with a plain multi-process config")
+    if tc.fsdp and accelerator.num_processes < 2:
+        raise DistillError("train.fsdp shards the student over several processes; launch with accelerate launch "
+                           "--num_processes N (N >= 2), or leave train.fsdp false on one")
+    return accelerator
+
+
+def train_step(run: Run, step: int, raws: list[dict]) -> tuple[dict, bool]:
+    """One global step: every turn due at `step` runs over the accumulated batches, then clips and steps its
+    optimiser, unless its loss or gradient is not finite. Returns the step's logs and whether a turn was skipped."""
+    tc, accelerator, method = run.cfg.train, run.accelerator, run.method
+    accum, logs, bad_step = len(raws), {}, False
+    for turn_i, turn in enumerate(method.turns):
+        if step % run.every[turn]:
+            continue
+        select_turn(run.turn_params, turn)
+        if tc.fsdp:
+            sharding.reshard(method)
+        for micro, raw in enumerate(raws):
+            gen = step_generator(tc.seed, step, micro * accelerator.num_processes + accelerator.process_index, turn_i)
+            batch = encode_batch(raw, method.teacher, gen)
+            sync = contextlib.nullcontext() if micro == accum - 1 else accelerator.no_sync(run.model)
+            with sync, accelerator.autocast():
+                result = run.model(batch, turn)
+                accelerator.backward(result.loss / accum)
+            logs[f"{turn}/loss"] = logs.get(f"{turn}/loss", 0.0) + result.loss.item() / accum
+        logs.update({f"{turn}/{k}": v for k, v in result.logs.items()})
+        norm = accelerator.clip_grad_norm_(run.turn_params[turn], tc.max_grad_norm or math.inf)
+        logs[f"{turn}/grad_norm"] = float(sharding.full(norm, True))
+        # Every rank must reach the same verdict: the loss is averaged, the gradient norm is already synced.
+        loss_all = float(accelerator.reduce(torch.tensor(logs[f"{turn}/loss"], device=accelerator.device), "mean"))
+        # Under fp16 an infinite gradient is the loss scaler's business: it skips the step and rescales.
+        if not math.isfinite(loss_all) or (not math.isfinite(float(norm)) and accelerator.scaler is None):
+            run.optimizers[turn].zero_grad(set_to_none=True)
+            bad_step = True
+            continue
+        run.optimizers[turn].step()
+        run.schedulers[turn].step()
+        run.optimizers[turn].zero_grad(set_to_none=True)
+        method.after_step(turn, step)
+        logs[f"{turn}/lr"] = run.schedulers[turn].get_last_lr()[0]
+    return logs, bad_step
+
+
+def log(run: Run, done: int, logs: dict) -> None:
+    """The step's logs to the trackers and to metrics.jsonl in the run folder."""
+    if run.cfg.train.trackers:
+        run.accelerator.log(logs, step=done)
+    if run.accelerator.is_main_process:
+        with open(run.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": done, **logs}) + "\n")
+
+
+def save_checkpoint(run: Run, done: int, milestone: bool) -> None:
+    """A checkpoint after step `done`, whole (gathered from shards), written by the main process once every rank
+    agrees its weights are finite."""
+    method, accelerator, main = run.method, run.accelerator, run.accelerator.is_main_process
+    state = method.state_to_save()
+    # Every rank must reach the same verdict before any saves; a sharded rank sees only its own part.
+    bad = checkpoint.first_nonfinite(sharding.local(state))
+    if accelerator.reduce(torch.tensor(float(bad is not None), device=accelerator.device), "sum") > 0:
+        raise checkpoint.nonfinite_error(f"stopped at step {done}; the last good checkpoint in "
+                                         f"{run.out / 'checkpoints'} is kept (lower train.learning_rate)",
+                                         bad or "a weight held by another process")
+    optim_states = {t: opt.state_dict() for t, opt in run.optimizers.items()}
+    if run.cfg.train.fsdp:  # whole tensors, gathered to the main process: the files an unsharded run writes
+        state, optim_states = sharding.full(state, main), sharding.full(optim_states, main)
     accelerator.wait_for_everyone()
+    if main:
+        checkpoint.save(run.out, done, state, optim_states, run.schedulers, run.cfg, run.cfg.train.keep_checkpoints,
+                        milestone)
+
+
+def save_student(run: Run, train_time: str) -> None:
+    """The finished student in run.out/student, with the scheduler and call that sample as distill does (a full
+    student's folder is a pipeline)."""
+    method, accelerator = run.method, run.accelerator
     backbone = method.student.backbone
-    if tc.fsdp and end == tc.max_steps:
+    if run.cfg.train.fsdp:
         backbone = sharding.whole_copy(backbone, accelerator.is_main_process)
-    if accelerator.is_main_process and end == tc.max_steps:
-        # With the scheduler and call that sample as distill does (a full student's folder is a pipeline).
-        students.save(method.student, method.teacher, out / "student", student_folder_sampling(method, cfg),
+    if accelerator.is_main_process:
+        students.save(method.student, method.teacher, run.out / "student", student_folder_sampling(method, run.cfg),
                       backbone)
-        (out / "train_time.txt").write_text(f"{time.time() - t0:.1f} s for steps {start}..{end}\n")
-    accelerator.end_training()
-    return method
+        (run.out / "train_time.txt").write_text(train_time)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
