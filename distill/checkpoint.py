@@ -125,26 +125,23 @@ def save(root: Path, step: int, weights: dict, optim_states: dict, schedulers: d
     """Write a checkpoint; `keep` > 0 then prunes all but the newest `keep`, sparing milestones (e.g. each
     progressive round's student)."""
     root = Path(root) / "checkpoints"
-    final, tmp = root / step_name(step), root / f".{step_name(step)}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
-    for turn, opt_state in optim_states.items():
-        tensors, meta = _flatten_optimizer(opt_state)
-        save_file(tensors, str(tmp / f"optim-{turn}.safetensors"))
-        (tmp / f"optim-{turn}.json").write_text(json.dumps(meta))
-    trainer = {"step": step, "schedulers": {t: s.state_dict() for t, s in schedulers.items()},
-               "config_hash": config.hash(), "method": config.method.name, "teacher": config.teacher.source,
-               "student": config.student.kind}
-    (tmp / "trainer.json").write_text(json.dumps(trainer))
-    config.dump(tmp / "config.yaml")
-    if milestone:
-        (tmp / "MILESTONE").write_text(f"step {step}\n")
-    manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    _fsync_dir(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)
+    final = root / step_name(step)
+    with paths.atomic_folder(final) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(tmp / "weights.safetensors"))
+        for turn, opt_state in optim_states.items():
+            tensors, meta = _flatten_optimizer(opt_state)
+            save_file(tensors, str(tmp / f"optim-{turn}.safetensors"))
+            (tmp / f"optim-{turn}.json").write_text(json.dumps(meta))
+        trainer = {"step": step, "schedulers": {t: s.state_dict() for t, s in schedulers.items()},
+                   "config_hash": config.hash(), "method": config.method.name, "teacher": config.teacher.source,
+                   "student": config.student.kind}
+        (tmp / "trainer.json").write_text(json.dumps(trainer))
+        config.dump(tmp / "config.yaml")
+        if milestone:
+            (tmp / "MILESTONE").write_text(f"step {step}\n")
+        manifest = {f.name: {"bytes": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
+        _fsync_dir(tmp)
     paths.write_atomic(root / "latest", final.name)
     if keep > 0:
         for old in sorted(root.glob("step-*"))[:-keep]:

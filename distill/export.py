@@ -19,8 +19,6 @@ temporary folder next to DIR and renamed into place only when complete.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
@@ -120,10 +118,7 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
     sched, sampling = diffusers_sampling(method, cfg, steps)
     single_file = f"{teacher.family}_{cfg.method.name}_{steps}step.safetensors"
 
-    tmp = to.with_name(f".{to.name}.export-tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with paths.atomic_folder(to) as tmp:
         prompts = prompts or data.DIGIT_PROMPTS
         images, _ = sample_images(method, prompts, steps, 0, guidance, teacher=False)
         write_grid(images, 1, tmp / "samples.png")
@@ -174,9 +169,4 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
             "## Samples", "", "![samples](samples.png)", "", "## Training config", "", "```yaml",
             yaml.safe_dump(cfg.to_dict(), sort_keys=False).strip(), "```", ""]
         (tmp / "README.md").write_text("\n".join(card))
-        if to.exists():
-            shutil.rmtree(to)
-        os.replace(tmp, to)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)  # only left if something above failed
     return to

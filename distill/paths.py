@@ -1,7 +1,9 @@
 """Destinations a command will write to, checked before any work: a leaf module that imports no command."""
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -43,3 +45,20 @@ def write_atomic(path: Path, text: str | bytes) -> Path:
         os.fsync(f.fileno())
     os.replace(tmp, path)
     return path
+
+
+@contextlib.contextmanager
+def atomic_folder(folder: Path):
+    """A fresh temporary folder beside `folder` to write into. When the block ends it replaces `folder` in one
+    rename (a folder already there is removed just before); when the block fails it is removed instead. So `folder`
+    is never half written."""
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # only there if the block failed

@@ -8,8 +8,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import os
-import shutil
 import warnings
 from pathlib import Path
 
@@ -20,7 +18,7 @@ from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model,
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
-from distill import checkpoint
+from distill import checkpoint, paths
 from distill.config import StudentConfig
 from distill.errors import DistillError
 from teachers.base import Teacher, adapter_layers, adapter_state, set_adapter_state
@@ -184,19 +182,16 @@ def save(student: Student, teacher: Teacher, folder: Path, sampling: tuple | Non
     that scheduler, so it samples as distill does, and the facts (the pipeline call) go to
     distill_sampling.json. `backbone`: a whole copy of a sharded full student's backbone, saved in its place."""
     folder = Path(folder)
-    tmp = folder.with_name(f".{folder.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    if not teacher.is_pipeline:
-        save_file({k: v.contiguous() for k, v in student.state_to_save().items()}, str(tmp / "student.safetensors"))
-    elif student.kind == "lora":
-        save_lora(student, teacher, tmp)
-    else:
-        save_pipeline(teacher, backbone or student.backbone, tmp, **({"scheduler": sampling[0]} if sampling else {}))
-    if sampling:
-        (tmp / "distill_sampling.json").write_text(json.dumps(sampling[1], indent=2) + "\n")
-    shutil.rmtree(folder, ignore_errors=True)
-    os.replace(tmp, folder)
+    with paths.atomic_folder(folder) as tmp:
+        if not teacher.is_pipeline:
+            save_file({k: v.contiguous() for k, v in student.state_to_save().items()}, str(tmp / "student.safetensors"))
+        elif student.kind == "lora":
+            save_lora(student, teacher, tmp)
+        else:
+            save_pipeline(teacher, backbone or student.backbone, tmp,
+                          **({"scheduler": sampling[0]} if sampling else {}))
+        if sampling:
+            (tmp / "distill_sampling.json").write_text(json.dumps(sampling[1], indent=2) + "\n")
     return folder
 
 
