@@ -250,6 +250,8 @@ def parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("eval", help="sample with fixed seeds, measure FID/KID, adherence and cost, add a row")
     e.add_argument("run", help="a run folder (its latest checkpoint) or a checkpoint folder")
+    e.add_argument("--db", default=db, help=db_help)
+    e.add_argument("--out", help="folder for the sample grid (default: <checkpoint>/eval)")
     e.add_argument("--steps", type=STEPS, required=True, help="sampling steps")
     e.add_argument("--teacher", action="store_true", help="evaluate the run's teacher (DDIM) instead of the student")
     e.add_argument("--prompts", help="prompts file (default: 'a handwritten digit 0' .. '9')")
@@ -267,8 +269,6 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--extractor-weights", help="local weights file for the feature extractor")
     e.add_argument("--teacher-reference-steps", type=_int_in(0, MAX_STEPS), default=0,
                    help="also score against the teacher's own samples at this many steps (e.g. 50)")
-    e.add_argument("--db", default=db, help=db_help)
-    e.add_argument("--out", help="folder for the sample grid (default: <checkpoint>/eval)")
     e.set_defaults(func=_eval)
 
     x = sub.add_parser("export", help="write a student as a diffusers LoRA, a kohya LoRA, a merged pipeline "
@@ -294,6 +294,8 @@ def parser() -> argparse.ArgumentParser:
     sp = sub.add_parser("bench-speed", help="time a student and its teacher side by side (or, with --train, a "
                         "training step of every method)")
     sp.add_argument("run", help="a run folder or checkpoint; with --train also a config YAML")
+    sp.add_argument("--db", default=db, help=db_help)
+    sp.add_argument("--out", help="also write the result as Markdown here")
     sp.add_argument("--steps", type=STEPS, nargs="+", default=[1, 2, 4], help="student steps")
     sp.add_argument("--teacher-steps", type=STEPS, default=50)
     sp.add_argument("--teacher-guidance", type=_guidance, default=5.0, help="the teacher's CFG scale")
@@ -311,8 +313,6 @@ def parser() -> argparse.ArgumentParser:
     sp.add_argument("--methods", nargs="+", help="with --train: time only these methods (and denoise, the unit)")
     sp.add_argument("--profile", type=POSITIVE, default=0, metavar="N",
                     help="with --train: also list each method's N operators with the most self time in one step")
-    sp.add_argument("--db", default=db, help=db_help)
-    sp.add_argument("--out", help="also write the result as Markdown here")
     sp.set_defaults(func=_bench_speed)
 
     m = sub.add_parser("make-teacher", help="build a random teacher pipeline offline: tiny (tests, demos) or a real "

@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, check_choice
 
 # Every supported family is trained on 1,000 discrete times, so no sampler has more distinct steps to take.
 MAX_STEPS = 1000
@@ -319,9 +319,7 @@ def coerce_params(cls, raw: dict, prefix: str):
 
 def validate(cfg: Config) -> None:
     for dotted, allowed in CHOICES.items():
-        value = _get(cfg, dotted)
-        if value not in allowed:
-            raise ConfigError(dotted, value, "allowed: " + ", ".join(str(a) for a in allowed if a))
+        check_choice(dotted, _get(cfg, dotted), allowed)
     for dotted in POSITIVE:
         if _get(cfg, dotted) <= 0:
             raise ConfigError(dotted, _get(cfg, dotted), "must be a positive integer")
@@ -347,8 +345,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.fsdp", True, "shards a full student; a LoRA student is small, so train it with "
                           "plain data parallel (leave train.fsdp false)")
     for tracker in cfg.train.trackers:
-        if tracker not in ("wandb", "tensorboard"):
-            raise ConfigError("train.trackers", tracker, "allowed: wandb, tensorboard")
+        check_choice("train.trackers", tracker, ("wandb", "tensorboard"))
 
 
 def check_data(cfg: Config) -> None:

@@ -9,3 +9,9 @@ class ConfigError(DistillError):
     def __init__(self, field: str, value, allowed: str):
         self.field, self.value, self.allowed = field, value, allowed
         super().__init__(f"config field '{field}' has bad value {value!r}: {allowed}")
+
+
+def check_choice(field: str, value, allowed) -> None:
+    """A ConfigError naming the allowed values unless `value` is one of them."""
+    if value not in allowed:
+        raise ConfigError(field, value, "allowed: " + ", ".join(str(a) for a in allowed if a))

@@ -20,8 +20,8 @@ from torch import nn
 
 from distill import checkpoint, paths
 from distill.config import StudentConfig
-from distill.errors import DistillError
-from teachers.base import Teacher, adapter_layers, adapter_state, set_adapter_state
+from distill.errors import ConfigError, DistillError
+from teachers.base import Teacher, adapter_layers, adapter_state, adapters_as, set_adapter_state
 
 
 STUDENT_ADAPTER = "default"  # the student's LoRA adapter name (peft's default; what diffusers' files carry)
@@ -54,22 +54,47 @@ class Student(nn.Module):
         self.backbone.train(mode)
         return self
 
-    def adapter_snapshot(self) -> dict[str, torch.Tensor]:
-        """A copy of a LoRA student's adapter weights as they are now, by parameter name."""
-        return {k: v.detach().clone() for k, v in self.backbone.named_parameters() if "lora_" in k}
+    def snapshot(self, into: nn.Module | None = None):
+        """The student as it is now, frozen: a LoRA student's adapter weights by parameter name, or a full student's
+        weights copied into `into` (a module of the same shape, made once: a sharded module can only be filled)."""
+        if self.kind == "lora":
+            return {k: v.detach().clone() for k, v in self.backbone.named_parameters() if "lora_" in k}
+        mine = into.state_dict()
+        with torch.no_grad():
+            for k, v in self.backbone.state_dict().items():
+                mine[k].copy_(v)
+        return into
 
     @contextlib.contextmanager
-    def adapter_swapped(self, weights: dict[str, torch.Tensor]):
-        """The backbone with `weights` (an adapter_snapshot) in place of the adapter's own, which come back after."""
+    def as_snapshot(self, snapshot):
+        """The backbone that computes `snapshot`: a full snapshot itself, or for LoRA weights this backbone with them
+        in place of the adapter's own, which come back after."""
+        if isinstance(snapshot, nn.Module):
+            yield snapshot
+            return
         params = dict(self.backbone.named_parameters())
-        current = {k: params[k].detach().clone() for k in weights}
-        for k, v in weights.items():
+        current = {k: params[k].detach().clone() for k in snapshot}
+        for k, v in snapshot.items():
             params[k].data.copy_(v)
         try:
             yield self.backbone
         finally:
             for k, v in current.items():
                 params[k].data.copy_(v)
+
+    def snapshot_state(self, snapshot, prefix: str) -> dict[str, torch.Tensor]:
+        """A snapshot's tensors for a checkpoint, as `<prefix>.*` (full) or `<prefix>_lora.*` (LoRA)."""
+        if isinstance(snapshot, nn.Module):
+            return {f"{prefix}.{k}": v for k, v in snapshot.state_dict().items()}
+        return {f"{prefix}_lora.{k}": v for k, v in (snapshot or {}).items()}
+
+    def snapshot_from(self, state: dict[str, torch.Tensor], prefix: str, into: nn.Module | None = None):
+        """The snapshot snapshot_state wrote under `prefix` (a full one loaded into `into`), or None if none."""
+        full = checkpoint.section(state, f"{prefix}.")
+        if full:
+            into.load_state_dict(full)
+            return into
+        return checkpoint.section(state, f"{prefix}_lora.") or None
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
         """What a checkpoint must keep: LoRA weights, or the full backbone and its EMA."""
@@ -102,24 +127,64 @@ def adapter_parameters(backbone: nn.Module, name: str) -> list[nn.Parameter]:
     return [p for n, p in backbone.named_parameters() if "lora_" in n and f".{name}." in n]
 
 
-def add_adapter(student: Student, name: str, rank: int) -> list[nn.Parameter]:
-    """A second LoRA adapter `name` beside a LoRA student's own, on the same layers of the same backbone (one
-    copy of the base weights); it starts as the teacher (B = 0) and is switched on only inside
-    teachers.base.adapters_as(backbone, name). Returns its parameters, trainable in float32."""
-    backbone = student.backbone
-    lora = copy.copy(backbone.peft_config[STUDENT_ADAPTER])
-    lora.r, lora.lora_alpha = rank, rank
-    with warnings.catch_warnings():  # "multiple adapters in the model": that is the point
-        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
-        inject_adapter_in_model(lora, backbone, adapter_name=name)
-    backbone.peft_config[name] = lora
-    for layer in adapter_layers(backbone):  # peft activates nothing new, but keep the student's adapter active
-        layer._active_adapter = STUDENT_ADAPTER
-    params = adapter_parameters(backbone, name)
-    for p in params:
-        p.data = p.data.float()
-        p.requires_grad_(True)
-    return params
+def check_adapter_name(field: str, name: str) -> None:
+    """A second adapter's name: an identifier that is not the student's own adapter's."""
+    if name == STUDENT_ADAPTER or not name.isidentifier():
+        raise ConfigError(field, name, f"must be a name (letters, digits, _) other than {STUDENT_ADAPTER!r}, the "
+                          "student's own adapter")
+
+
+class Companion(nn.Module):
+    """A second trainable network beside a student that starts as the bare teacher. Beside a LoRA student it is a
+    second adapter `name` on the same layers of the same backbone (one copy of the base weights), on only inside
+    active(); otherwise (a full student, or separate=True) a trainable full copy of the teacher's backbone."""
+
+    def __init__(self, student: Student, teacher_backbone: nn.Module, name: str, rank: int = 0,
+                 separate: bool = False):
+        super().__init__()
+        self.name, self.copy = name, None
+        if student.kind != "lora" or separate:
+            # the bare teacher: a LoRA student's adapters on the backbone are dropped from the copy
+            self.copy = fuse_lora(copy.deepcopy(teacher_backbone), merge=False).float().requires_grad_(True)
+            return
+        self.shared = [student.backbone]  # in a list: the student owns the backbone, not this module
+        backbone = student.backbone
+        lora = copy.copy(backbone.peft_config[STUDENT_ADAPTER])
+        lora.r = lora.lora_alpha = rank or lora.r
+        with warnings.catch_warnings():  # "multiple adapters in the model": that is the point
+            warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+            inject_adapter_in_model(lora, backbone, adapter_name=name)
+        backbone.peft_config[name] = lora
+        for layer in adapter_layers(backbone):  # peft activates nothing new, but keep the student's adapter active
+            layer._active_adapter = STUDENT_ADAPTER
+        for p in self.trainable_parameters():
+            p.data = p.data.float()
+            p.requires_grad_(True)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        if self.copy is not None:
+            return list(self.copy.parameters())
+        return adapter_parameters(self.shared[0], self.name)
+
+    @contextlib.contextmanager
+    def active(self):
+        """The backbone that computes this network."""
+        if self.copy is not None:
+            yield self.copy
+            return
+        with adapters_as(self.shared[0], self.name):
+            yield self.shared[0]
+
+    def state_to_save(self) -> dict[str, torch.Tensor]:
+        if self.copy is not None:
+            return self.copy.state_dict()
+        return adapter_state_dict(self.shared[0], self.name)
+
+    def load_saved(self, state: dict[str, torch.Tensor]) -> None:
+        if self.copy is not None:
+            self.copy.load_state_dict(state)
+        else:
+            load_adapter_state_dict(self.shared[0], self.name, state)
 
 
 def lora_layers(student: Student, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

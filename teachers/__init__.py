@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from distill.config import TeacherConfig
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError, DistillError, check_choice
 from teachers.base import Cond, Teacher
 
 __all__ = ["Cond", "Teacher", "load", "family_of", "check_source"]
@@ -41,8 +41,7 @@ def make(name: str, out: Path) -> str:
 
 def check_source(t: TeacherConfig) -> None:
     """A teacher.source (and teacher.family) that load can take, or a one-line ConfigError; reads no weights."""
-    if t.family not in (None, *FAMILIES):
-        raise ConfigError("teacher.family", t.family, "allowed: " + ", ".join(FAMILIES))
+    check_choice("teacher.family", t.family, (None, *FAMILIES))
     src = t.source
     if src.startswith("builtin:"):
         if src not in BUILTIN:

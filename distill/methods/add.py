@@ -16,7 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from discriminators.feature_net import FeatureHeads, FeatureNetwork
 from discriminators.losses import hinge_d, hinge_g, per_sample
 from distill.errors import ConfigError
-from distill.methods.base import Adversarial, LossOut
+from distill.methods.base import Adversarial, LossOut, check_student_steps
 from distill.sampling import randn
 from distill.solvers import bcast
 
@@ -33,8 +33,7 @@ class ADDParams:
     r1_gamma: float = 1e-5  # R1 penalty on real images (Mescheder et al. 2018)
 
     def check(self) -> None:
-        if self.student_steps < 1:
-            raise ConfigError("method.params.student_steps", self.student_steps, "must be >= 1")
+        check_student_steps(self.student_steps)
         if self.distill_weight < 0 or self.r1_gamma < 0:
             raise ConfigError("method.params.distill_weight/r1_gamma", (self.distill_weight, self.r1_gamma),
                               "must be >= 0")

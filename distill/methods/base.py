@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from distill import checkpoint
-from distill.config import coerce_params
+from distill.config import MAX_STEPS, coerce_params
 from distill.errors import ConfigError
 from distill.sampling import ddim_sample, randn, renoise_chain
 from distill.solvers import loss_space, prediction_loss
@@ -127,6 +127,13 @@ def check_guidance_range(lo: float, hi: float) -> None:
         raise ConfigError("method.params.guidance_min", lo, "need 1 <= guidance_min <= guidance_max")
 
 
+def check_student_steps(n: int) -> None:
+    """A student grid on the teacher's integer times 0..MAX_STEPS - 1 (ADD, LADD, DMD2)."""
+    if not 1 <= n <= MAX_STEPS:
+        raise ConfigError("method.params.student_steps", n,
+                          f"the teacher's grid has times 0..{MAX_STEPS - 1}: need 1 <= student_steps <= {MAX_STEPS}")
+
+
 def family_times(teacher: Teacher, n: int, generator: torch.Generator, like: torch.Tensor,
                  logit_normal: bool | None = None) -> torch.Tensor:
     """Times as the family's own denoising training draws them (None: by the family): logit-normal for flow
@@ -139,9 +146,11 @@ def family_times(teacher: Teacher, n: int, generator: torch.Generator, like: tor
     return torch.randint(0, T, (n,), generator=generator).float().to(like.device)
 
 
-def denoising_loss(teacher: Teacher, x_pred, eps_pred, x0, noise, t) -> torch.Tensor:
-    """The family's own objective for predictions of x_t = alpha(t) x0 + sigma(t) noise: epsilon or v for VP
+def denoising_loss(teacher: Teacher, backbone: nn.Module, x0, cond, t, generator: torch.Generator) -> torch.Tensor:
+    """The family's own objective for `backbone` at x_t = alpha(t) x0 + sigma(t) noise: epsilon or v for VP
     teachers (Ho et al. 2020; Salimans & Ho 2022), the velocity for flow teachers."""
+    noise = randn(x0.shape, generator, x0)
+    x_pred, eps_pred = teacher.predict(teacher.add_noise(x0, noise, t), t, cond, backbone=backbone)
     alpha, sigma = (v.to(x0.device) for v in teacher.alpha_sigma(t))
     return prediction_loss(x_pred, eps_pred, x0, noise, alpha, sigma, loss_space(teacher.prediction_type))
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, check_choice
 from distill.methods.base import LossOut, Method, check_guidance_range, uniform
 from distill.sampling import randn, renoise_chain
 from distill.schedules import subsample, with_end
@@ -36,8 +36,7 @@ class ConsistencyParams:
         if not 1 <= self.skip < self.num_teacher_steps:
             raise ConfigError("method.params.skip", self.skip, f"must be in [1, {self.num_teacher_steps - 1}]")
         check_guidance_range(self.guidance_min, self.guidance_max)
-        if self.loss not in ("l2", "huber"):
-            raise ConfigError("method.params.loss", self.loss, "allowed: l2, huber")
+        check_choice("method.params.loss", self.loss, ("l2", "huber"))
         if self.huber_c <= 0:
             raise ConfigError("method.params.huber_c", self.huber_c, "must be > 0")
 

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, check_choice
 from distill.methods.base import LossOut, Method, denoising_loss, family_times
-from distill.sampling import randn
 
 @dataclass
 class DenoiseParams:
@@ -23,8 +22,7 @@ class DenoiseParams:
     def check(self) -> None:
         if not 0.0 <= self.uncond_prob < 1.0:
             raise ConfigError("method.params.uncond_prob", self.uncond_prob, "must be in [0, 1)")
-        if self.time_sampling not in ("auto", "uniform", "logit_normal"):
-            raise ConfigError("method.params.time_sampling", self.time_sampling, "allowed: auto, uniform, logit_normal")
+        check_choice("method.params.time_sampling", self.time_sampling, ("auto", "uniform", "logit_normal"))
 
 
 class Denoise(Method):
@@ -41,8 +39,5 @@ class Denoise(Method):
         n = len(x0)
         t = family_times(teacher, n, g, x0, {"auto": None, "logit_normal": True, "uniform": False}[p.time_sampling])
         drop = (torch.rand(n, generator=g) < p.uncond_prob).to(x0.device)
-        cond = cond.dropped(drop)
-        noise = randn(x0.shape, g, x0)
-        x_pred, eps_pred = teacher.predict(teacher.add_noise(x0, noise, t), t, cond, backbone=self.student.backbone)
-        loss = denoising_loss(teacher, x_pred, eps_pred, x0, noise, t)
+        loss = denoising_loss(teacher, self.student.backbone, x0, cond.dropped(drop), t, g)
         return LossOut(loss, {"uncond_share": drop.float().mean().item()})

@@ -12,8 +12,6 @@ the reference code's SDXL recipe (tianweiy/DMD2, main/sd_guidance.py and train_s
 """
 from __future__ import annotations
 
-import copy
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -22,11 +20,9 @@ import torch.nn.functional as F
 import students
 from discriminators.teacher_heads import TeacherHeads, capture
 from distill import checkpoint
-from distill.config import MAX_STEPS
-from distill.errors import ConfigError
-from distill.methods.base import Adversarial, LossOut, denoising_loss, family_times
+from distill.errors import ConfigError, check_choice
+from distill.methods.base import Adversarial, LossOut, check_student_steps, denoising_loss, family_times
 from distill.sampling import randn, renoise_chain
-from teachers.base import adapters_as
 
 
 @dataclass
@@ -43,9 +39,7 @@ class DMD2Params:
     head_hidden: int = 128
 
     def check(self) -> None:
-        if not 1 <= self.student_steps <= MAX_STEPS:
-            raise ConfigError("method.params.student_steps", self.student_steps,
-                              f"the teacher's grid has times 0..{MAX_STEPS - 1}: need 1 <= student_steps <= {MAX_STEPS}")
+        check_student_steps(self.student_steps)
         if not (self.real_guidance >= 1.0 and self.real_guidance < float("inf")):
             raise ConfigError("method.params.real_guidance", self.real_guidance, "need a finite CFG scale >= 1")
         if not 0.0 <= self.min_time < self.max_time <= 1.0:
@@ -57,12 +51,8 @@ class DMD2Params:
             # for nothing; the reference only ever switches both on together
             raise ConfigError("method.params.gan_student_weight/gan_fake_weight", weights,
                               "must be >= 0, and both > 0 (GAN on) or both 0 (GAN off)")
-        if self.fake_score not in ("adapter", "copy"):
-            raise ConfigError("method.params.fake_score", self.fake_score, "allowed: adapter, copy")
-        name = self.fake_adapter
-        if name == students.STUDENT_ADAPTER or not name.isidentifier():
-            raise ConfigError("method.params.fake_adapter", name, f"must be a name (letters, digits, _) other than "
-                              f"{students.STUDENT_ADAPTER!r}, the student's own adapter")
+        check_choice("method.params.fake_score", self.fake_score, ("adapter", "copy"))
+        students.check_adapter_name("method.params.fake_adapter", self.fake_adapter)
         if self.fake_rank < 0:
             raise ConfigError("method.params.fake_rank", self.fake_rank, "must be >= 0 (0: the student's rank)")
 
@@ -77,13 +67,8 @@ class DMD2(Adversarial):
 
     def __init__(self, teacher, student, params: DMD2Params):
         super().__init__(teacher, student, params)
-        if student.kind == "lora" and params.fake_score == "adapter":
-            rank = params.fake_rank or student.backbone.peft_config[students.STUDENT_ADAPTER].r
-            students.add_adapter(student, params.fake_adapter, rank)
-            self.fake = None  # the teacher's backbone with the fake adapter active
-        else:
-            # the bare teacher: a LoRA student's adapters on the backbone are dropped from the copy
-            self.fake = students.fuse_lora(copy.deepcopy(teacher.backbone), merge=False).float().requires_grad_(True)
+        self.fake = students.Companion(student, teacher.backbone, params.fake_adapter, params.fake_rank,
+                                       separate=params.fake_score == "copy")
         self.layer = teacher.bottleneck_layer()
         with torch.no_grad():
             x, cond = teacher.probe()
@@ -103,28 +88,19 @@ class DMD2(Adversarial):
 
     def parameters_for(self, turn: str) -> list:
         if turn == "fake":
-            fake = (students.adapter_parameters(self.teacher.backbone, self.params.fake_adapter) if self.fake is None
-                    else list(self.fake.parameters()))
-            return fake + list(self.discriminator.parameters())
+            return self.fake.trainable_parameters() + list(self.discriminator.parameters())
         return self.student.trainable_parameters()
 
     def sharded_modules(self) -> list:
-        return super().sharded_modules() + ([self.fake] if self.fake is not None else [])
-
-    def _as_fake(self):
-        if self.fake is None:
-            return self.teacher.backbone, adapters_as(self.teacher.backbone, self.params.fake_adapter)
-        return self.fake, contextlib.nullcontext()
+        return super().sharded_modules() + ([self.fake.copy] if self.fake.copy is not None else [])
 
     def fake_predict(self, x_t, t, cond):
-        backbone, active = self._as_fake()
-        with active:
+        with self.fake.active() as backbone:
             return self.teacher.predict(x_t, t, cond, backbone=backbone)
 
     def fake_features(self, x_t, t, cond):
         """The fake score's bottleneck tokens, where the GAN head reads (DMD2 sec. 4.3)."""
-        backbone, active = self._as_fake()
-        with active, capture(backbone, (self.layer,)) as feats:
+        with self.fake.active() as backbone, capture(backbone, (self.layer,)) as feats:
             self.teacher.predict(x_t, t, cond, backbone=backbone)
         return feats[0]
 
@@ -164,35 +140,30 @@ class DMD2(Adversarial):
         p, g, cond = self.params, batch["generator"], batch["cond"]
         if turn == "student":
             x0 = self.simulate(cond, g)
-            dm = self.dm_loss(x0, cond, g)
-            loss, logs = dm, {"dm": dm.item()}
+            loss = self.dm_loss(x0, cond, g)
+            logs = {"dm": loss.item()}
             if p.gan_student_weight > 0:  # non-saturating: softplus(-D(fake))
                 gan = F.softplus(-self.logits(x0, cond, g)).mean()
-                loss, logs["gan"] = loss + p.gan_student_weight * gan, gan.item()
+                loss = loss + p.gan_student_weight * gan
+                logs["gan"] = gan.item()
             return LossOut(loss, logs)
         with torch.no_grad():
             x0 = self.simulate(cond, g)
         # The fake score learns the student's distribution with the family's own denoising loss and times.
-        t, noise = family_times(self.teacher, len(x0), g, x0), randn(x0.shape, g, x0)
-        x_pred, eps_pred = self.fake_predict(self.teacher.add_noise(x0, noise, t), t, cond)
-        denoise = denoising_loss(self.teacher, x_pred, eps_pred, x0, noise, t)
-        loss, logs = denoise, {"denoise": denoise.item()}
+        with self.fake.active() as backbone:
+            loss = denoising_loss(self.teacher, backbone, x0, cond, family_times(self.teacher, len(x0), g, x0), g)
+        logs = {"denoise": loss.item()}
         if p.gan_fake_weight > 0:
             real_logits, fake_logits = self.logits(batch["latents"].float(), cond, g), self.logits(x0, cond, g)
             cls = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
-            loss, logs["cls"] = loss + p.gan_fake_weight * cls, cls.item()
+            loss = loss + p.gan_fake_weight * cls
+            logs["cls"] = cls.item()
             logs |= {"d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
         return LossOut(loss, logs)
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
-        fake = (students.adapter_state_dict(self.teacher.backbone, self.params.fake_adapter) if self.fake is None
-                else self.fake.state_dict())
-        return super().state_to_save() | {f"fake.{k}": v for k, v in fake.items()}
+        return super().state_to_save() | {f"fake.{k}": v for k, v in self.fake.state_to_save().items()}
 
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
         super().load_saved(state)
-        fake = checkpoint.section(state, "fake.")
-        if self.fake is None:
-            students.load_adapter_state_dict(self.teacher.backbone, self.params.fake_adapter, fake)
-        else:
-            self.fake.load_state_dict(fake)
+        self.fake.load_saved(checkpoint.section(state, "fake."))

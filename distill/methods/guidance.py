@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distill.errors import ConfigError
+from distill.errors import ConfigError, check_choice
 from distill.methods.base import LossOut, Method, check_guidance_range, uniform
 from distill.sampling import randn
 from distill.solvers import prediction_loss
@@ -24,8 +24,7 @@ class GuidanceParams:
 
     def check(self) -> None:
         check_guidance_range(self.guidance_min, self.guidance_max)
-        if self.target not in ("x", "eps", "v"):
-            raise ConfigError("method.params.target", self.target, "allowed: x, eps, v")
+        check_choice("method.params.target", self.target, ("x", "eps", "v"))
 
 
 class Guidance(Method):

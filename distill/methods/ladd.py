@@ -13,8 +13,8 @@ import torch
 
 from discriminators.losses import hinge_d, hinge_g, per_sample
 from discriminators.teacher_heads import TeacherHeads, capture
-from distill.errors import ConfigError
-from distill.methods.base import Adversarial, LossOut
+from distill.errors import ConfigError, check_choice
+from distill.methods.base import Adversarial, LossOut, check_student_steps
 from distill.sampling import ddim_sample, randn
 
 
@@ -30,12 +30,10 @@ class LADDParams:
     distill_weight: float = 0.0  # optional x0-matching term against the teacher (ADD eq. 4 style); LADD uses 0
 
     def check(self) -> None:
-        if self.student_steps < 1:
-            raise ConfigError("method.params.student_steps", self.student_steps, "must be >= 1")
+        check_student_steps(self.student_steps)
         if self.logit_std <= 0:
             raise ConfigError("method.params.logit_std", self.logit_std, "must be > 0")
-        if self.real not in ("data", "teacher"):
-            raise ConfigError("method.params.real", self.real, "allowed: data, teacher")
+        check_choice("method.params.real", self.real, ("data", "teacher"))
         if self.distill_weight < 0:
             raise ConfigError("method.params.distill_weight", self.distill_weight, "must be >= 0")
 

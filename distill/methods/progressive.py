@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import contextmanager
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
-from distill import checkpoint
-from distill.errors import ConfigError, DistillError
+from distill.errors import ConfigError, DistillError, check_choice
 from distill.methods.base import LossOut, Method, check_guidance_range, uniform
 from distill.sampling import randn
 from distill.schedules import with_end
@@ -52,12 +51,9 @@ class ProgressiveParams:
                               f"start_steps / end_steps must be a power of 2 >= 2 (start_steps={self.start_steps})")
         if self.round_steps < 1:
             raise ConfigError("method.params.round_steps", self.round_steps, "must be >= 1")
-        if self.target not in ("x", "eps", "v"):
-            raise ConfigError("method.params.target", self.target, "allowed: x, eps, v")
+        check_choice("method.params.target", self.target, ("x", "eps", "v"))
         check_guidance_range(self.guidance_min, self.guidance_max)
-        if self.student_output not in STUDENT_OUTPUTS:
-            raise ConfigError("method.params.student_output", self.student_output,
-                              f"allowed: {', '.join(STUDENT_OUTPUTS)}")
+        check_choice("method.params.student_output", self.student_output, STUDENT_OUTPUTS)
         if self.teacher_from_student and self.student_output != "teacher":
             raise ConfigError("method.params.student_output", self.student_output,
                               "teacher_from_student needs student_output: teacher (the initial student's output "
@@ -77,8 +73,7 @@ class Progressive(Method):
         # times (a flow teacher's own Euler grid ends at sigma_min, a near-identity last step).
         self.register_buffer("grid", with_end(teacher.student_timesteps(params.start_steps), teacher.end_time),
                              persistent=False)
-        a, s = teacher.alpha_sigma(torch.tensor(teacher.num_train_timesteps // 2))
-        if params.student_output == "v" and abs(float(a**2 + s**2) - 1) > 1e-4:
+        if params.student_output == "v" and teacher.flow:
             raise ConfigError("method.params.student_output", "v", "v = alpha*eps - sigma*x needs a variance-"
                               "preserving teacher (a flow teacher's own output already is a velocity): use teacher or x")
         self.student_prediction = STUDENT_OUTPUTS[params.student_output]
@@ -89,24 +84,13 @@ class Progressive(Method):
         self.round_backbone = (copy.deepcopy(student.backbone).requires_grad_(False).eval()
                                if student.kind == "full" else None)
         if params.teacher_from_student:
-            self._snapshot()
+            self.previous = self.student.snapshot(self.round_backbone)
 
     def student_steps(self, round_: int) -> int:
         return self.params.start_steps // 2 ** (round_ + 1)
 
     def round_of(self, step: int) -> int:
         return min(step // self.params.round_steps, self.params.rounds - 1)
-
-    @contextmanager
-    def _round_teacher(self):
-        """The backbone that plays teacher this round: the teacher itself, then the previous student."""
-        if self.previous is None:
-            yield None
-        elif isinstance(self.previous, torch.nn.Module):
-            yield self.previous
-        else:  # LoRA: the previous round's adapter weights swapped in for the no-grad teacher pass
-            with self.student.adapter_swapped(self.previous) as backbone:
-                yield backbone
 
     def loss(self, batch, turn) -> LossOut:
         p, teacher, g = self.params, self.teacher, batch["generator"]
@@ -119,7 +103,9 @@ class Progressive(Method):
         z = teacher.add_noise(x0, randn(x0.shape, g, x0), t)
         w = uniform(len(x0), p.guidance_min, p.guidance_max, g, x0)
         w_in = w if self.student.guidance_input else None
-        with torch.no_grad(), self._round_teacher() as backbone:
+        # The backbone that plays teacher this round: the teacher itself, then the previous student.
+        round_teacher = self.student.as_snapshot(self.previous) if self.previous is not None else nullcontext()
+        with torch.no_grad(), round_teacher as backbone:
             # The raw teacher applies CFG at w; a previous student already has it built in (or reads w).
             cfg = (1.0 if p.guidance_max == 1.0 else w) if backbone is None else 1.0
             w_teacher, out = (None, None) if backbone is None else (w_in, self.student_prediction)
@@ -142,19 +128,8 @@ class Progressive(Method):
         checkpoint, or a resume would pair the next round with the old teacher."""
         new_round = self.round_of(done)
         if new_round != self.round:
-            self._snapshot()
+            self.previous = self.student.snapshot(self.round_backbone)
             self.round = new_round
-
-    def _snapshot(self) -> None:
-        """Freeze the student as it is now: the next round's teacher."""
-        if self.student.kind == "full":
-            mine, now = self.round_backbone.state_dict(), self.student.backbone.state_dict()
-            with torch.no_grad():
-                for k, v in now.items():
-                    mine[k].copy_(v)
-            self.previous = self.round_backbone
-        else:
-            self.previous = self.student.adapter_snapshot()
 
     def sharded_modules(self) -> list:
         return super().sharded_modules() + ([self.round_backbone] if self.round_backbone is not None else [])
@@ -170,22 +145,13 @@ class Progressive(Method):
         return step % self.params.round_steps == 0 and step // self.params.round_steps <= self.params.rounds
 
     def state_to_save(self):
-        state = super().state_to_save()
-        if isinstance(self.previous, torch.nn.Module):
-            state |= {f"previous.{k}": v for k, v in self.previous.state_dict().items()}
-        elif self.previous is not None:
-            state |= {f"previous_lora.{k}": v for k, v in self.previous.items()}
-        return state
+        return super().state_to_save() | self.student.snapshot_state(self.previous, "previous")
 
     def load_saved(self, state) -> None:
         super().load_saved(state)
-        full = checkpoint.section(state, "previous.")
-        lora = checkpoint.section(state, "previous_lora.")
-        if full:
-            self._snapshot()
-            self.previous.load_state_dict(full)
-        elif lora:
-            self.previous = lora
+        previous = self.student.snapshot_from(state, "previous", self.round_backbone)
+        if previous is not None:
+            self.previous = previous
 
     def resume_at(self, step: int) -> None:
         self.round = self.round_of(step)
