@@ -181,6 +181,19 @@ def _make_teacher(args) -> None:
     print(f"wrote {teachers.make(args.name, out)} to {out}")
 
 
+def _plan(args) -> None:
+    from distill import paths, plan
+    from distill.runs import load_config
+
+    if args.out:
+        paths.check_writable(Path(args.out).parent, "--out")
+    cfg = load_config(args.config, args.overrides, for_training=False, source=args.architecture is None)
+    text = plan.report(cfg, args.architecture)
+    print(text)
+    if args.out:
+        paths.write_atomic(Path(args.out), text + "\n")
+
+
 def _cache(args) -> None:
     import teachers
     from distill import data, paths
@@ -320,6 +333,15 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("name", choices=teachers.MAKEABLE)
     m.add_argument("out")
     m.set_defaults(func=_make_teacher)
+
+    pl = sub.add_parser("plan", help="memory (parameters, gradients, optimiser state, activations) and FLOPs of one "
+                        "training step of a config at its real size, on the meta device: no weights, no GPU")
+    pl.add_argument("config")
+    pl.add_argument("overrides", nargs="*")
+    pl.add_argument("--architecture", choices=teachers.ARCHITECTURES, help="the teacher's architecture, when "
+                    "teacher.source is not a local pipeline folder (a hub id, a single file, a folder elsewhere)")
+    pl.add_argument("--out", help="also write the table as Markdown here")
+    pl.set_defaults(func=_plan)
 
     c = sub.add_parser("cache", help="precompute latents and text embeddings of a config's data")
     c.add_argument("config")

@@ -15,18 +15,20 @@ from distill.errors import DistillError
 from distill.methods import METHODS, Method
 
 
-def load_config(path, overrides: list[str] = (), for_training: bool = True) -> Config:
-    """A config file checked whole, in this order: its values (distill.config), its teacher source (teachers), its
-    method (distill.methods) and, for training, that its data exists."""
-    return checked(config.load(path, overrides, for_training=False), for_training)
+def load_config(path, overrides: list[str] = (), for_training: bool = True, source: bool = True) -> Config:
+    """A config file checked whole, in this order: its values (distill.config), its teacher source (teachers; not
+    with source=False, where a command stands in for the teacher), its method (distill.methods) and, for
+    training, that its data exists."""
+    return checked(config.load(path, overrides, for_training=False), for_training, source)
 
 
 def parse_config(raw: dict, overrides: list[str] = (), for_training: bool = True) -> Config:
     return checked(config.parse(raw, overrides, for_training=False), for_training)
 
 
-def checked(cfg: Config, for_training: bool) -> Config:
-    teachers.check_source(cfg.teacher)
+def checked(cfg: Config, for_training: bool, source: bool = True) -> Config:
+    if source:
+        teachers.check_source(cfg.teacher)
     methods.check_config(cfg)
     if for_training:
         config.check_data(cfg)

@@ -150,16 +150,18 @@ def timed_costs(method, prompts: list[str], steps: list[int], guidance: float, t
 
 # --- training ----------------------------------------------------------------------------------------------
 
-def train_stepper(method, cfg, compile: bool = False):
+def train_stepper(method, cfg, raw: dict | None = None, compile: bool = False):
     """A call that runs one full training step (every turn: loss, backward, clipping, optimiser step) of a built
-    method on a fixed batch, as the trainer does; the noise differs per call, as in training."""
+    method on a fixed batch (`raw`, or the first of cfg's data), as the trainer does; the noise differs per call, as
+    in training. Its optimisers are the call's `optimizers` attribute."""
     from distill import data
     from distill.trainer import encode_batch, select_turn, step_generator
 
     method.train()
     fast_path(method, compile=compile)
-    dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, cfg.train.seed)
-    raw = data.collate([dataset[i] for i in range(cfg.data.batch_size)])
+    if raw is None:
+        dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, cfg.train.seed)
+        raw = data.collate([dataset[i] for i in range(cfg.data.batch_size)])
     params = {turn: method.parameters_for(turn) for turn in method.turns}
     optimizers = {turn: torch.optim.AdamW(p, lr=1e-6) for turn, p in params.items()}
     device = method.teacher.device
@@ -170,13 +172,15 @@ def train_stepper(method, cfg, compile: bool = False):
         k = next(calls)
         for i, turn in enumerate(method.turns):
             select_turn(params, turn)
-            with torch.autocast(device.type, dtype=amp, enabled=amp is not None):  # the trainer's mixed precision
+            # the trainer's mixed precision
+            with torch.autocast(device.type, dtype=amp) if amp is not None else contextlib.nullcontext():
                 loss = method(encode_batch(raw, method.teacher, step_generator(cfg.train.seed, k, 0, i)), turn).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params[turn], cfg.train.max_grad_norm or math.inf)
             optimizers[turn].step()
             optimizers[turn].zero_grad(set_to_none=True)
         select_turn(params, None)
+    step.optimizers = optimizers
     return step
 
 

@@ -25,7 +25,8 @@ BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:tiny-sdxl", "bu
 FAMILIES = ("sdxl", "sd3", "gmm")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Random pipelines `distill make-teacher` builds offline: tiny ones (tiny.py) and real architectures (real_size.py).
-MAKEABLE = ("tiny-sdxl", "tiny-sd3", "sdxl-base-arch", "sd3-medium-arch")
+ARCHITECTURES = ("sdxl-base-arch", "sd3-medium-arch")  # real_size.py's, which `distill plan` also builds on meta
+MAKEABLE = ("tiny-sdxl", "tiny-sd3", *ARCHITECTURES)
 
 
 def make(name: str, out: Path) -> str:
@@ -198,10 +199,37 @@ def load(cfg: TeacherConfig, device: str | torch.device = "cpu") -> Teacher:
     if not matches or (cfg.family and cfg.family != matches[0]):
         raise DistillError(f"teacher {src} loaded as {type(pipe).__name__}, which is not a "
                            f"{cfg.family or 'supported'} pipeline (supported: sdxl, sd3)")
+    return wrap(pipe, cfg).to(device)
+
+
+def wrap(pipe, cfg: TeacherConfig) -> Teacher:
+    """The Teacher of a loaded pipeline of a supported family, with cfg's resolution and overrides."""
     pipe.set_progress_bar_config(disable=True)
-    cls = _classes()[matches[0]]
+    cls = next(c for c in _classes().values() if isinstance(pipe, c.pipeline_class))
     if cls.family == "sdxl":
-        teacher = cls(pipe, cfg.resolution, cfg.prediction_type)
+        return cls(pipe, cfg.resolution, cfg.prediction_type)
+    return cls(pipe, cfg.resolution, cfg.max_text_length)
+
+
+def load_meta(cfg: TeacherConfig, architecture: str | None = None) -> Teacher:
+    """cfg's teacher with every weight on the meta device (shapes and dtypes, no data): the shipped architecture
+    `architecture` (one of ARCHITECTURES), or else the configs of cfg.source's local pipeline folder."""
+    from teachers import real_size
+
+    if architecture is None and cfg.source.startswith("builtin:") and not cfg.source.startswith("builtin:gmm-"):
+        folder = _builtin(cfg)
     else:
-        teacher = cls(pipe, cfg.resolution, cfg.max_text_length)
-    return teacher.to(device)
+        folder = Path(cfg.source).expanduser()
+    dtype = DTYPES[cfg.dtype]
+    if architecture is not None:
+        if architecture not in ARCHITECTURES:
+            raise DistillError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+        with torch.device("meta"):
+            pipe = real_size.pipeline(architecture, dtype)
+    elif (folder / "model_index.json").is_file():
+        family_of(folder)
+        pipe = real_size.meta_pipeline(folder, dtype)
+    else:
+        raise DistillError(f"the architecture of teacher {cfg.source} is not known here: give a local pipeline folder "
+                           f"as teacher.source, or pass --architecture ({', '.join(ARCHITECTURES)})")
+    return wrap(pipe, cfg).to("meta")

@@ -64,6 +64,30 @@ def pipeline(name: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> d
     return getattr(diffusers, arch["pipeline"])(**parts)
 
 
+def meta_pipeline(folder: Path, dtype: torch.dtype) -> diffusers.DiffusionPipeline:
+    """The pipeline saved in `folder` with its models made from their configs on the meta device (no weights read);
+    tokenizers and scheduler are loaded as saved (small files)."""
+    index = json.loads((folder / "model_index.json").read_text())
+    parts = {}
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        for name, spec in index.items():
+            if name.startswith("_") or not isinstance(spec, list) or spec[0] is None:
+                continue
+            cls = getattr(diffusers if spec[0] == "diffusers" else transformers, spec[1])
+            if not issubclass(cls, torch.nn.Module):
+                parts[name] = cls.from_pretrained(folder, subfolder=name)
+                continue
+            config = (cls.load_config(folder / name) if spec[0] == "diffusers"
+                      else transformers.AutoConfig.from_pretrained(folder / name))
+            with torch.device("meta"):
+                parts[name] = (cls.from_config(config) if spec[0] == "diffusers" else cls(config)).eval()
+    finally:
+        torch.set_default_dtype(default)
+    return getattr(diffusers, index["_class_name"])(**parts)
+
+
 def build(name: str, out: Path) -> Path:
     """Write `name` as a diffusers folder (safetensors, bfloat16) and return the folder."""
     with torch.random.fork_rng():

@@ -1,0 +1,156 @@
+"""`distill plan`: the memory and compute of one training step of a config, at real size, without the weights.
+
+The teacher is built on the meta device from its architecture (teachers.load_meta): every tensor has a shape and a
+dtype but no data. The config's student and method are built on it and run the trainer's step (every turn: loss,
+backward, clipping, AdamW) twice:
+- the Tracker (a dispatch mode) counts the bytes of every storage a meta op creates until the storage dies, so its
+  high-water mark during the second step is what an allocator would peak at (the first step creates the optimiser
+  state). It counts FLOPs with the formulas of torch's flop counter (whose own mode's module hooks would keep a
+  checkpointed block's tensors alive), answers the few reads of values a step makes (a log's .item(), a
+  finiteness check) and moves the small CPU tensors a step mixes in (schedules, times) to the meta device;
+- fused_attention runs scaled_dot_product_attention as the fused kernel a GPU uses (on meta it would otherwise be
+  the math path, which keeps the L x L attention matrix).
+Autocast does not act on meta tensors: layers compute in their weights' dtypes (teacher.dtype; LoRA and full
+students in float32).
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves, tree_map
+from torch.utils.flop_counter import flop_registry
+
+import teachers
+from distill.runs import build_method
+
+GB = 1e9
+SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
+
+
+class Tracker(TorchDispatchMode):
+    """Live bytes of the meta storages ops create and their high-water mark, and (while count_flops) the FLOPs of
+    the ops torch's flop counter knows (matrix products, convolutions, attention)."""
+
+    def __init__(self):
+        super().__init__()
+        self.live, self.now, self.peak = {}, 0, 0
+        self.count_flops, self.flops = False, 0
+
+    def _freed(self, key: int) -> None:
+        self.now -= self.live.pop(key, 0)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if any(isinstance(a, torch.Tensor) and a.is_meta for a in tree_leaves((args, kwargs))):
+            if func in SCALAR_READS:  # a value the step reads: finite, true, zero
+                return True if func is torch.ops.aten.is_nonzero.default or args[0].dtype == torch.bool else 0
+            to = kwargs.get("device")
+            if func is torch.ops.aten._to_copy.default and to is not None and torch.device(to).type != "meta":
+                return torch.zeros(args[0].shape, dtype=kwargs.get("dtype") or args[0].dtype, device=to)  # .tolist()
+            args, kwargs = tree_map(_to_meta, (args, kwargs))
+        out = func(*args, **kwargs)
+        if self.count_flops and func._overloadpacket in flop_registry:
+            self.flops += flop_registry[func._overloadpacket](*args, **kwargs, out_val=out)
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.is_meta:
+                storage = t.untyped_storage()
+                key = storage._cdata
+                if key not in self.live:
+                    self.live[key] = storage.nbytes()
+                    self.now += storage.nbytes()
+                    self.peak = max(self.peak, self.now)
+                    weakref.finalize(storage, self._freed, key)
+        return out
+
+
+def _to_meta(a):
+    return a.to("meta") if isinstance(a, torch.Tensor) and not a.is_meta and a.dim() > 0 else a
+
+
+@contextlib.contextmanager
+def fused_attention():
+    """scaled_dot_product_attention on meta tensors as the fused (flash) kernel a GPU runs: it keeps q, k, v, the
+    output and one log-sum-exp per query, where the meta device's math path would keep the L x L attention matrix.
+    Not where a caller asked for the math kernel (ADD's R1 differentiates twice) or passed a mask. Swapped in for
+    the call's duration, as the function itself: a gradient-checkpointed block recomputes in backward, where no
+    function mode is active, and must save what its forward saved."""
+    original = F.scaled_dot_product_attention
+
+    def sdpa(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+        fusable = torch.backends.cuda.flash_sdp_enabled() or torch.backends.cuda.mem_efficient_sdp_enabled()
+        if query.is_meta and fusable and attn_mask is None and not enable_gqa:
+            return torch.ops.aten._scaled_dot_product_flash_attention(query, key, value, dropout_p, is_causal,
+                                                                     scale=scale)[0]
+        return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+
+    F.scaled_dot_product_attention = sdpa
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
+def _bytes(tensors) -> int:
+    """Bytes of the distinct storages among `tensors`."""
+    return sum({t.untyped_storage()._cdata: t.untyped_storage().nbytes() for t in tensors}.values())
+
+
+def plan(cfg, architecture: str | None = None, teacher=None) -> dict:
+    """The memory (bytes) and FLOPs of one training step of cfg, from a teacher on the meta device."""
+    from distill.speed import train_stepper
+
+    teacher = teachers.load_meta(cfg.teacher, architecture) if teacher is None else teacher
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, mixed_precision="no", compile=False))
+    tracker = Tracker()
+    with fused_attention(), tracker:
+        method = build_method(cfg, torch.device("meta"), teacher=teacher).to("meta")
+        b, size = cfg.data.batch_size, cfg.teacher.resolution
+        raw = {"prompt": ["a photo"] * b}
+        if cfg.data.kind == "latents":  # a cache: no VAE encode in the step
+            raw["latents"] = torch.zeros(b, *teacher.latent_shape(size, size), device="meta")
+        else:
+            raw["image"] = torch.zeros(b, 3, size, size, device="meta")
+        step = train_stepper(method, cfg, raw)
+        step()  # the optimiser state appears in the first step
+        tracker.peak, tracker.count_flops = tracker.now, True
+        step()
+    weights = [*teacher.parameters(), *teacher.buffers(), *method.parameters(), *method.buffers()]
+    params = _bytes(weights)
+    before = _bytes([w for w in weights if w.untyped_storage()._cdata not in tracker.live])  # the teacher's
+    optimizer = _bytes([v for opt in step.optimizers.values() for state in opt.state.values() for v in state.values()
+                        if isinstance(v, torch.Tensor) and v.dim() > 0])
+    turns = {turn: method.parameters_for(turn) for turn in method.turns}
+    gradients = max(_bytes(p) for p in turns.values())
+    peak = before + tracker.peak
+    return {"parameters": params, "gradients": gradients, "optimizer": optimizer,
+            "activations": max(peak - params - optimizer - gradients, 0), "peak": peak,
+            "flops": tracker.flops, "trainable": _bytes([p for ps in turns.values() for p in ps])}
+
+
+def report(cfg, architecture: str | None = None) -> str:
+    """plan() without and with gradient checkpointing, as a Markdown table with what fits on 24, 40 and 80 GB."""
+    rows = []
+    for checkpointing in (False, True):
+        student = dataclasses.replace(cfg.student, gradient_checkpointing=checkpointing)
+        rows.append((checkpointing, plan(dataclasses.replace(cfg, student=student), architecture)))
+    s, t = cfg.student, cfg.teacher
+    kind = f"LoRA rank {s.lora_rank}" if s.kind == "lora" else "full"
+    lines = [f"{cfg.method.name}, {kind} student of {architecture or t.source} ({t.dtype}), "
+             f"batch {cfg.data.batch_size} per process at {t.resolution} px; one step runs every turn once; "
+             "memory in GB (1e9 bytes)", "",
+             "| gradient checkpointing | parameters | gradients | optimizer | activations | peak | fits | TFLOP/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    for checkpointing, r in rows:
+        fits = ", ".join(f"{gb} GB" for gb in (24, 40, 80) if r["peak"] <= gb * GB) or "none of 24/40/80 GB"
+        parts = " | ".join(f"{r[k] / GB:.3g}" for k in ("parameters", "gradients", "optimizer", "activations", "peak"))
+        lines.append(f"| {'on' if checkpointing else 'off'} | {parts} | {fits} | {r['flops'] / 1e12:.3g} |")
+    lines += ["", f"Trainable: {rows[0][1]['trainable'] / GB:.3f} GB of parameters. Autocast does not act on the meta "
+              "device, so layers compute in their weights' dtypes; train.fsdp on N processes divides a full student's "
+              "parameters, gradients and optimiser state by N (the frozen teacher stays whole)."]
+    return "\n".join(lines)
