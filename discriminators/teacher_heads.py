@@ -36,6 +36,13 @@ def capture(backbone: nn.Module, layers: tuple[tuple[str, int | None], ...]):
             h.remove()
 
 
+def features(teacher, layers, x_t, t, cond, backbone: nn.Module | None = None) -> list[torch.Tensor]:
+    """The tokens of `layers` when `backbone` (the teacher's own, adapters off, by default) denoises x_t at t."""
+    with capture(backbone if backbone is not None else teacher.backbone, layers) as feats:
+        teacher.predict(x_t, t, cond, backbone=backbone)
+    return feats
+
+
 def time_features(t: torch.Tensor, dim: int = 16) -> torch.Tensor:
     freqs = torch.exp(torch.arange(dim // 2, device=t.device) * -math.log(1000.0) / (dim // 2))
     arg = t.float()[:, None] * freqs
@@ -65,6 +72,14 @@ class TeacherHeads(nn.Module):
         super().__init__()
         self.cond_dim = cond_dim
         self.heads = nn.ModuleList(Head(c, cond_dim + 16, hidden) for c in channels)
+
+    @classmethod
+    @torch.no_grad()
+    def sized_for(cls, teacher, layers, hidden: int = 128) -> "TeacherHeads":
+        """One head per layer of `layers`, sized from a probe forward of the teacher."""
+        x, cond = teacher.probe()
+        feats = features(teacher, layers, x, teacher.num_train_timesteps // 2, cond)
+        return cls([f.shape[-1] for f in feats], teacher.pooled(cond.pos).shape[-1], hidden)
 
     def forward(self, feats: list[torch.Tensor], pooled: torch.Tensor, t: torch.Tensor) -> list[torch.Tensor]:
         cond = torch.cat([pooled.float(), time_features(t)], dim=1)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import students
-from discriminators.teacher_heads import TeacherHeads, capture
+from discriminators.teacher_heads import TeacherHeads, features
 from distill import checkpoint
 from distill.errors import ConfigError, check_choice
 from distill.methods.base import Adversarial, LossOut, check_student_steps, denoising_loss, family_times
@@ -69,11 +69,8 @@ class DMD2(Adversarial):
         super().__init__(teacher, student, params)
         self.fake = students.Companion(student, teacher.backbone, params.fake_adapter, params.fake_rank,
                                        separate=params.fake_score == "copy")
-        self.layer = teacher.bottleneck_layer()
-        with torch.no_grad():
-            x, cond = teacher.probe()
-            feats = self.fake_features(x, teacher.num_train_timesteps // 2, cond)
-        self.discriminator = TeacherHeads([feats.shape[-1]], teacher.pooled(cond.pos).shape[-1], params.head_hidden)
+        self.layer = teacher.bottleneck_layer()  # the fake score's features have the teacher's shapes
+        self.discriminator = TeacherHeads.sized_for(teacher, (self.layer,), params.head_hidden)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -100,9 +97,8 @@ class DMD2(Adversarial):
 
     def fake_features(self, x_t, t, cond):
         """The fake score's bottleneck tokens, where the GAN head reads (DMD2 sec. 4.3)."""
-        with self.fake.active() as backbone, capture(backbone, (self.layer,)) as feats:
-            self.teacher.predict(x_t, t, cond, backbone=backbone)
-        return feats[0]
+        with self.fake.active() as backbone:
+            return features(self.teacher, (self.layer,), x_t, t, cond, backbone)[0]
 
     def logits(self, x0, cond, g):
         """The head's logits for x0 noised at its own t ~ U[0, T) (reference: independent t for real and fake)."""

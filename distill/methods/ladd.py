@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from discriminators.losses import hinge_d, hinge_g, per_sample
-from discriminators.teacher_heads import TeacherHeads, capture
+from discriminators.teacher_heads import TeacherHeads, features
 from distill.errors import ConfigError, check_choice
 from distill.methods.base import Adversarial, LossOut, check_student_steps
 from distill.sampling import ddim_sample, randn
@@ -43,20 +43,11 @@ class LADD(Adversarial):
 
     def __init__(self, teacher, student, params: LADDParams):
         super().__init__(teacher, student, params)
-        self.discriminator = self._heads()
+        self.discriminator = TeacherHeads.sized_for(teacher, teacher.feature_layers(), params.head_hidden)
 
     @property
     def needs_latents(self) -> bool:
         return self.params.real == "data"
-
-    @torch.no_grad()
-    def _heads(self) -> TeacherHeads:
-        """Size one head per hooked layer from a probe forward of the teacher."""
-        t = self.teacher
-        x, cond = t.probe()
-        with capture(t.backbone, t.feature_layers()) as feats:
-            t.predict(x, t.num_train_timesteps // 2, cond)
-        return TeacherHeads([f.shape[-1] for f in feats], t.pooled(cond.pos).shape[-1], self.params.head_hidden)
 
     def logits(self, x0, cond, g):
         """Renoise at t ~ logit-normal, run the frozen teacher, read its features with the heads."""
@@ -64,8 +55,7 @@ class LADD(Adversarial):
         z = torch.randn(len(x0), generator=g) * p.logit_std + p.logit_mean
         t = (torch.sigmoid(z) * (T - 1)).round().to(x0.device)
         x_t = self.teacher.add_noise(x0, randn(x0.shape, g, x0), t)
-        with capture(self.teacher.backbone, self.teacher.feature_layers()) as feats:
-            self.teacher.predict(x_t, t, cond)
+        feats = features(self.teacher, self.teacher.feature_layers(), x_t, t, cond)
         return self.discriminator(feats, self.teacher.pooled(cond.pos), t), x_t, t
 
     def loss(self, batch, turn) -> LossOut:
