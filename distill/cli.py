@@ -144,14 +144,20 @@ def _export(args) -> None:
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
+def _check_markdown_out(out: str | None) -> None:
+    """--out, when given, names a Markdown file to write: not a folder, and in a folder that can be written."""
+    from distill import paths
+
+    if out:
+        if Path(out).is_dir():
+            raise DistillError(f"--out {out} is a folder; give the Markdown file to write")
+        paths.check_writable(Path(out).parent, "--out")
+
+
 def _bench_speed(args) -> None:
     from distill import paths, speed
 
-    if args.out:
-        if Path(args.out).is_dir():
-            raise DistillError(f"--out {args.out} is a folder; give the Markdown file to write")
-        paths.check_writable(Path(args.out).parent, "--out")
-
+    _check_markdown_out(args.out)
     text = speed.bench(Path(args.run), args.steps, args.teacher_steps, args.teacher_guidance, args.batch_size,
                        args.repeats, dict(compile=args.compile, channels_last=args.channels_last,
                                           fuse_qkv=args.fuse_qkv), args.amp, args.train, Path(args.db),
@@ -185,8 +191,7 @@ def _plan(args) -> None:
     from distill import paths, plan
     from distill.runs import load_config
 
-    if args.out:
-        paths.check_writable(Path(args.out).parent, "--out")
+    _check_markdown_out(args.out)
     cfg = load_config(args.config, args.overrides, for_training=False, source=args.architecture is None)
     text = plan.report(cfg, args.architecture)
     print(text)

@@ -136,7 +136,7 @@ def plan(cfg, architecture: str | None = None, teacher=None) -> dict:
 def report(cfg, architecture: str | None = None) -> str:
     """plan() without and with gradient checkpointing, as a Markdown table with what fits on 24, 40 and 80 GB."""
     rows = []
-    for checkpointing in (False, True):
+    for checkpointing in (False, True):  # a fresh meta teacher each time: a LoRA student lives on its backbone
         student = dataclasses.replace(cfg.student, gradient_checkpointing=checkpointing)
         rows.append((checkpointing, plan(dataclasses.replace(cfg, student=student), architecture)))
     s, t = cfg.student, cfg.teacher

@@ -105,6 +105,8 @@ def test_plan_names_what_to_pass_for_an_unknown_architecture(tmp_path, cli):
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = cli("plan", cfg, "--architecture", "sdxl-huge", check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    proc = cli("plan", cfg, "--architecture", "sdxl-base-arch", "--out", tmp_path, check=False)  # a folder
+    assert proc.returncode == 2 and f"--out {tmp_path} is a folder" in proc.stderr
 
 
 @pytest.mark.slow
