@@ -35,6 +35,13 @@ def ddim_step(x0: torch.Tensor, eps: torch.Tensor, alpha_s, sigma_s) -> torch.Te
     return bcast(alpha_s, x0) * x0 + bcast(sigma_s, x0) * eps
 
 
+def one_step_target(z: torch.Tensor, z2: torch.Tensor, alpha, sigma, alpha2, sigma2) -> torch.Tensor:
+    """The x0 with which one DDIM step takes z (at alpha, sigma) to z2 (at alpha2, sigma2): Salimans & Ho 2022,
+    Algorithm 2, x~ = (z'' - (sigma''/sigma) z) / (alpha'' - (sigma''/sigma) alpha). At sigma2 = 0 it is z2."""
+    ratio = bcast(sigma2 / sigma, z)
+    return (z2 - ratio * z) / (bcast(alpha2, z) - ratio * bcast(alpha, z))
+
+
 def cfg_combine(cond: torch.Tensor, uncond: torch.Tensor, scale) -> torch.Tensor:
     """Classifier-free guidance at diffusers' scale w: uncond + w * (cond - uncond); w = 1 is no guidance."""
     return uncond + bcast(scale, cond) * (cond - uncond)

@@ -91,25 +91,19 @@ class DMD2(Adversarial):
     def sharded_modules(self) -> list:
         return super().sharded_modules() + ([self.fake.copy] if self.fake.copy is not None else [])
 
-    def fake_predict(self, x_t, t, cond):
-        with self.fake.active() as backbone:
-            return self.teacher.predict(x_t, t, cond, backbone=backbone)
-
-    def fake_features(self, x_t, t, cond):
-        """The fake score's bottleneck tokens, where the GAN head reads (DMD2 sec. 4.3)."""
-        with self.fake.active() as backbone:
-            return features(self.teacher, (self.layer,), x_t, t, cond, backbone)[0]
-
     def logits(self, x0, cond, g):
-        """The head's logits for x0 noised at its own t ~ U[0, T) (reference: independent t for real and fake)."""
+        """The head's logits on the fake score's bottleneck tokens (DMD2 sec. 4.3) for x0 noised at its own
+        t ~ U[0, T) (reference: independent t for real and fake)."""
         t = family_times(self.teacher, len(x0), g, x0, logit_normal=False)
-        feats = self.fake_features(self.teacher.add_noise(x0, randn(x0.shape, g, x0), t), t, cond)
-        return self.discriminator([feats], self.teacher.pooled(cond.pos), t)[0]
+        with self.fake.active() as backbone:
+            x_t = self.teacher.add_noise(x0, randn(x0.shape, g, x0), t)
+            feats = features(self.teacher, (self.layer,), x_t, t, cond, backbone)
+        return self.discriminator(feats, self.teacher.pooled(cond.pos), t)[0]
 
     def simulate(self, cond, g) -> torch.Tensor:
         """Backward simulation (DMD2 sec. 4.4): the student's input at grid step k (one k per batch) is its own
         k-step sample re-noised to that time, as at inference; step 0 is pure noise."""
-        shape = (len(cond), *self.teacher.latent_shape(self.teacher.resolution, self.teacher.resolution))
+        shape = (len(cond), *self.teacher.latent_shape(*self.teacher.size))
         k = int(torch.randint(0, len(self.student_grid), (1,), generator=g))
         x = randn(shape, g, self.student_grid)
         if k:
@@ -127,7 +121,8 @@ class DMD2(Adversarial):
         with torch.no_grad():
             x_t = self.teacher.add_noise(x0, randn(x0.shape, g, x0), t)
             real = self.teacher.predict(x_t, t, cond, p.real_guidance)[0]
-            fake = self.fake_predict(x_t, t, cond)[0]
+            with self.fake.active() as backbone:
+                fake = self.teacher.predict(x_t, t, cond, backbone=backbone)[0]
             norm = (x0 - real).abs().flatten(1).mean(1).reshape(-1, *[1] * (x0.ndim - 1))
             grad = torch.nan_to_num((fake - real) / norm)
         return 0.5 * F.mse_loss(x0, (x0 - grad).detach())

@@ -19,7 +19,7 @@ from distill.errors import ConfigError, DistillError, check_choice
 from distill.methods.base import LossOut, Method, check_guidance_range, uniform
 from distill.sampling import randn
 from distill.schedules import with_end
-from distill.solvers import bcast, ddim_step, prediction_loss
+from distill.solvers import bcast, ddim_step, one_step_target, prediction_loss
 
 
 # student_output -> the prediction type its backbone output is read as (None: the teacher's own)
@@ -111,11 +111,7 @@ class Progressive(Method):
             w_teacher, out = (None, None) if backbone is None else (w_in, self.student_prediction)
             z1 = ddim_step(*teacher.predict(z, t, cond, cfg, backbone, w_teacher, out), *teacher.alpha_sigma(t1))
             z2 = ddim_step(*teacher.predict(z1, t1, cond, cfg, backbone, w_teacher, out), *teacher.alpha_sigma(t2))
-            # Alg. 2: the x0 that one DDIM step takes from z_t to z_t''; at t'' = 0 (sigma'' = 0) this is the
-            # teacher's own x0 after its last two steps.
-            a2, s2 = teacher.alpha_sigma(t2)
-            ratio = bcast(s2 / s, z)
-            x_target = (z2 - ratio * z) / (bcast(a2, z) - ratio * bcast(a, z))
+            x_target = one_step_target(z, z2, a, s, *teacher.alpha_sigma(t2))  # two teacher steps as one
         x_pred, eps_pred = teacher.predict(z, t, cond, backbone=self.student.backbone, guidance_cond=w_in,
                                            prediction_type=self.student_prediction)
         eps_target = (z - bcast(a, z) * x_target) / bcast(s, z)
