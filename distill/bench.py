@@ -26,7 +26,7 @@ import torch
 from distill import config, data, leaderboard, paths, runs, speed
 from distill.config import coerce_params
 from distill.errors import ConfigError
-from distill.evaluate import Scoring, evaluate, sample_images, write_grid
+from distill.evaluate import WORLDS, Scoring, evaluate, sample_images, world_prompts, write_grid
 from distill.runs import build_method, default_device, load_run
 from distill.trainer import train
 
@@ -37,6 +37,7 @@ BASELINE_STEPS = [50, 25, 8, 4, 2, 1]
 class BenchTeacher:
     source: str
     resolution: int = 16
+    width: int | None = None  # pixels across, where not square
     guidance_scale: float = 5.0  # the CFG of its baselines and of the teacher-reference samples
     steps: list[int] = field(default_factory=lambda: list(BASELINE_STEPS))
 
@@ -64,7 +65,8 @@ class BenchTiming:
 class Matrix:
     out: str = "runs/bench"
     leaderboard: str | None = None  # default OUT/leaderboard.sqlite
-    prompts: str | None = None  # default: the ten digit prompts
+    reference: str = "digits"  # real images FID/KID compare with: digits | digit_pairs
+    prompts: str | None = None  # default: the reference's prompts (ten digits, or 100 ordered pairs)
     num_per_prompt: int = 20
     seed: int = 0  # the sampling seed of every evaluation (not a training seed)
     seeds: list[int] | None = None  # training seeds of every run, e.g. [0, 1, 2]
@@ -101,6 +103,8 @@ def check_matrix(m: Matrix, path: Path) -> None:
         raise ConfigError("matrix", str(path), "has neither teachers nor runs")
     if not m.out:
         raise ConfigError("out", m.out, "must name a folder")
+    if m.reference not in WORLDS:
+        raise ConfigError("reference", m.reference, f"must be one of {', '.join(WORLDS)}")
     if m.prompts is not None and not Path(m.prompts).is_file():
         raise ConfigError("prompts", m.prompts, "no such prompts file")
     _count("num_per_prompt", m.num_per_prompt, 1)
@@ -150,8 +154,15 @@ def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
         out = Path(matrix.out) / run.name
         configs[run.name] = runs.load_config(run.config, [*run.overrides, f"train.output_dir={out}"])
     for t in matrix.teachers:
-        runs.parse_config({"teacher": {"source": t.source, "resolution": t.resolution}}, for_training=False)
+        teacher_config(t)
     return matrix, configs
+
+
+def teacher_config(t: BenchTeacher) -> config.Config:
+    """The config of a teacher's baseline rows."""
+    size = {"resolution": t.resolution} | ({"width": t.width} if t.width else {})
+    return runs.parse_config({"teacher": {"source": t.source, **size}, "sample": {"guidance_scale": t.guidance_scale}},
+                             for_training=False)
 
 
 # --- running it ------------------------------------------------------------------------------------------
@@ -191,8 +202,8 @@ class _Bench:
         self.out.mkdir(parents=True, exist_ok=True)
         self.board = leaderboard.Leaderboard(matrix.leaderboard or self.out / "leaderboard.sqlite")
         self.done = _Done(self.out / "bench_done.json")
-        base = data.read_prompts(Path(matrix.prompts)) if matrix.prompts else data.DIGIT_PROMPTS
-        self.scoring = Scoring([p for p in base for _ in range(matrix.num_per_prompt)], matrix.seed,
+        base = data.read_prompts(Path(matrix.prompts)) if matrix.prompts else world_prompts(matrix.reference)
+        self.scoring = Scoring([p for p in base for _ in range(matrix.num_per_prompt)], matrix.seed, matrix.reference,
                                teacher_reference_steps=matrix.teacher_reference_steps)
         self.timing_prompts = [base[i % len(base)] for i in range(matrix.timing.batch_size)]
         self.by_source = {t.source: t for t in matrix.teachers}
@@ -233,8 +244,7 @@ class _Bench:
                  "steps")
 
     def teacher(self, t: BenchTeacher) -> None:
-        cfg = runs.parse_config({"teacher": {"source": t.source, "resolution": t.resolution},
-                            "sample": {"guidance_scale": t.guidance_scale}}, for_training=False)
+        cfg = teacher_config(t)
         todo = [s for s in t.steps if f"teacher|{cfg.hash()}|{s}" not in self.done]
         if not todo:
             return

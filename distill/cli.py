@@ -89,7 +89,7 @@ def _generate(args) -> None:
     if done:
         print(f"fast path: {', '.join(done)}" + (" (the first batch compiles)" if args.compile else ""))
     teacher = method.teacher
-    size = cfg.sample.height or cfg.teacher.resolution, cfg.sample.width or cfg.teacher.resolution
+    size = cfg.sample.height or teacher.size[0], cfg.sample.width or teacher.size[1]
     shape = teacher.latent_shape(*size)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
@@ -113,12 +113,12 @@ def _generate(args) -> None:
 
 def _eval(args) -> None:
     from distill import data, leaderboard, paths
-    from distill.evaluate import Scoring, evaluate, protocol, write_grid
+    from distill.evaluate import Scoring, evaluate, protocol, world_prompts, write_grid
     from distill.runs import load_run
 
     if args.out:
         paths.check_writable(Path(args.out), "--out")
-    base = data.read_prompts(Path(args.prompts)) if args.prompts else data.DIGIT_PROMPTS
+    base = data.read_prompts(Path(args.prompts)) if args.prompts else world_prompts(args.reference)
     scoring = Scoring([p for p in base for _ in range(args.num_per_prompt)], args.seed, args.reference,
                       args.extractor, args.extractor_weights, args.teacher_reference_steps,
                       reference_size=args.reference_size, bootstrap=args.bootstrap)
@@ -210,7 +210,7 @@ def _cache(args) -> None:
     paths.check_writable(out.parent, "--out")
     cfg = load_config(args.config, args.overrides)
     teacher = teachers.load(cfg.teacher)
-    dataset = data.build(cfg.data, cfg.teacher.resolution, teacher, cfg.train.seed)
+    dataset = data.build(cfg.data, teacher.size, teacher, cfg.train.seed)
     path = data.write_cache(teacher, dataset, out, cfg.data.batch_size, cfg.train.seed)
     print(f"cached {len(dataset)} samples to {path}; train with data.kind=latents data.path={path}")
 
@@ -277,13 +277,15 @@ def parser() -> argparse.ArgumentParser:
                    help="samples per prompt (default 100: 1,000 for the ten digit prompts)")
     e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--guidance-scale", type=_guidance, help="CFG scale, or w for a student that reads w")
-    e.add_argument("--reference", default="digits", help="reference images for FID/KID (digits)")
+    e.add_argument("--reference", default="digits", choices=("digits", "digit_pairs"),
+                   help="reference images for FID/KID; its prompts are the default ones")
     e.add_argument("--reference-size", type=POSITIVE, help="real images FID/KID compare with (default: all; "
                    "the 1,797 digits)")
     e.add_argument("--bootstrap", type=POSITIVE, default=200, help="resamples for FID's 95%% interval")
     e.add_argument("--new-table", action="store_true", help="start a new table when the leaderboard holds rows "
                    "measured under another protocol (samples, reference, extractor, resolution, seeds)")
-    e.add_argument("--extractor", default="distill-digits", help="torch-fidelity feature extractor")
+    e.add_argument("--extractor", help="torch-fidelity feature extractor (default: the reference's: distill-digits, "
+                   "distill-digit-pairs)")
     e.add_argument("--extractor-weights", help="local weights file for the feature extractor")
     e.add_argument("--teacher-reference-steps", type=_int_in(0, MAX_STEPS), default=0,
                    help="also score against the teacher's own samples at this many steps (e.g. 50)")

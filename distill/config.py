@@ -38,7 +38,8 @@ class TeacherConfig:
     family: str | None = None  # inferred from the pipeline folder; required for single files
     prediction_type: str | None = None  # override the scheduler's (epsilon | v_prediction)
     dtype: str = "float32"  # weights of the frozen parts: float32 | float16 | bfloat16
-    resolution: int = 64  # pixels; SDXL is 1024, SD3 is 1024
+    resolution: int = 64  # pixels (the height); SDXL is 1024, SD3 is 1024
+    width: int | None = None  # pixels across, for non-square images; default: resolution
     max_text_length: int = 77  # T5 tokens for SD3 (diffusers' default is 256)
 
 
@@ -62,7 +63,7 @@ class MethodConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "digits"  # prompts | images | shards | latents | digits | teacher
+    kind: str = "digits"  # prompts | images | shards | latents | digits | digit_pairs | teacher
     path: str | None = None  # file or folder for prompts, images, shards and latents
     batch_size: int = 4  # per process
     num_workers: int = 0
@@ -121,6 +122,8 @@ class Config:
         recipe = self.to_dict()
         recipe["train"].pop("output_dir")
         recipe["train"].pop("fsdp")
+        if recipe["teacher"]["width"] is None:  # added later: square recipes keep the hashes their rows have
+            recipe["teacher"].pop("width")
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
     def dump(self, path: Path) -> None:
@@ -140,7 +143,7 @@ CHOICES = {
     "teacher.prediction_type": (None, "epsilon", "v_prediction"),
     "teacher.dtype": ("float32", "float16", "bfloat16"),
     "student.kind": ("lora", "full"),
-    "data.kind": ("prompts", "images", "shards", "latents", "digits", "teacher"),
+    "data.kind": ("prompts", "images", "shards", "latents", "digits", "digit_pairs", "teacher"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
 }
@@ -167,6 +170,7 @@ RANGES = {
     "sample.guidance_scale": (lambda v: math.isfinite(v) and v >= 1, "must be a finite number >= 1 (1 means no CFG)"),
     "sample.steps": (lambda v: 1 <= v <= MAX_STEPS, f"must be in [1, {MAX_STEPS}]"),
     "teacher.resolution": (lambda v: 8 <= v <= MAX_PIXELS, f"must be in [8, {MAX_PIXELS}]"),
+    "teacher.width": (lambda v: 8 <= v <= MAX_PIXELS and v % 8 == 0, f"must be a multiple of 8 in [8, {MAX_PIXELS}]"),
     "sample.height": (lambda v: 8 <= v <= MAX_PIXELS and v % 8 == 0, f"must be a multiple of 8 in [8, {MAX_PIXELS}]"),
     "sample.width": (lambda v: 8 <= v <= MAX_PIXELS and v % 8 == 0, f"must be a multiple of 8 in [8, {MAX_PIXELS}]"),
 }

@@ -8,6 +8,7 @@ be read (a corrupt or non-image file) is replaced by the next readable one and c
 from __future__ import annotations
 
 import io
+import re
 import sys
 import json
 import tarfile
@@ -56,14 +57,14 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """Resize the short side to `resolution`, centre-crop, scale to [-1, 1]."""
+def image_to_tensor(img: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
+    """Resize to cover `size` (height, width; an int is square), centre-crop, scale to [-1, 1]."""
     img = to_rgb(img)
-    scale = resolution / min(img.size)
-    img = img.resize((max(resolution, round(img.width * scale)), max(resolution, round(img.height * scale))),
-                     Image.BICUBIC)
-    left, top = (img.width - resolution) // 2, (img.height - resolution) // 2
-    img = img.crop((left, top, left + resolution, top + resolution))
+    height, width = (size, size) if isinstance(size, int) else size
+    scale = max(height / img.height, width / img.width)
+    img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.BICUBIC)
+    left, top = (img.width - width) // 2, (img.height - height) // 2
+    img = img.crop((left, top, left + width, top + height))
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
 
 
@@ -113,7 +114,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     provides = {"prompt", "image"}
 
-    def __init__(self, folder: Path, resolution: int):
+    def __init__(self, folder: Path, size: int | tuple[int, int]):
         meta = Path(folder) / "metadata.jsonl"
         if not meta.is_file():
             raise DistillError(f"image folder {folder} has no metadata.jsonl (lines of "
@@ -133,7 +134,7 @@ class ImageFolder(torch.utils.data.Dataset):
                 raise DistillError(f"{meta} line {n} is not a JSON object with a file_name; fix or remove it") from e
         if not self.items:
             raise DistillError(f"image folder {folder} lists no images in metadata.jsonl")
-        self.resolution = resolution
+        self.size = size
 
     def __len__(self):
         return len(self.items)
@@ -142,7 +143,7 @@ class ImageFolder(torch.utils.data.Dataset):
         path, caption = self.items[i]
         if not path.is_file():
             raise BadSample(f"{path} is missing")
-        return {"prompt": caption, "image": image_to_tensor(open_image(path, str(path)), self.resolution)}
+        return {"prompt": caption, "image": image_to_tensor(open_image(path, str(path)), self.size)}
 
 
 class TarShards(torch.utils.data.Dataset):
@@ -150,9 +151,9 @@ class TarShards(torch.utils.data.Dataset):
 
     provides = {"prompt", "image"}
 
-    def __init__(self, folder: Path, resolution: int):
+    def __init__(self, folder: Path, size: int | tuple[int, int]):
         shards = sorted(Path(folder).glob("*.tar")) if Path(folder).is_dir() else [Path(folder)]
-        self.items, self.resolution = [], resolution
+        self.items, self.size = [], size
         for shard in shards:
             try:
                 with tarfile.open(shard) as tar:
@@ -181,7 +182,7 @@ class TarShards(torch.utils.data.Dataset):
                 caption = json.loads(caption).get("caption", "")
         except (tarfile.TarError, OSError, ValueError, AttributeError) as e:
             raise BadSample(f"{shard}:{name} cannot be read ({type(e).__name__})") from e
-        return {"prompt": caption.strip(), "image": image_to_tensor(img, self.resolution)}
+        return {"prompt": caption.strip(), "image": image_to_tensor(img, self.size)}
 
 
 class LatentCache(torch.utils.data.Dataset):
@@ -241,6 +242,44 @@ class Digits(torch.utils.data.Dataset):
         return {"prompt": DIGIT_PROMPTS[int(self.labels[i])], "image": img.expand(3, -1, -1).clone()}
 
 
+def pair_prompt(left: int, right: int) -> str:
+    return f"a {left} on the left and a {right} on the right"
+
+
+PAIR = re.compile(r"\ba (\d) on the left and a (\d) on the right\b")
+# The 20 ordered pairs no teacher trains on (each digit twice on each side), to measure compositional generalisation.
+HELD_OUT_PAIRS = frozenset((a, (a + k) % 10) for a in range(10) for k in (3, 7))
+PAIR_PROMPTS = [pair_prompt(a, b) for a in range(10) for b in range(10)]
+
+
+class DigitPairs(torch.utils.data.Dataset):
+    """Two of scikit-learn's digits side by side, each `resolution` px square (images resolution x 2 resolution),
+    captioned 'a 3 on the left and a 7 on the right'. Sample i draws its two digits from a generator seeded by
+    (seed, i), skipping the HELD_OUT_PAIRS unless `held_out` (real pairs of every kind, for references): millions of
+    combinations, read as a virtual data set of `size` samples, the same on every read."""
+
+    provides = {"prompt", "image"}
+
+    def __init__(self, resolution: int, size: int = 100_000, seed: int = 0, held_out: bool = False):
+        self.digits, self.size, self.seed, self.held_out = Digits(resolution), size, seed, held_out
+
+    def __len__(self):
+        return self.size
+
+    def pick(self, i: int) -> tuple[int, int]:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + i)
+        while True:
+            a, b = torch.randint(len(self.digits), (2,), generator=g).tolist()
+            if self.held_out or (int(self.digits.labels[a]), int(self.digits.labels[b])) not in HELD_OUT_PAIRS:
+                return a, b
+
+    def __getitem__(self, i):
+        a, b = self.pick(i)
+        left, right = self.digits[a], self.digits[b]
+        return {"prompt": pair_prompt(int(self.digits.labels[a]), int(self.digits.labels[b])),
+                "image": torch.cat([left["image"], right["image"]], dim=2)}
+
+
 class Samples(torch.utils.data.Dataset):
     """Samples held in memory (the exact teacher's draws)."""
 
@@ -275,20 +314,27 @@ class SkipBad(torch.utils.data.Dataset):
         raise DistillError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {i}; check the data set")
 
 
-def build(cfg: DataConfig, resolution: int, teacher=None, seed: int = 0):
+def build(cfg: DataConfig, size: int | tuple[int, int], teacher=None, seed: int = 0):
+    """The data set of cfg for images of `size` (height, width; an int is square)."""
     path = Path(cfg.path).expanduser() if cfg.path else None
+    height, width = (size, size) if isinstance(size, int) else size
     if cfg.kind == "prompts":
         ds = Prompts(path)
     elif cfg.kind == "images":
-        ds = ImageFolder(path, resolution)
+        ds = ImageFolder(path, (height, width))
     elif cfg.kind == "shards":
-        ds = TarShards(path, resolution)
+        ds = TarShards(path, (height, width))
     elif cfg.kind == "latents":
         ds = LatentCache(path)
         if teacher is not None:
             ds.check_fits(teacher, path)
     elif cfg.kind == "digits":
-        ds = Digits(resolution)
+        ds = Digits(height)
+    elif cfg.kind == "digit_pairs":
+        if width != 2 * height:
+            raise DistillError(f"data.kind=digit_pairs makes images {height} x {2 * height} px; set teacher.width="
+                               f"{2 * height} (it is {width})")
+        ds = DigitPairs(height)
     else:
         ds = Samples(teacher.dataset(cfg.size, seed))
     return SkipBad(ds)

@@ -17,13 +17,28 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distill import metrics
+from distill import data, metrics
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods.base import Method
 from distill.sampling import ddim_sample, to_pil
 
 DIGIT = re.compile(r"digit (\d)\b")
+PAIR_REFERENCE_SIZE = 2000  # real pairs drawn (with a fixed seed) for the digit_pairs reference set
+# The reference sets: their prompts (the default of an evaluation) and the feature extractor FID/KID read.
+WORLDS = {"digits": (data.DIGIT_PROMPTS, metrics.DIGITS_EXTRACTOR),
+          "digit_pairs": (data.PAIR_PROMPTS, metrics.PAIRS_EXTRACTOR)}
+
+
+def check_reference(kind: str) -> None:
+    if kind not in WORLDS:
+        raise DistillError(f"unknown reference '{kind}'; allowed: {', '.join(WORLDS)}")
+
+
+def world_prompts(kind: str) -> list[str]:
+    """The prompts an evaluation against reference `kind` uses unless given others."""
+    check_reference(kind)
+    return WORLDS[kind][0]
 
 
 def git_commit() -> str | None:
@@ -46,7 +61,7 @@ def sample_images(method, prompts: list[str], steps: int, seed: int, guidance: f
                   batch_size: int = 64) -> tuple[torch.Tensor, float]:
     """Images in [-1, 1] for the prompts (one per entry) and milliseconds per image, generation to pixels."""
     t, generator = method.teacher, torch.Generator().manual_seed(seed)
-    shape, out, elapsed = t.latent_shape(t.resolution, t.resolution), [], 0.0
+    shape, out, elapsed = t.latent_shape(*t.size), [], 0.0
     for lo in tqdm(range(0, len(prompts), batch_size), desc=f"sample {'teacher' if teacher else 'student'} "
                    f"{steps} steps", unit="batch", leave=False):
         start = time.perf_counter()
@@ -69,23 +84,23 @@ def nfe(method, steps: int, guidance: float, teacher: bool) -> int:
     return steps * (2 if cfg else 1)
 
 
-def reference_images(kind: str, resolution: int, n: int | None = None) -> torch.Tensor:
-    """The first n real images of the reference set (all of them when n is None: 1,797 for digits)."""
-    if kind != "digits":
-        raise DistillError(f"unknown reference '{kind}'; allowed: digits")
-    from distill.data import Digits
+def _reference_set(kind: str, resolution: int):
+    check_reference(kind)
+    if kind == "digits":
+        return data.Digits(resolution)
+    return data.DigitPairs(resolution, size=PAIR_REFERENCE_SIZE, seed=1, held_out=True)  # every pair, as drawn
 
-    ds = Digits(resolution)
-    return torch.stack([ds[i]["image"] for i in range(len(ds) if n is None else min(n, len(ds)))])
+
+def reference_images(kind: str, resolution: int, n: int | None = None) -> torch.Tensor:
+    """The first n real images of the reference set (all of them when n is None: 1,797 for digits, 2,000 pairs;
+    pairs are `resolution` high and twice as wide)."""
+    ds = _reference_set(kind, resolution)
+    return torch.stack([ds[i]["image"] for i in range(reference_count(kind, n))])
 
 
 def reference_count(kind: str, n: int | None = None) -> int:
     """How many real images `reference_images(kind, _, n)` gives, without loading them."""
-    if kind != "digits":
-        raise DistillError(f"unknown reference '{kind}'; allowed: digits")
-    from distill.data import Digits
-
-    total = len(Digits(8))
+    total = len(_reference_set(kind, 8))
     return total if n is None else min(n, total)
 
 
@@ -96,7 +111,7 @@ class Scoring:
     prompts: list[str]
     seed: int = 0
     reference: str = "digits"
-    extractor: str = metrics.DIGITS_EXTRACTOR
+    extractor: str | None = None  # default: the reference's own (distill-digits, distill-digit-pairs)
     extractor_weights: str | None = None
     teacher_reference_steps: int = 0  # also score against the teacher's own samples at this many steps
     reference_size: int | None = None  # real images FID/KID compare with; None: the whole set (1,797 digits)
@@ -104,6 +119,8 @@ class Scoring:
     teacher_reference_guidance: float | None = None  # CFG of those samples (default: the config's)
 
     def __post_init__(self):
+        check_reference(self.reference)
+        self.extractor = self.extractor or WORLDS[self.reference][1]
         metrics.fid_layer(self.extractor)  # an unknown extractor is refused here, before any sampling
 
 
@@ -120,10 +137,29 @@ def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> d
             "prompt_examples": [p[:60] for p in distinct[:64]], "reference": scoring.reference,
             "reference_size": ref_size, "extractor": scoring.extractor,
             "extractor_weights": Path(scoring.extractor_weights).name if scoring.extractor_weights else None,
-            "resolution": cfg.teacher.resolution, "eval_seeds": [scoring.seed], "bootstrap": scoring.bootstrap,
+            "resolution": resolution(cfg), "eval_seeds": [scoring.seed], "bootstrap": scoring.bootstrap,
             "teacher_reference_steps": ref_steps or None,
             "teacher_reference_guidance": ref_guidance if ref_steps else None,
             "guidance": guidance, "sampler": "teacher DDIM" if teacher else f"{cfg.method.name} student"}
+
+
+def resolution(cfg: Config) -> int | str:
+    """The protocol's resolution: pixels for a square teacher (as rows have always had it), else 'HxW'."""
+    t = cfg.teacher
+    return t.resolution if t.width in (None, t.resolution) else f"{t.resolution}x{t.width}"
+
+
+def adherence(images: torch.Tensor, prompts: list[str]) -> dict:
+    """Prompt adherence with Wilson intervals, where every prompt names a digit or a pair of digits; else {}."""
+    pairs = [data.PAIR.search(p) for p in prompts]
+    if all(pairs):
+        left, right = (torch.tensor([int(m.group(k)) for m in pairs]) for k in (1, 2))
+        held_out = torch.tensor([(a, b) in data.HELD_OUT_PAIRS for a, b in zip(left.tolist(), right.tolist())])
+        return metrics.pair_adherence(images, left, right, held_out)
+    labels = [DIGIT.search(p) for p in prompts]
+    if all(labels):
+        return metrics.adherence_interval(images, torch.tensor([int(m.group(1)) for m in labels]))
+    return {}
 
 
 def row_identity(cfg: Config, steps: int, guidance: float, teacher: bool, train_step: int) -> dict:
@@ -154,9 +190,7 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
            "protocol": protocol(scoring, cfg, guidance, teacher)}
     row.update(metrics.fid_kid(images, ref, scoring.extractor, scoring.extractor_weights, scoring.bootstrap,
                                scoring.seed))
-    labels = [DIGIT.search(p) for p in prompts]
-    if all(labels):
-        row.update(metrics.adherence_interval(images, torch.tensor([int(m.group(1)) for m in labels])))
+    row.update(adherence(images, prompts))
     if teacher_images is None and scoring.teacher_reference_steps:
         teacher_images, _ = sample_images(method, prompts, scoring.teacher_reference_steps, scoring.seed,
                                           row["protocol"]["teacher_reference_guidance"], teacher=True)

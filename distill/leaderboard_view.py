@@ -19,9 +19,10 @@ from distill.paths import write_atomic
 
 REFERENCE_STEPS = 50  # the teacher row every other row is compared with
 METRICS = ("fid", "kid", "fid_teacher", "kid_teacher", "adherence", "ms_per_image", "peak_memory_mb", "clip_score",
-           "speedup")
+           "speedup", "adherence_held_out")
 INTERVALS = {"fid": ("fid_lo", "fid_hi"), "fid_teacher": ("fid_teacher_lo", "fid_teacher_hi"),
-             "adherence": ("adherence_lo", "adherence_hi")}
+             "adherence": ("adherence_lo", "adherence_hi"),
+             "adherence_held_out": ("adherence_held_out_lo", "adherence_held_out_hi")}
 SPREADS = {"kid": "kid_std", "kid_teacher": "kid_teacher_std"}  # shown as ± but not an interval
 
 
@@ -55,6 +56,15 @@ class Table:
     protocol: dict | None
     groups: list[Group]
 
+    @property
+    def held_out(self) -> bool:
+        """Whether rows scored prompts no teacher trained on (the digit-pairs world), shown in one more column."""
+        return any(ln.row.get("adherence_held_out") is not None for g in self.groups for ln in g.lines)
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return COLUMNS + ((HELD_OUT,) if self.held_out else ())
+
 
 def flat(row: dict) -> dict:
     """A stored row with its JSON `extra` merged in (columns win) and its protocol parsed."""
@@ -85,7 +95,7 @@ def _mean_row(rows: list[dict]) -> dict:
             lo, hi = INTERVALS[k]
             half = _t975(len(vals) - 1) * sd / math.sqrt(len(vals)) if sd is not None else None
             out[lo], out[hi] = (None, None) if half is None else (max(0.0, out[k] - half), out[k] + half)
-            if k == "adherence" and out[hi] is not None:
+            if k.startswith("adherence") and out[hi] is not None:
                 out[hi] = min(1.0, out[hi])
     return out
 
@@ -187,7 +197,9 @@ def _same_steps_teacher(group: Group, row: dict) -> dict | None:
 COLUMNS = ("method", "student", "steps", "NFE ↓", "seeds", "FID ↓", "ΔFID vs teacher@50", "vs teacher, same steps",
            "KID ↓", "FID vs teacher samples ↓", "adherence ↑ (%)", "ms / image ↓", "speed-up vs teacher@50",
            "train steps")
-DECIMALS = {"fid": 2, "fid_teacher": 2, "kid": 4, "kid_teacher": 4, "adherence": 1, "ms_per_image": 1}
+HELD_OUT = "held-out pairs ↑ (%)"
+DECIMALS = {"fid": 2, "fid_teacher": 2, "kid": 4, "kid_teacher": 4, "adherence": 1, "adherence_held_out": 1,
+            "ms_per_image": 1}
 
 
 def _fixed(v: float | None, decimals: int) -> str:
@@ -199,7 +211,7 @@ def _fixed(v: float | None, decimals: int) -> str:
 
 def _plus_minus(row: dict, metric: str, aggregated: bool) -> str:
     """'1.96 ± 0.12': over seeds the sd; for one row the interval's larger half (or KID's std over subsets)."""
-    scale = 100 if metric == "adherence" else 1
+    scale = 100 if metric.startswith("adherence") else 1
     d = DECIMALS[metric]
     v = row.get(metric)
     if v is None:
@@ -215,8 +227,9 @@ def _plus_minus(row: dict, metric: str, aggregated: bool) -> str:
     return text if spread is None else f"{text} ± {_fixed(spread * scale, d)}"
 
 
-def cells(line: Line, group: Group, seed_row: dict | None = None) -> list[str]:
-    """The COLUMNS of one line (or, with `seed_row`, of one of its per-seed rows)."""
+def cells(line: Line, group: Group, seed_row: dict | None = None, held_out: bool = False) -> list[str]:
+    """The COLUMNS of one line (or, with `seed_row`, of one of its per-seed rows), and with `held_out` the both-
+    digits adherence on held-out pairs with its verdict against teacher@50."""
     r, agg = (seed_row, False) if seed_row is not None else (line.row, bool(line.seeds))
     ref = group.reference
     teacher = r["method"] == "teacher"
@@ -237,10 +250,14 @@ def cells(line: Line, group: Group, seed_row: dict | None = None) -> list[str]:
         speedup = f"{r['speedup']:.1f}×"
     elif ref is not None and r.get("ms_per_image") and ref.get("ms_per_image"):
         speedup = f"{ref['ms_per_image'] / r['ms_per_image']:.1f}×"
-    return [method, "-" if teacher else str(r.get("student") or "-"), str(r["steps"]), str(r.get("nfe") or "-"),
-            seeds, _plus_minus(r, "fid", agg), delta, same, _plus_minus(r, "kid", agg),
-            _plus_minus(r, "fid_teacher", agg), _plus_minus(r, "adherence", agg), _plus_minus(r, "ms_per_image", agg)
-            if agg else _fixed(r.get("ms_per_image"), 1), speedup, str(r.get("train_steps") or 0)]
+    out = [method, "-" if teacher else str(r.get("student") or "-"), str(r["steps"]), str(r.get("nfe") or "-"),
+           seeds, _plus_minus(r, "fid", agg), delta, same, _plus_minus(r, "kid", agg),
+           _plus_minus(r, "fid_teacher", agg), _plus_minus(r, "adherence", agg), _plus_minus(r, "ms_per_image", agg)
+           if agg else _fixed(r.get("ms_per_image"), 1), speedup, str(r.get("train_steps") or 0)]
+    if held_out:
+        word = "-" if line.reference else verdict(r, ref, "adherence_held_out", lower_is_better=False)
+        out.append(_plus_minus(r, "adherence_held_out", agg) + ("" if word == "-" else f" ({word})"))
+    return out
 
 
 def describe(table: Table) -> list[str]:
@@ -266,6 +283,9 @@ def describe(table: Table) -> list[str]:
     notes += [f"±: FID, the half-width of its 95% bootstrap interval ({p.get('bootstrap')} resamples); KID, its std "
               "over subsets; adherence (share the digits classifier reads as the prompted digit), its 95% Wilson "
               "interval. A recipe over several training seeds: mean ± sd with n, its per-seed rows beneath.",
+              *(["Pairs of digits: adherence is the share with both digits read as prompted (each half by the "
+                 "digits classifier); held-out pairs, the same on the 20 pairs no teacher trained on, with its "
+                 "verdict against teacher@50."] if table.held_out else []),
               "Verdicts (vs teacher@50, vs the teacher at the same steps): better or worse only when the 95% "
               "intervals separate, otherwise tie.",
               _timing_note(table)]
@@ -289,28 +309,28 @@ def _timing_note(table: Table) -> str:
 
 # ---- terminal and Markdown ------------------------------------------------------------------------------------
 
-def _rows_of(group: Group):
+def _rows_of(group: Group, held_out: bool):
     """(kind, cells) per displayed line: 'ref', 'teacher', 'row' or 'seed'; best FID cells are flagged."""
     for ln in group.lines:
         kind = "ref" if ln.reference else ("teacher" if ln.row["method"] == "teacher" else "row")
-        yield kind, cells(ln, group), ln.best
+        yield kind, cells(ln, group, held_out=held_out), ln.best
         for s in ln.seeds:
-            yield "seed", cells(ln, group, s), False
+            yield "seed", cells(ln, group, s, held_out), False
 
 
 def table(rows: list[dict]) -> str:
     """The terminal view: one block per protocol, a header line per teacher, best FID at each NFE starred."""
     out = []
     for t in arrange(rows):
-        body = [list(COLUMNS)]
+        body = [list(t.columns)]
         marks = []
         for g in t.groups:
-            body.append([f"[{g.teacher}]"] + [""] * (len(COLUMNS) - 1))
+            body.append([f"[{g.teacher}]"] + [""] * (len(t.columns) - 1))
             marks.append(False)
-            for _, c, best in _rows_of(g):
+            for _, c, best in _rows_of(g, t.held_out):
                 body.append(c[:5] + [c[5] + (" *" if best else "")] + c[6:])
                 marks.append(best)
-        widths = [max(len(row[i]) for row in body) for i in range(len(COLUMNS))]
+        widths = [max(len(row[i]) for row in body) for i in range(len(t.columns))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
         title = f"protocol {t.protocol_id}" if t.protocol_id else "rows without a recorded protocol"
         out += [f"== {title} ==", describe(t)[0], lines[0], "  ".join("-" * w for w in widths), *lines[1:],
@@ -326,10 +346,10 @@ def markdown(rows: list[dict]) -> str:
     out = ["# Leaderboard", ""]
     for t in arrange(rows):
         out += [f"## {'Protocol ' + t.protocol_id if t.protocol_id else 'Rows without a recorded protocol'}", "",
-                *(f"- {n}" for n in describe(t)), "", "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+                *(f"- {n}" for n in describe(t)), "", "| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
         for g in t.groups:
-            out.append(f"| **{_md_cell(g.teacher)}** |" + " |" * (len(COLUMNS) - 1))
-            for kind, c, best in _rows_of(g):
+            out.append(f"| **{_md_cell(g.teacher)}** |" + " |" * (len(t.columns) - 1))
+            for kind, c, best in _rows_of(g, t.held_out):
                 c = [_md_cell(x) for x in c]
                 if best:
                     c[5] = f"**{c[5]}**"
@@ -464,12 +484,12 @@ def _td(text: str, cls: str = "") -> str:
 
 
 def _html_table(t: Table) -> str:
-    head = "".join(f"<th scope='col'>{html.escape(c)}</th>" for c in COLUMNS)
+    head = "".join(f"<th scope='col'>{html.escape(c)}</th>" for c in t.columns)
     body = []
     for g in t.groups:
-        body.append(f"<tr class='group'><th colspan='{len(COLUMNS)}' scope='rowgroup'>teacher: "
+        body.append(f"<tr class='group'><th colspan='{len(t.columns)}' scope='rowgroup'>teacher: "
                     f"{html.escape(g.teacher)}</th></tr>")
-        for kind, c, best in _rows_of(g):
+        for kind, c, best in _rows_of(g, t.held_out):
             tds = "".join(_td(x, "best" if (i == 5 and best) else ("l" if i < 2 else "")) for i, x in enumerate(c))
             body.append(f"<tr class='{kind}'>{tds}</tr>")
     return (f"<div class='scroll'><table class='board'><thead><tr>{head}</tr></thead>"

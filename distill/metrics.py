@@ -19,6 +19,8 @@ from distill.errors import DistillError
 
 CLASSIFIER = Path(__file__).parent / "assets" / "digits_classifier.safetensors"
 DIGITS_EXTRACTOR = "distill-digits"
+PAIRS_EXTRACTOR = "distill-digit-pairs"  # the classifier's features of each half of an image, concatenated
+HALVES = {DIGITS_EXTRACTOR: 1, PAIRS_EXTRACTOR: 2}  # our extractors: into how many digits an image is cut
 
 
 class DigitsClassifier(nn.Module):
@@ -65,8 +67,17 @@ def load_classifier(path: Path = CLASSIFIER) -> DigitsClassifier:
     return model.eval().requires_grad_(False)
 
 
-def _extractor_class():
+def halves(images: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
+    """An image of n digits side by side, [B, C, H, n W], cut into the n digits."""
+    if images.shape[-1] % n:
+        raise DistillError(f"images {images.shape[-1]} px wide cannot be cut into {n} equal digits")
+    return images.chunk(n, dim=-1)
+
+
+def _extractor_class(n: int):
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
+
+    width = str(64 * n)
 
     class DigitsFeatures(FeatureExtractorBase):
         def __init__(self, name, features_list, **kwargs):
@@ -75,11 +86,11 @@ def _extractor_class():
 
         @staticmethod
         def get_provided_features_list():
-            return ("64", "logits")
+            return (width, "logits")
 
         @staticmethod
         def get_default_feature_layer_for_metric(metric):
-            return "64"
+            return width
 
         @staticmethod
         def can_be_compiled():
@@ -87,22 +98,22 @@ def _extractor_class():
 
         @staticmethod
         def get_dummy_input_for_compile():
-            return torch.zeros(1, 3, 16, 16, dtype=torch.uint8)
+            return torch.zeros(1, 3, 16, 16 * n, dtype=torch.uint8)
 
         def forward(self, x):
-            feats, logits = self.model(x)
-            out = {"64": feats, "logits": logits}
+            parts = [self.model(part) for part in halves(x, n)]
+            out = {width: torch.cat([f for f, _ in parts], 1), "logits": torch.cat([lg for _, lg in parts], 1)}
             return tuple(out[name] for name in self.features_list)
 
     return DigitsFeatures
 
 
-def register_digits_extractor() -> str:
+def register_digits_extractor(name: str = DIGITS_EXTRACTOR) -> str:
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
-    if DIGITS_EXTRACTOR not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(DIGITS_EXTRACTOR, _extractor_class())
-    return DIGITS_EXTRACTOR
+    if name not in FEATURE_EXTRACTORS_REGISTRY:
+        register_feature_extractor(name, _extractor_class(HALVES[name]))
+    return name
 
 
 class _Images(torch.utils.data.Dataset):
@@ -129,8 +140,8 @@ def fid_layer(extractor: str) -> str:
     check it before sampling anything."""
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    if extractor == DIGITS_EXTRACTOR:
-        register_digits_extractor()
+    if extractor in HALVES:
+        register_digits_extractor(extractor)
     if extractor not in FEATURE_EXTRACTORS_REGISTRY:
         raise DistillError(f"feature extractor '{extractor}' failed: it is not registered with torch-fidelity")
     return FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
@@ -260,16 +271,40 @@ def fid_kid(generated: torch.Tensor, reference: torch.Tensor, extractor: str = D
 
 
 @torch.no_grad()
+def read_digits(images: torch.Tensor, classifier: DigitsClassifier | None = None) -> torch.Tensor:
+    """The digit the classifier reads in each image."""
+    classifier = classifier or load_classifier()
+    return torch.cat([classifier(to_uint8(chunk))[1].argmax(1).cpu() for chunk in images.split(256)])
+
+
 def adherence(images: torch.Tensor, labels: torch.Tensor, classifier: DigitsClassifier | None = None) -> float:
     """The share of images the digits classifier reads as their prompted digit."""
-    classifier = classifier or load_classifier()
-    logits = torch.cat([classifier(to_uint8(chunk))[1] for chunk in images.split(256)])
-    return (logits.argmax(1) == labels.to(logits.device)).float().mean().item()
+    return (read_digits(images, classifier) == labels.cpu()).float().mean().item()
+
+
+def share_interval(name: str, correct: torch.Tensor) -> dict[str, float]:
+    """{name: share of True, name_lo, name_hi: its 95% Wilson interval} over the len(correct) trials."""
+    lo, hi = wilson(int(correct.sum()), len(correct))
+    return {name: correct.float().mean().item(), f"{name}_lo": lo, f"{name}_hi": hi}
 
 
 def adherence_interval(images: torch.Tensor, labels: torch.Tensor,
                        classifier: DigitsClassifier | None = None) -> dict[str, float]:
     """Adherence with its 95% Wilson interval (adherence_lo, adherence_hi) over the len(images) trials."""
-    share = adherence(images, labels, classifier)
-    lo, hi = wilson(round(share * len(images)), len(images))
-    return {"adherence": share, "adherence_lo": lo, "adherence_hi": hi}
+    return share_interval("adherence", read_digits(images, classifier) == labels.cpu())
+
+
+def pair_adherence(images: torch.Tensor, left: torch.Tensor, right: torch.Tensor, held_out: torch.Tensor,
+                   classifier: DigitsClassifier | None = None) -> dict[str, float]:
+    """Adherence of images of two digits side by side to prompts naming both, each share with its Wilson interval:
+    left digit right (adherence_left), right digit right (adherence_right), both right (adherence, the headline),
+    and both right on the prompts a teacher never trained on (`held_out` True: adherence_held_out) and on the others
+    (adherence_seen). A part with no prompts is left out."""
+    classifier = classifier or load_classifier()
+    images_left, images_right = halves(images, 2)
+    left_ok = read_digits(images_left, classifier) == left.cpu()
+    right_ok = read_digits(images_right, classifier) == right.cpu()
+    both, held_out = left_ok & right_ok, held_out.cpu().bool()
+    parts = {"adherence": both, "adherence_left": left_ok, "adherence_right": right_ok,
+             "adherence_held_out": both[held_out], "adherence_seen": both[~held_out]}
+    return {k: v for name, part in parts.items() if len(part) for k, v in share_interval(name, part).items()}

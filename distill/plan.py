@@ -110,12 +110,12 @@ def plan(cfg, architecture: str | None = None, teacher=None) -> dict:
     tracker = Tracker()
     with fused_attention(), tracker:
         method = build_method(cfg, torch.device("meta"), teacher=teacher).to("meta")
-        b, size = cfg.data.batch_size, cfg.teacher.resolution
+        b, size = cfg.data.batch_size, teacher.size
         raw = {"prompt": ["a photo"] * b}
         if cfg.data.kind == "latents":  # a cache: no VAE encode in the step
-            raw["latents"] = torch.zeros(b, *teacher.latent_shape(size, size), device="meta")
+            raw["latents"] = torch.zeros(b, *teacher.latent_shape(*size), device="meta")
         else:
-            raw["image"] = torch.zeros(b, 3, size, size, device="meta")
+            raw["image"] = torch.zeros(b, 3, *size, device="meta")
         step = train_stepper(method, cfg, raw)
         step()  # the optimiser state appears in the first step
         tracker.peak, tracker.count_flops = tracker.now, True

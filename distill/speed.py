@@ -160,7 +160,7 @@ def train_stepper(method, cfg, raw: dict | None = None, compile: bool = False):
     method.train()
     fast_path(method, compile=compile)
     if raw is None:
-        dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, cfg.train.seed)
+        dataset = data.build(cfg.data, method.teacher.size, method.teacher, cfg.train.seed)
         raw = data.collate([dataset[i] for i in range(cfg.data.batch_size)])
     params = {turn: method.parameters_for(turn) for turn in method.turns}
     optimizers = {turn: torch.optim.AdamW(p, lr=1e-6) for turn, p in params.items()}

@@ -162,7 +162,7 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
               f"{', '.join(kernels) or 'none'}")
     if tc.compile:
         fastpath.fast_path(method, compile=True)
-    dataset = data.build(cfg.data, cfg.teacher.resolution, method.teacher, tc.seed)
+    dataset = data.build(cfg.data, method.teacher.size, method.teacher, tc.seed)
     if method.needs_latents and not ({"image", "latents"} & dataset.provides):
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
                            f"{cfg.data.kind} has none; use images, shards, latents or digits")

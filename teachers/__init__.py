@@ -20,8 +20,8 @@ from teachers.base import Cond, Teacher
 __all__ = ["Cond", "Teacher", "load", "family_of", "check_source"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:tiny-sdxl", "builtin:tiny-sd3", "builtin:gmm-vp",
-           "builtin:gmm-flow")
+BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:pairs-sdxl", "builtin:pairs-sd3", "builtin:tiny-sdxl",
+           "builtin:tiny-sd3", "builtin:gmm-vp", "builtin:gmm-flow")
 FAMILIES = ("sdxl", "sd3", "gmm")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Random pipelines `distill make-teacher` builds offline: tiny ones (tiny.py) and real architectures (real_size.py).
@@ -87,7 +87,7 @@ def family_of(folder: Path) -> str:
 
 
 # Teachers trained by distill itself and shipped in the repository (recipes in experiments/).
-ZOO = {name: Path(__file__).parent / "zoo" / name for name in ("digits-sdxl", "digits-sd3")}
+ZOO = {name: Path(__file__).parent / "zoo" / name for name in ("digits-sdxl", "digits-sd3", "pairs-sdxl", "pairs-sd3")}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -207,8 +207,11 @@ def wrap(pipe, cfg: TeacherConfig) -> Teacher:
     pipe.set_progress_bar_config(disable=True)
     cls = next(c for c in _classes().values() if isinstance(pipe, c.pipeline_class))
     if cls.family == "sdxl":
-        return cls(pipe, cfg.resolution, cfg.prediction_type)
-    return cls(pipe, cfg.resolution, cfg.max_text_length)
+        teacher = cls(pipe, cfg.resolution, cfg.prediction_type)
+    else:
+        teacher = cls(pipe, cfg.resolution, cfg.max_text_length)
+    teacher.width = cfg.width
+    return teacher
 
 
 def load_meta(cfg: TeacherConfig, architecture: str | None = None) -> Teacher:

@@ -137,7 +137,13 @@ class Teacher(nn.Module):
 
     end_time: float = 0.0  # the clean-data time that closes every grid
     probe_prompt: str = ""  # a prompt any teacher of the family can encode (for shape probes)
-    resolution: int = 8  # pixels of the images it makes (pipeline teachers set it from the config)
+    resolution: int = 8  # pixels (the height) of the images it makes (pipeline teachers set it from the config)
+    width: int | None = None  # pixels across, where not square
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the images it makes."""
+        return self.resolution, self.width or self.resolution
 
     def feature_layers(self) -> tuple[tuple[str, int | None], ...]:
         """Backbone submodules whose outputs (element `index` of a tuple) LADD's heads read."""
@@ -194,7 +200,7 @@ class Teacher(nn.Module):
 
     def probe(self) -> tuple[torch.Tensor, Cond]:
         """One zero latent at the teacher's resolution and an encoded prompt: inputs for shape probes."""
-        shape = self.latent_shape(self.resolution, self.resolution)
+        shape = self.latent_shape(*self.size)
         return torch.zeros(1, *shape, device=self.device), self.encode_prompts([self.probe_prompt])
 
     def freeze(self) -> "Teacher":

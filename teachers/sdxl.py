@@ -87,9 +87,9 @@ class SDXLTeacher(Teacher):
 
     def call_size(self, height: int, width: int) -> dict:
         size = super().call_size(height, width)
-        r = self.resolution
-        if (height, width) != (r, r):  # the pipeline's micro-conditioning defaults to the image size, ours is r
-            size |= {"original_size": [r, r], "crops_coords_top_left": [0, 0], "target_size": [r, r]}
+        trained = list(self.size)
+        if [height, width] != trained:  # the pipeline's micro-conditioning defaults to the image size, ours is fixed
+            size |= {"original_size": trained, "crops_coords_top_left": [0, 0], "target_size": trained}
         return size
 
     @torch.no_grad()
@@ -97,9 +97,9 @@ class SDXLTeacher(Teacher):
         device = self.device
         pe, ne, pp, npool = self.pipe.encode_prompt(list(prompts), device=device, do_classifier_free_guidance=True,
                                                     negative_prompt=list(negative) if negative else None)
-        size = self.resolution
+        h, w = self.size
         # Micro-conditioning (Podell et al. 2023, sec. 2.2): original size, crop top-left, target size.
-        time_ids = torch.tensor([[size, size, 0, 0, size, size]], device=device, dtype=pe.dtype).repeat(len(pe), 1)
+        time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=pe.dtype).repeat(len(pe), 1)
         return Cond({"embeds": pe, "pooled": pp, "time_ids": time_ids},
                     {"embeds": ne, "pooled": npool, "time_ids": time_ids})
 

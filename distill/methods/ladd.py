@@ -63,7 +63,7 @@ class LADD(Adversarial):
         if p.real == "data":
             real = batch["latents"].float()
         else:  # LADD trains on the teacher's own samples, so no real images are needed (sec. 3.3)
-            shape = self.teacher.latent_shape(self.teacher.resolution, self.teacher.resolution)
+            shape = self.teacher.latent_shape(*self.teacher.size)
             real = ddim_sample(self.teacher, cond, p.teacher_steps, g, shape, p.teacher_guidance)
         if turn == "discriminator":
             with torch.no_grad():
