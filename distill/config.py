@@ -101,7 +101,7 @@ class SampleConfig:
     steps: int = 4
     guidance_scale: float = 1.0  # CFG applied at sampling; 1 means none
     height: int | None = None  # defaults to teacher.resolution
-    width: int | None = None
+    width: int | None = None  # defaults to teacher.width, else teacher.resolution
 
 
 @dataclass

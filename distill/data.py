@@ -207,11 +207,11 @@ class LatentCache(torch.utils.data.Dataset):
 
     @torch.no_grad()
     def check_fits(self, teacher, path: Path) -> None:
-        """A cache made by another teacher has other latent channels or text-embedding shapes; training on it
-        would fail deep in the backbone, or worse, run."""
+        """A cache made by another teacher (or at another size) has other latent shapes or text-embedding shapes;
+        training on it would fail deep in the backbone, or worse, run."""
         x, cond = teacher.probe()
-        want = {"latents": tuple(x.shape[1:2]), **{f"cond.{k}": tuple(v.shape[1:]) for k, v in cond.flat().items()}}
-        have = {k: tuple(v.shape[1:2] if k == "latents" else v.shape[1:]) for k, v in self.tensors.items()}
+        want = {"latents": tuple(x.shape[1:]), **{f"cond.{k}": tuple(v.shape[1:]) for k, v in cond.flat().items()}}
+        have = {k: tuple(v.shape[1:]) for k, v in self.tensors.items()}
         has_cond = any(k.startswith("cond.") for k in have)  # without, prompts are encoded while training
         for key in sorted(want):
             if (has_cond or key == "latents") and want[key] != have.get(key):
@@ -329,6 +329,8 @@ def build(cfg: DataConfig, size: int | tuple[int, int], teacher=None, seed: int 
         if teacher is not None:
             ds.check_fits(teacher, path)
     elif cfg.kind == "digits":
+        if width != height:
+            raise DistillError(f"data.kind=digits makes square images; leave teacher.width unset (it is {width})")
         ds = Digits(height)
     elif cfg.kind == "digit_pairs":
         if width != 2 * height:

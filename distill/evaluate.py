@@ -183,8 +183,12 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
     guidance = cfg.sample.guidance_scale if guidance is None else guidance
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    images, ms = sample_images(method, prompts, steps, scoring.seed, guidance, teacher)
     ref = reference_images(scoring.reference, cfg.teacher.resolution, scoring.reference_size)
+    if tuple(ref.shape[-2:]) != method.teacher.size:
+        raise DistillError(f"the '{scoring.reference}' reference images are {ref.shape[-2]} x {ref.shape[-1]} px, this "
+                           f"model's {method.teacher.size[0]} x {method.teacher.size[1]}; choose the reference of its "
+                           f"world (--reference digits or digit_pairs)")
+    images, ms = sample_images(method, prompts, steps, scoring.seed, guidance, teacher)
     row = {**row_identity(cfg, steps, guidance, teacher, train_step), "nfe": nfe(method, steps, guidance, teacher),
            "ms_per_image": ms, "peak_memory_mb": peak_memory_mb(device), "samples": len(prompts), "run": run,
            "protocol": protocol(scoring, cfg, guidance, teacher)}

@@ -119,7 +119,7 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
     single_file = f"{teacher.family}_{cfg.method.name}_{steps}step.safetensors"
 
     with paths.atomic_folder(to) as tmp:
-        prompts = prompts or data.DIGIT_PROMPTS
+        prompts = prompts or (data.PAIR_PROMPTS[::11] if cfg.data.kind == "digit_pairs" else data.DIGIT_PROMPTS)
         images, _ = sample_images(method, prompts, steps, 0, guidance, teacher=False)
         write_grid(images, 1, tmp / "samples.png")
         torch_dtype = DTYPES[dtype]

@@ -108,6 +108,9 @@ def _builtin(cfg: TeacherConfig) -> Path | Teacher:
 
         return GMMTeacher(schedule=name.removeprefix("gmm-"))
     if name in ZOO:
+        if not (ZOO[name] / "model_index.json").is_file():
+            raise DistillError(f"builtin:{name} is not in this copy of distill ({ZOO[name]} is missing); train it "
+                               f"with its recipe in experiments/ (see experiments/results/)")
         return ZOO[name]
     from teachers import tiny
 

@@ -40,6 +40,8 @@ def test_digit_pairs_data_needs_a_teacher_twice_as_wide():
     assert ds[0]["image"].shape == (3, 16, 32)
     with pytest.raises(DistillError, match="teacher.width=32"):
         data.build(DataConfig(kind="digit_pairs"), 16)
+    with pytest.raises(DistillError, match="leave teacher.width unset"):
+        data.build(DataConfig(kind="digits"), (16, 32))
 
 
 def test_per_half_adherence_on_real_pairs(real_pairs):
@@ -92,6 +94,8 @@ def test_a_non_square_run_trains_evaluates_and_ranks_on_pairs(pairs_run, tmp_pat
     from PIL import Image
 
     db = tmp_path / "board.sqlite"
+    wrong = cli("eval", pairs_run, "--steps", "1", "--db", db, check=False)  # the digits reference: 16 x 16
+    assert wrong.returncode == 2 and "--reference digits or digit_pairs" in wrong.stderr
     out = cli("eval", pairs_run, "--steps", "2", "--num-per-prompt", "1", "--reference", "digit_pairs", "--db", db,
               "--reference-size", "300", "--out", tmp_path / "grids")
     assert "added row 1" in out.stdout
@@ -121,3 +125,22 @@ def test_an_sd3_teacher_takes_non_square_latents(tiny_sd3_dir):
     with torch.no_grad():
         x0, _ = teacher.predict(torch.randn_like(x), 500.0, cond)
     assert x0.shape == x.shape and torch.isfinite(x0).all()
+
+
+@pytest.mark.parametrize("name,pipeline,guidance", [("pairs-sdxl", "StableDiffusionXLPipeline", 5.0),
+                                                    ("pairs-sd3", "StableDiffusion3Pipeline", 3.0)])
+def test_shipped_pairs_teacher_draws_both_prompted_digits_with_plain_diffusers(name, pipeline, guidance):
+    import diffusers
+
+    import teachers
+
+    pipe = getattr(diffusers, pipeline).from_pretrained(teachers.ZOO[name])
+    pipe.set_progress_bar_config(disable=True)
+    pairs = [(a, (a + k) % 10) for a in range(10) for k in (1, 3)]  # 10 seen pairs and 10 held-out ones
+    prompts = [data.pair_prompt(a, b) for a, b in pairs]
+    images = pipe(prompts, height=16, width=32, num_inference_steps=30, guidance_scale=guidance, output_type="pt",
+                  generator=torch.Generator().manual_seed(0)).images * 2 - 1
+    assert images.shape == (20, 3, 16, 32)
+    scores = adherence(images, prompts)
+    print(name, {k: round(v, 3) for k, v in scores.items() if not k.endswith(("_lo", "_hi"))})
+    assert scores["adherence"] >= 0.8 and scores["adherence_seen"] >= 0.8
