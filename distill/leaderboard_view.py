@@ -346,7 +346,8 @@ def markdown(rows: list[dict]) -> str:
     out = ["# Leaderboard", ""]
     for t in arrange(rows):
         out += [f"## {'Protocol ' + t.protocol_id if t.protocol_id else 'Rows without a recorded protocol'}", "",
-                *(f"- {n}" for n in describe(t)), "", "| " + " | ".join(t.columns) + " |", "|" + "---|" * len(t.columns)]
+                *(f"- {n}" for n in describe(t)), "", "| " + " | ".join(t.columns) + " |",
+                "|" + "---|" * len(t.columns)]
         for g in t.groups:
             out.append(f"| **{_md_cell(g.teacher)}** |" + " |" * (len(t.columns) - 1))
             for kind, c, best in _rows_of(g, t.held_out):

@@ -61,7 +61,7 @@ def test_subprocess_shows_no_traceback_unless_debug(tmp_path, cli):
     cfg.write_text(yaml.safe_dump(_merge(GOOD, {"teacher": {"source": "builtin:tiny-sd15"}})))
     proc = cli("train", cfg, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "allowed builtins: builtin:digits-sdxl, builtin:digits-sd3, builtin:tiny-sdxl" in proc.stderr and "Traceback" not in proc.stderr
+    assert "allowed builtins: builtin:digits-sdxl, builtin:digits-sd3, builtin:pairs-sdxl" in proc.stderr and "Traceback" not in proc.stderr
     debug = cli("--debug", "train", cfg, check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 

@@ -127,9 +127,12 @@ def test_an_sd3_teacher_takes_non_square_latents(tiny_sd3_dir):
     assert x0.shape == x.shape and torch.isfinite(x0).all()
 
 
-@pytest.mark.parametrize("name,pipeline,guidance", [("pairs-sdxl", "StableDiffusionXLPipeline", 5.0),
-                                                    ("pairs-sd3", "StableDiffusion3Pipeline", 3.0)])
-def test_shipped_pairs_teacher_draws_both_prompted_digits_with_plain_diffusers(name, pipeline, guidance):
+# SD3's T5 padding length changes its joint attention: the teacher was trained with 77 tokens (teacher.max_text_length);
+# at diffusers' default of 256 it draws 30% of the pairs right.
+@pytest.mark.parametrize("name,pipeline,call", [("pairs-sdxl", "StableDiffusionXLPipeline", {"guidance_scale": 5.0}),
+                                                ("pairs-sd3", "StableDiffusion3Pipeline",
+                                                 {"guidance_scale": 3.0, "max_sequence_length": 77})])
+def test_shipped_pairs_teacher_draws_both_prompted_digits_with_plain_diffusers(name, pipeline, call):
     import diffusers
 
     import teachers
@@ -138,8 +141,8 @@ def test_shipped_pairs_teacher_draws_both_prompted_digits_with_plain_diffusers(n
     pipe.set_progress_bar_config(disable=True)
     pairs = [(a, (a + k) % 10) for a in range(10) for k in (1, 3)]  # 10 seen pairs and 10 held-out ones
     prompts = [data.pair_prompt(a, b) for a, b in pairs]
-    images = pipe(prompts, height=16, width=32, num_inference_steps=30, guidance_scale=guidance, output_type="pt",
-                  generator=torch.Generator().manual_seed(0)).images * 2 - 1
+    images = pipe(prompts, height=16, width=32, num_inference_steps=30, output_type="pt",
+                  generator=torch.Generator().manual_seed(0), **call).images * 2 - 1
     assert images.shape == (20, 3, 16, 32)
     scores = adherence(images, prompts)
     print(name, {k: round(v, 3) for k, v in scores.items() if not k.endswith(("_lo", "_hi"))})
