@@ -25,7 +25,7 @@ import torch
 
 from distill import config, data, leaderboard, paths, runs, speed
 from distill.config import coerce_params
-from distill.errors import ConfigError
+from distill.errors import ConfigError, check_choice
 from distill.evaluate import WORLDS, Scoring, evaluate, sample_images, world_prompts, write_grid
 from distill.runs import build_method, default_device, load_run
 from distill.trainer import train
@@ -103,8 +103,7 @@ def check_matrix(m: Matrix, path: Path) -> None:
         raise ConfigError("matrix", str(path), "has neither teachers nor runs")
     if not m.out:
         raise ConfigError("out", m.out, "must name a folder")
-    if m.reference not in WORLDS:
-        raise ConfigError("reference", m.reference, f"must be one of {', '.join(WORLDS)}")
+    check_choice("reference", m.reference, tuple(WORLDS))
     if m.prompts is not None and not Path(m.prompts).is_file():
         raise ConfigError("prompts", m.prompts, "no such prompts file")
     _count("num_per_prompt", m.num_per_prompt, 1)

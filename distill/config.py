@@ -42,6 +42,11 @@ class TeacherConfig:
     width: int | None = None  # pixels across, for non-square images; default: resolution
     max_text_length: int = 77  # T5 tokens for SD3 (diffusers' default is 256)
 
+    @property
+    def pixels(self) -> int | str:
+        """The image size as rows and reports give it: pixels when square (as rows always had it), else 'HxW'."""
+        return self.resolution if self.width in (None, self.resolution) else f"{self.resolution}x{self.width}"
+
 
 @dataclass
 class StudentConfig:

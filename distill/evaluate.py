@@ -95,7 +95,7 @@ def reference_images(kind: str, resolution: int, n: int | None = None) -> torch.
     """The first n real images of the reference set (all of them when n is None: 1,797 for digits, 2,000 pairs;
     pairs are `resolution` high and twice as wide)."""
     ds = _reference_set(kind, resolution)
-    return torch.stack([ds[i]["image"] for i in range(reference_count(kind, n))])
+    return torch.stack([ds[i]["image"] for i in range(len(ds) if n is None else min(n, len(ds)))])
 
 
 def reference_count(kind: str, n: int | None = None) -> int:
@@ -137,16 +137,10 @@ def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> d
             "prompt_examples": [p[:60] for p in distinct[:64]], "reference": scoring.reference,
             "reference_size": ref_size, "extractor": scoring.extractor,
             "extractor_weights": Path(scoring.extractor_weights).name if scoring.extractor_weights else None,
-            "resolution": resolution(cfg), "eval_seeds": [scoring.seed], "bootstrap": scoring.bootstrap,
+            "resolution": cfg.teacher.pixels, "eval_seeds": [scoring.seed], "bootstrap": scoring.bootstrap,
             "teacher_reference_steps": ref_steps or None,
             "teacher_reference_guidance": ref_guidance if ref_steps else None,
             "guidance": guidance, "sampler": "teacher DDIM" if teacher else f"{cfg.method.name} student"}
-
-
-def resolution(cfg: Config) -> int | str:
-    """The protocol's resolution: pixels for a square teacher (as rows have always had it), else 'HxW'."""
-    t = cfg.teacher
-    return t.resolution if t.width in (None, t.resolution) else f"{t.resolution}x{t.width}"
 
 
 def adherence(images: torch.Tensor, prompts: list[str]) -> dict:

@@ -142,7 +142,7 @@ def report(cfg, architecture: str | None = None) -> str:
     s, t = cfg.student, cfg.teacher
     kind = f"LoRA rank {s.lora_rank}" if s.kind == "lora" else "full"
     lines = [f"{cfg.method.name}, {kind} student of {architecture or t.source} ({t.dtype}), "
-             f"batch {cfg.data.batch_size} per process at {t.resolution}{f'x{t.width}' if t.width else ''} px; "
+             f"batch {cfg.data.batch_size} per process at {t.pixels} px; "
              "one step runs every turn once; "
              "memory in GB (1e9 bytes)", "",
              "| gradient checkpointing | parameters | gradients | optimizer | activations | peak | fits | TFLOP/step |",

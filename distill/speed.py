@@ -336,10 +336,9 @@ def bench(run, steps: list[int], teacher_steps: int, teacher_guidance: float, ba
         else:
             ckpt, cfg, method, step = load_run(run)
             device, order = method.teacher.device, "configurations interleaved round-robin"
-        t = cfg.teacher
         lines = [f"# distill bench-speed {run} {' '.join(shown)}".rstrip(), "",
                  f"device: {device_name(device)} ({n} threads), torch {torch.__version__}; batch {batch_size}, "
-                 f"{t.resolution}{f'x{t.width}' if t.width else ''} px; median and IQR of {repeats} rounds after "
+                 f"{cfg.teacher.pixels} px; median and IQR of {repeats} rounds after "
                  f"{warmup} warm-up calls, {order}, in this one process", ""]
         if train:
             return "\n".join(lines + _training_report(cfg, batch_size, repeats, flags.get("compile"), warmup, methods,
