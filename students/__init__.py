@@ -67,9 +67,9 @@ class Student(nn.Module):
 
     @contextlib.contextmanager
     def as_snapshot(self, snapshot):
-        """The backbone that computes `snapshot`: a full snapshot itself, or for LoRA weights this backbone with them
-        in place of the adapter's own, which come back after."""
-        if isinstance(snapshot, nn.Module):
+        """The backbone that computes `snapshot`: a full snapshot itself (None for none), or for LoRA weights this
+        backbone with them in place of the adapter's own, which come back after."""
+        if snapshot is None or isinstance(snapshot, nn.Module):
             yield snapshot
             return
         params = dict(self.backbone.named_parameters())

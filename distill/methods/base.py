@@ -15,7 +15,7 @@ from distill.config import MAX_STEPS, coerce_params
 from distill.errors import ConfigError
 from distill.sampling import ddim_sample, randn, renoise_chain
 from distill.solvers import loss_space, prediction_loss
-from students import Student
+from students import Companion, Student
 from teachers.base import Teacher
 
 
@@ -30,6 +30,7 @@ class Method(nn.Module):
 
     turns: tuple[str, ...] = ("student",)
     Params: type = type(None)  # the method's own typed config, filled from `method.params`
+    extras: tuple[str, ...] = ()  # attributes naming the other networks it trains, which checkpoints carry
 
     def __init__(self, teacher: Teacher, student: Student, params):
         super().__init__()
@@ -105,20 +106,27 @@ class Method(nn.Module):
 
     def sharded_modules(self) -> list[nn.Module]:
         """What `train.fsdp` shards (distill.sharding): every module a turn trains, and the student's EMA."""
-        return [m for m in (self.student.backbone, self.student.ema, getattr(self, "discriminator", None))
-                if m is not None]
+        extras = [getattr(self, name) for name in self.extras]
+        extras = [net.copy if isinstance(net, Companion) else net for net in extras]  # an adapter is the student's
+        return [m for m in (self.student.backbone, self.student.ema, *extras) if m is not None]
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
         state = {f"student.{k}": v for k, v in self.student.state_to_save().items()}
-        if getattr(self, "discriminator", None) is not None:
-            state |= {f"discriminator.{k}": v for k, v in self.discriminator.state_dict().items()}
+        for name in self.extras:
+            net = getattr(self, name)
+            saved = net.state_to_save() if isinstance(net, Companion) else net.state_dict()
+            state |= {f"{name}.{k}": v for k, v in saved.items()}
         return state
 
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
         self.student.load_saved(checkpoint.section(state, "student."))
-        if getattr(self, "discriminator", None) is not None:
-            self.discriminator.load_state_dict(
-                checkpoint.section(state, "discriminator."))
+        for name in self.extras:
+            net = getattr(self, name)
+            saved = checkpoint.section(state, f"{name}.")
+            if isinstance(net, Companion):
+                net.load_saved(saved)
+            else:
+                net.load_state_dict(saved)
 
 
 def check_guidance_range(lo: float, hi: float) -> None:
@@ -164,6 +172,7 @@ class Adversarial(Method):
     few-step sampler that denoises then renoises to the next time (ADD sec. 3.1)."""
 
     turns = ("discriminator", "student")
+    extras = ("discriminator",)
     discriminator: nn.Module
 
     def __init__(self, teacher: Teacher, student: Student, params):

@@ -19,7 +19,6 @@ import torch.nn.functional as F
 
 import students
 from discriminators.teacher_heads import TeacherHeads, features
-from distill import checkpoint
 from distill.errors import ConfigError, check_choice
 from distill.methods.base import Adversarial, LossOut, check_student_steps, denoising_loss, family_times
 from distill.sampling import randn, renoise_chain
@@ -64,6 +63,7 @@ class DMD2Params:
 class DMD2(Adversarial):
     Params = DMD2Params
     turns = ("student", "fake")  # generator first, then the fake score on fresh (no-grad) samples of it
+    extras = ("discriminator", "fake")
 
     def __init__(self, teacher, student, params: DMD2Params):
         super().__init__(teacher, student, params)
@@ -87,9 +87,6 @@ class DMD2(Adversarial):
         if turn == "fake":
             return self.fake.trainable_parameters() + list(self.discriminator.parameters())
         return self.student.trainable_parameters()
-
-    def sharded_modules(self) -> list:
-        return super().sharded_modules() + ([self.fake.copy] if self.fake.copy is not None else [])
 
     def logits(self, x0, cond, g):
         """The head's logits on the fake score's bottleneck tokens (DMD2 sec. 4.3) for x0 noised at its own
@@ -148,13 +145,5 @@ class DMD2(Adversarial):
             real_logits, fake_logits = self.logits(batch["latents"].float(), cond, g), self.logits(x0, cond, g)
             cls = F.softplus(-real_logits).mean() + F.softplus(fake_logits).mean()
             loss = loss + p.gan_fake_weight * cls
-            logs["cls"] = cls.item()
-            logs |= {"d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
+            logs |= {"cls": cls.item(), "d_real": real_logits.mean().item(), "d_fake": fake_logits.mean().item()}
         return LossOut(loss, logs)
-
-    def state_to_save(self) -> dict[str, torch.Tensor]:
-        return super().state_to_save() | {f"fake.{k}": v for k, v in self.fake.state_to_save().items()}
-
-    def load_saved(self, state: dict[str, torch.Tensor]) -> None:
-        super().load_saved(state)
-        self.fake.load_saved(checkpoint.section(state, "fake."))

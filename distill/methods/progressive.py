@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import copy
 import math
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -86,16 +85,13 @@ class Progressive(Method):
         if params.teacher_from_student:
             self.previous = self.student.snapshot(self.round_backbone)
 
-    def student_steps(self, round_: int) -> int:
-        return self.params.start_steps // 2 ** (round_ + 1)
-
     def round_of(self, step: int) -> int:
         return min(step // self.params.round_steps, self.params.rounds - 1)
 
     def loss(self, batch, turn) -> LossOut:
         p, teacher, g = self.params, self.teacher, batch["generator"]
         x0, cond = batch["latents"].float(), batch["cond"]
-        n = self.student_steps(self.round)
+        n = p.start_steps // 2 ** (self.round + 1)  # this round's student steps
         times = self.grid[:: p.start_steps // (2 * n)]  # the teacher's 2n-step grid, 2n + 1 points
         j = torch.randint(0, n, (len(x0),), generator=g).to(x0.device)
         t, t1, t2 = times[2 * j], times[2 * j + 1], times[2 * j + 2]
@@ -104,8 +100,7 @@ class Progressive(Method):
         w = uniform(len(x0), p.guidance_min, p.guidance_max, g, x0)
         w_in = w if self.student.guidance_input else None
         # The backbone that plays teacher this round: the teacher itself, then the previous student.
-        round_teacher = self.student.as_snapshot(self.previous) if self.previous is not None else nullcontext()
-        with torch.no_grad(), round_teacher as backbone:
+        with torch.no_grad(), self.student.as_snapshot(self.previous) as backbone:
             # The raw teacher applies CFG at w; a previous student already has it built in (or reads w).
             cfg = (1.0 if p.guidance_max == 1.0 else w) if backbone is None else 1.0
             w_teacher, out = (None, None) if backbone is None else (w_in, self.student_prediction)
@@ -145,9 +140,7 @@ class Progressive(Method):
 
     def load_saved(self, state) -> None:
         super().load_saved(state)
-        previous = self.student.snapshot_from(state, "previous", self.round_backbone)
-        if previous is not None:
-            self.previous = previous
+        self.previous = self.student.snapshot_from(state, "previous", self.round_backbone)
 
     def resume_at(self, step: int) -> None:
         self.round = self.round_of(step)
