@@ -279,7 +279,7 @@ def training_rows(cfg, batch_size: int, repeats: int, compile: bool, warmup: int
     rows = []
     for name in chosen:
         eager = times[name, "eager"]
-        row = dict(zip(["method", "eager_ms", "eager_iqr"], [name, *median_iqr(eager)]))
+        row = dict(zip(["method", "eager_ms", "eager_iqr"], [name, *median_iqr(eager)]), times_ms=eager)
         unit = times["denoise", "eager"]
         row["vs_fine_tune"], lo, hi = (1.0, 1.0, 1.0) if name == "denoise" else ratio_interval(eager, unit)
         row["vs_fine_tune_95ci"] = f"[{lo:.3g}, {hi:.3g}]"
