@@ -3,7 +3,8 @@ with one shared set of prompts and seeds, each row added to the leaderboard, the
 
 A matrix is resumable: a run whose student is already trained with the same recipe (config hash) is not
 trained again, an interrupted run resumes from its latest checkpoint, and an evaluation already done
-(recorded in OUT/bench_done.json) is skipped. Everything it writes lives under `out`.
+(recorded in OUT/bench_done.json) is skipped; the teacher's reference samples are kept in OUT/references.
+Everything it writes lives under `out`.
 
 `seeds` (for the whole matrix or one run) trains each run once per training seed: its own folder
 OUT/<name>-seed<k>, train.seed=k, hence its own recipe hash; every row of it records `seed`.
@@ -16,6 +17,8 @@ same rounds.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import math
 from dataclasses import dataclass, field
@@ -212,9 +215,19 @@ class _Bench:
         return self.by_source.get(source, BenchTeacher(source)).guidance_scale
 
     def reference(self, method, source: str):
+        """The teacher's own many-step samples for fid_teacher, made once per matrix folder (OUT/references), so a
+        resumed matrix does not sample them again."""
         if source not in self.references and self.m.teacher_reference_steps:
-            self.references[source], _ = sample_images(method, self.scoring.prompts, self.m.teacher_reference_steps,
-                                                       self.scoring.seed, self.teacher_guidance(source), teacher=True)
+            what = [source, self.m.teacher_reference_steps, self.scoring.seed, self.teacher_guidance(source),
+                    self.scoring.prompts]
+            path = self.out / "references" / f"{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]}.pt"
+            if not path.is_file():
+                images, _ = sample_images(method, self.scoring.prompts, self.m.teacher_reference_steps,
+                                          self.scoring.seed, self.teacher_guidance(source), teacher=True)
+                buffer = io.BytesIO()
+                torch.save(images, buffer)
+                paths.write_atomic(path, buffer.getvalue())
+            self.references[source] = torch.load(path)
         return self.references.get(source)
 
     def time(self, method, source: str, steps: list[int], guidance: float, teacher: bool) -> dict[int, dict]:
