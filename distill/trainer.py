@@ -117,10 +117,14 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
                disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=1.0)
     t0, bad_in_row, skipped_samples = time.time(), 0, 0
     for step in range(run.start, end):
+        tick = time.perf_counter()
         raws = [next(run.batches) for _ in range(tc.gradient_accumulation_steps)]
+        fetched = time.perf_counter()
         skipped_samples += sum(raw["skipped"] for raw in raws)
         turn_logs, bad_step = train_step(run, step, raws)
-        logs = {"data/skipped_samples": skipped_samples, **turn_logs}
+        # wall seconds of the step, and of its wait for data (the loss and norm reads sync a GPU before this)
+        logs = {"data/skipped_samples": skipped_samples, "time/step_s": time.perf_counter() - tick,
+                "time/data_s": fetched - tick, **turn_logs}
         done = step + 1
         method.step_done(done)  # step-count state (progressive rounds) moves on even when the updates were skipped
         bad_in_row = bad_in_row + 1 if bad_step else 0

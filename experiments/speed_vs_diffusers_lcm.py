@@ -8,10 +8,11 @@ The script runs first, in its own process, on the config's teacher folder, resol
 checkpointing, batch 1, without mixed precision (so the teacher's dtype must be float32), on a folder of captioned
 digits it reads as an imagefolder. experiments/time_optimiser_steps.py times it from outside: a step is the time
 between two optimiser steps (data, text encoding, VAE encode, student pass, the teacher's two guidance passes, the
-target pass, backward, clipping, AdamW), the same work as a `distill bench-speed --train` step. Then distill's
-steps are timed in this process, as bench-speed does. Both use 2 warm-up steps, `repeats` timed ones and the
-peak resident set over the timed steps. The script needs the `datasets` package: give an interpreter that has it
-and diffusers with --python.
+target pass, backward, clipping, AdamW), the same work as a `distill bench-speed --train` step. `distill train`
+itself runs next on the same folder (data.kind=images), timed from outside the same way. Then distill's steps are
+timed in this process, as bench-speed does. All use 2 warm-up steps, `repeats` timed ones and the peak resident
+set over the timed steps. The script needs the `datasets` package: give an interpreter that has it and diffusers
+with --python.
 """
 import argparse
 import json
@@ -39,23 +40,43 @@ def captioned_digits(folder: Path, resolution: int, n: int = 16) -> None:
             f.write(json.dumps({"file_name": f"{i}.png", "text": f"a handwritten digit {digits.target[i]}"}) + "\n")
 
 
-def script_steps(args, cfg, work: Path) -> dict:
-    """{"step_ms": [...], "peak_mb": ...} of the script's timed steps."""
-    (work / "data").mkdir()
-    captioned_digits(work / "data", cfg.teacher.resolution)
-    cmd = [args.python, str(HERE / "time_optimiser_steps.py"), "2", str(args.repeats), args.script,
-           "--pretrained_teacher_model", cfg.teacher.source, "--train_data_dir", str(work / "data"),
-           "--output_dir", str(work / "out"), "--cache_dir", str(work / "cache"),
-           "--resolution", str(cfg.teacher.resolution), "--train_batch_size", "1",
-           "--lora_rank", str(cfg.student.lora_rank), "--mixed_precision", "no", "--max_train_steps", "1000",
-           "--dataloader_num_workers", "0", "--checkpointing_steps", "100000", "--validation_steps", "100000",
-           "--report_to", "tensorboard", "--seed", str(cfg.train.seed)]
-    cmd += ["--gradient_checkpointing"] if cfg.student.gradient_checkpointing else []
+def timed_steps(python: str, program: list[str], repeats: int) -> dict:
+    """{"step_ms": [...], "peak_mb": ...} of a training program's timed steps, timed from outside."""
+    cmd = [python, str(HERE / "time_optimiser_steps.py"), "2", str(repeats), *program]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("[time_optimiser_steps] {")]
     if proc.returncode or not lines:
-        sys.exit(f"the script failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        sys.exit(f"{Path(program[0]).name} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
     return json.loads(lines[-1].split(" ", 1)[1])
+
+
+def script_steps(args, cfg, work: Path) -> dict:
+    """The script's timed steps on the captioned digits in work/data."""
+    program = [args.script, "--pretrained_teacher_model", cfg.teacher.source, "--train_data_dir", str(work / "data"),
+               "--output_dir", str(work / "out"), "--cache_dir", str(work / "cache"),
+               "--resolution", str(cfg.teacher.resolution), "--train_batch_size", "1",
+               "--lora_rank", str(cfg.student.lora_rank), "--mixed_precision", "no", "--max_train_steps", "1000",
+               "--dataloader_num_workers", "0", "--checkpointing_steps", "100000", "--validation_steps", "100000",
+               "--report_to", "tensorboard", "--seed", str(cfg.train.seed)]
+    program += ["--gradient_checkpointing"] if cfg.student.gradient_checkpointing else []
+    return timed_steps(args.python, program, args.repeats)
+
+
+def trainer_steps(args, work: Path) -> dict:
+    """`distill train`'s timed steps (consistency, the config's settings) on the captioned digits in work/data."""
+    program = [str(Path(sys.executable).with_name("distill")), "train", args.config, "method.name=consistency",
+               "data.kind=images", f"data.path={work / 'data'}", f"train.output_dir={work / 'distill'}",
+               "train.max_steps=1000", "train.checkpoint_every=100000"]
+    return timed_steps(sys.executable, program, args.repeats)
+
+
+def row(name: str, steps: dict, fine_tune: dict) -> dict:
+    """A timed program's row beside bench-speed's, as a ratio to the same fine-tune step."""
+    ratio, lo, hi = speed.ratio_interval(steps["step_ms"], fine_tune["times_ms"])
+    median, iqr = speed.median_iqr(steps["step_ms"])
+    return {"method": name, "eager_ms": median, "eager_iqr": iqr, "vs_fine_tune": ratio,
+            "vs_fine_tune_95ci": f"[{lo:.3g}, {hi:.3g}]", "peak_mb": steps["peak_mb"],
+            "peak_vs_fine_tune": steps["peak_mb"] / fine_tune["peak_mb"]}
 
 
 def main() -> None:
@@ -69,22 +90,24 @@ def main() -> None:
     if cfg.teacher.dtype != "float32" or cfg.student.kind != "lora" or cfg.teacher.width:
         sys.exit("needs a float32 teacher, a LoRA student and a square resolution: the script's settings")
     with tempfile.TemporaryDirectory() as work:
+        (Path(work) / "data").mkdir()
+        captioned_digits(Path(work) / "data", cfg.teacher.resolution)
         script = script_steps(args, cfg, Path(work))
+        trainer = trainer_steps(args, Path(work))
     rows, _, _ = speed.training_rows(cfg, 1, args.repeats, False, methods=["consistency"])
     fine_tune, consistency = rows[0], rows[1]
-    ratio, lo, hi = speed.ratio_interval(script["step_ms"], fine_tune["times_ms"])
-    median, iqr = speed.median_iqr(script["step_ms"])
-    rows.append({"method": "diffusers " + Path(args.script).name, "eager_ms": median, "eager_iqr": iqr,
-                 "vs_fine_tune": ratio, "vs_fine_tune_95ci": f"[{lo:.3g}, {hi:.3g}]", "peak_mb": script["peak_mb"],
-                 "peak_vs_fine_tune": script["peak_mb"] / fine_tune["peak_mb"]})
-    ratio, lo, hi = speed.ratio_interval(consistency["times_ms"], script["step_ms"])
+    rows += [row("diffusers " + Path(args.script).name, script, fine_tune), row("distill train", trainer, fine_tune)]
+    vs_script = {name: speed.ratio_interval(steps, script["step_ms"])
+                 for name, steps in [("consistency step", consistency["times_ms"]),
+                                     ("train step", trainer["step_ms"])]}
     cols = ["method", "eager_ms", "eager_iqr", "vs_fine_tune", "vs_fine_tune_95ci", "peak_mb", "peak_vs_fine_tune"]
     print(f"# python experiments/speed_vs_diffusers_lcm.py {args.config} --script {args.script} "
           f"--repeats {args.repeats}\n\nteacher {cfg.teacher.source} ({cfg.teacher.dtype}), {cfg.teacher.pixels} px, "
           f"batch 1, LoRA rank {cfg.student.lora_rank}, gradient checkpointing "
           f"{'on' if cfg.student.gradient_checkpointing else 'off'}; median and IQR (ms) of {args.repeats} steps after "
-          f"2 warm-up steps\n\n{speed.markdown(rows, cols)}\n\ndistill consistency step / the script's step: "
-          f"{ratio:.3f} [{lo:.3g}, {hi:.3g}]")
+          f"2 warm-up steps\n\n{speed.markdown(rows, cols)}\n")
+    for name, (ratio, lo, hi) in vs_script.items():
+        print(f"distill {name} / the script's step: {ratio:.3f} [{lo:.3g}, {hi:.3g}]")
 
 
 if __name__ == "__main__":

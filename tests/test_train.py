@@ -56,6 +56,7 @@ def test_consistency_trains_only_the_student(request, tmp_path, teacher_fixture,
     for turn in method.turns:
         losses = [r[f"{turn}/loss"] for r in rows]
         assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    assert all(0 <= r["time/data_s"] < r["time/step_s"] for r in rows)
 
     fresh = teachers.load(TeacherConfig(source=str(folder), resolution=32))
     init = build_method(cfg, "cpu")  # same seed: the student as it was at step 0
