@@ -24,6 +24,10 @@ CASES = [
     ({"method": {"params": {"guidanse_min": 2}}}, "did you mean 'method.params.guidance_min'?"),
     ({"train": {"mixed_precision": "fp8"}}, "allowed: no, fp16, bf16"),
     ({"student": {"kind": "lora", "guidance_embedding": True}}, "needs student.kind=full"),
+    ({"method": {"name": "progressive", "params": {"start_steps": 4, "guidance_min": 2, "guidance_max": 6}},
+      "student": {"kind": "full"}}, "a range of w needs a student that reads w"),
+    ({"method": {"name": "dmd2"}, "student": {"kind": "full", "guidance_embedding": True}},
+     "dmd2 trains the student without a w input"),
 ]
 
 

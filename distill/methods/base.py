@@ -181,6 +181,12 @@ class Adversarial(Method):
         self.register_buffer("student_grid", teacher.student_timesteps(params.student_steps).float(),
                              persistent=False)
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if cfg.student.guidance_embedding:  # its training never passes w, its sampler would (guidance_args)
+            raise ConfigError("student.guidance_embedding", True, f"{cfg.method.name} trains the student without a "
+                              "w input, so a student that reads w would get w only when sampling; leave it false")
+
     def parameters_for(self, turn: str) -> list[nn.Parameter]:
         if turn == "discriminator":
             return list(self.discriminator.parameters())

@@ -74,6 +74,7 @@ class DMD2(Adversarial):
 
     @classmethod
     def check_config(cls, cfg) -> None:
+        super().check_config(cfg)
         params = cls.parse_params(cfg.method.params)
         if params.gan and cfg.data.kind == "prompts":  # every other kind carries real images or latents
             raise ConfigError("data.kind", cfg.data.kind, "DMD2's GAN term needs real images (images, shards, "

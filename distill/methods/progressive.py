@@ -85,6 +85,14 @@ class Progressive(Method):
         if params.teacher_from_student:
             self.previous = self.student.snapshot(self.round_backbone)
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        p = cls.parse_params(cfg.method.params)
+        if p.guidance_min < p.guidance_max and not cfg.student.guidance_embedding:
+            raise ConfigError("method.params.guidance_min/guidance_max", (p.guidance_min, p.guidance_max),
+                              "a range of w needs a student that reads w (student.kind=full, student."
+                              "guidance_embedding=true), or it learns an average over w; else set them equal")
+
     def round_of(self, step: int) -> int:
         return min(step // self.params.round_steps, self.params.rounds - 1)
 
