@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import safetensors.torch
 import torch
 
 from distill import config, data, leaderboard, paths, runs, speed
@@ -220,14 +220,13 @@ class _Bench:
         if source not in self.references and self.m.teacher_reference_steps:
             what = [source, self.m.teacher_reference_steps, self.scoring.seed, self.teacher_guidance(source),
                     self.scoring.prompts]
-            path = self.out / "references" / f"{hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]}.pt"
+            name = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+            path = self.out / "references" / f"{name}.safetensors"
             if not path.is_file():
                 images, _ = sample_images(method, self.scoring.prompts, self.m.teacher_reference_steps,
                                           self.scoring.seed, self.teacher_guidance(source), teacher=True)
-                buffer = io.BytesIO()
-                torch.save(images, buffer)
-                paths.write_atomic(path, buffer.getvalue())
-            self.references[source] = torch.load(path)
+                paths.write_atomic(path, safetensors.torch.save({"images": images.contiguous()}))
+            self.references[source] = safetensors.torch.load_file(path)["images"]
         return self.references.get(source)
 
     def time(self, method, source: str, steps: list[int], guidance: float, teacher: bool) -> dict[int, dict]:

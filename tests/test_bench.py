@@ -54,7 +54,7 @@ def test_bench_trains_evaluates_writes_pages_and_resumes(tmp_path, tiny_sdxl_dir
     assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 4
 
     # A new step count resumes the matrix: its row compares with the teacher samples kept on disk, not new ones.
-    [reference] = (tmp_path / "bench/references").glob("*.pt")
+    [reference] = (tmp_path / "bench/references").glob("*.safetensors")
     made = reference.stat().st_mtime_ns
     spec = yaml.safe_load(matrix.read_text())
     spec["teachers"][0]["steps"] = [4, 2, 1]
@@ -62,7 +62,7 @@ def test_bench_trains_evaluates_writes_pages_and_resumes(tmp_path, tiny_sdxl_dir
     cli("bench", matrix)
     rows = sqlite3.connect(db).execute("SELECT steps, fid_teacher FROM rows ORDER BY id").fetchall()
     assert len(rows) == 5 and rows[-1][0] == 2 and rows[-1][1] > 0
-    assert list((tmp_path / "bench/references").glob("*.pt")) == [reference]
+    assert list((tmp_path / "bench/references").glob("*.safetensors")) == [reference]
     assert reference.stat().st_mtime_ns == made
 
 
