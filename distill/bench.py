@@ -218,8 +218,8 @@ class _Bench:
         """The teacher's own many-step samples for fid_teacher, made once per matrix folder (OUT/references), so a
         resumed matrix does not sample them again."""
         if source not in self.references and self.m.teacher_reference_steps:
-            what = [source, self.m.teacher_reference_steps, self.scoring.seed, self.teacher_guidance(source),
-                    self.scoring.prompts]
+            what = [source, list(method.teacher.size), self.m.teacher_reference_steps, self.scoring.seed,
+                    self.teacher_guidance(source), self.scoring.prompts]
             name = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
             path = self.out / "references" / f"{name}.safetensors"
             if not path.is_file():

@@ -252,6 +252,16 @@ def top_ops(fn, rows: int) -> str:
                                      row_limit=rows)
 
 
+def step_row(name: str, times: list[float], peak_mb: float, fine_tune: dict | None) -> dict:
+    """A timed training step's row: median and IQR, and its median and peak memory as ratios to the fine-tune's row
+    (`fine_tune`; None for the fine-tune itself), the time's with a 95% bootstrap interval."""
+    ratio, lo, hi = (1.0, 1.0, 1.0) if fine_tune is None else ratio_interval(times, fine_tune["times_ms"])
+    median, iqr = median_iqr(times)
+    return {"method": name, "eager_ms": median, "eager_iqr": iqr, "times_ms": times,
+            "vs_fine_tune": ratio, "vs_fine_tune_95ci": f"[{lo:.3g}, {hi:.3g}]", "peak_mb": peak_mb,
+            "peak_vs_fine_tune": 1.0 if fine_tune is None else peak_mb / fine_tune["peak_mb"]}
+
+
 def training_rows(cfg, batch_size: int, repeats: int, compile: bool, warmup: int = 2,
                   methods: list[str] | None = None, profile: int = 0) -> tuple[list[dict], list, dict]:
     """Every method's training step on one loaded teacher, one method at a time: its student is built (a LoRA is
@@ -278,17 +288,12 @@ def training_rows(cfg, batch_size: int, repeats: int, compile: bool, warmup: int
             gc.collect()
     rows = []
     for name in chosen:
-        eager = times[name, "eager"]
-        row = dict(zip(["method", "eager_ms", "eager_iqr"], [name, *median_iqr(eager)]), times_ms=eager)
-        unit = times["denoise", "eager"]
-        row["vs_fine_tune"], lo, hi = (1.0, 1.0, 1.0) if name == "denoise" else ratio_interval(eager, unit)
-        row["vs_fine_tune_95ci"] = f"[{lo:.3g}, {hi:.3g}]"
-        row["peak_mb"] = peaks[name, "eager"]
-        row["peak_vs_fine_tune"] = peaks[name, "eager"] / peaks["denoise", "eager"]
+        # denoise, the unit, is chosen first
+        row = step_row(name, times[name, "eager"], peaks[name, "eager"], rows[0] if rows else None)
         if compile:
             compiled = times[name, "compiled"]
             row["compiled_ms"], row["compiled_iqr"] = median_iqr(compiled)
-            row["compile_speedup"], _, _ = ratio_interval(eager, compiled)
+            row["compile_speedup"], _, _ = ratio_interval(row["times_ms"], compiled)
         rows.append(row)
     return rows, skipped, profiles
 

@@ -70,15 +70,6 @@ def trainer_steps(args, work: Path) -> dict:
     return timed_steps(sys.executable, program, args.repeats)
 
 
-def row(name: str, steps: dict, fine_tune: dict) -> dict:
-    """A timed program's row beside bench-speed's, as a ratio to the same fine-tune step."""
-    ratio, lo, hi = speed.ratio_interval(steps["step_ms"], fine_tune["times_ms"])
-    median, iqr = speed.median_iqr(steps["step_ms"])
-    return {"method": name, "eager_ms": median, "eager_iqr": iqr, "vs_fine_tune": ratio,
-            "vs_fine_tune_95ci": f"[{lo:.3g}, {hi:.3g}]", "peak_mb": steps["peak_mb"],
-            "peak_vs_fine_tune": steps["peak_mb"] / fine_tune["peak_mb"]}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("config")
@@ -96,7 +87,8 @@ def main() -> None:
         trainer = trainer_steps(args, Path(work))
     rows, _, _ = speed.training_rows(cfg, 1, args.repeats, False, methods=["consistency"])
     fine_tune, consistency = rows[0], rows[1]
-    rows += [row("diffusers " + Path(args.script).name, script, fine_tune), row("distill train", trainer, fine_tune)]
+    rows += [speed.step_row(name, steps["step_ms"], steps["peak_mb"], fine_tune)
+             for name, steps in [("diffusers " + Path(args.script).name, script), ("distill train", trainer)]]
     vs_script = {name: speed.ratio_interval(steps, script["step_ms"])
                  for name, steps in [("consistency step", consistency["times_ms"]),
                                      ("train step", trainer["step_ms"])]}
