@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 import students
 from distill import checkpoint, config, data, fastpath, paths, sharding
-from distill.config import Config
+from distill.config import Config, TrainConfig
 from distill.errors import DistillError
 from distill.methods import METHODS, Method
 from distill.runs import build_method
@@ -127,6 +127,8 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
                 "time/data_s": fetched - tick, **turn_logs}
         done = step + 1
         method.step_done(done)  # step-count state (progressive rounds) moves on even when the updates were skipped
+        if done < tc.max_steps and done in method.phase_starts(tc.max_steps):
+            start_phase(run, done)  # before the step's checkpoint, so a resume there starts the phase as this run did
         bad_in_row = bad_in_row + 1 if bad_step else 0
         logs["nonfinite_in_row"] = bad_in_row
         if bad_step:
@@ -184,12 +186,8 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
     optimizers = {turn: torch.optim.AdamW(params, lr=tc.turn_learning_rates.get(turn, tc.learning_rate),
                                           betas=(tc.adam_beta1, tc.adam_beta2), weight_decay=tc.weight_decay)
                   for turn, params in turn_params.items()}
-    # A turn that runs every k steps steps its schedule k times less often: its warm-up and horizon are counted in
-    # its own updates, so every turn warms up over the same global steps and ends its schedule with the run.
     every = {turn: tc.turn_every.get(turn, 1) for turn in method.turns}
-    schedulers = {turn: get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=-(-tc.warmup_steps // every[turn]),
-                                      num_training_steps=-(-tc.max_steps // every[turn]))
-                  for turn, opt in optimizers.items()}
+    schedulers = make_schedulers(tc, optimizers, every, phase_at(method, tc.max_steps, start))
     if ckpt is not None:
         for turn, opt in optimizers.items():
             sharding.load_optimizer(opt, saved_optims[turn])
@@ -241,6 +239,30 @@ def start_accelerator(cfg: Config, out: Path, aside: Path | None) -> Accelerator
         raise DistillError("train.fsdp shards the student over several processes; launch with accelerate launch "
                            "--num_processes N (N >= 2), or leave train.fsdp false on one")
     return accelerator
+
+
+def phase_at(method: Method, max_steps: int, step: int) -> tuple[int, int]:
+    """The first and the end step of the method's phase (its optimisers' and LR schedules' life) that holds `step`."""
+    starts = method.phase_starts(max_steps)
+    return max(s for s in starts if s <= step), min([s for s in starts if s > step] + [max_steps])
+
+
+def make_schedulers(tc: TrainConfig, optimizers: dict, every: dict[str, int], phase: tuple[int, int]) -> dict:
+    """Each turn's LR schedule over one phase. A turn that runs every k steps steps its schedule k times less often:
+    its warm-up and horizon are counted in its own updates, so every turn warms up over the same global steps and
+    ends its schedule with the phase."""
+    steps = phase[1] - phase[0]
+    return {turn: get_scheduler(tc.lr_scheduler, opt, num_warmup_steps=-(-tc.warmup_steps // every[turn]),
+                                num_training_steps=-(-steps // every[turn]))
+            for turn, opt in optimizers.items()}
+
+
+def start_phase(run: Run, step: int) -> None:
+    """A new phase at `step`: every optimiser forgets its moments and its LR schedule starts again."""
+    for opt in run.optimizers.values():
+        opt.state.clear()
+    run.schedulers = make_schedulers(run.cfg.train, run.optimizers, run.every,
+                                     phase_at(run.method, run.cfg.train.max_steps, step))
 
 
 def train_step(run: Run, step: int, raws: list[dict]) -> tuple[dict, bool]:

@@ -279,14 +279,31 @@ def test_pickled_weights_are_refused_and_no_unsafe_loading_in_code(tmp_path, tin
                 assert "weights_only=True" in line, (src, line)
 
 
-@pytest.mark.parametrize("kind", ["full", "lora"])
-def test_progressive_resume_restores_the_round_teacher(tmp_path, kind):
+@pytest.mark.parametrize("kind,stop", [("full", 4), ("lora", 4), ("lora", 3)])
+def test_progressive_resume_restores_the_round_teacher(tmp_path, kind, stop):
     raw = {**GMM, "student": {"kind": kind},
            "method": {"name": "progressive", "params": {"start_steps": 4, "round_steps": 3}},
-           "train": {"max_steps": 6, "checkpoint_every": 2}}
+           "train": {"max_steps": 6, "checkpoint_every": 2, "lr_scheduler": "linear"}}
     whole = train(runs.parse_config(raw, [f"train.output_dir={tmp_path / 'whole'}"])).state_to_save()
     split_cfg = runs.parse_config(raw, [f"train.output_dir={tmp_path / 'split'}"])
-    train(split_cfg, stop_after=4)  # stops inside round 1, whose teacher is round 0's student
+    # stops at round 1's start or inside it: its teacher is round 0's student, its optimiser and LR schedule new
+    train(split_cfg, stop_after=stop)
     split = train(split_cfg, resume="latest").state_to_save()
     assert any(k.startswith("previous") for k in whole) and whole.keys() == split.keys()
     assert all(torch.equal(whole[k], split[k]) for k in whole)
+
+
+def test_progressive_rounds_each_start_a_fresh_optimiser_and_lr_schedule(tmp_path):
+    raw = {**GMM, "method": {"name": "progressive", "params": {"start_steps": 8, "round_steps": 4}},
+           "train": {"max_steps": 14, "checkpoint_every": 9, "log_every": 1, "lr_scheduler": "linear",
+                     "learning_rate": 1e-3, "output_dir": str(tmp_path)}}
+    train(runs.parse_config(raw))
+    lrs = [json.loads(line)["student/lr"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    # the LR after each update: linear to 0 over rounds 0 and 1 (4 steps), and over the last round's 6 steps
+    expected = [1e-3 * (1 - k / 4) for k in range(1, 5)] * 2 + [1e-3 * (1 - k / 6) for k in range(1, 7)]
+    assert lrs == pytest.approx(expected)
+    # AdamW's moments and step count start again with each round: a round's-end checkpoint holds the next round's
+    # fresh optimiser, so a resume there starts the round as an unbroken run does
+    for step, updates in ((4, set()), (8, set()), (9, {1.0}), (14, {6.0})):
+        _, optims, _ = checkpoint.load(tmp_path / "checkpoints" / f"step-{step:08d}")
+        assert {float(s["step"]) for s in optims["student"]["state"].values()} == updates, step

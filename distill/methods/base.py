@@ -104,6 +104,11 @@ class Method(nn.Module):
         """Whether the student after `step` steps deserves a checkpoint kept whatever the retention."""
         return False
 
+    def phase_starts(self, max_steps: int) -> list[int]:
+        """The steps at which the optimisers and LR schedules start afresh, each schedule running to the next start
+        (or to max_steps). One phase, [0], unless a method trains in stages with their own optimiser."""
+        return [0]
+
     def sharded_modules(self) -> list[nn.Module]:
         """What `train.fsdp` shards (distill.sharding): every module a turn trains, and the student's EMA."""
         extras = [getattr(self, name) for name in self.extras]

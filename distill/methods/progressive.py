@@ -143,6 +143,13 @@ class Progressive(Method):
     def milestone(self, step: int) -> bool:
         return step % self.params.round_steps == 0 and step // self.params.round_steps <= self.params.rounds
 
+    def phase_starts(self, max_steps: int) -> list[int]:
+        """Each round trains with a fresh optimiser and its own LR schedule, as the reference code does (google-
+        research diffusion_distillation: a new Adam state per halving, the LR annealed linearly over
+        steps_per_iter); the last round runs on to max_steps."""
+        starts = [r * self.params.round_steps for r in range(self.params.rounds)]
+        return [s for s in starts if s < max_steps]
+
     def state_to_save(self):
         return super().state_to_save() | self.student.snapshot_state(self.previous, "previous")
 
