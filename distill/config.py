@@ -54,7 +54,7 @@ class StudentConfig:
     lora_rank: int = 16
     lora_alpha: float | None = None  # defaults to the rank (scale 1)
     lora_targets: list[str] | None = None  # module names; the teacher family gives a default
-    ema_decay: float = 0.95  # the full student's EMA (the consistency target network)
+    ema_decay: float = 0.95  # a full student's EMA: consistency's target network; no other method makes one
     guidance_embedding: bool = False  # full students only: condition on the CFG scale w
     gradient_checkpointing: bool = False
     init_from: str | None = None  # start from the student of another run or checkpoint (same teacher and kind)

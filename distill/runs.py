@@ -44,7 +44,8 @@ def build_method(cfg: Config, device, teacher=None) -> Method:
     """cfg's method on its teacher (loaded here unless given: a bare, already loaded teacher of cfg.teacher)."""
     set_seed(cfg.train.seed)  # adapters and heads start identical on every rank and every run
     teacher = teachers.load(cfg.teacher, device) if teacher is None else teacher
-    student = students.build(teacher, cfg.student).to(device)
+    method_cls = METHODS[cfg.method.name]
+    student = students.build(teacher, cfg.student, ema=method_cls.reads_ema).to(device)
     if cfg.student.init_from:
         source = Path(cfg.student.init_from)
         weights, _, state = checkpoint.load(checkpoint.find(source, str(source)))
@@ -56,7 +57,6 @@ def build_method(cfg: Config, device, teacher=None) -> Method:
         except RuntimeError as e:
             raise DistillError(f"student.init_from {source} does not fit this student (is student.guidance_embedding "
                                f"the same?): {str(e).splitlines()[0]}") from e
-    method_cls = METHODS[cfg.method.name]
     return method_cls(teacher, student, method_cls.parse_params(cfg.method.params))
 
 

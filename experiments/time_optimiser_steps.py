@@ -1,6 +1,7 @@
 """Run a training script and time its steps from outside: the wall time between consecutive AdamW.step calls, after
 WARMUP steps, for TIMED steps, and the peak resident set over the timed steps (VmHWM, reset after the warm-up, as
-`distill bench-speed --train` measures its own). Prints one JSON line and exits once done.
+`distill bench-speed --train` measures its own; read here, not imported from distill, as the script may run in a
+virtual environment without distill). Prints one JSON line and exits once done.
 
     python experiments/time_optimiser_steps.py WARMUP TIMED SCRIPT [SCRIPT ARGS...]
 """

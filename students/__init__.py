@@ -28,11 +28,13 @@ STUDENT_ADAPTER = "default"  # the student's LoRA adapter name (peft's default; 
 
 
 class Student(nn.Module):
-    def __init__(self, backbone: nn.Module, kind: str, ema_decay: float = 0.0, guidance_input: bool = False):
+    def __init__(self, backbone: nn.Module, kind: str, ema_decay: float | None = None, guidance_input: bool = False):
         super().__init__()
         self.backbone, self.kind, self.ema_decay, self.guidance_input = backbone, kind, ema_decay, guidance_input
-        # A full student keeps an EMA copy (LCM's target network theta^-); a LoRA student is its own target.
-        self.ema = copy.deepcopy(backbone).requires_grad_(False).eval() if kind == "full" else None
+        # A full student keeps an EMA copy (LCM's target network theta^-) when its method reads one (ema_decay given):
+        # a backbone's copy, 10 GB in float32 for SDXL. A LoRA student is its own target.
+        self.ema = (copy.deepcopy(backbone).requires_grad_(False).eval()
+                    if kind == "full" and ema_decay is not None else None)
 
     @property
     def target(self) -> nn.Module:
@@ -97,11 +99,11 @@ class Student(nn.Module):
         return checkpoint.section(state, f"{prefix}_lora.") or None
 
     def state_to_save(self) -> dict[str, torch.Tensor]:
-        """What a checkpoint must keep: LoRA weights, or the full backbone and its EMA."""
+        """What a checkpoint must keep: LoRA weights, or the full backbone and its EMA if it has one."""
         if self.kind == "lora":
             return {f"lora.{k}": v for k, v in adapter_state_dict(self.backbone, STUDENT_ADAPTER).items()}
         state = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
-        return state | {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        return state | {f"ema.{k}": v for k, v in (self.ema.state_dict() if self.ema is not None else {}).items()}
 
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
         if self.kind == "lora":
@@ -109,7 +111,8 @@ class Student(nn.Module):
             load_adapter_state_dict(self.backbone, STUDENT_ADAPTER, lora)
             return
         self.backbone.load_state_dict(checkpoint.section(state, "backbone."))
-        self.ema.load_state_dict(checkpoint.section(state, "ema."))
+        if self.ema is not None:  # a student saved without an EMA (another method's run) starts its EMA at itself
+            self.ema.load_state_dict(checkpoint.section(state, "ema.") or self.backbone.state_dict())
 
 
 def adapter_state_dict(backbone: nn.Module, name: str) -> dict[str, torch.Tensor]:
@@ -280,7 +283,8 @@ def checkpoint_with_adapter_state(module: nn.Module, *args, **kwargs):
     return torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False, **kwargs)
 
 
-def build(teacher: Teacher, cfg: StudentConfig) -> Student:
+def build(teacher: Teacher, cfg: StudentConfig, ema: bool = False) -> Student:
+    """cfg's student on `teacher`; a full one with an EMA (decay cfg.ema_decay) if `ema`."""
     if cfg.kind == "lora":
         targets = cfg.lora_targets or list(teacher.lora_targets)
         lora = LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha or cfg.lora_rank, init_lora_weights="gaussian",
@@ -301,7 +305,7 @@ def build(teacher: Teacher, cfg: StudentConfig) -> Student:
         backbone = teacher.add_guidance_input(teacher.backbone) if cfg.guidance_embedding else copy.deepcopy(
             teacher.backbone)
         backbone = backbone.float().requires_grad_(True)
-        student = Student(backbone, "full", cfg.ema_decay, guidance_input=cfg.guidance_embedding)
+        student = Student(backbone, "full", cfg.ema_decay if ema else None, guidance_input=cfg.guidance_embedding)
     if cfg.gradient_checkpointing and hasattr(student.backbone, "enable_gradient_checkpointing"):
         student.backbone.enable_gradient_checkpointing(checkpoint_with_adapter_state)
     return student

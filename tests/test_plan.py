@@ -73,7 +73,7 @@ def _glibc() -> bool:
     ("builtin:tiny-sdxl", "consistency", "lora", False),
     ("builtin:tiny-sdxl", "consistency", "lora", True),
     ("builtin:tiny-sdxl", "dmd2", "lora", True),  # two turns, a second adapter, the GAN head
-    ("builtin:tiny-sdxl", "progressive", "full", True),  # a full student, its EMA and round teacher
+    ("builtin:tiny-sdxl", "progressive", "full", True),  # a full student and its round teacher
     ("builtin:tiny-sd3", "ladd", "lora", True),  # flow, MMDiT, heads on the teacher's features
 ])
 def test_the_plan_is_within_15_percent_of_a_measured_step(source, method, kind, checkpointing):

@@ -96,7 +96,7 @@ def test_lora_student_shares_the_teachers_weights(tiny_sdxl_dir):
 
 def test_full_student_with_guidance_input_starts_as_the_teacher(tiny_sdxl_dir):
     teacher = teachers.load(TeacherConfig(source=str(tiny_sdxl_dir), resolution=32))
-    student = students.build(teacher, StudentConfig(kind="full", guidance_embedding=True, ema_decay=0.5))
+    student = students.build(teacher, StudentConfig(kind="full", guidance_embedding=True, ema_decay=0.5), ema=True)
     assert student.backbone is not teacher.backbone and student.backbone.config.time_cond_proj_dim == 256
     cond = teacher.encode_prompts(["a"])
     x = torch.randn(2, *teacher.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))

@@ -74,7 +74,9 @@ def test_consistency_trains_only_the_student(request, tmp_path, teacher_fixture,
         heads = [not torch.equal(a, b) for a, b in zip(method.discriminator.parameters(),
                                                          init.discriminator.parameters())]
         assert sum(heads) > 0.5 * len(heads)
-    if cfg.student.kind == "full":
+    # a full student has an EMA only where the method reads it (consistency's target network)
+    assert (method.student.ema is not None) == (cfg.student.kind == "full" and cfg.method.name == "consistency")
+    if method.student.ema is not None:
         ema = [not torch.equal(a, b) for a, b in zip(method.student.ema.parameters(), init.student.ema.parameters())]
         assert any(ema)
     assert (tmp_path / "run" / "student").is_dir()

@@ -31,6 +31,7 @@ class Method(nn.Module):
     turns: tuple[str, ...] = ("student",)
     Params: type = type(None)  # the method's own typed config, filled from `method.params`
     extras: tuple[str, ...] = ()  # attributes naming the other networks it trains, which checkpoints carry
+    reads_ema: bool = False  # whether its loss reads a full student's EMA (student.target); else the EMA is not made
 
     def __init__(self, teacher: Teacher, student: Student, params):
         super().__init__()

@@ -43,6 +43,7 @@ class ConsistencyParams:
 
 class Consistency(Method):
     Params = ConsistencyParams
+    reads_ema = True  # the target network theta^- (LCM, Algorithm 1)
 
     def __init__(self, teacher, student, params: ConsistencyParams):
         super().__init__(teacher, student, params)
