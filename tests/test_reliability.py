@@ -307,3 +307,19 @@ def test_progressive_rounds_each_start_a_fresh_optimiser_and_lr_schedule(tmp_pat
     for step, updates in ((4, set()), (8, set()), (9, {1.0}), (14, {6.0})):
         _, optims, _ = checkpoint.load(tmp_path / "checkpoints" / f"step-{step:08d}")
         assert {float(s["step"]) for s in optims["student"]["state"].values()} == updates, step
+
+
+def test_only_consistency_makes_an_ema_and_starts_it_from_a_student_saved_without_one(tmp_path):
+    raw = {**GMM, "method": {"name": "progressive", "params": {"start_steps": 4, "round_steps": 2}},
+           "train": {"max_steps": 2, "output_dir": str(tmp_path / "pd")}}
+    progressive = train(runs.parse_config(raw))
+    assert progressive.student.ema is None
+    saved = checkpoint.load(checkpoint.find(tmp_path / "pd", "latest"))[0]
+    assert any(k.startswith("student.backbone.") for k in saved)
+    assert not any(k.startswith("student.ema.") for k in saved)
+    lcm = runs.parse_config({**GMM, "method": {"name": "consistency"},
+                             "student": {"kind": "full", "init_from": str(tmp_path / "pd")}})
+    method = runs.build_method(lcm, "cpu")
+    for e, p, q in zip(method.student.ema.parameters(), method.student.backbone.parameters(),
+                       progressive.student.backbone.parameters()):
+        assert torch.equal(e, p) and torch.equal(p, q)
