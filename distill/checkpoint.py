@@ -121,9 +121,10 @@ def step_name(step: int) -> str:
 
 
 def save(root: Path, step: int, weights: dict, optim_states: dict, schedulers: dict, config, keep: int = 0,
-         milestone: bool = False) -> Path:
+         milestone: bool = False, timed: tuple[float, int] = (0.0, 0)) -> Path:
     """Write a checkpoint; `keep` > 0 then prunes all but the newest `keep`, sparing milestones (e.g. each
-    progressive round's student)."""
+    progressive round's student). `timed`: the training seconds to this step over all resumes, and the step they
+    count from."""
     root = Path(root) / "checkpoints"
     final = root / step_name(step)
     with paths.atomic_folder(final) as tmp:
@@ -132,7 +133,8 @@ def save(root: Path, step: int, weights: dict, optim_states: dict, schedulers: d
             tensors, meta = _flatten_optimizer(opt_state)
             save_file(tensors, str(tmp / f"optim-{turn}.safetensors"))
             (tmp / f"optim-{turn}.json").write_text(json.dumps(meta))
-        trainer = {"step": step, "schedulers": {t: s.state_dict() for t, s in schedulers.items()},
+        trainer = {"step": step, "seconds": timed[0], "timed_from": timed[1],
+                   "schedulers": {t: s.state_dict() for t, s in schedulers.items()},
                    "config_hash": config.hash(), "method": config.method.name, "teacher": config.teacher.source,
                    "student": config.student.kind}
         (tmp / "trainer.json").write_text(json.dumps(trainer))

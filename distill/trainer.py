@@ -104,6 +104,8 @@ class Run:
     every: dict[str, int]  # each turn runs every k steps
     batches: object  # the data loader's iterator, positioned at the first step to run
     start: int
+    clock: float  # time.time() when the run would have started had it never stopped (resumes add their time)
+    timed_from: int  # the step that time counts from: 0, or the resumed step of a checkpoint that kept no time
 
 
 def train(cfg: Config, resume: str | None = None, stop_after: int | None = None, restart: bool = False) -> Method:
@@ -115,7 +117,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
     end = tc.max_steps if stop_after is None else min(tc.max_steps, run.start + stop_after)
     bar = tqdm(total=tc.max_steps, initial=run.start, desc=f"{cfg.method.name}",
                disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=1.0)
-    t0, bad_in_row, skipped_samples = time.time(), 0, 0
+    bad_in_row, skipped_samples = 0, 0
     for step in range(run.start, end):
         tick = time.perf_counter()
         raws = [next(run.batches) for _ in range(tc.gradient_accumulation_steps)]
@@ -148,7 +150,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
     select_turn(run.turn_params, None)
     accelerator.wait_for_everyone()
     if end == tc.max_steps:
-        save_student(run, f"{time.time() - t0:.1f} s for steps {run.start}..{end}\n")
+        save_student(run, f"{time.time() - run.clock:.1f} s for steps {run.timed_from}..{end}\n")
     accelerator.end_training()
     return method
 
@@ -209,7 +211,13 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
         cfg.dump(out / "config.yaml")
     if tc.trackers:
         accelerator.init_trackers(tc.project, config=_flat(cfg.to_dict()))
-    return Run(cfg, out, accelerator, method, model, turn_params, optimizers, schedulers, every, batches, start)
+    # the training time before a resume, and the step it counts from (a checkpoint that kept none: the resumed one)
+    seconds, timed_from = 0.0, 0
+    if trainer_state is not None:
+        seconds, timed_from = trainer_state.get("seconds", 0.0), trainer_state.get("timed_from", start)
+    clock = time.time() - seconds
+    return Run(cfg, out, accelerator, method, model, turn_params, optimizers, schedulers, every, batches, start, clock,
+               timed_from)
 
 
 def start_accelerator(cfg: Config, out: Path, aside: Path | None) -> Accelerator:
@@ -328,7 +336,7 @@ def save_checkpoint(run: Run, done: int, milestone: bool) -> None:
     accelerator.wait_for_everyone()
     if main:
         checkpoint.save(run.out, done, state, optim_states, run.schedulers, run.cfg, run.cfg.train.keep_checkpoints,
-                        milestone)
+                        milestone, (time.time() - run.clock, run.timed_from))
 
 
 def save_student(run: Run, train_time: str) -> None:

@@ -103,7 +103,9 @@ class Student(nn.Module):
         if self.kind == "lora":
             return {f"lora.{k}": v for k, v in adapter_state_dict(self.backbone, STUDENT_ADAPTER).items()}
         state = {f"backbone.{k}": v for k, v in self.backbone.state_dict().items()}
-        return state | {f"ema.{k}": v for k, v in (self.ema.state_dict() if self.ema is not None else {}).items()}
+        if self.ema is not None:
+            state |= {f"ema.{k}": v for k, v in self.ema.state_dict().items()}
+        return state
 
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
         if self.kind == "lora":

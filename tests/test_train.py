@@ -101,7 +101,13 @@ def test_resume_latest_matches_an_uninterrupted_run(tmp_path, tiny_sdxl_dir, cli
     assert _losses(tmp_path / "whole")[3:] == _losses(tmp_path / "split")[3:]
     whole_meta = json.loads((tmp_path / "whole/checkpoints/step-00000005/trainer.json").read_text())
     split_meta = json.loads((tmp_path / "split/checkpoints/step-00000005/trainer.json").read_text())
-    assert whole_meta == split_meta
+    first_meta = json.loads((tmp_path / "split/checkpoints/step-00000003/trainer.json").read_text())
+    untimed = [{k: v for k, v in meta.items() if k != "seconds"} for meta in (whole_meta, split_meta)]
+    assert untimed[0] == untimed[1]
+    # the training time goes on from the stopped run's: the resumed run's file counts all steps
+    assert split_meta["seconds"] > first_meta["seconds"] > 0 and split_meta["timed_from"] == 0
+    seconds, rest = (tmp_path / "split/train_time.txt").read_text().split(" ", 1)
+    assert float(seconds) >= split_meta["seconds"] and rest == "s for steps 0..5\n"
 
     changed = tmp_path / "changed.yaml"
     raw = yaml.safe_load(cfg_file.read_text())

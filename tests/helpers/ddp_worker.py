@@ -36,7 +36,8 @@ def main():
     method = trainer.train(cfg)
     if cfg.train.fsdp:
         held = {name: [(p.to_local().numel(), p.numel()) for p in m.parameters() if isinstance(p, DTensor)]
-                for name, m in zip(("student", "ema", "discriminator"), method.sharded_modules())}
+                for name, m in zip(["student", "ema"][:1 + (method.student.ema is not None)] + list(method.extras),
+                                   method.sharded_modules())}
         (out / f"shards-{rank}.json").write_text(json.dumps(held))
         return
     save_file({k: v.contiguous() for k, v in method.state_to_save().items()}, str(out / f"final-{rank}.safetensors"))
