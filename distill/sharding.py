@@ -35,7 +35,8 @@ def shard(method, blocks: tuple[type, ...]) -> None:
 def reshard(method) -> None:
     """Free the gathered parameters of every sharded module. Call it whenever a new turn starts: FSDP2 leaves a
     root module's parameters gathered after a forward that has no backward (a turn's no-grad pass), and a
-    gathered parameter keeps the requires_grad it was gathered with, so the next turn would not train it."""
+    gathered parameter keeps the requires_grad it was gathered with, so the next turn would not train it. Call it
+    also before anything reads parameters outside a forward (an EMA update), which must find shards."""
     for module in method.sharded_modules():
         module.reshard()
 

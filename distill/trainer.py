@@ -305,6 +305,8 @@ def train_step(run: Run, step: int, raws: list[dict]) -> tuple[dict, bool]:
         run.optimizers[turn].step()
         run.schedulers[turn].step()
         run.optimizers[turn].zero_grad(set_to_none=True)
+        if tc.fsdp:  # a no-grad forward (consistency's EMA target) left a root gathered: after_step reads shards
+            sharding.reshard(method)
         method.after_step(turn, step)
         logs[f"{turn}/lr"] = run.schedulers[turn].get_last_lr()[0]
     return logs, bad_step

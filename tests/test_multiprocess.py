@@ -114,3 +114,35 @@ def test_fsdp_shards_a_full_student_saves_what_one_process_saves_and_resumes_bit
     assert type(unet).__name__ == "UNet2DConditionModel"
     for k, v in unet.state_dict().items():
         assert torch.equal(v, a[f"student.backbone.{k}"]), k
+
+
+def test_fsdp_shards_a_consistency_students_ema_and_saves_it_whole(tmp_path, tiny_sdxl_dir):
+    """A full consistency student is the one with an EMA (its target network): under train.fsdp on 2 processes the
+    EMA is sharded like the backbone, updated from the local shards, and checkpointed whole, equal to a 1-process
+    run with the same global batch."""
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "full", "ema_decay": 0.5},
+        "method": {"name": "consistency"}, "data": {"kind": "digits", "batch_size": 2},
+        "train": {"max_steps": 2, "learning_rate": 1e-4, "checkpoint_every": 2, "fsdp": True,
+                  "output_dir": str(tmp_path / "x")}}))
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml")]
+    sharded, one = tmp_path / "sharded", tmp_path / "one"
+    _run([*launch, str(WORKER), str(cfg), str(sharded), f"train.output_dir={sharded}/run"])
+    _run([sys.executable, "-m", "distill", "train", str(cfg), f"train.output_dir={one}", "train.fsdp=false",
+          "train.gradient_accumulation_steps=2"])
+
+    for rank in (0, 1):
+        held = json.loads((sharded / f"shards-{rank}.json").read_text())
+        assert set(held) == {"student", "ema"}
+        for module, sizes in held.items():
+            assert sizes and sum(mine for mine, _ in sizes) <= 0.55 * sum(whole for _, whole in sizes), module
+    a, c = (load_file(run / "checkpoints" / "step-00000002" / "weights.safetensors") for run in (sharded / "run", one))
+    assert set(a) == set(c)
+    ema = sorted(k for k in a if k.startswith("student.ema."))
+    assert len(ema) == len([k for k in a if k.startswith("student.backbone.")]) > 0
+    for k in a:
+        assert torch.allclose(a[k], c[k], atol=5e-5, rtol=1e-4), (k, (a[k] - c[k]).abs().max())
+    # decay 0.5 over two updates: the EMA is neither the backbone nor where it started
+    moved = [k for k in ema if not torch.equal(a[k], a[k.replace(".ema.", ".backbone.")])]
+    assert moved, "the EMA followed the backbone exactly"
