@@ -2,7 +2,8 @@
 with one shared set of prompts and seeds, each row added to the leaderboard, then the pages written.
 
 A matrix is resumable: a run whose student is already trained with the same recipe (config hash) is not
-trained again, an interrupted run resumes from its latest checkpoint, and an evaluation already done
+trained again, an interrupted run of the same recipe resumes from its latest checkpoint (a run folder last
+trained with another recipe is moved aside and trained afresh), and an evaluation already done
 (recorded in OUT/bench_done.json) is skipped; the teacher's reference samples are kept in OUT/references.
 Everything it writes lives under `out`.
 
@@ -26,7 +27,7 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from distill import config, data, leaderboard, paths, runs, speed
+from distill import checkpoint, config, data, leaderboard, paths, runs, speed
 from distill.config import coerce_params
 from distill.errors import ConfigError, check_choice
 from distill.evaluate import WORLDS, Scoring, evaluate, sample_images, world_prompts, write_grid
@@ -184,11 +185,14 @@ class _Done:
         paths.write_atomic(self.path, json.dumps(sorted(self.keys)))
 
 
+def _same_recipe(cfg: config.Config) -> bool:
+    """Whether cfg's run folder was last trained with this very recipe (its config.yaml has cfg's hash)."""
+    own = Path(cfg.train.output_dir) / "config.yaml"
+    return own.is_file() and config.load(own, for_training=False).hash() == cfg.hash()
+
+
 def _trained(cfg: config.Config) -> bool:
-    out = Path(cfg.train.output_dir)
-    if not (out / "student").exists() or not (out / "config.yaml").is_file():
-        return False
-    return config.load(out / "config.yaml", for_training=False).hash() == cfg.hash()
+    return (Path(cfg.train.output_dir) / "student").exists() and _same_recipe(cfg)
 
 
 def seedless_hash(cfg: config.Config) -> str:
@@ -274,9 +278,13 @@ class _Bench:
         if _trained(cfg):
             self.log(f"{head}: already trained in {run_dir}")
         else:
-            resume = "latest" if (run_dir / "checkpoints" / "latest").exists() else None
+            # Only this recipe's checkpoints are resumed: anything else in the folder is moved aside (train's restart).
+            resume = "latest" if (run_dir / "checkpoints" / "latest").exists() and _same_recipe(cfg) else None
+            aside = "" if resume or not checkpoint.run_marker(run_dir) else (
+                ", moving aside the folder's run of another recipe" if not _same_recipe(cfg) else
+                ", moving aside the folder's run, which has no checkpoint")
             self.log(f"{head}: training {cfg.method.name} ({cfg.student.kind}) of {cfg.teacher.source}, seed "
-                     f"{cfg.train.seed}{', resuming' if resume else ''}")
+                     f"{cfg.train.seed}{', resuming' if resume else aside}")
             train(cfg, resume=resume, restart=resume is None)  # a bench run folder is its own
         ckpt, run_cfg, method, step = load_run(run_dir)
         guidance = cfg.sample.guidance_scale if r.guidance_scale is None else r.guidance_scale

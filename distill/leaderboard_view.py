@@ -83,8 +83,11 @@ def _t975(dof: int) -> float:
 
 
 def _mean_row(rows: list[dict]) -> dict:
-    """Mean ± sd over training seeds; the interval a verdict uses is the t-interval of the mean, which carries the
-    seed-to-seed spread and, through it, each row's own sampling noise."""
+    """Mean ± sd over training seeds. The interval a verdict uses is the t-interval of the mean (the seed-to-seed
+    spread), widened where needed to the rows' own sampling interval, their mean lower and upper halves: the rows
+    share prompts, evaluation seeds and reference set, so that noise does not average out over seeds. Seeds that
+    agree exactly (three at 100% adherence) have sd 0, yet their mean is not known to be above a teacher whose
+    interval also reaches 100%."""
     out = dict(rows[0], seed=None, id=None)
     for k in METRICS:
         vals = [r[k] for r in rows if r.get(k) is not None]
@@ -93,10 +96,16 @@ def _mean_row(rows: list[dict]) -> dict:
         out[f"{k}_sd"] = sd
         if k in INTERVALS:
             lo, hi = INTERVALS[k]
-            half = _t975(len(vals) - 1) * sd / math.sqrt(len(vals)) if sd is not None else None
-            out[lo], out[hi] = (None, None) if half is None else (max(0.0, out[k] - half), out[k] + half)
-            if k.startswith("adherence") and out[hi] is not None:
-                out[hi] = min(1.0, out[hi])
+            out[lo], out[hi] = None, None
+            if sd is not None:
+                half = _t975(len(vals) - 1) * sd / math.sqrt(len(vals))
+                out[lo], out[hi] = out[k] - half, out[k] + half
+                if all(r.get(lo) is not None and r.get(hi) is not None for r in rows):
+                    out[lo] = min(out[lo], out[k] - sum(r[k] - r[lo] for r in rows) / len(rows))
+                    out[hi] = max(out[hi], out[k] + sum(r[hi] - r[k] for r in rows) / len(rows))
+                out[lo] = max(0.0, out[lo])
+                if k.startswith("adherence"):
+                    out[hi] = min(1.0, out[hi])
     return out
 
 

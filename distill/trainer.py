@@ -149,8 +149,9 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
     bar.close()
     select_turn(run.turn_params, None)
     accelerator.wait_for_everyone()
-    if end == tc.max_steps:
-        save_student(run, f"{time.time() - run.clock:.1f} s for steps {run.timed_from}..{end}\n")
+    if end == tc.max_steps:  # a finished run resumed trains nothing: its train_time.txt stands
+        timed = end > run.start or not (run.out / "train_time.txt").exists()
+        save_student(run, f"{time.time() - run.clock:.1f} s for steps {run.timed_from}..{end}\n" if timed else None)
     accelerator.end_training()
     return method
 
@@ -341,9 +342,9 @@ def save_checkpoint(run: Run, done: int, milestone: bool) -> None:
                         milestone, (time.time() - run.clock, run.timed_from))
 
 
-def save_student(run: Run, train_time: str) -> None:
+def save_student(run: Run, train_time: str | None) -> None:
     """The finished student in run.out/student, with the scheduler and call that sample as distill does (a full
-    student's folder is a pipeline)."""
+    student's folder is a pipeline), and `train_time` in train_time.txt (None: the file is left as it is)."""
     method, accelerator = run.method, run.accelerator
     backbone = method.student.backbone
     if run.cfg.train.fsdp:
@@ -351,7 +352,8 @@ def save_student(run: Run, train_time: str) -> None:
     if accelerator.is_main_process:
         students.save(method.student, method.teacher, run.out / "student", student_folder_sampling(method, run.cfg),
                       backbone)
-        (run.out / "train_time.txt").write_text(train_time)
+        if train_time is not None:
+            (run.out / "train_time.txt").write_text(train_time)
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -5,7 +5,9 @@ import json
 import sqlite3
 
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from distill.bench import load_matrix, seedless_hash
 from distill.config import ConfigError
@@ -64,6 +66,18 @@ def test_bench_trains_evaluates_writes_pages_and_resumes(tmp_path, tiny_sdxl_dir
     assert len(rows) == 5 and rows[-1][0] == 2 and rows[-1][1] > 0
     assert list((tmp_path / "bench/references").glob("*.safetensors")) == [reference]
     assert reference.stat().st_mtime_ns == made
+
+    # A changed recipe is trained afresh: the run folder's checkpoints (another recipe's) are moved aside, not resumed
+    raw = yaml.safe_load(run_cfg.read_text())
+    raw["train"]["learning_rate"] = 3e-4
+    run_cfg.write_text(yaml.safe_dump(raw))
+    changed = cli("bench", matrix)
+    assert "seed 1, moving aside the folder's run of another recipe" in changed.stdout
+    [old] = (tmp_path / "bench").glob("lcm-seed1.old-*")
+    weights = [load_file(run / "checkpoints/step-00000002/weights.safetensors")
+               for run in (old, old.with_name("lcm-seed1"))]
+    assert any(not torch.equal(weights[0][k], weights[1][k]) for k in weights[0])  # trained again, at the new rate
+    assert sqlite3.connect(db).execute("SELECT COUNT(*) FROM rows").fetchone()[0] == 7
 
 
 TEACHER = {"source": "builtin:digits-sdxl"}

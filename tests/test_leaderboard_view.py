@@ -64,6 +64,23 @@ def test_training_seeds_show_as_mean_sd_with_n_and_their_rows_beneath(rows):
     assert all(f"└ seed {s}" in text for s in range(3)) and "1.00 ± 0.12" in text
 
 
+def test_seeds_that_agree_keep_their_sampling_noise(tmp_path):
+    """Three seeds at 100% adherence (sd 0) are not 'better' than a teacher at 100%: the mean's interval is at least
+    the rows' own (their mean halves; the rows share evaluation seeds, so that noise does not average out)."""
+    board = Leaderboard(tmp_path / "b.sqlite")
+    top = {"adherence": 1.0, "adherence_lo": 0.996, "adherence_hi": 0.9999999999999999}
+    board.add(_row("builtin:digits-sdxl", "teacher", 50, 100, 2.26, **top))
+    for seed in range(3):
+        board.add(_row("builtin:digits-sdxl", "progressive", 4, 4, 2.0 + seed / 100, seed=seed, recipe="p", **top))
+    (table, *_) = view.arrange(board.rows())
+    (line,) = [ln for ln in table.groups[0].lines if ln.seeds]
+    assert line.row["adherence_sd"] == 0 and line.row["adherence_hi"] == 1.0
+    assert line.row["adherence_lo"] == pytest.approx(0.996)
+    teacher = next(ln.row for ln in table.groups[0].lines if ln.row["method"] == "teacher")
+    assert view.verdict(line.row, teacher, "adherence", lower_is_better=False) == "tie"
+    # where the seeds disagree, the t-interval is the wider one and stands (the test above)
+
+
 def test_terminal_and_markdown_views(rows):
     text = view.table(rows)
     lines = text.splitlines()

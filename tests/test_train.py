@@ -107,7 +107,12 @@ def test_resume_latest_matches_an_uninterrupted_run(tmp_path, tiny_sdxl_dir, cli
     # the training time goes on from the stopped run's: the resumed run's file counts all steps
     assert split_meta["seconds"] > first_meta["seconds"] > 0 and split_meta["timed_from"] == 0
     seconds, rest = (tmp_path / "split/train_time.txt").read_text().split(" ", 1)
-    assert float(seconds) >= split_meta["seconds"] and rest == "s for steps 0..5\n"
+    assert float(seconds) + 0.05 >= split_meta["seconds"] and rest == "s for steps 0..5\n"  # written to 0.1 s
+    # a finished run resumed trains nothing, and leaves its time alone (a checkpoint from before the seconds were
+    # kept would have counted 0 s for steps 5..5)
+    (tmp_path / "split/train_time.txt").write_text("123.4 s for steps 0..5\n")
+    train(runs.load_config(cfg_file, [f"train.output_dir={tmp_path / 'split'}"]), resume="latest")
+    assert (tmp_path / "split/train_time.txt").read_text() == "123.4 s for steps 0..5\n"
 
     changed = tmp_path / "changed.yaml"
     raw = yaml.safe_load(cfg_file.read_text())
