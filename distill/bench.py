@@ -191,10 +191,6 @@ def _same_recipe(cfg: config.Config) -> bool:
     return own.is_file() and config.load(own, for_training=False).hash() == cfg.hash()
 
 
-def _trained(cfg: config.Config) -> bool:
-    return (Path(cfg.train.output_dir) / "student").exists() and _same_recipe(cfg)
-
-
 def seedless_hash(cfg: config.Config) -> str:
     """The recipe without its training seed: the rows of one recipe's seeds share it (the config hash does not)."""
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=0)).hash()
@@ -275,14 +271,15 @@ class _Bench:
         if not todo:
             return
         run_dir, head = Path(cfg.train.output_dir), f"[{i + 1}/{len(self.m.runs)}] {r.name}"
-        if _trained(cfg):
+        same = _same_recipe(cfg)
+        if same and (run_dir / "student").exists():
             self.log(f"{head}: already trained in {run_dir}")
         else:
             # Only this recipe's checkpoints are resumed: anything else in the folder is moved aside (train's restart).
-            resume = "latest" if (run_dir / "checkpoints" / "latest").exists() and _same_recipe(cfg) else None
+            resume = "latest" if same and (run_dir / "checkpoints" / "latest").exists() else None
             aside = "" if resume or not checkpoint.run_marker(run_dir) else (
-                ", moving aside the folder's run of another recipe" if not _same_recipe(cfg) else
-                ", moving aside the folder's run, which has no checkpoint")
+                ", moving aside the folder's run, which has no checkpoint" if same else
+                ", moving aside the folder's run of another recipe")
             self.log(f"{head}: training {cfg.method.name} ({cfg.student.kind}) of {cfg.teacher.source}, seed "
                      f"{cfg.train.seed}{', resuming' if resume else aside}")
             train(cfg, resume=resume, restart=resume is None)  # a bench run folder is its own

@@ -65,6 +65,16 @@ def test_shipped_accelerate_configs_load():
         "single_gpu": "NO"}
 
 
+def _each_rank_holds_half(sharded: Path, modules: set[str]) -> None:
+    """The worker's record under train.fsdp: every module named is sharded (DTensor parameters), and each of the
+    2 ranks holds about half of it."""
+    for rank in (0, 1):
+        held = json.loads((sharded / f"shards-{rank}.json").read_text())
+        assert set(held) == modules
+        for module, sizes in held.items():
+            assert sizes and sum(mine for mine, _ in sizes) <= 0.55 * sum(whole for _, whole in sizes), module
+
+
 def test_fsdp_shards_a_full_student_saves_what_one_process_saves_and_resumes_bit_identically(tmp_path, tiny_sdxl_dir):
     """LADD with a full student (two turns, heads; no EMA) under train.fsdp on 2 processes: each rank holds half of
     every sharded module; the checkpoints and student/ hold whole weights that equal a 1-process run with the
@@ -84,11 +94,7 @@ def test_fsdp_shards_a_full_student_saves_what_one_process_saves_and_resumes_bit
     _run([sys.executable, "-m", "distill", "train", str(cfg), f"train.output_dir={one}", "train.fsdp=false",
           "train.gradient_accumulation_steps=2"])
 
-    for rank in (0, 1):  # every sharded module's parameters are DTensors, and the rank holds half of each
-        held = json.loads((sharded / f"shards-{rank}.json").read_text())
-        assert set(held) == {"student", "discriminator"}
-        for module, sizes in held.items():
-            assert sizes and sum(mine for mine, _ in sizes) <= 0.55 * sum(whole for _, whole in sizes), module
+    _each_rank_holds_half(sharded, {"student", "discriminator"})
     # the same gradients every step, in both turns (a turn's no-grad pass must not freeze the next turn's)
     norms = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in
              (sharded / "run", one)]
@@ -138,11 +144,7 @@ def test_fsdp_shards_every_module_a_method_keeps_and_saves_them_whole(tmp_path, 
     _run([sys.executable, "-m", "distill", "train", str(cfg), f"train.output_dir={one}", "train.fsdp=false",
           "train.gradient_accumulation_steps=2"])
 
-    for rank in (0, 1):
-        held = json.loads((sharded / f"shards-{rank}.json").read_text())
-        assert set(held) == modules
-        for module, sizes in held.items():
-            assert sizes and sum(mine for mine, _ in sizes) <= 0.55 * sum(whole for _, whole in sizes), module
+    _each_rank_holds_half(sharded, modules)
     norms = [[json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()] for run in
              (sharded / "run", one)]
     for x, y in zip(*norms):
