@@ -3,9 +3,18 @@ with one shared set of prompts and seeds, each row added to the leaderboard, the
 
 A matrix is resumable: a run whose student is already trained with the same recipe (config hash) is not
 trained again, an interrupted run of the same recipe resumes from its latest checkpoint (a run folder last
-trained with another recipe is moved aside and trained afresh), and an evaluation already done
-(recorded in OUT/bench_done.json) is skipped; the teacher's reference samples are kept in OUT/references.
-Everything it writes lives under `out`.
+trained with another recipe is moved aside and trained afresh), and an evaluation already done is skipped; the
+teacher's reference samples are kept in OUT/references.
+
+An evaluation is done when a row with its done key is in the leaderboard (or the key is in OUT/bench_done.json,
+which records them too). The key covers everything that makes the row: the teacher or run (its recipe hash), the
+steps, and every setting of its protocol and timed pass (prompts, samples per prompt, evaluation seed, reference
+set, extractor, bootstrap, guidance, teacher-reference steps and guidance, timing), so an edited matrix
+re-evaluates what it changed (as a new table where the protocol differs) and nothing else. The row is stored under
+its key in one transaction, so a bench killed at any point and resumed never adds a row twice.
+
+Everything it writes lives under `out`: run names, grid names and the fixed files are checked, links resolved, to
+stay there before anything is trained (`check_paths`); every numeric field is range-checked first (`check_matrix`).
 
 `seeds` (for the whole matrix or one run) trains each run once per training seed: its own folder
 OUT/<name>-seed<k>, train.seed=k, hence its own recipe hash; every row of it records `seed`.
@@ -21,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,12 +39,21 @@ import torch
 
 from distill import checkpoint, config, data, leaderboard, paths, runs, speed
 from distill.config import coerce_params
-from distill.errors import ConfigError, check_choice
-from distill.evaluate import WORLDS, Scoring, evaluate, sample_images, world_prompts, write_grid
+from distill.errors import ConfigError, DistillError, check_choice
+from distill.evaluate import WORLDS, Scoring, evaluate, protocol, sample_images, world_prompts, write_grid
 from distill.runs import build_method, default_device, load_run
 from distill.trainer import train
 
 BASELINE_STEPS = [50, 25, 8, 4, 2, 1]
+# Sensible ranges of a matrix's numbers: beyond them a job runs for days, exhausts memory or means nothing.
+MAX_GUIDANCE = 100.0
+MAX_PER_PROMPT = 10_000
+MAX_SAMPLES = 1_000_000  # prompts x samples per prompt, held in memory while scoring
+MAX_SEED = 2**63 - 1
+MAX_REPEATS = 10_000
+MAX_BATCH = 1024
+MAX_THREADS = 1024
+MAX_NAME_BYTES = 150  # leaves room in a file name (255 bytes) for "-seed<k>", "-<steps>steps.png" and ".old-<time>"
 
 
 @dataclass
@@ -82,66 +101,158 @@ class Matrix:
 
 # --- the matrix file -------------------------------------------------------------------------------------
 
-def _count(where: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(where, value, f"must be an integer >= {minimum}")
+def _count(where: str, value, minimum: int, maximum: int | None = None, multiple: int | None = None,
+           note: str = "") -> None:
+    if (isinstance(value, bool) or not isinstance(value, int) or value < minimum
+            or (maximum is not None and value > maximum) or (multiple and value % multiple)):
+        raise ConfigError(where, value, f"must be an integer >= {minimum}"
+                          + (f" and <= {maximum}" if maximum is not None else "")
+                          + (f", a multiple of {multiple}" if multiple else "") + note)
 
 
-def _counts(where: str, values: list, minimum: int, what: str = "steps") -> None:
+def _counts(where: str, values: list, minimum: int, what: str = "steps", maximum: int | None = None) -> None:
     if not values:
         raise ConfigError(where, values, f"must be a non-empty list of {what}")
     for i, v in enumerate(values):
-        _count(f"{where}[{i}]", v, minimum)
+        _count(f"{where}[{i}]", v, minimum, maximum)
     if len(set(values)) != len(values):
         raise ConfigError(where, values, f"must not repeat a value (each of the {what} is one row or run)")
 
 
 def _scale(where: str, value) -> None:
-    if value is not None and not (math.isfinite(value) and value >= 0):
-        raise ConfigError(where, value, "must be a finite number >= 0 (1 = no guidance)")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not (math.isfinite(value) and 1 <= value <= MAX_GUIDANCE)):
+        raise ConfigError(where, value, f"must be a finite number >= 1 and <= {MAX_GUIDANCE:g} (1 = no guidance)")
+
+
+def _text(where: str, value) -> None:
+    if not isinstance(value, str) or not value.strip() or "\0" in value:
+        raise ConfigError(where, value, "must be non-empty text")
+
+
+def check_name(where: str, name) -> None:
+    """A run's name becomes the folder OUT/<name> and its grids' names: one plain path component."""
+    if (not isinstance(name, str) or not name or not name.isprintable() or "/" in name or "\\" in name
+            or name.startswith(".") or len(name.encode()) > MAX_NAME_BYTES):
+        raise ConfigError(where, name, "must be a plain folder name inside out: printable, no '/' or '\\', not "
+                          f"starting with '.', at most {MAX_NAME_BYTES} bytes")
 
 
 def check_matrix(m: Matrix, path: Path) -> None:
     """Range checks of every field, so a bad value fails here in one line, not mid-way through a long job."""
     if not m.teachers and not m.runs:
         raise ConfigError("matrix", str(path), "has neither teachers nor runs")
-    if not m.out:
-        raise ConfigError("out", m.out, "must name a folder")
+    _text("out", m.out)
+    if m.leaderboard is not None:
+        _text("leaderboard", m.leaderboard)
     check_choice("reference", m.reference, tuple(WORLDS))
     if m.prompts is not None and not Path(m.prompts).is_file():
         raise ConfigError("prompts", m.prompts, "no such prompts file")
-    _count("num_per_prompt", m.num_per_prompt, 1)
-    _count("seed", m.seed, 0)
-    _count("teacher_reference_steps", m.teacher_reference_steps, 0)
+    _count("num_per_prompt", m.num_per_prompt, 1, MAX_PER_PROMPT)
+    _count("seed", m.seed, 0, MAX_SEED)
+    _count("teacher_reference_steps", m.teacher_reference_steps, 0, config.MAX_STEPS, note=" (0: none)")
     if m.seeds is not None:
-        _counts("seeds", m.seeds, 0, "training seeds")
-    for name in ("repeats", "warmup", "batch_size", "reference_steps"):
-        _count(f"timing.{name}", getattr(m.timing, name), speed.MIN_REPEATS if name == "repeats" else 1)
+        _counts("seeds", m.seeds, 0, "training seeds", MAX_SEED)
+    _count("timing.repeats", m.timing.repeats, speed.MIN_REPEATS, MAX_REPEATS)
+    _count("timing.warmup", m.timing.warmup, 1, 100)
+    _count("timing.batch_size", m.timing.batch_size, 1, MAX_BATCH)
+    _count("timing.reference_steps", m.timing.reference_steps, 1, config.MAX_STEPS)
     if m.timing.threads is not None:
-        _count("timing.threads", m.timing.threads, 1)
+        _count("timing.threads", m.timing.threads, 1, MAX_THREADS)
     for i, t in enumerate(m.teachers):
-        _count(f"teachers[{i}].resolution", t.resolution, 8)
+        _text(f"teachers[{i}].source", t.source)
+        _count(f"teachers[{i}].resolution", t.resolution, 8, config.MAX_PIXELS, 8)
+        if t.width is not None:
+            _count(f"teachers[{i}].width", t.width, 8, config.MAX_PIXELS, 8)
         _scale(f"teachers[{i}].guidance_scale", t.guidance_scale)
-        _counts(f"teachers[{i}].steps", t.steps, 1)
+        _counts(f"teachers[{i}].steps", t.steps, 1, maximum=config.MAX_STEPS)
     for i, r in enumerate(m.runs):
-        _counts(f"runs[{i}].steps", r.steps, 1)
+        _text(f"runs[{i}].config", r.config)
+        if r.name is not None:
+            check_name(f"runs[{i}].name", r.name)
+        _counts(f"runs[{i}].steps", r.steps, 1, maximum=config.MAX_STEPS)
         _scale(f"runs[{i}].guidance_scale", r.guidance_scale)
         if r.seeds is not None:
-            _counts(f"runs[{i}].seeds", r.seeds, 0, "training seeds")
+            _counts(f"runs[{i}].seeds", r.seeds, 0, "training seeds", MAX_SEED)
 
 
-def _per_seed(runs: list[BenchRun], seeds: list[int] | None) -> list[BenchRun]:
-    """One run per training seed, named <name>-seed<k>; a run with no seeds anywhere stays as it is."""
+def _expanded(runs: list[BenchRun], seeds: list[int] | None) -> list[tuple[int, BenchRun]]:
+    """(index in the matrix, run) per training seed, named <name>-seed<k>; a run with no seeds anywhere stays as
+    it is."""
     out = []
-    for run in runs:
+    for i, run in enumerate(runs):
         name = run.name or Path(run.config).stem
         chosen = run.seeds if run.seeds is not None else seeds
         if chosen is None:
-            out.append(dataclasses.replace(run, name=name))
+            out.append((i, dataclasses.replace(run, name=name)))
         for k in chosen or []:
-            out.append(dataclasses.replace(run, name=f"{name}-seed{k}", seeds=[k],
-                                           overrides=[*run.overrides, f"train.seed={k}"]))
+            out.append((i, dataclasses.replace(run, name=f"{name}-seed{k}", seeds=[k],
+                                               overrides=[*run.overrides, f"train.seed={k}"])))
     return out
+
+
+def teacher_label(source: str) -> str:
+    """The file-name stem of a teacher's sample grids: its source as a plain name (a path's '/' and anything
+    unusual become '_'; a long one is cut and keeps a hash of the whole)."""
+    name = re.sub(r"[^\w.+=-]", "_", source.removeprefix("builtin:"), flags=re.ASCII)
+    if len(name) > 80:
+        name = name[:60] + "-" + hashlib.sha256(source.encode()).hexdigest()[:12]
+    return "teacher-" + name
+
+
+def grid_name(label: str, steps: int) -> str:
+    return f"{label}-{steps}steps.png"
+
+
+FIXED = ("bench_done.json", "leaderboard.md", "leaderboard.html", "quality_vs_nfe.png", "grids", "references")
+
+
+def _stays(root: Path, rel: str, where: str, value) -> None:
+    """Refuse `rel` unless ROOT/rel, links resolved, is that very path: no '..', no link to elsewhere."""
+    path = root / rel
+    try:
+        real = path.resolve()
+    except (OSError, RuntimeError) as e:  # a link loop, a name too long
+        raise ConfigError(where, value, f"{path} cannot be resolved ({e}); bench writes only inside out") from e
+    if real != path or root not in path.parents:
+        raise ConfigError(where, value, f"{root / rel} leads to {real}; bench writes only inside out ({root}): "
+                          "remove the link or choose another name")
+
+
+def check_paths(m: Matrix, expanded: list[tuple[int, BenchRun]]) -> None:
+    """Every path bench will write or read back under `out`, checked before any work: each run's folder and grids,
+    each teacher's grids, the references and the fixed files (the default leaderboard among them) stay inside
+    `out` once links are resolved, and no two rows share a grid."""
+    out = Path(m.out)
+    probe = out
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise DistillError(f"out {out} {'is' if probe == out else f'is under {probe}, which is'} a file; give a folder")
+    root = out.resolve()
+    for name in FIXED + (() if m.leaderboard else ("leaderboard.sqlite",)):
+        _stays(root, name, "leaderboard" if name == "leaderboard.sqlite" else "out", m.out)
+    for folder in ("grids", "references"):  # what is there now, read back or written through
+        if (root / folder).is_dir():
+            for entry in sorted((root / folder).iterdir()):
+                _stays(root, f"{folder}/{entry.name}", "out", m.out)
+    grids: dict[str, str] = {}
+
+    def claim(label: str, steps: list[int], where: str, value) -> None:
+        for s in steps:
+            name = grid_name(label, s)
+            if name in grids and grids[name] != where:
+                raise ConfigError(where, value, f"its sample grid {name} is also that of {grids[name]}: rename one")
+            grids[name] = where
+            _stays(root, f"grids/{name}", where, value)
+
+    for i, t in enumerate(m.teachers):
+        claim(teacher_label(t.source), t.steps, f"teachers[{i}].source", t.source)
+    for i, run in expanded:
+        where = f"runs[{i}].name"
+        check_name(where, run.name)  # a name taken from the config's file name is checked here
+        _stays(root, run.name, where, run.name)
+        claim(run.name, run.steps, where, run.name)
 
 
 def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
@@ -149,13 +260,25 @@ def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
     trains."""
     matrix = coerce_params(Matrix, config.read_yaml(path, "matrix"), "")
     check_matrix(matrix, path)
-    matrix.runs = _per_seed(matrix.runs, matrix.seeds)
+    expanded = _expanded(matrix.runs, matrix.seeds)
+    seen: dict[str, int] = {}
+    for i, run in expanded:
+        if run.name in seen:
+            raise ConfigError(f"runs[{i}].name", run.name, f"is used twice (also by runs[{seen[run.name]}])")
+        seen[run.name] = i
+    check_paths(matrix, expanded)
+    if matrix.prompts:
+        count = len(data.read_prompts(Path(matrix.prompts))) * matrix.num_per_prompt
+        if count > MAX_SAMPLES:
+            raise ConfigError("num_per_prompt", matrix.num_per_prompt, f"gives {count:,} samples with the prompts "
+                              f"of {matrix.prompts}; at most {MAX_SAMPLES:,}")
+    matrix.runs = [run for _, run in expanded]
     configs = {}
-    for i, run in enumerate(matrix.runs):
-        if run.name in configs:
-            raise ConfigError(f"runs[{i}].name", run.name, "is used twice")
-        out = Path(matrix.out) / run.name
-        configs[run.name] = runs.load_config(run.config, [*run.overrides, f"train.output_dir={out}"])
+    for run in matrix.runs:
+        cfg = runs.load_config(run.config, run.overrides)
+        # set, not passed as an override: a folder name is never read as YAML
+        out = str(Path(matrix.out) / run.name)
+        configs[run.name] = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=out))
     for t in matrix.teachers:
         teacher_config(t)
     return matrix, configs
@@ -171,11 +294,17 @@ def teacher_config(t: BenchTeacher) -> config.Config:
 # --- running it ------------------------------------------------------------------------------------------
 
 class _Done:
-    """The evaluations already added to the leaderboard, kept in OUT/bench_done.json."""
+    """The evaluations already added: the keys of the leaderboard's rows (each row is stored under its key first)
+    and those recorded in OUT/bench_done.json."""
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, stored: set[str]):
         self.path = path
-        self.keys = set(json.loads(path.read_text())) if path.is_file() else set()
+        try:
+            kept = json.loads(path.read_text()) if path.is_file() else []
+        except (OSError, UnicodeDecodeError, ValueError):  # a damaged record: the leaderboard's keys stand
+            kept = []
+        self.keys = {k for k in kept if isinstance(k, str)} if isinstance(kept, list) else set()
+        self.keys |= stored
 
     def __contains__(self, key: str) -> bool:
         return key in self.keys
@@ -203,7 +332,7 @@ class _Bench:
         self.m, self.log, self.out = matrix, log, Path(matrix.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.board = leaderboard.Leaderboard(matrix.leaderboard or self.out / "leaderboard.sqlite")
-        self.done = _Done(self.out / "bench_done.json")
+        self.done = _Done(self.out / "bench_done.json", self.board.keys())
         base = data.read_prompts(Path(matrix.prompts)) if matrix.prompts else world_prompts(matrix.reference)
         self.scoring = Scoring([p for p in base for _ in range(matrix.num_per_prompt)], matrix.seed, matrix.reference,
                                teacher_reference_steps=matrix.teacher_reference_steps)
@@ -213,6 +342,18 @@ class _Bench:
 
     def teacher_guidance(self, source: str) -> float:
         return self.by_source.get(source, BenchTeacher(source)).guidance_scale
+
+    def scoring_for(self, source: str) -> Scoring:
+        """The teacher-reference samples are made at the matrix's CFG of that teacher; the row's protocol says so."""
+        return dataclasses.replace(self.scoring, teacher_reference_guidance=self.teacher_guidance(source))
+
+    def key(self, label: str, cfg: config.Config, steps: int, guidance: float, teacher: bool) -> str:
+        """The done key of a row: who (label, recipe hash) at which steps, and every setting of its protocol and
+        of its timed pass, so an edited matrix re-evaluates exactly the rows it changes."""
+        spec = {"label": label, "recipe": cfg.hash(), "steps": steps, "teacher": teacher,
+                "protocol": protocol(self.scoring_for(cfg.teacher.source), cfg, guidance, teacher),
+                "timing": dataclasses.asdict(self.m.timing)}
+        return f"{label}|{steps}|" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     def reference(self, method, source: str):
         """The teacher's own many-step samples for fid_teacher, made once per matrix folder (OUT/references), so a
@@ -233,21 +374,23 @@ class _Bench:
         t = self.m.timing
         self.log(f"  timing {'teacher' if teacher else 'student'} at {steps} steps against the teacher at "
                  f"{t.reference_steps}: {t.repeats} interleaved rounds of batch {t.batch_size}")
-        return speed.timed_costs(method, self.timing_prompts, steps, guidance, teacher, t.reference_steps,
-                                 self.teacher_guidance(source), t.repeats, t.warmup, t.threads, self.m.seed)
+        costs = speed.timed_costs(method, self.timing_prompts, steps, guidance, teacher, t.reference_steps,
+                                  self.teacher_guidance(source), t.repeats, t.warmup, t.threads, self.m.seed)
+        against = {"speedup_reference_steps": t.reference_steps,
+                   "speedup_reference_guidance": self.teacher_guidance(source)}
+        return {s: {**c, **against} for s, c in costs.items()}
 
     def add(self, key, method, cfg, steps, guidance, teacher, train_step, where, label, cost: dict) -> None:
-        # the teacher-reference samples are made at the matrix's CFG of that teacher; the row's protocol says so
-        ref_guidance = self.teacher_guidance(cfg.teacher.source)
-        scoring = dataclasses.replace(self.scoring, teacher_reference_guidance=ref_guidance)
-        row, images = evaluate(method, cfg, steps, scoring, guidance, teacher, train_step, where,
-                               self.reference(method, cfg.teacher.source))
+        row, images = evaluate(method, cfg, steps, self.scoring_for(cfg.teacher.source), guidance, teacher,
+                               train_step, where, self.reference(method, cfg.teacher.source))
         row.update(cost)  # the timed pass replaces the evaluation's own ms/image
         if not teacher:
             row.update(seed=cfg.train.seed, seedless_hash=seedless_hash(cfg))
-        grid = self.out / "grids" / f"{label}-{steps}steps.png"
+        grid = self.out / "grids" / grid_name(label, steps)
         row["grid"] = str(write_grid(images, self.m.num_per_prompt, grid))
-        self.board.add(row)
+        # Stored under its key, once: a resumed bench finds it there even if it was killed before the next line.
+        # The matrix defines its own protocol: rows under an edited one start a table of their own.
+        self.board.add(row, new_table=True, key=key)
         self.done.add(key)
         self.log(f"  {label} at {steps} steps: FID {row['fid']:.3g}, adherence "
                  f"{row.get('adherence', float('nan')):.3f}, NFE {row['nfe']}, {row['ms_per_image']:.2f} ms/image "
@@ -255,19 +398,21 @@ class _Bench:
                  "steps")
 
     def teacher(self, t: BenchTeacher) -> None:
-        cfg = teacher_config(t)
-        todo = [s for s in t.steps if f"teacher|{cfg.hash()}|{s}" not in self.done]
+        cfg, label = teacher_config(t), teacher_label(t.source)
+        keys = {s: self.key(label, cfg, s, t.guidance_scale, True) for s in t.steps}
+        todo = [s for s in t.steps if keys[s] not in self.done]
         if not todo:
             return
         self.log(f"teacher {t.source}: baselines at {todo} steps, CFG {t.guidance_scale}")
         method = build_method(cfg, default_device()).eval()
-        label = "teacher-" + t.source.replace("builtin:", "").replace("/", "_")
         cost = self.time(method, t.source, todo, t.guidance_scale, True)
         for s in todo:
-            self.add(f"teacher|{cfg.hash()}|{s}", method, cfg, s, t.guidance_scale, True, 0, t.source, label, cost[s])
+            self.add(keys[s], method, cfg, s, t.guidance_scale, True, 0, t.source, label, cost[s])
 
     def run(self, i: int, r: BenchRun, cfg: config.Config) -> None:
-        todo = [s for s in r.steps if f"{r.name}|{cfg.hash()}|{s}" not in self.done]
+        guidance = cfg.sample.guidance_scale if r.guidance_scale is None else r.guidance_scale
+        keys = {s: self.key(r.name, cfg, s, guidance, False) for s in r.steps}
+        todo = [s for s in r.steps if keys[s] not in self.done]
         if not todo:
             return
         run_dir, head = Path(cfg.train.output_dir), f"[{i + 1}/{len(self.m.runs)}] {r.name}"
@@ -284,7 +429,6 @@ class _Bench:
                      f"{cfg.train.seed}{', resuming' if resume else aside}")
             train(cfg, resume=resume, restart=resume is None)  # a bench run folder is its own
         ckpt, run_cfg, method, step = load_run(run_dir)
-        guidance = cfg.sample.guidance_scale if r.guidance_scale is None else r.guidance_scale
         # A progressive run's milestones share the final student's architecture, so one timed pass of the
         # final student stands for every step count.
         cost = self.time(method, cfg.teacher.source, todo, guidance, False)
@@ -292,8 +436,7 @@ class _Bench:
             at = method.checkpoint_for(s)  # progressive: the round that ends sampling in s steps
             if at is not None and at != step:
                 ckpt, run_cfg, method, step = load_run(run_dir / "checkpoints" / f"step-{at:08d}")
-            self.add(f"{r.name}|{cfg.hash()}|{s}", method, run_cfg, s, r.guidance_scale, False, step, str(ckpt),
-                     r.name, cost[s])
+            self.add(keys[s], method, run_cfg, s, guidance, False, step, str(ckpt), r.name, cost[s])
 
 
 def run(path: Path, log=print) -> Path:
@@ -306,6 +449,7 @@ def run(path: Path, log=print) -> Path:
         bench.run(i, r, configs[r.name])
     rows = bench.board.rows("fid")
     log(leaderboard.table(rows))
-    md, html = leaderboard.write_reports(rows, bench.out)
+    # the page embeds the grids of this matrix and of the leaderboard's own folder, nothing else
+    md, html = leaderboard.write_reports(rows, bench.out, grid_roots=[bench.out, bench.board.path.parent])
     log(f"{len(rows)} rows in {bench.board.path}; wrote {md} and {html}")
     return html

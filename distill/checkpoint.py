@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -68,21 +69,46 @@ def _fsync_dir(folder: Path) -> None:
             os.fsync(fh.fileno())
 
 
+NEEDED = ("weights.safetensors", "trainer.json", "config.yaml")  # what every checkpoint's manifest names
+
+
 def verify(path: Path) -> str | None:
-    """None if the checkpoint matches its manifest, else what is wrong with it."""
+    """None if the checkpoint matches its manifest and its files read back, else what is wrong with it."""
     manifest_file = Path(path) / "manifest.json"
     try:
         manifest = json.loads(manifest_file.read_text())
     except (OSError, ValueError):
         return "no readable manifest.json"
+    if not isinstance(manifest, dict) or not all(isinstance(v, dict) and isinstance(v.get("bytes"), int)
+                                                 and isinstance(v.get("sha256"), str) for v in manifest.values()):
+        return "manifest.json is not a map of file names to sizes and sha256"
+    missing = [n for n in NEEDED if n not in manifest]
+    if missing:
+        return f"manifest.json does not name {missing[0]}"
     for name, want in manifest.items():
         f = Path(path) / name
-        if not f.is_file():
+        if Path(name).name != name or not f.is_file() or f.is_symlink():
             return f"{name} is missing"
         if f.stat().st_size != want["bytes"]:
             return f"{name} is {f.stat().st_size} bytes, the manifest says {want['bytes']}"
         if _sha256(f) != want["sha256"]:
             return f"{name} does not match its sha256"
+    for name in manifest:  # a header that lies about its tensors passes the sha256 its writer took of it
+        if name.endswith(".safetensors") and (problem := _unreadable(Path(path) / name)):
+            return f"{name} cannot be read ({problem})"
+    return None
+
+
+def _unreadable(path: Path) -> str | None:
+    """Why a safetensors file cannot be opened (its header is checked against the file: shapes, types, offsets), or
+    None. Cheap: no tensor is read."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            f.keys()
+    except Exception as e:  # safetensors raises its own types for truncated or inconsistent files
+        return " ".join(str(e).split())[:120]
     return None
 
 
@@ -112,7 +138,7 @@ def run_marker(folder: Path) -> str | None:
 
 def clean_partial(root: Path) -> None:
     """Remove checkpoint folders a killed run left half-written."""
-    for tmp in (Path(root) / "checkpoints").glob(".*.tmp"):
+    for tmp in [*(Path(root) / "checkpoints").glob(".*.tmp"), *(Path(root) / "checkpoints").glob(".*.old")]:
         shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
 
 
@@ -145,11 +171,32 @@ def save(root: Path, step: int, weights: dict, optim_states: dict, schedulers: d
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
         _fsync_dir(tmp)
     paths.write_atomic(root / "latest", final.name)
-    if keep > 0:
-        for old in sorted(root.glob("step-*"))[:-keep]:
+    if keep > 0:  # only folders distill names (step-NNNNNNNN), oldest first by their step
+        for old in ours(root)[:-keep]:
             if not (old / "MILESTONE").exists():
                 shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+STEP = re.compile(r"step-(\d{8,})")
+
+
+def ours(ckpts: Path) -> list[Path]:
+    """The checkpoint folders distill wrote in `ckpts` (named step-NNNNNNNN, real folders, not links), by step."""
+    found = [p for p in Path(ckpts).glob("step-*") if STEP.fullmatch(p.name) and p.is_dir() and not p.is_symlink()]
+    return sorted(found, key=lambda p: int(STEP.fullmatch(p.name).group(1)))
+
+
+def _pointed(ckpts: Path) -> Path | None:
+    """The checkpoint `latest` names, refusing a name that leads anywhere but a checkpoint of this run."""
+    pointer = ckpts / "latest"
+    if not pointer.is_file():
+        return None
+    name = pointer.read_text(errors="replace").strip()
+    if not STEP.fullmatch(name) or (ckpts / name).is_symlink():
+        raise DistillError(f"{pointer} names {name[:80]!r}, which is not a checkpoint of this run (step-NNNNNNNN in "
+                           f"{ckpts}); refused rather than followed: fix or delete the file")
+    return ckpts / name
 
 
 def find(root: Path, which: str) -> Path:
@@ -158,9 +205,8 @@ def find(root: Path, which: str) -> Path:
     path = Path(which)
     if which == "latest" or (path.is_dir() and (path / "checkpoints").is_dir()):
         ckpts = (Path(root) if which == "latest" else path) / "checkpoints"
-        pointer = ckpts / "latest"
-        named = ckpts / pointer.read_text().strip() if pointer.is_file() else None
-        candidates = ([named] if named else []) + sorted(ckpts.glob("step-*"), reverse=True)
+        named = _pointed(ckpts)
+        candidates = ([named] if named else []) + ours(ckpts)[::-1]
         for candidate in dict.fromkeys(candidates):
             problem = verify(candidate) if candidate.is_dir() else "it does not exist"
             if problem is None:
@@ -175,10 +221,22 @@ def find(root: Path, which: str) -> Path:
     return path
 
 
+def trainer_state(path: Path) -> dict:
+    """A checkpoint's trainer.json, which must be an object with a whole step."""
+    try:
+        trainer = json.loads((Path(path) / "trainer.json").read_text())
+    except (OSError, ValueError):
+        trainer = None
+    step = trainer.get("step") if isinstance(trainer, dict) else None
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise DistillError(f"checkpoint {path} is damaged (trainer.json holds no step); use an earlier one")
+    return trainer
+
+
 def load(path: Path) -> tuple[dict, dict, dict]:
     """(weights, optimizer states by turn, trainer state)."""
     path = Path(path)
-    trainer = json.loads((path / "trainer.json").read_text())
+    trainer = trainer_state(path)
     optims = {}
     for meta_file in path.glob("optim-*.json"):
         turn = meta_file.stem.removeprefix("optim-")

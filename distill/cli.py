@@ -8,6 +8,7 @@ import argparse
 import math
 import os
 import re
+import signal
 import sys
 import tempfile
 import time
@@ -81,8 +82,15 @@ def _generate(args) -> None:
     prompts = list(args.prompt or []) + (data.read_prompts(Path(args.prompts)) if args.prompts else [])
     if not prompts:
         raise DistillError("give at least one --prompt or a --prompts file")
+    jobs = [p for p in prompts for _ in range(args.num_per_prompt)]
+    names = [f"{i:04d}-{re.sub(r'[^a-z0-9]+', '-', p.lower()).strip('-')[:40]}.png" for i, p in enumerate(jobs)]
+    taken = next((n for n in names if (out / n).exists() or (out / n).is_symlink()), None)
+    if taken:
+        raise DistillError(f"--out {out} already holds {taken}; distill does not replace images: give a new folder")
     _, cfg, method, _ = load_run(Path(args.run), args.overrides)
+    _check_images(method.teacher, "generate")
     steps = args.steps or cfg.sample.steps
+    method.sample_times(steps)  # a step count the student's grid cannot give is refused before any sampling
     if args.fuse_qkv and args.teacher and method.student.kind == "lora":
         raise DistillError("--fuse-qkv folds the LoRA into the backbone, so the teacher is gone; drop --teacher or --fuse-qkv")
     done = fastpath.fast_path(method, args.compile, args.channels_last, args.fuse_qkv)
@@ -94,7 +102,6 @@ def _generate(args) -> None:
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)
     guidance = args.guidance_scale if args.guidance_scale is not None else cfg.sample.guidance_scale
-    jobs = [p for p in prompts for _ in range(args.num_per_prompt)]
     written = 0
     with torch.no_grad(), fastpath.autocast(teacher.device, args.amp):
         for lo in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch"):
@@ -104,11 +111,17 @@ def _generate(args) -> None:
                 latents = ddim_sample(teacher, cond, steps, generator, shape, guidance)
             else:
                 latents = method.sample(cond, steps, generator, shape, guidance=guidance)
-            for prompt, img in zip(batch, to_pil(teacher.decode(latents))):
-                slug = re.sub(r"[^a-z0-9]+", "-", prompt.lower()).strip("-")[:40]
-                img.save(out / f"{written:04d}-{slug}.png")
+            for img in to_pil(teacher.decode(latents)):
+                with paths.new_file(out / names[written], "image") as tmp:
+                    img.save(tmp, format="PNG")
                 written += 1
     print(f"wrote {written} images to {out} ({'teacher' if args.teacher else 'student'}, {steps} steps)")
+
+
+def _check_images(teacher, command: str) -> None:
+    if not teacher.makes_images:
+        raise DistillError(f"the {teacher.family} teacher samples 2-D points, not images: distill {command} has no "
+                           "images to make")
 
 
 def _eval(args) -> None:
@@ -122,12 +135,15 @@ def _eval(args) -> None:
     scoring = Scoring([p for p in base for _ in range(args.num_per_prompt)], args.seed, args.reference,
                       args.extractor, args.extractor_weights, args.teacher_reference_steps,
                       reference_size=args.reference_size, bootstrap=args.bootstrap)
-    board = leaderboard.Leaderboard(args.db)  # a locked, corrupt or foreign file fails here, before any sampling
     ckpt, cfg, method, step = load_run(Path(args.run))
+    _check_images(method.teacher, "eval")
+    board = leaderboard.Leaderboard(args.db)  # a locked, corrupt or foreign file fails here, before any sampling
+    if not os.access(args.db, os.W_OK):
+        raise DistillError(f"the leaderboard {args.db} is read-only; evaluate into another --db")
+    out = paths.check_writable(Path(args.out or ckpt / "eval"), "the sample grid's folder")  # a read-only run
     guidance = cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
     board.check_protocol(protocol(scoring, cfg, guidance, args.teacher), args.new_table)  # before sampling
     row, images = evaluate(method, cfg, args.steps, scoring, guidance, args.teacher, step, str(ckpt))
-    out = Path(args.out or ckpt / "eval")
     row["grid"] = str(write_grid(images, args.num_per_prompt, out / f"{row['method']}-{args.steps}steps.png"))
     row_id = board.add(row, new_table=args.new_table)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
@@ -144,28 +160,44 @@ def _export(args) -> None:
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
-def _check_markdown_out(out: str | None) -> None:
-    """--out, when given, names a Markdown file to write: not a folder, and in a folder that can be written."""
+MARK = "<!-- written by distill {}: it replaces this file when asked to write it again -->\n"
+
+
+def _check_markdown_out(out: str | None, command: str) -> None:
+    """--out, when given, names a Markdown file to write: not a folder, in a folder that can be written, and new or
+    one this command wrote before (it starts with MARK): never a user's file, a config among them."""
     from distill import paths
 
     if out:
-        if Path(out).is_dir():
+        found = paths.kind(Path(out))
+        if found == "a folder":
             raise DistillError(f"--out {out} is a folder; give the Markdown file to write")
+        if found != "missing" and (found != "a file" or not Path(out).read_bytes().startswith(
+                MARK.format(command).encode())):
+            raise DistillError(f"--out {out} exists and distill {command} did not write it; it would be replaced, so "
+                               "give a new file name")
         paths.check_writable(Path(out).parent, "--out")
 
 
-def _bench_speed(args) -> None:
-    from distill import paths, speed
+def _write_markdown(out: str, command: str, text: str) -> None:
+    from distill import paths
 
-    _check_markdown_out(args.out)
+    paths.write_atomic(Path(out), MARK.format(command) + text)
+
+
+def _bench_speed(args) -> None:
+    from distill import speed
+
+    if not args.train and (args.methods or args.profile):
+        raise DistillError(f"--{'methods' if args.methods else 'profile'} times training steps: it needs --train")
+    _check_markdown_out(args.out, "bench-speed")
     text = speed.bench(Path(args.run), args.steps, args.teacher_steps, args.teacher_guidance, args.batch_size,
                        args.repeats, dict(compile=args.compile, channels_last=args.channels_last,
                                           fuse_qkv=args.fuse_qkv), args.amp, args.train, Path(args.db),
                        threads=args.threads, methods=args.methods, profile=args.profile)
     print(text)
     if args.out:
-
-        paths.write_atomic(Path(args.out), text)
+        _write_markdown(args.out, "bench-speed", text)
         print(f"wrote {args.out}")
 
 
@@ -188,15 +220,15 @@ def _make_teacher(args) -> None:
 
 
 def _plan(args) -> None:
-    from distill import paths, plan
+    from distill import plan
     from distill.runs import load_config
 
-    _check_markdown_out(args.out)
+    _check_markdown_out(args.out, "plan")
     cfg = load_config(args.config, args.overrides, for_training=False, source=args.architecture is None)
     text = plan.report(cfg, args.architecture)
     print(text)
     if args.out:
-        paths.write_atomic(Path(args.out), text + "\n")
+        _write_markdown(args.out, "plan", text + "\n")
 
 
 def _cache(args) -> None:
@@ -207,6 +239,9 @@ def _cache(args) -> None:
     out = Path(args.out)
     if out.suffix != ".safetensors" or out.is_dir():
         raise DistillError(f"--out {out} must name the .safetensors file to write")
+    if paths.kind(out) != "missing" or out.is_symlink():
+        raise DistillError(f"--out {out} exists; distill cache writes a new file and never replaces one (an export "
+                           "or a checkpoint's weights, say): give a new name")
     paths.check_writable(out.parent, "--out")
     cfg = load_config(args.config, args.overrides)
     teacher = teachers.load(cfg.teacher)
@@ -224,7 +259,7 @@ def _leaderboard(args) -> None:
     board = leaderboard.Leaderboard(args.db, readonly=True)  # viewing never writes to the file
     rows = board.rows(args.sort)
     print(leaderboard.table(rows))
-    md, page = leaderboard.write_reports(rows, Path(args.out))
+    md, page = leaderboard.write_reports(rows, Path(args.out), grid_roots=[Path(args.db).parent])
     print(f"{len(rows)} rows; wrote {md} and {page}")
 
 
@@ -378,6 +413,8 @@ def _quiet_libraries() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit a write fails (EFBIG, reported below) instead of killing
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if not args.debug:
         _quiet_libraries()
     try:
@@ -393,6 +430,12 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug, not a user error: one line here, the whole story in a file
         if args.debug:
             raise
+        from distill.paths import write_failure
+
+        if write_failure(e):  # the disk, not a bug; every writer leaves what was there before
+            print(f"error: distill {args.command} could not write to disk ({write_failure(e)}); what was there before "
+                  "is kept", file=sys.stderr)
+            return 2
         log = _write_traceback(args.command)
         first = " ".join((str(e).splitlines() or [""])[0].split())[:200]
         print(f"error: distill {args.command} failed unexpectedly ({type(e).__name__}: {first}); the traceback is "

@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from distill import paths
 from distill.errors import ConfigError, check_choice
 
 # Every supported family is trained on 1,000 discrete times, so no sampler has more distinct steps to take.
@@ -174,6 +175,11 @@ RANGES = {
     "student.lora_alpha": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
     "sample.guidance_scale": (lambda v: math.isfinite(v) and v >= 1, "must be a finite number >= 1 (1 means no CFG)"),
     "sample.steps": (lambda v: 1 <= v <= MAX_STEPS, f"must be in [1, {MAX_STEPS}]"),
+    # Bounds far past any real run, so `distill plan` and a start never try to allocate petabytes
+    "student.lora_rank": (lambda v: v <= 4096, "must be in [1, 4096] (no backbone layer is wider than that)"),
+    "data.batch_size": (lambda v: v <= 65536, "must be in [1, 65536] per process"),
+    "train.gradient_accumulation_steps": (lambda v: v <= 65536, "must be in [1, 65536]"),
+    "teacher.max_text_length": (lambda v: v <= 4096, "must be in [1, 4096] tokens"),
     "teacher.resolution": (lambda v: 8 <= v <= MAX_PIXELS, f"must be in [8, {MAX_PIXELS}]"),
     "teacher.width": (lambda v: 8 <= v <= MAX_PIXELS and v % 8 == 0, f"must be a multiple of 8 in [8, {MAX_PIXELS}]"),
     "sample.height": (lambda v: 8 <= v <= MAX_PIXELS and v % 8 == 0, f"must be a multiple of 8 in [8, {MAX_PIXELS}]"),
@@ -216,7 +222,10 @@ def _override_value(key: str, value: str):
         return value
     if _expanded_size(node, {}) > MAX_YAML_VALUES:
         raise ConfigError(key, value[:80], f"expands to more than {MAX_YAML_VALUES} values through YAML aliases")
-    return yaml.safe_load(value)
+    try:
+        return safe_load(value)
+    except yaml.YAMLError as e:  # a tag such as !!python/object, or a key given twice
+        raise ConfigError(key, value[:80], f"not a plain YAML value ({_yaml_problem(e)})") from e
 
 
 def _yaml_problem(e: yaml.YAMLError) -> str:
@@ -241,13 +250,38 @@ def _expanded_size(node, seen: dict) -> int:
     return total
 
 
+class _UniqueKeys(yaml.SafeLoader):
+    """safe_load that refuses a mapping naming one key twice (YAML would keep the last and drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                twice = key in seen and key != "<<"
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class refuses it
+                continue
+            if twice:
+                raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' appears twice in one mapping",
+                                                        key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str):
+    return yaml.load(text, Loader=_UniqueKeys)
+
+
 def read_yaml(path: str | Path, what: str = "config") -> dict:
     """A YAML file holding a non-empty mapping, or a one-line ConfigError naming what is wrong with it."""
     path = Path(path)
-    if path.is_dir():
+    found = paths.kind(path)
+    if found == "a folder":
         raise ConfigError(what, str(path), f"is a folder; give the {what} file (.yaml) inside it")
-    if not path.is_file():
+    if found == "missing":
         raise ConfigError(what, str(path), f"no such {what} file")
+    if found != "a file":
+        raise ConfigError(what, str(path), f"is {found}, not a regular file")
     if path.stat().st_size > MAX_YAML_BYTES:
         raise ConfigError(what, str(path), f"is {path.stat().st_size} bytes; a {what} file is at most "
                           f"{MAX_YAML_BYTES} bytes")
@@ -256,7 +290,7 @@ def read_yaml(path: str | Path, what: str = "config") -> dict:
         values = _expanded_size(yaml.compose(text), {})
         if values > MAX_YAML_VALUES:
             raise ConfigError(what, str(path), f"expands to more than {MAX_YAML_VALUES} values through YAML aliases")
-        raw = yaml.safe_load(text)
+        raw = safe_load(text)
     except UnicodeDecodeError as e:
         raise ConfigError(what, str(path), f"is not UTF-8 text (byte {e.start})") from e
     except yaml.YAMLError as e:

@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
+from distill import paths
 from distill.config import DataConfig
 from distill.errors import DistillError
 
@@ -71,15 +72,16 @@ def image_to_tensor(img: Image.Image, size: int | tuple[int, int]) -> torch.Tens
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a .txt file (one a line) or a .jsonl file ({"prompt": ...} a line), UTF-8."""
     path = Path(path)
-    if path.is_dir():
+    if paths.kind(path) == "a folder":
         raise DistillError(f"prompts file {path} is a folder; give a .txt or .jsonl file")
-    if not path.is_file():
-        raise DistillError(f"prompts file {path} does not exist")
+    paths.regular_file(path, "prompts file")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise DistillError(f"prompts file {path} is not UTF-8 text (byte {e.start})") from e
-    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    # One line is one prompt: split at line feeds only (str.splitlines also splits at U+2028, form feeds and other
+    # separators that a prompt, or a JSON string, may hold).
+    lines = [(n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
     prompts = [_jsonl_prompt(path, n, line) for n, line in lines] if path.suffix == ".jsonl" else [p for _, p in lines]
     if not prompts:
         raise DistillError(f"prompts file {path} holds no prompts")
@@ -385,7 +387,6 @@ def write_cache(teacher, dataset, out: Path, batch_size: int = 16, seed: int = 0
             parts.setdefault(k, []).append(v.float().cpu())
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, str(tmp))
-    tmp.replace(out)
+    with paths.new_file(out, "cache") as tmp:
+        save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, str(tmp))
     return out

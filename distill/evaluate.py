@@ -121,7 +121,7 @@ class Scoring:
     def __post_init__(self):
         check_reference(self.reference)
         self.extractor = self.extractor or WORLDS[self.reference][1]
-        metrics.fid_layer(self.extractor)  # an unknown extractor is refused here, before any sampling
+        metrics.check_extractor(self.extractor, self.extractor_weights)  # refused here, before any sampling
 
 
 def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> dict:

@@ -26,7 +26,7 @@ import yaml
 from safetensors.torch import save_file
 
 import students
-from distill import checkpoint, data, leaderboard, paths
+from distill import checkpoint, config, data, leaderboard, paths
 from distill.errors import DistillError
 from distill.evaluate import git_commit, sample_images, write_grid
 from distill.runs import load_run
@@ -51,12 +51,17 @@ def kohya_state(student: students.Student, teacher, dtype: torch.dtype) -> dict[
 
 
 def _check_target(to: Path, ckpt: Path, overwrite: bool) -> Path:
-    """The export folder, resolved (symlinks too). It never holds the checkpoint or its run, and --overwrite
-    replaces only an earlier export, which distill_export.json marks."""
+    """The export folder, resolved (symlinks too). It never holds the checkpoint, its run or its teacher (an earlier
+    merged export, say), and --overwrite replaces only an earlier export, which distill_export.json marks."""
     to, ckpt = to.expanduser().resolve(), ckpt.resolve()
     if paths.contains(to, ckpt):
         raise DistillError(f"--to {to} holds the run being exported ({ckpt}); exporting there would delete it, "
                            "so choose another folder")
+    source = str(config.read_yaml(ckpt / "config.yaml").get("teacher", {}).get("source", ""))
+    if source and not source.startswith("builtin:") and Path(source).expanduser().exists() \
+            and paths.contains(to, Path(source)):
+        raise DistillError(f"--to {to} holds the teacher of the run being exported ({source}); exporting there "
+                           "would delete it, so choose another folder")
     if to.is_dir() and any(to.iterdir()):
         if not overwrite:
             raise DistillError(f"--to {to} is not empty; pass --overwrite to replace an earlier export")
@@ -106,7 +111,15 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
     to = Path(to)
     if dtype not in DTYPES:
         raise DistillError(f"unknown dtype '{dtype}'; allowed: {', '.join(DTYPES)}")
-    to = _check_target(to, checkpoint.find(Path(run), str(run)), overwrite)
+    found = checkpoint.find(Path(run), str(run))
+    to = _check_target(to, found, overwrite)
+    with paths.lock(to, "--to"):
+        _check_target(to, found, overwrite)  # again under the lock: another export may have filled it meanwhile
+        return _export(run, to, formats, dtype, steps, prompts, db)
+
+
+def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: int | None,
+            prompts: list[str] | None, db: Path | None) -> Path:
     ckpt, cfg, method, step = load_run(Path(run))
     checkpoint.require_finite(method.state_to_save(), f"checkpoint {ckpt} cannot be exported")
     student, teacher = method.student, method.teacher
@@ -114,6 +127,7 @@ def export(run: Path, to: Path, formats: list[str] | None = None, dtype: str = "
         formats = ["merged"] if student.kind == "full" else list(teacher.lora_formats)
     _check(student, teacher, formats)
     steps = steps or cfg.sample.steps
+    method.sample_times(steps)  # a step count the student's grid cannot give is refused before any work
     guidance = cfg.sample.guidance_scale
     sched, sampling = diffusers_sampling(method, cfg, steps)
     single_file = f"{teacher.family}_{cfg.method.name}_{steps}step.safetensors"

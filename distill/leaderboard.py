@@ -4,7 +4,9 @@ SQLite in WAL mode gives each reader a consistent snapshot while writers append,
 is one transaction, so no row is half-written or lost. The schema carries a version
 (`PRAGMA user_version`); an older file is migrated forward in place, never dropped. A file that is
 not ours (another program's tables) is refused before anything is written to it, and a read-only
-view (`readonly=True`) never writes. Rows are checked before they are stored: nothing invalid lands.
+view (`readonly=True`) never writes. Rows are checked before they are stored: nothing invalid lands. A row added
+with a `key` (bench's done key) is added at most once: the look-up and the insert are one transaction, so a writer
+killed after its insert, or two writers at once, never leave the row twice.
 The tables, pages and plot are drawn by `distill.leaderboard_view` (re-exported here).
 """
 from __future__ import annotations
@@ -62,6 +64,11 @@ NON_NEGATIVE = ("fid", "fid_teacher", "fid_lo", "fid_teacher_lo", "kid_std", "ki
 # reference (steps, guidance) concerns only the unranked "FID vs teacher samples" column.
 PROTOCOL_KEY = ("samples", "prompts", "reference", "reference_size", "extractor", "extractor_weights", "resolution",
                 "eval_seeds")
+
+
+# A row's idempotence key lives in its JSON `extra` (no schema change); a row whose `extra` is not valid JSON has none.
+ROW_KEY = "row_key"
+KEY_OF_ROW = f"CASE WHEN json_valid(extra) THEN json_extract(extra, '$.{ROW_KEY}') END"
 
 
 def protocol_id(protocol: dict) -> str:
@@ -210,9 +217,15 @@ class Leaderboard:
                            "ranked against the same protocol: use the same settings, or start a new table "
                            "(--new-table)")
 
-    def add(self, row: dict, new_table: bool = False) -> int:
+    def add(self, row: dict, new_table: bool = False, key: str | None = None) -> int:
+        """Store a checked row; its id. With `key` (kept in the row as `row_key`), a row already stored under that
+        key is kept and its id returned instead: adding is idempotent."""
         if self.readonly:
             raise DistillError(f"leaderboard {self.path} was opened read-only")
+        if key is not None:
+            if not isinstance(key, str) or not key:
+                raise _refuse(f"a row key must be a non-empty string (got {key!r})")
+            row = {**row, ROW_KEY: key}
         row = validate(row)
         if row.get("protocol") is not None:
             protocol = row["protocol"] if isinstance(row["protocol"], dict) else json.loads(row["protocol"])
@@ -227,10 +240,30 @@ class Leaderboard:
         if extra:
             values["extra"] = json.dumps({**json.loads(values.get("extra") or "{}"), **extra}, sort_keys=True,
                                          allow_nan=False)
-        names = ", ".join(values)
-        cur = self._wait_if_locked(lambda: self.db.execute(
-            f"INSERT INTO rows ({names}) VALUES ({', '.join('?' * len(values))})", list(values.values())))
-        return cur.lastrowid
+        insert = f"INSERT INTO rows ({', '.join(values)}) VALUES ({', '.join('?' * len(values))})"
+        if key is None:
+            return self._wait_if_locked(lambda: self.db.execute(insert, list(values.values()))).lastrowid
+        return self._wait_if_locked(lambda: self._insert_once(key, insert, list(values.values())))
+
+    def _insert_once(self, key: str, insert: str, values: list) -> int:
+        self.db.execute("BEGIN IMMEDIATE")  # the look-up and the insert under one write lock
+        try:
+            found = self.db.execute(f"SELECT id FROM rows WHERE {KEY_OF_ROW} = ? ORDER BY id LIMIT 1",
+                                    (key,)).fetchone()
+            row_id = found[0] if found else self.db.execute(insert, values).lastrowid
+            self.db.execute("COMMIT")
+            return row_id
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def keys(self) -> set[str]:
+        """The keys of every row added with one (see `add`)."""
+        if "extra" not in self.columns():
+            return set()
+        found = self._wait_if_locked(lambda: self.db.execute(
+            f"SELECT DISTINCT {KEY_OF_ROW} FROM rows WHERE {KEY_OF_ROW} IS NOT NULL").fetchall())
+        return {k for (k,) in found if isinstance(k, str)}
 
     def rows(self, sort: str = "fid") -> list[dict]:
         """Every row as a dict with every column of the current schema (None where an older file lacks one)."""

@@ -4,6 +4,10 @@ Arrangement: one table per evaluation protocol (rows are ranked only against row
 per teacher inside it, the teacher's 50-step row on top, then by NFE and FID. Rows of one recipe over several
 training seeds are summarised as mean ± sd with n, their per-seed rows listed beneath. A row is "better" or "worse"
 than a reference only when their 95% intervals do not overlap; otherwise it is a "tie".
+
+Row fields are data, never markup: the Markdown escapes HTML and Markdown syntax, the HTML page escapes every field,
+and the page embeds a row's sample grid only when it is a PNG that distill wrote under one of the folders the caller
+names (`grid_roots`; see `grid_png`).
 """
 from __future__ import annotations
 
@@ -12,6 +16,9 @@ import html
 import io
 import json
 import math
+import os
+import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -66,12 +73,21 @@ class Table:
         return COLUMNS + ((HELD_OUT,) if self.held_out else ())
 
 
+def _json(text, kind: type):
+    """`text` parsed as JSON when it holds a `kind`, else None: a file from elsewhere may hold anything."""
+    try:
+        value = json.loads(text) if isinstance(text, str) else text
+    except ValueError:
+        return None
+    return value if isinstance(value, kind) else None
+
+
 def flat(row: dict) -> dict:
     """A stored row with its JSON `extra` merged in (columns win) and its protocol parsed."""
-    extra = json.loads(row.get("extra") or "{}")
+    extra = _json(row.get("extra") or "{}", dict) or {}
     out = {**extra, **{k: v for k, v in row.items() if v is not None or k not in extra}}
-    if isinstance(out.get("protocol"), str):
-        out["protocol"] = json.loads(out["protocol"])
+    if out.get("protocol") is not None:
+        out["protocol"] = _json(out["protocol"], dict)
     return out
 
 
@@ -203,9 +219,10 @@ def _same_steps_teacher(group: Group, row: dict) -> dict | None:
 
 # ---- cells ----------------------------------------------------------------------------------------------------
 
-COLUMNS = ("method", "student", "steps", "NFE ↓", "seeds", "FID ↓", "ΔFID vs teacher@50", "vs teacher, same steps",
-           "KID ↓", "FID vs teacher samples ↓", "adherence ↑ (%)", "ms / image ↓", "speed-up vs teacher@50",
-           "train steps")
+REFERENCE = f"teacher@{REFERENCE_STEPS}"
+COLUMNS = ("method", "student", "steps", "NFE ↓", "seeds", "FID ↓", f"ΔFID vs {REFERENCE}",
+           "vs teacher, same steps", "KID ↓", "FID vs teacher samples ↓", "adherence ↑ (%)", "ms / image ↓",
+           f"speed-up vs {REFERENCE}", "train steps")
 HELD_OUT = "held-out pairs ↑ (%)"
 DECIMALS = {"fid": 2, "fid_teacher": 2, "kid": 4, "kid_teacher": 4, "adherence": 1, "adherence_held_out": 1,
             "ms_per_image": 1}
@@ -254,8 +271,8 @@ def cells(line: Line, group: Group, seed_row: dict | None = None, held_out: bool
     if not teacher:
         same = verdict(r, _same_steps_teacher(group, r))
     speedup = "-"
-    timed_with_50 = r.get("speedup_reference_steps") == REFERENCE_STEPS  # timed beside teacher@50 in one run
-    if r.get("speedup") and timed_with_50:
+    timed_with_ref = r.get("speedup_reference_steps") == REFERENCE_STEPS  # timed beside the reference in one run
+    if isinstance(r.get("speedup"), (int, float)) and r["speedup"] and timed_with_ref:
         speedup = f"{r['speedup']:.1f}×"
     elif ref is not None and r.get("ms_per_image") and ref.get("ms_per_image"):
         speedup = f"{ref['ms_per_image'] / r['ms_per_image']:.1f}×"
@@ -277,11 +294,14 @@ def describe(table: Table) -> list[str]:
         return ["Rows without a recorded protocol (from an older distill, or timing-only rows from "
                 "`distill bench-speed`): their sample sizes and references are unknown, so they are ranked against "
                 "no other table and carry no intervals or verdicts."]
-    notes = [f"Measured on {p.get('samples'):,} generated samples per row ({p.get('num_prompts')} prompts, "
-             f"evaluation seeds {p.get('eval_seeds')}, {p.get('resolution')} px) against {p.get('reference_size'):,} "
-             f"real images of `{p.get('reference')}`, with `{p.get('extractor')}` features."]
-    refs = {(r["protocol"].get("teacher_reference_steps"), r["protocol"].get("teacher_reference_guidance"))
-            for g in table.groups for ln in g.lines for r in [ln.row] if r.get("fid_teacher") is not None}
+    notes = [f"Measured on {_thousands(p.get('samples'))} generated samples per row ({p.get('num_prompts')} prompts, "
+             f"evaluation seeds {p.get('eval_seeds')}, {p.get('resolution')} px) against "
+             f"{_thousands(p.get('reference_size'))} real images of `{p.get('reference')}`, with "
+             f"`{p.get('extractor')}` features."]
+    refs = {(_hashable(r["protocol"].get("teacher_reference_steps")),
+             _hashable(r["protocol"].get("teacher_reference_guidance")))
+            for g in table.groups for ln in g.lines for r in [ln.row]
+            if r.get("fid_teacher") is not None and isinstance(r.get("protocol"), dict)}
     if len(refs) == 1:
         (steps, guidance), = refs
         notes.append(f"FID vs teacher samples: against the teacher's own {steps}-step samples (guidance {guidance}) "
@@ -294,26 +314,53 @@ def describe(table: Table) -> list[str]:
               "interval. A recipe over several training seeds: mean ± sd with n, its per-seed rows beneath.",
               *(["Pairs of digits: adherence is the share with both digits read as prompted (each half by the "
                  "digits classifier); held-out pairs, the same on the 20 pairs no teacher trained on, with its "
-                 "verdict against teacher@50."] if table.held_out else []),
-              "Verdicts (vs teacher@50, vs the teacher at the same steps): better or worse only when the 95% "
+                 f"verdict against {REFERENCE}."] if table.held_out else []),
+              f"Verdicts (vs {REFERENCE}, vs the teacher at the same steps): better or worse only when the 95% "
               "intervals separate, otherwise tie.",
               _timing_note(table)]
     return notes
 
 
+def _thousands(v) -> str:
+    return f"{v:,}" if isinstance(v, int) and not isinstance(v, bool) else str(v)
+
+
+def _hashable(v):
+    return v if isinstance(v, (int, float, str, type(None))) else json.dumps(v)
+
+
 def _timing_note(table: Table) -> str:
-    where = {(r.get("device"), r.get("threads"), r.get("timing_repeats"), r.get("timing_batch"))
-             for g in table.groups for ln in g.lines for r in (ln.seeds or [ln.row]) if r.get("device")}
+    """Where the ms/image figures come from, naming the teacher steps they were timed against as the rows record
+    them (`speedup_reference_steps`), and how the speed-up column against the reference row is reached."""
+    timed = [r for g in table.groups for ln in g.lines for r in (ln.seeds or [ln.row]) if r.get("device")]
+    where = {tuple(_hashable(r.get(k)) for k in ("device", "threads", "timing_repeats", "timing_batch"))
+             for r in timed}
+    against = {_hashable(r.get("speedup_reference_steps")) for r in timed}
+    if against == {REFERENCE_STEPS}:
+        speedup = f"speed-up vs {REFERENCE} is the ratio measured in that same run."
+    elif REFERENCE_STEPS in against:
+        speedup = (f"speed-up vs {REFERENCE}: the ratio measured in the same run for rows timed against it, else the "
+                   f"{REFERENCE} row's ms over the row's.")
+    else:
+        speedup = f"speed-up vs {REFERENCE}: the {REFERENCE} row's ms over the row's."
+    if not any(g.reference for g in table.groups):
+        speedup = f"no {REFERENCE} row in this table, so no ΔFID or speed-up against it."
+    if len(against) == 1 and None not in against:
+        teacher = f"the teacher's {next(iter(against))}-step sampling"
+    elif None in against:
+        teacher = "the teacher's sampling (at steps that some rows do not record)"
+    else:
+        teacher = "the teacher's sampling at the steps each row records (speedup_reference_steps)"
     if len(where) == 1:
         (device, threads, repeats, batch), = where
         return (f"ms / image: end to end (prompt encoding to pixels), the median of {repeats} timings of a batch of "
-                f"{batch} on {device} ({threads} threads), interleaved with the teacher's 50-step sampling in the "
-                "same process; speed-up vs teacher@50 is measured in that same run.")
+                f"{batch} on {device} ({threads} threads), interleaved with {teacher} in the same process; "
+                f"{speedup}")
     if where:
-        return ("ms / image: end to end, timed interleaved with the teacher's 50-step sampling; each row's device, "
-                "threads and repeats are stored with it. Speed-up vs teacher@50: measured in the same run.")
+        return (f"ms / image: end to end, timed interleaved with {teacher}; each row's device, threads and repeats "
+                f"are stored with it; {speedup}")
     return ("ms / image: end to end (prompt encoding to pixels), as timed by the evaluation that made the row on its "
-            "machine; speed-up vs teacher@50: the reference row's ms over the row's.")
+            f"machine; {speedup}")
 
 
 # ---- terminal and Markdown ------------------------------------------------------------------------------------
@@ -327,6 +374,30 @@ def _rows_of(group: Group, held_out: bool):
             yield "seed", cells(ln, group, s, held_out), False
 
 
+# Row fields are data from a file that may come from anyone: no view lets them act as markup or terminal control.
+_BREAKS = re.compile(r"[\r\n\t\v\f\x1c-\x1e\x85\u2028\u2029]+")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")  # C0/C1 controls, bidi overrides
+_MD_SYNTAX = re.compile(r"([\\`*_\[\]|~])")  # emphasis, code, links and images, table cells, strike-through
+
+
+def _plain(text) -> str:
+    """One line of printable text: line breaks become spaces, other control characters (terminal escapes, bidi
+    overrides) U+FFFD."""
+    return _CONTROL.sub("\ufffd", _BREAKS.sub(" ", str(text)))
+
+
+def _md(text) -> str:
+    """Text for a Markdown page, shown as written: HTML's & < > as entities, Markdown's syntax characters (the
+    table's | included) backslash-escaped, on one line."""
+    text = _plain(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return _MD_SYNTAX.sub(r"\\\1", text)
+
+
+def _h(text) -> str:
+    """Text for the HTML page, in element content or a quoted attribute."""
+    return html.escape(_plain(text), quote=True)
+
+
 def table(rows: list[dict]) -> str:
     """The terminal view: one block per protocol, a header line per teacher, best FID at each NFE starred."""
     out = []
@@ -334,33 +405,30 @@ def table(rows: list[dict]) -> str:
         body = [list(t.columns)]
         marks = []
         for g in t.groups:
-            body.append([f"[{g.teacher}]"] + [""] * (len(t.columns) - 1))
+            body.append([f"[{_plain(g.teacher)}]"] + [""] * (len(t.columns) - 1))
             marks.append(False)
             for _, c, best in _rows_of(g, t.held_out):
+                c = [_plain(x) for x in c]
                 body.append(c[:5] + [c[5] + (" *" if best else "")] + c[6:])
                 marks.append(best)
         widths = [max(len(row[i]) for row in body) for i in range(len(t.columns))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
-        title = f"protocol {t.protocol_id}" if t.protocol_id else "rows without a recorded protocol"
-        out += [f"== {title} ==", describe(t)[0], lines[0], "  ".join("-" * w for w in widths), *lines[1:],
+        title = f"protocol {_plain(t.protocol_id)}" if t.protocol_id else "rows without a recorded protocol"
+        out += [f"== {title} ==", _plain(describe(t)[0]), lines[0], "  ".join("-" * w for w in widths), *lines[1:],
                 "* best FID at its NFE in its teacher group", ""]
     return "\n".join(out).rstrip()
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|")
 
 
 def markdown(rows: list[dict]) -> str:
     out = ["# Leaderboard", ""]
     for t in arrange(rows):
-        out += [f"## {'Protocol ' + t.protocol_id if t.protocol_id else 'Rows without a recorded protocol'}", "",
-                *(f"- {n}" for n in describe(t)), "", "| " + " | ".join(t.columns) + " |",
-                "|" + "---|" * len(t.columns)]
+        title = f"Protocol {t.protocol_id}" if t.protocol_id else "Rows without a recorded protocol"
+        out += [f"## {_md(title)}", "", *(f"- {_md(n)}" for n in describe(t)), "",
+                "| " + " | ".join(_md(c) for c in t.columns) + " |", "|" + "---|" * len(t.columns)]
         for g in t.groups:
-            out.append(f"| **{_md_cell(g.teacher)}** |" + " |" * (len(t.columns) - 1))
+            out.append(f"| **{_md(g.teacher)}** |" + " |" * (len(t.columns) - 1))
             for kind, c, best in _rows_of(g, t.held_out):
-                c = [_md_cell(x) for x in c]
+                c = [_md(x) for x in c]
                 if best:
                     c[5] = f"**{c[5]}**"
                 if kind == "ref":
@@ -379,11 +447,16 @@ def _series(group: Group) -> dict[str, list[dict]]:
         r = ln.row
         if not r.get("nfe"):
             continue
-        label = "teacher (DDIM)" if r["method"] == "teacher" else f"{r['method']} ({r['student']})"
+        label = "teacher (DDIM)" if r["method"] == "teacher" else _mpl(f"{r['method']} ({r['student']})")
         at = series.setdefault(label, {})
         if r["nfe"] not in at or _num(r.get("fid")) < _num(at[r["nfe"]].get("fid")):
             at[r["nfe"]] = r
     return {k: [v[n] for n in sorted(v)] for k, v in sorted(series.items(), key=lambda kv: kv[0] != "teacher (DDIM)")}
+
+
+def _mpl(text) -> str:
+    """A row field as a plot label: matplotlib would read $...$ as mathematics (and fail on a bad formula)."""
+    return _plain(text).replace("$", r"\$")
 
 
 def _bars(points: list[dict], metric: str, scale: float = 1.0):
@@ -443,7 +516,7 @@ def plot_quality_vs_nfe(rows: list[dict], table_: Table | None = None) -> bytes 
                 ys, err = _bars(pts, "adherence", 100)
                 bottom.errorbar([p["nfe"] for p in pts], ys, yerr=err, **style)
         top.set_ylim(0, limit)  # FID from 0, so gaps read as proportions; limit None: matplotlib's own top
-        top.set(xscale="log", ylabel="FID ↓ (95% bootstrap interval)", title=g.teacher)
+        top.set(xscale="log", ylabel="FID ↓ (95% bootstrap interval)", title=_mpl(g.teacher))
         bottom.set(xscale="log", xlabel="NFE per image ↓ (a CFG step counts two)",
                    ylabel="adherence ↑ (%, 95% Wilson interval)")
         for ax in (top, bottom):
@@ -490,15 +563,15 @@ def _td(text: str, cls: str = "") -> str:
     for word in ("better", "worse", "tie"):
         if text == word or text.endswith(f"({word})"):
             cls = (cls + " " + word).strip()
-    return f"<td class='{cls}'>{html.escape(text)}</td>" if cls else f"<td>{html.escape(text)}</td>"
+    return f"<td class='{cls}'>{_h(text)}</td>" if cls else f"<td>{_h(text)}</td>"
 
 
 def _html_table(t: Table) -> str:
-    head = "".join(f"<th scope='col'>{html.escape(c)}</th>" for c in t.columns)
+    head = "".join(f"<th scope='col'>{_h(c)}</th>" for c in t.columns)
     body = []
     for g in t.groups:
         body.append(f"<tr class='group'><th colspan='{len(t.columns)}' scope='rowgroup'>teacher: "
-                    f"{html.escape(g.teacher)}</th></tr>")
+                    f"{_h(g.teacher)}</th></tr>")
         for kind, c, best in _rows_of(g, t.held_out):
             tds = "".join(_td(x, "best" if (i == 5 and best) else ("l" if i < 2 else "")) for i, x in enumerate(c))
             body.append(f"<tr class='{kind}'>{tds}</tr>")
@@ -510,46 +583,110 @@ def _steps(n: int) -> str:
     return f"{n} step" if n == 1 else f"{n} steps"
 
 
-def _grids(t: Table) -> str:
-    """Per teacher: methods as rows (teacher first), steps as columns, the prompts named once above."""
-    parts = []
+# A sample grid is a few hundred tiles at most (64 samples of up to MAX_PIXELS each side would be far more than any
+# page shows); anything bigger is not a grid distill wrote.
+MAX_GRID_BYTES = 32 << 20
+MAX_GRID_PIXELS = 128 << 20
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GRID_NAME = re.compile(r".+-(\d+)steps\.png")  # how `distill eval` and `distill bench` name a row's grid
+
+
+def _under(path: Path, roots: list[Path]) -> bool:
+    return any(root in path.parents for root in roots)
+
+
+def grid_png(grid, steps, roots) -> bytes | None:
+    """The PNG bytes of a row's sample grid when the page may embed them, else None. Only what distill wrote: a
+    regular file named <label>-<steps>steps.png for the row's steps that lies, links resolved, under one of `roots`
+    (resolved too), at most MAX_GRID_BYTES, with a PNG signature, that PIL reads and verifies as a PNG of at most
+    MAX_GRID_PIXELS. So a leaderboard file from elsewhere cannot pull another file of this machine into a page."""
+    from PIL import Image
+
+    if not roots or not isinstance(grid, str) or not grid or "\0" in grid:
+        return None
+    try:
+        real = Path(grid).resolve(strict=True)
+        folders = [Path(r).resolve() for r in roots]
+    except (OSError, RuntimeError, ValueError):  # missing, a link loop, a name too long
+        return None
+    name = GRID_NAME.fullmatch(real.name)
+    if not _under(real, folders) or not name or str(steps) != name.group(1):
+        return None
+    try:  # no blocking on a FIFO, no following a link swapped in since resolving
+        fd = os.open(real, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_size > MAX_GRID_BYTES:
+            return None
+        with os.fdopen(os.dup(fd), "rb") as f:
+            png = f.read(MAX_GRID_BYTES + 1)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if len(png) > MAX_GRID_BYTES or not png.startswith(PNG_SIGNATURE):
+        return None
+    try:
+        with Image.open(io.BytesIO(png), formats=["PNG"]) as im:
+            if im.width * im.height > MAX_GRID_PIXELS:
+                return None
+            im.verify()
+    except Exception:  # PIL raises many kinds on a damaged or hostile file; each one means "not embedded"
+        return None
+    return png
+
+
+def _grids(t: Table, roots: list) -> str:
+    """Per teacher: methods as rows (teacher first), steps as columns, the prompts named once above. A grid cell
+    holds the row's PNG only where grid_png allows it; else '-', and a note counts what was left out."""
+    parts, refused = [], 0
     for g in t.groups:
         cells: dict = {}
         for ln in g.lines:
-            rows = ln.seeds or [ln.row]
-            grid = next((r.get("grid") for r in rows if r.get("grid") and Path(r["grid"]).is_file()), None)
-            if grid:
-                r = ln.row
+            r = ln.row
+            named = [s.get("grid") for s in (ln.seeds or [r]) if s.get("grid")]
+            png = next((p for p in (grid_png(x, r["steps"], roots) for x in named) if p), None)
+            refused += bool(named) and png is None
+            if png:
                 label = "teacher" if r["method"] == "teacher" else f"{r['method']} ({r['student']})"
-                cells.setdefault(label, {}).setdefault(r["steps"], (grid, r))
+                cells.setdefault(label, {}).setdefault(r["steps"], (png, r))
         if not cells:
             continue
         steps = sorted({s for by in cells.values() for s in by}, reverse=True)
         labels = sorted(cells, key=lambda k: (k != "teacher", k))
-        head = "<th></th>" + "".join(f"<th scope='col'>{_steps(s)}</th>" for s in steps)
+        head = "<th></th>" + "".join(f"<th scope='col'>{_h(_steps(s))}</th>" for s in steps)
         trs = []
         for label in labels:
             tds = []
             for s in steps:
                 if s in cells[label]:
-                    grid, r = cells[label][s]
-                    alt = html.escape(f"{g.teacher}, {label}, {_steps(s)}, FID {_fixed(r.get('fid'), 2)}")
-                    tds.append(f"<td><img alt='{alt}' src='{_data_uri(Path(grid).read_bytes())}'></td>")
+                    png, r = cells[label][s]
+                    alt = _h(f"{g.teacher}, {label}, {_steps(s)}, FID {_fixed(r.get('fid'), 2)}")
+                    tds.append(f"<td><img alt='{alt}' src='{_data_uri(png)}'></td>")
                 else:
                     tds.append("<td>-</td>")
-            trs.append(f"<tr><th scope='row'>{html.escape(label)}</th>{''.join(tds)}</tr>")
+            trs.append(f"<tr><th scope='row'>{_h(label)}</th>{''.join(tds)}</tr>")
         prompts = (t.protocol or {}).get("prompt_examples")
+        prompts = [p for p in prompts if isinstance(p, str)] if isinstance(prompts, list) else None
         named = ("Each image: the first sample of each prompt, left to right: " +
-                 ", ".join(f"“{html.escape(p)}”" for p in prompts) + "." if prompts else
+                 ", ".join(f"“{_h(p)}”" for p in prompts) + "." if prompts else
                  "Each image: the first sample of each prompt, in the order of the prompt list.")
-        parts.append(f"<h3>{html.escape(g.teacher)}</h3><p class='note'>{named}</p><div class='scroll'>"
+        parts.append(f"<h3>{_h(g.teacher)}</h3><p class='note'>{named}</p><div class='scroll'>"
                      f"<table class='grid'><thead><tr>{head}</tr></thead><tbody>{''.join(trs)}</tbody></table></div>")
+    if refused:
+        rows = "row names a sample grid" if refused == 1 else "rows name sample grids"
+        parts.append(f"<p class='note'>{refused} {rows} not shown: the page embeds only PNG grids that distill "
+                     "wrote in the leaderboard's own folders.</p>")
     return "<h2>Samples</h2>" + "".join(parts) if parts else ""
 
 
-def page(rows: list[dict], plot: bytes | None = None) -> str:
+def page(rows: list[dict], plot: bytes | None = None, grid_roots=()) -> str:
     """A static, self-contained HTML page: per protocol the table, the quality-versus-NFE plot and the sample
-    grids. `plot` replaces the first table's plot (drawn here otherwise)."""
+    grids. `plot` replaces the first table's plot (drawn here otherwise). `grid_roots`: the folders whose sample
+    grids may be embedded (the leaderboard's own: the one holding its SQLite file, a bench's output folder); with
+    none, no grid is embedded."""
     sections = []
     for i, t in enumerate(arrange(rows)):
         title = f"Protocol {t.protocol_id}" if t.protocol_id else "Rows without a recorded protocol"
@@ -559,24 +696,24 @@ def page(rows: list[dict], plot: bytes | None = None) -> str:
             figure = plot_quality_vs_nfe(rows, t) if t.protocol_id else None
         img = (f"<h3>Quality against cost</h3><img alt='FID and adherence against NFE, one panel per teacher' "
                f"src='{_data_uri(figure)}'>" if figure else "")
-        notes = "".join(f"<li>{html.escape(n)}</li>" for n in describe(t))
-        sections.append(f"<section><h2>{html.escape(title)}</h2><ul class='note'>{notes}</ul>"
-                        f"{_html_table(t)}<p class='note'>★ teacher rows; the reference row (teacher@50) heads each "
+        notes = "".join(f"<li>{_h(n)}</li>" for n in describe(t))
+        sections.append(f"<section><h2>{_h(title)}</h2><ul class='note'>{notes}</ul>"
+                        f"{_html_table(t)}<p class='note'>★ teacher rows; the reference row ({REFERENCE}) heads each "
                         "group; green: the best FID of the rows at its NFE in its group. Headers say which way is "
-                        f"better (↓ lower, ↑ higher).</p>{img}{_grids(t)}</section>")
+                        f"better (↓ lower, ↑ higher).</p>{img}{_grids(t, list(grid_roots))}</section>")
     return ("<!doctype html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>distill leaderboard</title><style>{STYLE}</style></head><body><h1>distill leaderboard</h1>"
             f"{''.join(sections)}</body></html>\n")
 
 
-def write_reports(rows: list[dict], out: Path) -> tuple[Path, Path]:
+def write_reports(rows: list[dict], out: Path, grid_roots=()) -> tuple[Path, Path]:
     """leaderboard.md, leaderboard.html and, when there is something to plot, quality_vs_nfe.png (the first
-    table's plot)."""
+    table's plot). `grid_roots`: as for `page`."""
     out = Path(out)
     tables = arrange(rows)
     plot = plot_quality_vs_nfe(rows, tables[0]) if tables else None
     if plot:
         write_atomic(out / "quality_vs_nfe.png", plot)
     return write_atomic(out / "leaderboard.md", markdown(rows)), write_atomic(out / "leaderboard.html",
-                                                                             page(rows, plot))
+                                                                             page(rows, plot, grid_roots))

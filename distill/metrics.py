@@ -2,19 +2,23 @@
 
 torch-fidelity computes the statistics; this module gives it a feature extractor that needs no
 download: a small digits classifier shipped with distill (`distill/assets/digits_classifier.safetensors`,
-retrained by `experiments/train_digits_classifier.py`). Real users can name any extractor
-torch-fidelity knows (e.g. `inception-v3-compat`) with a local weights file.
+retrained by `experiments/train_digits_classifier.py`). Real users can name torch-fidelity's
+`inception-v3-compat` or `vgg16` with a local weights file. torch-fidelity would unpickle that file
+(torch.load with weights_only=False), so distill never hands it the user's path: it reads the tensors
+itself (safetensors, or torch.load with weights_only=True) and gives torch-fidelity a copy it wrote.
 """
 from __future__ import annotations
 
 import hashlib
 import math
+import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
+from distill import paths
 from distill.errors import DistillError
 
 CLASSIFIER = Path(__file__).parent / "assets" / "digits_classifier.safetensors"
@@ -147,15 +151,78 @@ def fid_layer(extractor: str) -> str:
     return FEATURE_EXTRACTORS_REGISTRY[extractor].get_default_feature_layer_for_metric("fid")
 
 
+# torch-fidelity's extractors that read a state dict from a weights file. The others take no file (CLIP's is a
+# TorchScript archive, DINOv2 has no local loading) and would download their weights, which distill never does.
+READS_WEIGHTS = ("inception-v3-compat", "vgg16")
+
+
+def read_weights(path: str | Path, what: str = "--extractor-weights") -> dict[str, torch.Tensor]:
+    """The tensors of a weights file, read without running any of its code: safetensors, or a torch.save file
+    through torch.load(weights_only=True), which refuses any pickle that builds more than tensors and containers."""
+    path = paths.regular_file(Path(path), what)
+    try:
+        return load_file(str(path))
+    except Exception:  # noqa: BLE001 (safetensors raises its own types): not safetensors, maybe a torch.save file
+        pass
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != b"PK\x03\x04" and not head.startswith(b"\x80"):  # torch.save's zip, or its older bare pickle
+        raise DistillError(f"{what} {path} is neither a safetensors nor a torch.save weights file")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (torch.load reads a .safetensors name with safetensors, whose errors differ)
+        if "weights only load failed" in str(e).lower():
+            raise DistillError(f"{what} {path} holds a pickle that asks to run code or build objects other than "
+                               "tensors; distill never runs it: save the weights as safetensors") from e
+        raise DistillError(f"{what} {path} is neither a safetensors nor a torch.save weights file") from e
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise DistillError(f"{what} {path} does not hold a state dict (names to tensors)")
+    return state
+
+
+def check_extractor(extractor: str, weights: str | None) -> None:
+    """Refuse, before any sampling, an extractor that is unknown, would download its weights, ignores the weights
+    given, or cannot be built from them."""
+    fid_layer(extractor)
+    if weights and extractor not in READS_WEIGHTS:
+        why = "its own weights ship with distill" if extractor in HALVES else "distill cannot read its weights safely"
+        raise DistillError(f"--extractor-weights has no effect with the extractor '{extractor}' ({why}); it is read "
+                           f"for {', '.join(READS_WEIGHTS)}")
+    if not weights and (extractor in READS_WEIGHTS or extractor.startswith(("clip-", "dinov2-"))):
+        raise DistillError(f"the extractor '{extractor}' needs local weights (distill downloads nothing): give "
+                           "--extractor-weights FILE" if extractor in READS_WEIGHTS else
+                           f"the extractor '{extractor}' would download its weights, which distill never does; use "
+                           f"{', '.join(READS_WEIGHTS)} with --extractor-weights")
+    if weights:
+        build_extractor(extractor, fid_layer(extractor), weights, cuda=False)
+
+
+def build_extractor(extractor: str, layer: str, weights: str | None, cuda: bool):
+    """torch-fidelity's extractor, given the tensors distill read from `weights` in a file distill wrote."""
+    from torch_fidelity.utils import create_feature_extractor
+
+    if not weights:
+        return create_feature_extractor(extractor, [layer], cuda=cuda, verbose=False)
+    state = read_weights(weights)
+    with tempfile.TemporaryDirectory(prefix="distill-extractor-") as tmp:
+        own = Path(tmp) / "weights.pt"
+        torch.save(state, own)  # tensors only: torch-fidelity unpickles it without weights_only, and runs nothing
+        try:
+            return create_feature_extractor(extractor, [layer], cuda=cuda, verbose=False,
+                                            feature_extractor_weights_path=str(own))
+        except RuntimeError as e:  # load_state_dict: missing, unexpected or misshapen tensors
+            raise DistillError(f"--extractor-weights {weights} does not fit the extractor '{extractor}': "
+                               f"{' '.join(str(e).split())[:200]}") from e
+
+
 def features(images: torch.Tensor, extractor: str = DIGITS_EXTRACTOR, weights: str | None = None) -> torch.Tensor:
     """[N, D] float64 features of an image set ([-1, 1] floats or uint8) at the layer torch-fidelity uses for FID."""
-    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+    from torch_fidelity.utils import get_featuresdict_from_dataset
 
     layer = fid_layer(extractor)
-    kwargs = {"feature_extractor_weights_path": weights} if weights else {}
     cuda = torch.cuda.is_available()
     try:
-        net = create_feature_extractor(extractor, [layer], cuda=cuda, verbose=False, **kwargs)
+        net = build_extractor(extractor, layer, weights, cuda)
         out = get_featuresdict_from_dataset(_Images(to_uint8(images)), net, 64, cuda, True, False)
     except ValueError as e:
         raise DistillError(f"feature extractor '{extractor}' failed: {str(e).splitlines()[0]}") from e

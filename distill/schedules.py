@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from distill.errors import DistillError
+
 
 def vp_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.00085,
                       beta_end: float = 0.012, beta_schedule: str = "scaled_linear") -> torch.Tensor:
@@ -77,6 +79,7 @@ def with_end(grid: torch.Tensor, end: float) -> torch.Tensor:
 def subsample(grid: torch.Tensor, n: int) -> torch.Tensor:
     """n of a descending grid's points, evenly spaced by index from its first (LCMScheduler's rule)."""
     if not 1 <= n <= len(grid):
-        raise ValueError(f"cannot take {n} steps from a grid of {len(grid)}")
+        raise DistillError(f"--steps {n}: this student samples on its {len(grid)}-point training grid, so it takes 1 "
+                           f"to {len(grid)} steps")
     idx = np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)
     return grid[torch.from_numpy(idx)]

@@ -427,5 +427,6 @@ def _add_cost_rows(rows, cfg, method, step, db, threads, repeats, batch_size) ->
         student = r["who"] == "student"
         board.add({**row_identity(cfg, r["steps"], r["guidance"], not student, step), "nfe": r["nfe"],
                    "ms_per_image": r["ms_per_image"], "ms_iqr": r["ms_iqr"], "images_per_s": r["images_per_s"],
-                   "peak_memory_mb": peak_memory_mb(device), "source": "bench-speed", "speedup": r["speedup"], "speedup_iqr": r["speedup_iqr"],
+                   "peak_memory_mb": peak_memory_mb(device), "source": "bench-speed", "speedup": r["speedup"],
+                   "speedup_iqr": r["speedup_iqr"], "speedup_reference_steps": rows[0]["steps"],
                    "nfe_limit": r["nfe_limit"], **provenance(device, threads, repeats, batch_size)})

@@ -61,17 +61,35 @@ def encode_batch(raw: dict, teacher, generator: torch.Generator) -> dict:
     return batch
 
 
-def _check_resumable(cfg: Config, trainer_state: dict) -> None:
-    was = (trainer_state["method"], trainer_state["teacher"], trainer_state["student"])
-    now = (cfg.method.name, cfg.teacher.source, cfg.student.kind)
-    if was != now:
-        raise DistillError(f"cannot resume: the checkpoint is (method, teacher, student) = {was}, this config is "
-                           f"{now}; resume with the original config or start a new train.output_dir")
+# What a checkpoint's weights are shaped by: a resume whose config changes one of these cannot load them.
+SHAPED_BY = ("method.name", "teacher.source", "student.kind", "student.lora_rank", "student.lora_alpha",
+             "student.lora_targets", "student.guidance_embedding")
+
+
+def _check_resumable(cfg: Config, ckpt: Path, step: int, out: Path) -> None:
+    """Refuse a resume that would mix two runs, train backwards, or load weights of another shape."""
+    if not paths.contains(out / "checkpoints", ckpt) and checkpoint.run_marker(out):
+        raise DistillError(f"--resume {ckpt} is a checkpoint of another run, and train.output_dir {out} holds a run "
+                           "of its own: resuming would mix the two; give a new train.output_dir")
+    if step > cfg.train.max_steps:
+        raise DistillError(f"train.max_steps {cfg.train.max_steps} is below the checkpoint's step {step}: a resume "
+                           "trains on from its step (raise train.max_steps, or export that checkpoint as it is)")
+    saved = config.read_yaml(ckpt / "config.yaml")
+    now = cfg.to_dict()
+    for field in SHAPED_BY:
+        section, name = field.split(".")
+        was, new = saved.get(section, {}).get(name), now[section][name]
+        if was != new:
+            raise DistillError(f"cannot resume: {field} is {new!r} in this config and {was!r} in the checkpoint "
+                               f"{ckpt}; resume with the original value or start a new train.output_dir")
 
 
 def check_output_dir(out: Path, resume: str | None, restart: bool) -> Path | None:
     """Refuse a start that would overwrite or mix with what `out` holds; with `restart`, the path the old run
     is moved aside to (None when there is nothing to move)."""
+    if restart and out.expanduser().is_symlink():
+        raise DistillError(f"train.output_dir {out} is a symbolic link; --restart moves a run folder, not a link to "
+                           f"one: give the folder itself ({out.expanduser().resolve()})")
     out = out.expanduser().resolve()
     own = out / "config.yaml"
     if own.exists() and not config.written_by_distill(own) and not (out / "checkpoints").is_dir():
@@ -87,7 +105,12 @@ def check_output_dir(out: Path, resume: str | None, restart: bool) -> Path | Non
     if paths.contains(out, Path.cwd()):
         raise DistillError(f"--restart would move {out}, the current folder or one of its parents; run from "
                            "elsewhere or choose another train.output_dir")
-    return out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    aside = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    n = 1
+    while aside.exists() or aside.is_symlink():  # restarted twice within a second
+        n += 1
+        aside = aside.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{n}")
+    return aside
 
 
 @dataclass
@@ -111,13 +134,22 @@ class Run:
 def train(cfg: Config, resume: str | None = None, stop_after: int | None = None, restart: bool = False) -> Method:
     """Train to cfg.train.max_steps (or `stop_after` more steps), checkpointing into cfg.train.output_dir;
     returns the trained method (teacher and student). A folder that already holds a run is continued only with
-    `resume`, or moved aside first with `restart`."""
+    `resume`, or moved aside first with `restart`. One process at a time trains into a folder: the first process of
+    a launch holds its lock (paths.lock) from the checks to the end."""
+    out = Path(cfg.train.output_dir).expanduser()
+    check_output_dir(out, resume, restart)  # a refusal leaves no lock file behind
+    first = os.environ.get("RANK", "0") == "0"  # set by accelerate launch; the lock is the first process's
+    with paths.lock(out, "train.output_dir") if first else contextlib.nullcontext():
+        return _train(cfg, resume, stop_after, restart)
+
+
+def _train(cfg: Config, resume: str | None, stop_after: int | None, restart: bool) -> Method:
     run = setup(cfg, resume, restart)
     tc, accelerator, method = cfg.train, run.accelerator, run.method
     end = tc.max_steps if stop_after is None else min(tc.max_steps, run.start + stop_after)
     bar = tqdm(total=tc.max_steps, initial=run.start, desc=f"{cfg.method.name}",
                disable=not accelerator.is_main_process, dynamic_ncols=True, mininterval=1.0)
-    bad_in_row, skipped_samples = 0, 0
+    bad_in_row, skipped_samples, updated = 0, 0, 0
     for step in range(run.start, end):
         tick = time.perf_counter()
         raws = [next(run.batches) for _ in range(tc.gradient_accumulation_steps)]
@@ -132,6 +164,7 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         if done < tc.max_steps and done in method.phase_starts(tc.max_steps):
             start_phase(run, done)  # before the step's checkpoint, so a resume there starts the phase as this run did
         bad_in_row = bad_in_row + 1 if bad_step else 0
+        updated += not bad_step
         logs["nonfinite_in_row"] = bad_in_row
         if bad_step:
             print(f"warning: step {done} skipped: non-finite loss or gradient ({bad_in_row} in a row)", file=sys.stderr)
@@ -147,6 +180,9 @@ def train(cfg: Config, resume: str | None = None, stop_after: int | None = None,
         if done % tc.checkpoint_every == 0 or done == end or milestone:
             save_checkpoint(run, done, milestone)
     bar.close()
+    if end > run.start and not updated:
+        raise DistillError(f"every step from {run.start + 1} to {end} was skipped (non-finite loss or gradient): the "
+                           "student never changed, so no student is saved; lower train.learning_rate or check the data")
     select_turn(run.turn_params, None)
     accelerator.wait_for_everyone()
     if end == tc.max_steps:  # a finished run resumed trains nothing: its train_time.txt stands
@@ -162,6 +198,8 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
     tc, out = cfg.train, Path(cfg.train.output_dir).expanduser()
     aside = check_output_dir(out, resume, restart)
     ckpt = checkpoint.find(out, resume) if resume else None
+    if ckpt is not None:  # before any model loads
+        _check_resumable(cfg, ckpt, checkpoint.trainer_state(ckpt)["step"], out.resolve())
     accelerator = start_accelerator(cfg, out, aside)
     method = build_method(cfg, accelerator.device)
     if accelerator.is_main_process and accelerator.device.type == "cuda" and method.teacher.is_pipeline:
@@ -179,7 +217,6 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
     start, saved_optims, trainer_state = 0, None, None
     if ckpt is not None:
         weights, saved_optims, trainer_state = checkpoint.load(ckpt)
-        _check_resumable(cfg, trainer_state)
         method.load_saved(weights)  # whole weights, before any sharding
         start = trainer_state["step"]
         method.resume_at(start)
@@ -232,8 +269,13 @@ def start_accelerator(cfg: Config, out: Path, aside: Path | None) -> Accelerator
     AcceleratorState._reset_state()  # Accelerate keeps settings process-wide; each run sets its own
     # With several turns, each forward leaves the other turns' parameters unused.
     ddp = DistributedDataParallelKwargs(find_unused_parameters=len(METHODS[cfg.method.name].turns) > 1)
-    accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None, kwargs_handlers=[ddp],
-                              project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")))
+    try:
+        accelerator = Accelerator(mixed_precision=tc.mixed_precision, log_with=tc.trackers or None,
+                                  kwargs_handlers=[ddp], project_config=ProjectConfiguration(
+                                      project_dir=str(out), logging_dir=str(out / "logs")))
+    except ImportError as e:  # a launch config asking for DeepSpeed (or a tracker) whose package is not installed
+        raise DistillError(f"the launch needs a package that is not installed: {' '.join(str(e).split())[:160]}; "
+                           "install it or launch with a plain multi-process config") from e
     if aside is not None:
         accelerator.wait_for_everyone()  # every rank has checked the folder before it moves
         if accelerator.is_main_process:

@@ -142,10 +142,11 @@ def check_adapter_name(field: str, name: str) -> None:
 class Companion(nn.Module):
     """A second trainable network beside a student that starts as the bare teacher. Beside a LoRA student it is a
     second adapter `name` on the same layers of the same backbone (one copy of the base weights), on only inside
-    active(); otherwise (a full student, or separate=True) a trainable full copy of the teacher's backbone."""
+    active(); otherwise (a full student, or separate=True) a trainable full copy of the teacher's backbone. The
+    adapter's rank defaults to the student's and its alpha to its own rank (scale 1)."""
 
     def __init__(self, student: Student, teacher_backbone: nn.Module, name: str, rank: int = 0,
-                 separate: bool = False):
+                 separate: bool = False, alpha: float | None = None):
         super().__init__()
         self.name, self.copy = name, None
         if student.kind != "lora" or separate:
@@ -155,7 +156,8 @@ class Companion(nn.Module):
         self.shared = [student.backbone]  # in a list: the student owns the backbone, not this module
         backbone = student.backbone
         lora = copy.copy(backbone.peft_config[STUDENT_ADAPTER])
-        lora.r = lora.lora_alpha = rank or lora.r
+        lora.r = rank or lora.r
+        lora.lora_alpha = alpha or lora.r
         with warnings.catch_warnings():  # "multiple adapters in the model": that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             inject_adapter_in_model(lora, backbone, adapter_name=name)

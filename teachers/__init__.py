@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from distill import paths
 from distill.config import TeacherConfig
 from distill.errors import ConfigError, DistillError, check_choice
 from teachers.base import Cond, Teacher
@@ -116,6 +117,7 @@ def _builtin(cfg: TeacherConfig) -> Path | Teacher:
 
     folder = cache_dir() / "teachers" / name
     if not (folder / "model_index.json").is_file():
+        paths.check_writable(cache_dir(), "DISTILL_CACHE (where built-in teachers are built)")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tiny.build(name, tmp)
         try:

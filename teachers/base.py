@@ -99,6 +99,7 @@ class Teacher(nn.Module):
     shard_blocks: tuple[type, ...] = ()  # the backbone's repeated blocks: FSDP's units (distill.sharding)
     single_file: bool = False  # whether single_file_state and ldm_names know this family's original layout
     is_pipeline: bool = False  # a diffusers pipeline stands behind it: students save, export and sample through it
+    makes_images: bool = True  # False: its samples are points (the exact 2-D teachers), with no images to write
     flow: bool = False  # a rectified-flow schedule (x_t = (1 - t) x0 + t eps); otherwise variance-preserving
     lora_formats: tuple[str, ...] = ()  # LoRA files of its students that its ecosystem loads: lora (diffusers), kohya
     kohya_base_model: str | None = None  # kohya's ss_base_model_version for a kohya LoRA of this family

@@ -62,6 +62,7 @@ class GMMDenoiser(nn.Module):
 class GMMTeacher(Teacher):
     family = "gmm"
     prediction_type = "sample"
+    makes_images = False
     lora_targets = ("net.0", "net.2", "net.4")
     probe_prompt = "class 0"
 

@@ -192,6 +192,7 @@ def _cases(w: Path, tiny: Path) -> list[tuple[list[str], str]]:
         (gen("--steps", "-1"), "argument --steps"),
         (gen("--steps", "100000"), "argument --steps: 100000 is out of range; allowed: 1 to 1000"),
         (gen("--steps", "four"), "argument --steps: 'four' is not a whole number"),
+        (gen("--steps", "51"), "--steps 51: this student samples on its 50-point training grid"),
         (gen("--teacher", "--steps", "-1"), "argument --steps"),
         (gen("--num-per-prompt", "0"), "argument --num-per-prompt"),
         (gen("--batch-size", "0"), "argument --batch-size"),
@@ -235,6 +236,7 @@ def _cases(w: Path, tiny: Path) -> list[tuple[list[str], str]]:
         (exp(w / "a-file/x"), "which is a file"),
         (exp(READ_ONLY), "cannot be written"),
         (exp(w / "out", "--steps", "0"), "argument --steps"),
+        (exp(w / "out", "--steps", "64"), "--steps 64: this student samples on its 50-point training grid"),
         (exp(w / "out", "--dtype", "fp8"), "unknown dtype 'fp8'"),
         (exp(w / "out", "--format", "onnx"), "unknown export format 'onnx'"),
         # make-teacher, cache, leaderboard, bench, bench-speed

@@ -25,16 +25,21 @@ def _row(teacher, method, steps, nfe, fid, half=0.12, adherence=0.95, ms=10.0, *
 
 @pytest.fixture
 def rows(tmp_path):
-    grid = tmp_path / "grid.png"
-    Image.new("RGB", (40, 4), "white").save(grid)
+    def grid(label, steps):  # named and placed as distill eval writes them, beside the leaderboard
+        path = tmp_path / "eval" / f"{label}-{steps}steps.png"
+        path.parent.mkdir(exist_ok=True)
+        Image.new("RGB", (40, 4), "white").save(path)
+        return str(path)
+
     board = Leaderboard(tmp_path / "b.sqlite")
     sdxl, sd3 = "builtin:digits-sdxl", "builtin:digits-sd3"
     for steps, fid in [(1, 9.41), (4, 2.66), (50, 2.26)]:
-        board.add(_row(sdxl, "teacher", steps, 2 * steps, fid, ms=2.0 * steps, grid=str(grid),
+        board.add(_row(sdxl, "teacher", steps, 2 * steps, fid, ms=2.0 * steps, grid=grid("teacher", steps),
                        fid_teacher=-6.1e-13 if steps == 50 else fid / 2))
     for seed, fid in [(0, 1.0), (1, 2.0), (2, 3.0)]:  # mean 2, sd 1
-        board.add(_row(sdxl, "consistency", 4, 4, fid, seed=seed, recipe="lcm", ms=8.0, grid=str(grid)))
-    board.add(_row(sdxl, "add", 1, 1, 1.50, ms=2.5, grid=str(grid)))  # separates from teacher@50: better
+        board.add(_row(sdxl, "consistency", 4, 4, fid, seed=seed, recipe="lcm", ms=8.0,
+                       grid=grid("consistency", 4)))
+    board.add(_row(sdxl, "add", 1, 1, 1.50, ms=2.5, grid=grid("add", 1)))  # separates from teacher@50: better
     board.add(_row(sdxl, "ladd", 1, 1, 2.30, ms=2.5))  # overlaps teacher@50: tie
     board.add(_row(sd3, "teacher", 50, 100, 3.28, ms=90.0))
     board.add(_row(sd3, "ladd", 4, 4, 7.72, half=0.3, ms=9.0))  # worse
@@ -132,7 +137,7 @@ class Page(HTMLParser):
 
 
 def test_page_structure(rows, tmp_path):
-    html = view.page(rows)
+    html = view.page(rows, grid_roots=[tmp_path])  # the folder that holds the leaderboard's SQLite file
     p = Page()
     p.feed(html)
     assert {"name": "viewport", "content": "width=device-width, initial-scale=1"} in p.meta

@@ -310,7 +310,7 @@ def test_progressive_rounds_each_start_a_fresh_optimiser_and_lr_schedule(tmp_pat
 
 
 def test_only_consistency_makes_an_ema_and_starts_it_from_a_student_saved_without_one(tmp_path):
-    raw = {**GMM, "method": {"name": "progressive", "params": {"start_steps": 4, "round_steps": 2}},
+    raw = {**GMM, "method": {"name": "progressive", "params": {"start_steps": 4, "round_steps": 1}},
            "train": {"max_steps": 2, "output_dir": str(tmp_path / "pd")}}
     progressive = train(runs.parse_config(raw))
     assert progressive.student.ema is None

@@ -21,7 +21,8 @@ __all__ = ["METHODS", "LossOut", "Method", "check_config"]
 
 def check_config(cfg) -> None:
     """The method part of a config: a registered name, its params, what the method needs of the rest of the
-    config, and turn settings only for turns it has; a one-line ConfigError otherwise."""
+    config, and turn settings only for turns it has; a one-line ConfigError otherwise. Fills in the method's
+    default turn ratios (Method.default_turn_every) where train.turn_every leaves a turn unset."""
     if cfg.method.name not in METHODS:
         near = difflib.get_close_matches(cfg.method.name, list(METHODS), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
@@ -34,3 +35,4 @@ def check_config(cfg) -> None:
     for turn in {*cfg.train.turn_learning_rates, *cfg.train.turn_every} - set(method.turns):
         raise ConfigError("train.turn_learning_rates/turn_every", turn, f"method {cfg.method.name} has turns "
                           + ", ".join(method.turns))
+    cfg.train.turn_every = {**method.default_turn_every, **cfg.train.turn_every}

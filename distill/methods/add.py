@@ -16,27 +16,26 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from discriminators.feature_net import FeatureHeads, FeatureNetwork
 from discriminators.losses import hinge_d, hinge_g, per_sample
 from distill.errors import ConfigError
-from distill.methods.base import Adversarial, LossOut, check_student_steps
+from distill.config import MAX_PIXELS
+from distill.methods.base import Adversarial, LossOut, cfg_scale, ranged
 from distill.sampling import randn
 from distill.solvers import bcast
 
 
 @dataclass
 class ADDParams:
-    student_steps: int = 4  # ADD's student times: {999, 749, 499, 249} on the VP scale for 4 steps
+    # ADD's student times: {999, 749, 499, 249} on the VP scale for 4 steps
+    student_steps: int = ranged(4, 1, teacher_times=True)
     feature_net: str = "vit_small_patch14_dinov2"  # a timm ViT name, or mlp for non-image data
     feature_weights: str | None = None  # local .safetensors of the ViT (random weights if unset)
-    feature_size: int = 224  # pixels are resized to this before the ViT
-    head_hidden: int = 64
-    distill_weight: float = 2.5  # lambda of ADD eq. 5
-    teacher_guidance: float = 1.0  # CFG of the teacher in the distillation target
-    r1_gamma: float = 1e-5  # R1 penalty on real images (Mescheder et al. 2018)
+    # pixels are resized to this before the ViT: at least one 16-pixel patch, at most the largest image
+    feature_size: int = ranged(224, 16, MAX_PIXELS)
+    head_hidden: int = ranged(64, 1)
+    distill_weight: float = ranged(2.5, 0.0)  # lambda of ADD eq. 5
+    teacher_guidance: float = cfg_scale(1.0)  # CFG of the teacher in the distillation target
+    r1_gamma: float = ranged(1e-5, 0.0)  # R1 penalty on real images (Mescheder et al. 2018)
 
     def check(self) -> None:
-        check_student_steps(self.student_steps)
-        if self.distill_weight < 0 or self.r1_gamma < 0:
-            raise ConfigError("method.params.distill_weight/r1_gamma", (self.distill_weight, self.r1_gamma),
-                              "must be >= 0")
         if self.feature_weights and not self.feature_weights.endswith(".safetensors"):
             raise ConfigError("method.params.feature_weights", self.feature_weights, "must be a .safetensors file")
 

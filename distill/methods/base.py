@@ -5,10 +5,13 @@ randomness comes from the generator the trainer puts in the batch, so a run repe
 """
 from __future__ import annotations
 
+import dataclasses
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from peft.tuners.tuners_utils import BaseTunerLayer
 
 from distill import checkpoint
 from distill.config import MAX_STEPS, coerce_params
@@ -35,14 +38,31 @@ class Method(nn.Module):
 
     def __init__(self, teacher: Teacher, student: Student, params):
         super().__init__()
+        check_fits_teacher(teacher, params)
         self.teacher, self.student, self.params = teacher, student, params
+
+    def train(self, mode: bool = True):
+        """Train mode for what trains; the frozen teacher stays in eval (Teacher.train). A LoRA student shares the
+        teacher's backbone, which Student.train would put in train mode for every teacher pass too: its frozen base
+        layers go back to eval, and only the adapters' own modules (lora_A/B, lora_dropout) follow `mode`."""
+        super().train(mode)
+        if self.student.kind == "lora":
+            keep_base_in_eval(self.student.backbone, mode)
+        return self
 
     @classmethod
     def parse_params(cls, raw: dict):
+        """The method's params from `method.params`: each numeric one in its declared range (`ranged`), then the
+        checks across fields (the Params class's own `check`)."""
         params = coerce_params(cls.Params, raw, "method.params.")
+        check_ranges(params)
         if hasattr(params, "check"):
             params.check()
         return params
+
+    # Turns that run every k steps unless train.turn_every says otherwise; distill.methods.check_config writes
+    # them into the config, so the saved config shows what ran.
+    default_turn_every: dict[str, int] = {}
 
     needs_latents = True  # whether the data must carry images or latents
 
@@ -135,17 +155,84 @@ class Method(nn.Module):
                 net.load_state_dict(saved)
 
 
+def keep_base_in_eval(backbone: nn.Module, mode: bool) -> None:
+    """Every module of a shared backbone in eval except the LoRA adapters' own parts, which follow `mode`."""
+    backbone.eval()
+    for layer in backbone.modules():
+        if isinstance(layer, BaseTunerLayer):
+            for name, part in layer.named_children():
+                if name != "base_layer":
+                    part.train(mode)
+
+
+# --- params: every numeric field declares its range --------------------------------------------------------------
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric param may take: bounds inclusive (ge, le) or exclusive (gt, lt), any may be None. NaN
+    and inf never pass: a NaN compares false with everything, so an unchecked one would slip through any `<`."""
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+
+    def allows(self, v) -> bool:
+        return (math.isfinite(v) and (self.ge is None or v >= self.ge) and (self.gt is None or v > self.gt)
+                and (self.le is None or v <= self.le) and (self.lt is None or v < self.lt))
+
+    def describe(self, integer: bool) -> str:
+        kind = "an integer" if integer else "a finite number"
+        low = f"[{_num(self.ge)}" if self.ge is not None else f"({_num(self.gt)}" if self.gt is not None else ""
+        high = f"{_num(self.le)}]" if self.le is not None else f"{_num(self.lt)})" if self.lt is not None else ""
+        if low and high:
+            return f"must be {kind} in {low}, {high}"
+        if low:
+            return f"must be {kind} {'>=' if self.ge is not None else '>'} {low[1:]}"
+        if high:
+            return f"must be {kind} {'<=' if self.le is not None else '<'} {high[:-1]}"
+        return f"must be {kind}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def ranged(default, ge=None, le=None, *, gt=None, lt=None, teacher_times: bool = False):
+    """A Params field and its allowed range, which Method.parse_params checks before any model loads.
+    teacher_times: a count of the teacher's train timesteps (a grid of that many distinct times), so also at most
+    the loaded teacher's num_train_timesteps (check_fits_teacher); MAX_STEPS (1,000) before it loads."""
+    if teacher_times:
+        le = MAX_STEPS if le is None else le
+    return field(default=default, metadata={"range": Range(ge, gt, le, lt), "teacher_times": teacher_times})
+
+
+def cfg_scale(default: float):
+    """A classifier-free-guidance scale in diffusers' convention: 1 is no guidance."""
+    return ranged(default, 1.0)
+
+
+def check_ranges(params, prefix: str = "method.params.") -> None:
+    for f in dataclasses.fields(params):
+        bound, value = f.metadata.get("range"), getattr(params, f.name)
+        if bound is not None and value is not None and not bound.allows(value):
+            raise ConfigError(prefix + f.name, value, bound.describe(isinstance(value, int)))
+
+
+def check_fits_teacher(teacher: Teacher, params) -> None:
+    """Counts of the teacher's times fit its schedule: known only once it is loaded (every built-in family has
+    1,000, the bound parse_params already applied), so checked when the method is built, before any step."""
+    if not dataclasses.is_dataclass(params):
+        return
+    T = teacher.num_train_timesteps
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if f.metadata.get("teacher_times") and value is not None and value > T:
+            raise ConfigError(f"method.params.{f.name}", value, f"the teacher has {T} train timesteps: must be <= {T}")
+
+
 def check_guidance_range(lo: float, hi: float) -> None:
-    """The CFG scales a method draws w from: diffusers' scale, so 1 means no guidance."""
-    if not 1.0 <= lo <= hi:
-        raise ConfigError("method.params.guidance_min", lo, "need 1 <= guidance_min <= guidance_max")
-
-
-def check_student_steps(n: int) -> None:
-    """A student grid on the teacher's integer times 0..MAX_STEPS - 1 (ADD, LADD, DMD2)."""
-    if not 1 <= n <= MAX_STEPS:
-        raise ConfigError("method.params.student_steps", n,
-                          f"the teacher's grid has times 0..{MAX_STEPS - 1}: need 1 <= student_steps <= {MAX_STEPS}")
+    """The CFG scales a method draws w from (each already >= 1 and finite): an interval, lowest first."""
+    if lo > hi:
+        raise ConfigError("method.params.guidance_min", lo, f"must be <= method.params.guidance_max ({_num(hi)})")
 
 
 def family_times(teacher: Teacher, n: int, generator: torch.Generator, like: torch.Tensor,

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.errors import ConfigError, check_choice
-from distill.methods.base import LossOut, Method, check_guidance_range, uniform
+from distill.methods.base import LossOut, Method, cfg_scale, check_guidance_range, ranged, uniform
 from distill.sampling import randn, renoise_chain
 from distill.schedules import subsample, with_end
 from distill.solvers import bcast, consistency_scalings, ddim_step
@@ -19,26 +19,24 @@ from distill.solvers import bcast, consistency_scalings, ddim_step
 
 @dataclass
 class ConsistencyParams:
-    num_teacher_steps: int = 50  # N, the teacher's DDIM grid (LCM, sec. 4.3: 50 of 1000 timesteps)
-    skip: int = 1  # k, grid intervals one solver step spans (LCM's skipping-step, sec. 4.3)
+    # N, the teacher's DDIM grid (LCM, sec. 4.3: 50 of 1000 timesteps)
+    num_teacher_steps: int = ranged(50, 2, teacher_times=True)
+    skip: int = ranged(1, 1)  # k, grid intervals one solver step spans (LCM's skipping-step, sec. 4.3)
     # LCM samples omega in [w_min, w_max] = [2, 14] for eps = (1 + omega) eps_c - omega eps_u; here in
     # diffusers' scale w = 1 + omega.
-    guidance_min: float = 3.0
-    guidance_max: float = 15.0
+    guidance_min: float = cfg_scale(3.0)
+    guidance_max: float = cfg_scale(15.0)
     loss: str = "huber"  # l2 | huber (pseudo-Huber, Song & Dhariwal 2023, eq. 5)
-    huber_c: float = 0.001
-    sigma_data: float = 0.5
-    timestep_scaling: float = 10.0  # LCM scales t by 10 in c_skip / c_out so the boundary is sharp
+    huber_c: float = ranged(0.001, gt=0.0)
+    sigma_data: float = ranged(0.5, gt=0.0)  # at 0, c_skip(0) of LCM eq. 5 is 0/0
+    # LCM scales t by 10 in c_skip / c_out so the boundary is sharp; at 0, f(x, t) = x and the student never learns
+    timestep_scaling: float = ranged(10.0, gt=0.0)
 
     def check(self) -> None:
-        if self.num_teacher_steps < 2:
-            raise ConfigError("method.params.num_teacher_steps", self.num_teacher_steps, "must be >= 2")
-        if not 1 <= self.skip < self.num_teacher_steps:
+        if self.skip >= self.num_teacher_steps:
             raise ConfigError("method.params.skip", self.skip, f"must be in [1, {self.num_teacher_steps - 1}]")
         check_guidance_range(self.guidance_min, self.guidance_max)
         check_choice("method.params.loss", self.loss, ("l2", "huber"))
-        if self.huber_c <= 0:
-            raise ConfigError("method.params.huber_c", self.huber_c, "must be > 0")
 
 
 class Consistency(Method):

@@ -12,16 +12,14 @@ from dataclasses import dataclass
 import torch
 
 from distill.errors import ConfigError, check_choice
-from distill.methods.base import LossOut, Method, denoising_loss, family_times
+from distill.methods.base import LossOut, Method, denoising_loss, family_times, ranged
 
 @dataclass
 class DenoiseParams:
-    uncond_prob: float = 0.1
+    uncond_prob: float = ranged(0.1, 0.0, lt=1.0)  # 1 would never show the model a prompt
     time_sampling: str = "auto"  # uniform | logit_normal | auto (logit-normal for flow teachers)
 
     def check(self) -> None:
-        if not 0.0 <= self.uncond_prob < 1.0:
-            raise ConfigError("method.params.uncond_prob", self.uncond_prob, "must be in [0, 1)")
         check_choice("method.params.time_sampling", self.time_sampling, ("auto", "uniform", "logit_normal"))
 
 

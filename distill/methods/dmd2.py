@@ -3,8 +3,8 @@
 The student (generator) is pushed along the difference of two scores at its own noised samples: the frozen
 teacher with CFG (real) and a fake score that keeps learning the student's distribution by plain denoising
 (DMD, Yin et al. 2023, eq. 7). A GAN term on the fake score's bottleneck features (DMD2 sec. 4.3) replaces the
-regression loss (sec. 4.1), and the fake score takes several updates per generator update (sec. 4.2; set
-train.turn_every: {student: 5}). Multi-step students are trained by backward simulation (sec. 4.4).
+regression loss (sec. 4.1), and the fake score takes several updates per generator update (sec. 4.2; five
+unless train.turn_every sets the student's turn). Multi-step students are trained by backward simulation (sec. 4.4).
 
 A LoRA student's fake score is a second adapter on the same frozen backbone, so one copy of the base weights
 serves teacher (adapters off), student (adapter `default`) and fake score (adapter `fake`). Constants follow
@@ -20,40 +20,42 @@ import torch.nn.functional as F
 import students
 from discriminators.teacher_heads import TeacherHeads, features
 from distill.errors import ConfigError, check_choice
-from distill.methods.base import Adversarial, LossOut, check_student_steps, denoising_loss, family_times
+from distill.methods.base import Adversarial, LossOut, cfg_scale, denoising_loss, family_times, ranged
 from distill.sampling import randn, renoise_chain
 
 
 @dataclass
 class DMD2Params:
-    student_steps: int = 4  # {999, 749, 499, 249} on VP; the shifted equivalent on flow teachers
-    real_guidance: float = 8.0  # CFG of the real score (DMD2's SDXL recipe)
-    min_time: float = 0.02  # the distribution-matching loss draws t in [min, max] * T (reference: 20..980)
-    max_time: float = 0.98
-    gan_student_weight: float = 5e-3  # the generator's non-saturating GAN loss (DMD2's SDXL recipe)
-    gan_fake_weight: float = 1e-2  # the head's classification loss, added to the fake score's
+    # {999, 749, 499, 249} on VP; the shifted equivalent on flow teachers
+    student_steps: int = ranged(4, 1, teacher_times=True)
+    real_guidance: float = cfg_scale(8.0)  # CFG of the real score (DMD2's SDXL recipe)
+    # the distribution-matching loss draws t in [min, max] * T (reference: 20..980)
+    min_time: float = ranged(0.02, 0.0, 1.0)
+    max_time: float = ranged(0.98, 0.0, 1.0)
+    gan_student_weight: float = ranged(5e-3, 0.0)  # the generator's non-saturating GAN loss (DMD2's SDXL recipe)
+    gan_fake_weight: float = ranged(1e-2, 0.0)  # the head's classification loss, added to the fake score's
     fake_score: str = "adapter"  # adapter: a second LoRA beside a LoRA student's; copy: a trainable full copy
     fake_adapter: str = "fake"  # the fake score's adapter name
-    fake_rank: int = 0  # its LoRA rank (0: the student's)
-    head_hidden: int = 128
+    fake_rank: int = ranged(0, 0)  # its LoRA rank (0: the student's)
+    # its LoRA alpha (None: its rank, so scale alpha/rank = 1 whatever the student's scale). The reference trains the
+    # fake score as a full network at its own learning rate; an undamped adapter is the closer analogue, and lets it
+    # keep up with the generator it must track. Set it to rank * student.lora_alpha / student.lora_rank for the
+    # student's scale.
+    fake_alpha: float | None = ranged(None, gt=0.0)
+    head_hidden: int = ranged(128, 1)
 
     def check(self) -> None:
-        check_student_steps(self.student_steps)
-        if not (self.real_guidance >= 1.0 and self.real_guidance < float("inf")):
-            raise ConfigError("method.params.real_guidance", self.real_guidance, "need a finite CFG scale >= 1")
-        if not 0.0 <= self.min_time < self.max_time <= 1.0:
-            raise ConfigError("method.params.min_time/max_time", (self.min_time, self.max_time),
-                              "need 0 <= min_time < max_time <= 1")
+        if self.min_time >= self.max_time:
+            raise ConfigError("method.params.min_time", self.min_time,
+                              f"must be < method.params.max_time ({self.max_time})")
         weights = (self.gan_student_weight, self.gan_fake_weight)
-        if not (min(weights) >= 0 and (min(weights) > 0) == (max(weights) > 0)):
+        if (min(weights) > 0) != (max(weights) > 0):
             # one side alone trains a generator against a head that never learns, or disturbs the fake score
             # for nothing; the reference only ever switches both on together
             raise ConfigError("method.params.gan_student_weight/gan_fake_weight", weights,
                               "must be >= 0, and both > 0 (GAN on) or both 0 (GAN off)")
         check_choice("method.params.fake_score", self.fake_score, ("adapter", "copy"))
         students.check_adapter_name("method.params.fake_adapter", self.fake_adapter)
-        if self.fake_rank < 0:
-            raise ConfigError("method.params.fake_rank", self.fake_rank, "must be >= 0 (0: the student's rank)")
 
     @property
     def gan(self) -> bool:
@@ -64,11 +66,18 @@ class DMD2(Adversarial):
     Params = DMD2Params
     turns = ("student", "fake")  # generator first, then the fake score on fresh (no-grad) samples of it
     extras = ("discriminator", "fake")
+    # Five fake-score updates per generator update unless train.turn_every says otherwise (DMD2 sec. 4.2: the
+    # reference's experiment scripts set dfake_gen_update_ratio to 5 or 10, though the flag defaults to 1): with
+    # one, the fake score lags the generator it must describe.
+    default_turn_every = {"student": 5}
 
     def __init__(self, teacher, student, params: DMD2Params):
         super().__init__(teacher, student, params)
         self.fake = students.Companion(student, teacher.backbone, params.fake_adapter, params.fake_rank,
-                                       separate=params.fake_score == "copy")
+                                       separate=params.fake_score == "copy", alpha=params.fake_alpha)
+        if self.fake.copy is not None and getattr(student.backbone, "is_gradient_checkpointing", False):
+            # a full copy checkpoints as the student does (student.gradient_checkpointing): it is as large
+            self.fake.copy.enable_gradient_checkpointing(students.checkpoint_with_adapter_state)
         self.layer = teacher.bottleneck_layer()  # the fake score's features have the teacher's shapes
         self.discriminator = TeacherHeads.sized_for(teacher, (self.layer,), params.head_hidden)
 
@@ -76,6 +85,12 @@ class DMD2(Adversarial):
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
         params = cls.parse_params(cfg.method.params)
+        if params.fake_score == "copy" or cfg.student.kind != "lora":  # the fake score is a full copy: no adapter
+            for name in ("fake_rank", "fake_alpha"):
+                if getattr(params, name):
+                    raise ConfigError(f"method.params.{name}", getattr(params, name), "sets the fake score's LoRA "
+                                      "adapter, and this one is a full copy (fake_score: copy, or a full student): "
+                                      "leave it unset")
         if params.gan and cfg.data.kind == "prompts":  # every other kind carries real images or latents
             raise ConfigError("data.kind", cfg.data.kind, "DMD2's GAN term needs real images (images, shards, "
                               "latents or digits), or set method.params.gan_student_weight and gan_fake_weight to 0")
@@ -138,9 +153,13 @@ class DMD2(Adversarial):
             return LossOut(loss, logs)
         with torch.no_grad():
             x0 = self.simulate(cond, g)
-        # The fake score learns the student's distribution with the family's own denoising loss and times.
+        # The fake score learns the student's distribution with the family's own denoising loss, at times uniform
+        # over [0, T) as the reference draws them (main/sd_guidance.py, compute_loss_fake), on flow teachers too:
+        # the DM loss queries it uniformly over [min_time, max_time] * T, where a flow family's logit-normal times
+        # would leave it barely trained near both ends.
+        t = family_times(self.teacher, len(x0), g, x0, logit_normal=False)
         with self.fake.active() as backbone:
-            loss = denoising_loss(self.teacher, backbone, x0, cond, family_times(self.teacher, len(x0), g, x0), g)
+            loss = denoising_loss(self.teacher, backbone, x0, cond, t, g)
         logs = {"denoise": loss.item()}
         if p.gan_fake_weight > 0:
             real_logits, fake_logits = self.logits(batch["latents"].float(), cond, g), self.logits(x0, cond, g)

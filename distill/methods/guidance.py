@@ -11,15 +11,15 @@ from dataclasses import dataclass
 import torch
 
 from distill.errors import ConfigError, check_choice
-from distill.methods.base import LossOut, Method, check_guidance_range, uniform
+from distill.methods.base import LossOut, Method, cfg_scale, check_guidance_range, uniform
 from distill.sampling import randn
 from distill.solvers import prediction_loss
 
 
 @dataclass
 class GuidanceParams:
-    guidance_min: float = 1.0  # w ~ U[min, max] in diffusers' scale (Meng et al. use w in [0, 4] for 1 + w)
-    guidance_max: float = 8.0
+    guidance_min: float = cfg_scale(1.0)  # w ~ U[min, max] in diffusers' scale (Meng et al. use w in [0, 4] for 1 + w)
+    guidance_max: float = cfg_scale(8.0)
     target: str = "eps"  # x | eps | v: where the student's prediction is matched to the guided teacher's
 
     def check(self) -> None:

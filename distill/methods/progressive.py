@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.errors import ConfigError, DistillError, check_choice
-from distill.methods.base import LossOut, Method, check_guidance_range, uniform
+from distill.methods.base import LossOut, Method, cfg_scale, check_guidance_range, ranged, uniform
 from distill.sampling import randn
 from distill.schedules import with_end
 from distill.solvers import bcast, ddim_step, one_step_target, prediction_loss
@@ -27,14 +27,14 @@ STUDENT_OUTPUTS = {"teacher": None, "x": "sample", "v": "v_prediction"}
 
 @dataclass
 class ProgressiveParams:
-    start_steps: int = 64  # the teacher's steps in round 0
-    end_steps: int = 1  # the last round's student steps
-    round_steps: int = 1000  # optimiser steps per round
+    start_steps: int = ranged(64, 2, teacher_times=True)  # the teacher's steps in round 0
+    end_steps: int = ranged(1, 1)  # the last round's student steps
+    round_steps: int = ranged(1000, 1)  # optimiser steps per round
     target: str = "x"  # x | eps | v: the space the loss compares in
     # The guidance scale w ~ U[guidance_min, guidance_max] of the teacher's CFG in round 0. A student that reads
     # w (student.guidance_embedding) gets w as input in every round, as in Meng et al. 2023, sec. 4.
-    guidance_min: float = 1.0
-    guidance_max: float = 1.0
+    guidance_min: float = cfg_scale(1.0)
+    guidance_max: float = cfg_scale(1.0)
     # Round 0's teacher is the initial student (a guidance-distilled one, via student.init_from) instead of the
     # teacher with CFG: Meng et al.'s stage two.
     teacher_from_student: bool = False
@@ -44,12 +44,10 @@ class ProgressiveParams:
     student_output: str = "teacher"
 
     def check(self) -> None:
-        ratio = self.start_steps / max(self.end_steps, 1)
-        if self.end_steps < 1 or ratio < 2 or not float(math.log2(ratio)).is_integer():
+        ratio = self.start_steps / self.end_steps
+        if ratio < 2 or not float(math.log2(ratio)).is_integer():
             raise ConfigError("method.params.end_steps", self.end_steps,
                               f"start_steps / end_steps must be a power of 2 >= 2 (start_steps={self.start_steps})")
-        if self.round_steps < 1:
-            raise ConfigError("method.params.round_steps", self.round_steps, "must be >= 1")
         check_choice("method.params.target", self.target, ("x", "eps", "v"))
         check_guidance_range(self.guidance_min, self.guidance_max)
         check_choice("method.params.student_output", self.student_output, STUDENT_OUTPUTS)
@@ -84,6 +82,12 @@ class Progressive(Method):
                                if student.kind == "full" else None)
         if params.teacher_from_student:
             self.previous = self.student.snapshot(self.round_backbone)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.round_backbone is not None:  # a frozen round teacher, as the teacher itself stays in eval
+            self.round_backbone.eval()
+        return self
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -146,9 +150,22 @@ class Progressive(Method):
     def phase_starts(self, max_steps: int) -> list[int]:
         """Each round trains with a fresh optimiser and its own LR schedule, as the reference code does (google-
         research diffusion_distillation: a new Adam state per halving, the LR annealed linearly over
-        steps_per_iter); the last round runs on to max_steps."""
+        steps_per_iter); the last round runs on to max_steps. The trainer asks before its first step, so a run too
+        short for every round is refused there."""
+        self.check_rounds_fit(max_steps)
         starts = [r * self.params.round_steps for r in range(self.params.rounds)]
         return [s for s in starts if s < max_steps]
+
+    def check_rounds_fit(self, max_steps: int) -> None:
+        """Every round must end within train.max_steps: a shorter run silently skips the last rounds, and a bench
+        then asks for a round's-end checkpoint (checkpoint_for) that was never written. A training-time check, not
+        a config one: a finished run's config must still load for sampling and export."""
+        p = self.params
+        if max_steps < p.rounds * p.round_steps:
+            raise ConfigError("train.max_steps", max_steps, f"progressive distillation from {p.start_steps} to "
+                              f"{p.end_steps} steps runs {p.rounds} rounds of method.params.round_steps="
+                              f"{p.round_steps}: need train.max_steps >= {p.rounds * p.round_steps}, or lower "
+                              "method.params.round_steps")
 
     def state_to_save(self):
         return super().state_to_save() | self.student.snapshot_state(self.previous, "previous")
