@@ -266,10 +266,21 @@ def _cases(w: Path, tiny: Path) -> list[tuple[list[str], str]]:
 
 def _run(argv: list[str], capsys) -> tuple[int, str]:
     try:
-        code = cli.main(argv)
+        code = cli.main([str(a) for a in argv])
     except SystemExit as e:  # argparse refusals
         code = e.code
     return code, capsys.readouterr().err
+
+
+def refusal_problem(argv: list, message: str, capsys) -> str | None:
+    """Run one case: None if it exits 2 with one `error:` line holding `message` and no traceback, else what went
+    wrong."""
+    code, err = _run(argv, capsys)
+    lines = err.strip().splitlines()
+    if code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0] \
+            and "Traceback" not in err:
+        return None
+    return f"{' '.join(map(str, argv))[-300:]}\n  -> exit {code}: {err.strip()[-500:]}"
 
 
 def test_every_bad_input_fails_cleanly_and_changes_nothing(world, tiny_sdxl_dir, capsys, monkeypatch):
@@ -279,12 +290,9 @@ def test_every_bad_input_fails_cleanly_and_changes_nothing(world, tiny_sdxl_dir,
     digest, before = tree_digest(world), tree_stat(world)
     failures = []
     for argv, message in cases:
-        code, err = _run(argv, capsys)
-        lines = err.strip().splitlines()
-        ok = (code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0]
-              and "Traceback" not in err)
-        if not ok:
-            failures.append(f"{' '.join(argv)}\n  -> exit {code}: {err.strip()[-500:]}")
+        problem = refusal_problem(argv, message, capsys)
+        if problem:
+            failures.append(problem)
         elif tree_stat(world) != before:
             failures.append(f"{' '.join(argv)}\n  -> changed files under {world}")
             before = tree_stat(world)
