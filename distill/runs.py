@@ -31,6 +31,7 @@ def checked(cfg: Config, for_training: bool, source: bool = True) -> Config:
         teachers.check_source(cfg.teacher)
     methods.check_config(cfg)
     if for_training:
+        methods.check_training(cfg)
         config.check_data(cfg)
     return cfg
 

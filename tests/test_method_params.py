@@ -238,7 +238,8 @@ def test_dmd2_defaults_to_five_fake_updates_per_generator_update(tmp_path):
     cfg = runs.parse_config(raw)
     assert cfg.train.turn_every == {"student": 5}
     assert runs.parse_config(raw, ["train.turn_every={student: 1}"]).train.turn_every == {"student": 1}
-    assert runs.parse_config(raw, ["train.turn_every={fake: 2}"]).train.turn_every == {"student": 5, "fake": 2}
+    assert runs.parse_config(raw, ["train.turn_every={fake: 2}"]).train.turn_every == {"fake": 2}  # set: kept
+    assert runs.parse_config(raw, for_training=False).train.turn_every == {}  # a saved config keeps what ran
     assert runs.parse_config({**GMM, "train": {"output_dir": "x"}}).train.turn_every == {}  # only DMD2 has one
     train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
@@ -246,6 +247,9 @@ def test_dmd2_defaults_to_five_fake_updates_per_generator_update(tmp_path):
     assert all("fake/loss" in r for r in rows)
     saved = yaml.safe_load((tmp_path / "run/config.yaml").read_text())
     assert saved["train"]["turn_every"] == {"student": 5}  # the saved config says what ran
+    from distill.runs import load_run
+
+    assert load_run(tmp_path / "run")[1].train.turn_every == {"student": 5}
 
 
 # --- finding 1: DMD2's fake score trains at the times the DM loss queries it, on flow teachers too ----------------

@@ -21,8 +21,7 @@ __all__ = ["METHODS", "LossOut", "Method", "check_config"]
 
 def check_config(cfg) -> None:
     """The method part of a config: a registered name, its params, what the method needs of the rest of the
-    config, and turn settings only for turns it has; a one-line ConfigError otherwise. Fills in the method's
-    default turn ratios (Method.default_turn_every) where train.turn_every leaves a turn unset."""
+    config, and turn settings only for turns it has; a one-line ConfigError otherwise."""
     if cfg.method.name not in METHODS:
         near = difflib.get_close_matches(cfg.method.name, list(METHODS), n=1)
         hint = f" (did you mean '{near[0]}'?)" if near else ""
@@ -35,4 +34,12 @@ def check_config(cfg) -> None:
     for turn in {*cfg.train.turn_learning_rates, *cfg.train.turn_every} - set(method.turns):
         raise ConfigError("train.turn_learning_rates/turn_every", turn, f"method {cfg.method.name} has turns "
                           + ", ".join(method.turns))
-    cfg.train.turn_every = {**method.default_turn_every, **cfg.train.turn_every}
+
+
+def check_training(cfg) -> None:
+    """What only a config about to train must pass; fills in the method's default turn ratios
+    (Method.default_turn_every) when train.turn_every is unset, so a run folder's saved config keeps what ran."""
+    method = METHODS[cfg.method.name]
+    method.check_training(cfg)
+    if not cfg.train.turn_every:
+        cfg.train.turn_every = dict(method.default_turn_every)

@@ -80,6 +80,10 @@ class Method(nn.Module):
     def check_config(cls, cfg) -> None:
         """Checks across config sections that this method needs (run before any model loads)."""
 
+    @classmethod
+    def check_training(cls, cfg) -> None:
+        """Checks that only a config about to train must pass (a finished run's config still loads to sample)."""
+
     def guidance_args(self, guidance, n: int) -> tuple:
         """(CFG scale, w input) for sampling at guidance `guidance`: a student that reads w gets it as input
         and runs one pass; any other applies classifier-free guidance."""

@@ -152,15 +152,19 @@ class Progressive(Method):
         research diffusion_distillation: a new Adam state per halving, the LR annealed linearly over
         steps_per_iter); the last round runs on to max_steps. The trainer asks before its first step, so a run too
         short for every round is refused there."""
-        self.check_rounds_fit(max_steps)
+        self.check_rounds_fit(self.params, max_steps)
         starts = [r * self.params.round_steps for r in range(self.params.rounds)]
         return [s for s in starts if s < max_steps]
 
-    def check_rounds_fit(self, max_steps: int) -> None:
+    @classmethod
+    def check_training(cls, cfg) -> None:
+        cls.check_rounds_fit(cls.parse_params(cfg.method.params), cfg.train.max_steps)
+
+    @staticmethod
+    def check_rounds_fit(p, max_steps: int) -> None:
         """Every round must end within train.max_steps: a shorter run silently skips the last rounds, and a bench
-        then asks for a round's-end checkpoint (checkpoint_for) that was never written. A training-time check, not
-        a config one: a finished run's config must still load for sampling and export."""
-        p = self.params
+        then asks for a round's-end checkpoint (checkpoint_for) that was never written. Checked for a config about
+        to train (runs.checked) and again by the trainer; a finished run's config must still load to sample."""
         if max_steps < p.rounds * p.round_steps:
             raise ConfigError("train.max_steps", max_steps, f"progressive distillation from {p.start_steps} to "
                               f"{p.end_steps} steps runs {p.rounds} rounds of method.params.round_steps="
