@@ -153,11 +153,10 @@ class DMD2(Adversarial):
             return LossOut(loss, logs)
         with torch.no_grad():
             x0 = self.simulate(cond, g)
-        # The fake score learns the student's distribution with the family's own denoising loss, at times uniform
-        # over [0, T) as the reference draws them (main/sd_guidance.py, compute_loss_fake), on flow teachers too:
-        # the DM loss queries it uniformly over [min_time, max_time] * T, where a flow family's logit-normal times
-        # would leave it barely trained near both ends.
-        t = family_times(self.teacher, len(x0), g, x0, logit_normal=False)
+        # The fake score learns the student's distribution with the family's own denoising loss and times: uniform
+        # over [0, T) on VP, as the reference draws them (main/sd_guidance.py, compute_loss_fake); logit-normal on
+        # flow teachers, where uniform times reaching sigma = 0 made the exact flow teacher's run diverge.
+        t = family_times(self.teacher, len(x0), g, x0)
         with self.fake.active() as backbone:
             loss = denoising_loss(self.teacher, backbone, x0, cond, t, g)
         logs = {"denoise": loss.item()}
