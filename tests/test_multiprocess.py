@@ -137,7 +137,8 @@ def test_fsdp_shards_every_module_a_method_keeps_and_saves_them_whole(tmp_path, 
         "teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "full", "ema_decay": 0.5},
         "method": method, "data": {"kind": "digits", "batch_size": 2},
         "train": {"max_steps": 2, "learning_rate": 1e-4, "checkpoint_every": 2, "fsdp": True, "log_every": 1,
-                  "output_dir": str(tmp_path / "x")}}))
+                  "output_dir": str(tmp_path / "x"),
+                  "turn_every": {"student": 1} if method["name"] == "dmd2" else {}}}))  # both turns at both steps
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml")]
     sharded, one = tmp_path / "sharded", tmp_path / "one"
     _run([*launch, str(WORKER), str(cfg), str(sharded), f"train.output_dir={sharded}/run"])
