@@ -78,7 +78,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(request, tmp_path, teac
 # --- 2. n distinct useful student times on flow teachers ----------------------------------------------------------
 @pytest.mark.parametrize("name,params", [
     ("add", {"student_steps": 4, "feature_net": "mlp"}), ("ladd", {"student_steps": 4}),
-    ("consistency", {}), ("progressive", {"start_steps": 8, "end_steps": 1})])
+    ("consistency", {}), ("progressive", {"start_steps": 8, "end_steps": 1, "round_steps": 1})])
 def test_flow_student_times_are_distinct_and_useful(tmp_path, name, params):
     method = build_method(gmm_cfg(tmp_path, "flow", name, params), "cpu")
     teacher = method.teacher
