@@ -432,9 +432,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         from distill.paths import write_failure
 
-        if write_failure(e):  # the disk, not a bug; every writer leaves what was there before
-            print(f"error: distill {args.command} could not write to disk ({write_failure(e)}); what was there before "
-                  "is kept", file=sys.stderr)
+        reason = write_failure(e)
+        if reason:  # the disk, not a bug; every writer leaves what was there before
+            print(f"error: distill {args.command} could not write to disk ({reason}); what was there before is kept",
+                  file=sys.stderr)
             return 2
         log = _write_traceback(args.command)
         first = " ".join((str(e).splitlines() or [""])[0].split())[:200]
