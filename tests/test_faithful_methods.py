@@ -168,13 +168,14 @@ def test_progressive_student_output_is_checked(tmp_path):
     with pytest.raises(ConfigError, match="teacher_from_student needs student_output: teacher"):
         gmm_cfg(tmp_path, "vp", "progressive", {"start_steps": 4, "student_output": "x", "teacher_from_student": True})
     with pytest.raises(ConfigError, match="variance-preserving"):
-        build_method(gmm_cfg(tmp_path, "flow", "progressive", {"start_steps": 4, "student_output": "v"}), "cpu")
+        build_method(gmm_cfg(tmp_path, "flow", "progressive", {"start_steps": 4, "round_steps": 2, "student_output": "v"}),
+                     "cpu")
 
 
 @pytest.mark.parametrize("output,expect_zero", [("x", True), ("v", False), ("teacher", False)])
 def test_progressive_student_output_is_how_it_samples_and_trains(tiny_sdxl_dir, tmp_path, output, expect_zero):
     cfg = tiny_cfg(tmp_path, tiny_sdxl_dir, **{
-        "method.name": "progressive", "student.kind": "full",
+        "method.name": "progressive", "student.kind": "full", "train.max_steps": 4,
         "method.params": f"{{start_steps: 4, round_steps: 2, student_output: {output}}}"})
     method = build_method(cfg, "cpu")
     forward = method.teacher._forward

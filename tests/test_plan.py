@@ -97,7 +97,8 @@ def test_plan_reads_no_weights_and_checkpointing_trades_memory_for_flops(tmp_pat
     proc = cli("plan", cfg, "--out", out)
     rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
             for line in proc.stdout.splitlines() if line.startswith(("| off", "| on"))}
-    assert set(rows) == {"off", "on"} and out.read_text().strip() == proc.stdout.strip()
+    mark, written = out.read_text().split("\n", 1)
+    assert set(rows) == {"off", "on"} and written.strip() == proc.stdout.strip() and mark.startswith("<!-- written by")
     activations, flops = {k: float(v[3]) for k, v in rows.items()}, {k: float(v[-1]) for k, v in rows.items()}
     peak = {k: float(v[4]) for k, v in rows.items()}
     assert peak["on"] < peak["off"] and activations["on"] < activations["off"]
