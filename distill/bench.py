@@ -40,7 +40,7 @@ import torch
 from distill import checkpoint, config, data, leaderboard, paths, runs, speed
 from distill.config import coerce_params
 from distill.errors import ConfigError, DistillError, check_choice
-from distill.evaluate import WORLDS, Scoring, evaluate, protocol, sample_images, world_prompts, write_grid
+from distill.evaluation import WORLDS, Scoring, evaluate, protocol, sample_images, world_prompts, write_grid
 from distill.runs import build_method, default_device, load_run
 from distill.trainer import train
 

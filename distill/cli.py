@@ -52,20 +52,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _train(args) -> None:
-    from distill.runs import load_config
-    from distill.trainer import train
+    from distill import api, config
 
-    cfg = load_config(args.config, args.overrides)
-    if args.resume and args.restart:
-        raise DistillError("--resume continues the run in train.output_dir and --restart moves it aside; give one")
-    train(cfg, resume=args.resume, stop_after=args.stop_after_steps, restart=args.restart)
-    latest = Path(cfg.train.output_dir).expanduser() / "checkpoints" / "latest"
-    reached = int(latest.read_text().removeprefix("step-"))
-    if reached < cfg.train.max_steps:
-        print(f"stopped at step {reached} of {cfg.train.max_steps}; checkpoint saved in {cfg.train.output_dir}; "
-              "continue with --resume latest")
+    run = api.train(args.config, args.overrides, resume=args.resume, restart=args.restart,
+                    stop_after=args.stop_after_steps)
+    max_steps = config.read_yaml(run / "config.yaml")["train"]["max_steps"]
+    reached = int((run / "checkpoints" / "latest").read_text().removeprefix("step-"))
+    if reached < max_steps:
+        print(f"stopped at step {reached} of {max_steps}; checkpoint saved in {run}; continue with --resume latest")
     else:
-        print(f"run saved in {cfg.train.output_dir}")
+        print(f"run saved in {run}")
 
 
 def _generate(args) -> None:
@@ -125,38 +121,23 @@ def _check_images(teacher, command: str) -> None:
 
 
 def _eval(args) -> None:
-    from distill import data, leaderboard, paths
-    from distill.evaluate import Scoring, evaluate, protocol, world_prompts, write_grid
-    from distill.runs import load_run
+    from distill import api
 
-    if args.out:
-        paths.check_writable(Path(args.out), "--out")
-    base = data.read_prompts(Path(args.prompts)) if args.prompts else world_prompts(args.reference)
-    scoring = Scoring([p for p in base for _ in range(args.num_per_prompt)], args.seed, args.reference,
-                      args.extractor, args.extractor_weights, args.teacher_reference_steps,
-                      reference_size=args.reference_size, bootstrap=args.bootstrap)
-    ckpt, cfg, method, step = load_run(Path(args.run))
-    _check_images(method.teacher, "eval")
-    board = leaderboard.Leaderboard(args.db)  # a locked, corrupt or foreign file fails here, before any sampling
-    if not os.access(args.db, os.W_OK):
-        raise DistillError(f"the leaderboard {args.db} is read-only; evaluate into another --db")
-    out = paths.check_writable(Path(args.out or ckpt / "eval"), "the sample grid's folder")  # a read-only run
-    guidance = cfg.sample.guidance_scale if args.guidance_scale is None else args.guidance_scale
-    board.check_protocol(protocol(scoring, cfg, guidance, args.teacher), args.new_table)  # before sampling
-    row, images = evaluate(method, cfg, args.steps, scoring, guidance, args.teacher, step, str(ckpt))
-    row["grid"] = str(write_grid(images, args.num_per_prompt, out / f"{row['method']}-{args.steps}steps.png"))
-    row_id = board.add(row, new_table=args.new_table)
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+    result = api.evaluate(args.run, args.steps, teacher=args.teacher, prompts=args.prompts,
+                          num_per_prompt=args.num_per_prompt, seed=args.seed, guidance_scale=args.guidance_scale,
+                          reference=args.reference, reference_size=args.reference_size, bootstrap=args.bootstrap,
+                          extractor=args.extractor, extractor_weights=args.extractor_weights,
+                          teacher_reference_steps=args.teacher_reference_steps, db=args.db,
+                          new_table=args.new_table, out=args.out)
+    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.row.items()}
     print(" ".join(f"{k}={v}" for k, v in shown.items()))
-    print(f"added row {row_id} to {args.db}; sample grid {row['grid']}")
+    print(f"added row {result.row_id} to {args.db}; sample grid {result.grid}")
 
 
 def _export(args) -> None:
-    from distill.export import export
+    from distill import api
 
-    prompts = list(args.prompt or []) or None
-    out = export(Path(args.run), Path(args.to), args.format, args.dtype, args.steps, prompts, args.overwrite,
-                 Path(args.db))
+    out = api.export(args.run, args.to, args.format, args.dtype, args.steps, args.prompt, args.overwrite, args.db)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 

@@ -112,7 +112,7 @@ def ratio(top: list[float], bottom: list[float]) -> tuple[float, float]:
 def sampler(method, prompts: list[str], steps: int, guidance: float, teacher: bool, seed: int = 0,
             amp: str | None = None):
     """One call = the teacher (DDIM) or the student at `steps` on the whole batch, prompts to pixels."""
-    from distill.evaluate import sample_images
+    from distill.evaluation import sample_images
 
     def call():
         with autocast(method.teacher.device, amp):
@@ -399,7 +399,7 @@ def _sampling_report(run, cfg, method, step, steps, teacher_steps, teacher_guida
 
 def _sampling_rows(method, times: dict, teacher_guidance: float, guidance: float, batch_size: int) -> list[dict]:
     """The teacher's row first, then the student's; a fast-path twin's figures join its plain student's row."""
-    from distill.evaluate import nfe
+    from distill.evaluation import nfe
 
     teacher_key = next(iter(times))
     timed = sampling_summary(times, teacher_key, batch_size)
@@ -419,7 +419,7 @@ def _sampling_rows(method, times: dict, teacher_guidance: float, guidance: float
 
 def _add_cost_rows(rows, cfg, method, step, db, threads, repeats, batch_size) -> None:
     from distill import leaderboard
-    from distill.evaluate import peak_memory_mb, row_identity
+    from distill.evaluation import peak_memory_mb, row_identity
 
     board = leaderboard.Leaderboard(db)
     device = method.teacher.device

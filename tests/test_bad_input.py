@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from distill import checkpoint, cli, config, data, runs
-from distill.export import export
+from distill.exporting import export
 from distill.trainer import train
 
 READ_ONLY = "/sys/distill-bad-input"  # sysfs refuses new entries even to root

@@ -17,7 +17,7 @@ from PIL import Image
 from distill import bench, cli
 from distill import leaderboard_view as view
 from distill.config import ConfigError
-from distill.evaluate import write_grid
+from distill.evaluation import write_grid
 from distill.leaderboard import Leaderboard
 
 PROTOCOL = {"samples": 10, "num_prompts": 10, "prompts": "p10", "reference": "digits", "reference_size": 1797,

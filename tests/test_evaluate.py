@@ -53,14 +53,14 @@ def test_eval_adds_student_and_teacher_rows(run, tmp_path, cli):
 @pytest.mark.parametrize("steps", [-1, 0, 2.5])
 def test_evaluate_refuses_impossible_steps_before_sampling(steps):
     from distill.errors import DistillError
-    from distill.evaluate import Scoring, evaluate
+    from distill.evaluation import Scoring, evaluate
 
     with pytest.raises(DistillError, match="steps must be an integer >= 1"):
         evaluate(None, None, steps, Scoring(["a handwritten digit 1"]))  # fails before touching the model
 
 
 def test_a_row_records_its_protocol_and_only_how_it_was_measured_picks_its_table():
-    from distill.evaluate import Scoring, protocol
+    from distill.evaluation import Scoring, protocol
     from distill.leaderboard import protocol_id
 
     cfg = runs.parse_config({"teacher": {"source": "builtin:digits-sdxl", "resolution": 16}}, for_training=False)

@@ -153,7 +153,7 @@ def test_full_student_folder_samples_as_distill_with_its_boundary_scalings(tmp_p
     the call (distill_sampling.json) that sample as distill does; as written, it makes generate's images."""
     from diffusers import DiffusionPipeline
 
-    from distill.evaluate import sample_images
+    from distill.evaluation import sample_images
     from distill.runs import load_run
 
     sampling = json.loads((full_run / "student/distill_sampling.json").read_text())

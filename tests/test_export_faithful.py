@@ -12,9 +12,9 @@ from diffusers import DiffusionPipeline
 import teachers
 from distill import config, runs
 from distill.errors import DistillError
-from distill.evaluate import sample_images
+from distill.evaluation import sample_images
 from distill.runs import load_run
-from distill.export import export
+from distill.exporting import export
 from distill.sampling import diffusers_sampling
 from distill.solvers import consistency_scalings
 from distill.trainer import train

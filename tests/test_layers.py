@@ -8,7 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("distill", "teachers", "students", "discriminators")
-UPPER = {"distill.trainer", "distill.evaluate", "distill.bench", "distill.export", "distill.cli", "distill.runs"}
+UPPER = {"distill.api", "distill.trainer", "distill.evaluation", "distill.bench", "distill.exporting", "distill.cli",
+         "distill.runs"}
 
 
 def _module(path: Path) -> str:

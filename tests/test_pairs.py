@@ -5,7 +5,7 @@ import torch
 from distill import data, metrics
 from distill.config import DataConfig
 from distill.errors import DistillError
-from distill.evaluate import adherence, reference_images
+from distill.evaluation import adherence, reference_images
 
 
 @pytest.fixture(scope="module")

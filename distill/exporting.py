@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 import students
 from distill import checkpoint, config, data, leaderboard, paths
 from distill.errors import DistillError
-from distill.evaluate import git_commit, sample_images, write_grid
+from distill.evaluation import git_commit, sample_images, write_grid
 from distill.runs import load_run
 from distill.sampling import diffusers_sampling
 
