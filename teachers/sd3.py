@@ -13,7 +13,7 @@ from teachers.base import Cond, Teacher
 
 # FlowMatchLCMScheduler applies no boundary scalings (it takes x0 as it is). Leaving out c_skip and c_out moves
 # the latent by about 2 * c_skip: on the digits-sd3 teacher c_skip = 8e-4 moved a pixel by 0.04/255, and 7.5e-3 by
-# 0.37/255 (README); at the default scalings c_skip <= 7.5e-7.
+# 0.37/255 (docs/export.md); at the default scalings c_skip <= 7.5e-7.
 BOUNDARY_TOLERANCE = 1e-3
 
 
