@@ -94,7 +94,11 @@ def load(run, steps: int | None = None, guidance_scale: float | None = None,
 
 def _calling(pipe, call: dict):
     """`pipe`, whose call takes `call`'s keywords unless given others. Its step count is fixed by the times in
-    `call`, so another num_inference_steps is refused rather than ignored."""
+    `call`, so another num_inference_steps is refused rather than ignored. The call's generator also reaches the
+    scheduler's step, which draws a re-noising sampler's fresh noise: some pipelines leave it out, and the noise
+    would then come from torch's global RNG instead of the seed."""
+    import inspect
+
     base = type(pipe)
 
     def __call__(self, *args, **kwargs):
@@ -102,7 +106,13 @@ def _calling(pipe, call: dict):
         if steps != self.distill_call["num_inference_steps"] and not {"timesteps", "sigmas"} & kwargs.keys():
             raise DistillError(f"this pipeline samples at the {self.distill_call['num_inference_steps']} steps it was "
                                f"loaded for; load it with distill.load(run, steps={steps})")
-        return base.__call__(self, *args, **{**self.distill_call, **kwargs})
+        generator, step = kwargs.get("generator"), self.scheduler.step
+        if generator is not None and "generator" in inspect.signature(step).parameters:
+            self.scheduler.step = lambda *a, **k: step(*a, **{"generator": generator, **k})
+        try:
+            return base.__call__(self, *args, **{**self.distill_call, **kwargs})
+        finally:
+            self.scheduler.__dict__.pop("step", None)
 
     pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
                                                    "__doc__": base.__doc__})

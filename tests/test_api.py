@@ -107,3 +107,20 @@ def test_load_refuses_a_teacher_without_a_pipeline(tmp_path):
                                                                  "train.max_steps": 1})
     with pytest.raises(DistillError, match="no diffusers pipeline"):
         distill.load(run)
+
+
+def test_load_seeds_the_renoising_noise_where_the_pipeline_does_not(tmp_path):
+    """SD3's pipeline does not hand its generator to the scheduler's step, whose LCM re-noising then draws from the
+    global RNG; distill.load's call hands it over, so a 2-step SD3 consistency student matches distill's images."""
+    from distill.evaluation import sample_images
+
+    run = distill.train(ROOT / "experiments" / "lcm_digits_sd3.yaml", {
+        "train.max_steps": 1, "train.output_dir": str(tmp_path / "sd3"), "data.batch_size": 2})
+    pipe = distill.load(run, steps=2)
+    assert type(pipe.scheduler).__name__ == "FlowMatchLCMScheduler"
+    torch.manual_seed(0)  # the global RNG differs between the two calls: the images must not depend on it
+    ours = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11)).images
+    _, cfg, method, _ = runs.load_run(run)
+    theirs, _ = sample_images(method, PROMPTS, 2, 11, cfg.sample.guidance_scale, teacher=False)
+    assert np.abs(ours - (theirs / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max() < 1e-4
+    assert "step" not in pipe.scheduler.__dict__  # the call leaves the scheduler as it was
