@@ -133,34 +133,36 @@ class Evaluation:
 
 
 def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] | str | Path | None = None,
-             num_per_prompt: int = 100, seed: int = 0, guidance_scale: float | None = None,
-             reference: str = "digits", reference_size: int | None = None, bootstrap: int = 200,
+             num_per_prompt: int | None = None, seed: int = 0, guidance_scale: float | None = None,
+             reference: str | None = None, reference_size: int | None = None, bootstrap: int = 200,
              extractor: str | None = None, extractor_weights: str | None = None, teacher_reference_steps: int = 0,
-             db: str | Path | None = None, new_table: bool = False, out: str | Path | None = None) -> Evaluation:
+             db: str | Path | None = None, new_table: bool = False, out: str | Path | None = None,
+             num_prompts: int | None = None, prompt_seed: int | None = None, center_crop: bool | None = None,
+             clip: str | None = None, recipe: str | Path | None = None) -> Evaluation:
     """Sample the run's student (or, with `teacher`, its teacher) with fixed seeds and measure it, as
     `distill eval` does. `prompts`: a list, or a .txt/.jsonl file (default: the reference's prompts), each
-    sampled `num_per_prompt` times. With `db`, the row is also added to that leaderboard (its protocol checked
-    before any sampling). The sample grid goes to `out` (default <checkpoint>/eval).
+    sampled `num_per_prompt` times (default 100), or a seeded draw of `num_prompts` of them (`prompt_seed`).
+    `reference`: digits, digit_pairs, a folder or list of images, or "prompts" (the images a .jsonl pairs with its
+    prompts). `clip`: a local CLIP folder for CLIP score. `recipe`: a YAML of these settings (experiments/eval/);
+    what is given here wins. With `db`, the row is also added to that leaderboard (its protocol checked before any
+    sampling). The sample grid goes to `out` (default <checkpoint>/eval).
 
         result = distill.evaluate("runs/lcm", steps=4, num_per_prompt=10)
         print(result.row["fid"], result.row["fid_lo"], result.row["fid_hi"])
     """
     import os
 
-    from distill import data, leaderboard, paths
-    from distill.evaluation import Scoring, evaluate as score, protocol, world_prompts, write_grid
+    from distill import leaderboard, paths
+    from distill.evaluation import build_scoring, evaluate as score, protocol, write_grid
     from distill.runs import load_run
 
     if out is not None:
         paths.check_writable(Path(out), "--out")
-    if prompts is None:
-        base = world_prompts(reference)
-    elif isinstance(prompts, (str, Path)):
-        base = data.read_prompts(Path(prompts))
-    else:
-        base = list(prompts)
-    scoring = Scoring([p for p in base for _ in range(num_per_prompt)], seed, reference, extractor, extractor_weights,
-                      teacher_reference_steps, reference_size=reference_size, bootstrap=bootstrap)
+    scoring, num_per_prompt = build_scoring(
+        prompts, recipe, num_per_prompt=num_per_prompt, seed=seed, reference=reference, reference_size=reference_size,
+        bootstrap=bootstrap, extractor=extractor, extractor_weights=extractor_weights,
+        teacher_reference_steps=teacher_reference_steps, num_prompts=num_prompts, prompt_seed=prompt_seed,
+        center_crop=center_crop, clip=clip)
     ckpt, cfg, method, step = load_run(Path(run))
     if not method.teacher.makes_images:
         raise DistillError(f"the {method.teacher.family} teacher samples 2-D points, not images: there are no "

@@ -1,4 +1,4 @@
-"""`distill` command line: train, generate, eval, export, bench, leaderboard, make-teacher, cache.
+"""`distill` command line: train, generate, eval, export, bench, leaderboard, curves, make-teacher, cache.
 
 User errors print one line (`error: ...`) and exit with code 2; `--debug` shows the traceback.
 """
@@ -128,7 +128,9 @@ def _eval(args) -> None:
                           reference=args.reference, reference_size=args.reference_size, bootstrap=args.bootstrap,
                           extractor=args.extractor, extractor_weights=args.extractor_weights,
                           teacher_reference_steps=args.teacher_reference_steps, db=args.db,
-                          new_table=args.new_table, out=args.out)
+                          new_table=args.new_table, out=args.out, num_prompts=args.num_prompts,
+                          prompt_seed=args.prompt_seed, center_crop=args.center_crop, clip=args.clip,
+                          recipe=args.recipe)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.row.items()}
     print(" ".join(f"{k}={v}" for k, v in shown.items()))
     print(f"added row {result.row_id} to {args.db}; sample grid {result.grid}")
@@ -244,6 +246,14 @@ def _leaderboard(args) -> None:
     print(f"{len(rows)} rows; wrote {md} and {page}")
 
 
+def _curves(args) -> None:
+    from distill import validation
+
+    out, text = validation.curves(Path(args.run), Path(args.out) if args.out else None)
+    print(text)
+    print(f"wrote {out}")
+
+
 def parser() -> argparse.ArgumentParser:
     import teachers  # the teachers make-teacher can build
 
@@ -288,13 +298,22 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for the sample grid (default: <checkpoint>/eval)")
     e.add_argument("--steps", type=STEPS, required=True, help="sampling steps")
     e.add_argument("--teacher", action="store_true", help="evaluate the run's teacher (DDIM) instead of the student")
-    e.add_argument("--prompts", help="prompts file (default: 'a handwritten digit 0' .. '9')")
-    e.add_argument("--num-per-prompt", type=POSITIVE, default=100,
+    e.add_argument("--prompts", help="prompts file: .txt, or .jsonl ({\"prompt\": ..., \"image\": ...}) (default: "
+                   "'a handwritten digit 0' .. '9')")
+    e.add_argument("--num-per-prompt", type=POSITIVE,
                    help="samples per prompt (default 100: 1,000 for the ten digit prompts)")
+    e.add_argument("--num-prompts", type=POSITIVE, help="evaluate a seeded draw of this many of the prompts")
+    e.add_argument("--prompt-seed", type=SEED, help="seed of that draw (default 0)")
+    e.add_argument("--recipe", help="a YAML of evaluation settings (experiments/eval/); flags given win")
     e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--guidance-scale", type=_guidance, help="CFG scale, or w for a student that reads w")
-    e.add_argument("--reference", default="digits", choices=("digits", "digit_pairs"),
-                   help="reference images for FID/KID; its prompts are the default ones")
+    e.add_argument("--reference", help="reference images for FID/KID: digits (default) or digit_pairs (whose prompts "
+                   "are the default ones), a folder or .txt/.jsonl list of images, or 'prompts' (the images the "
+                   ".jsonl prompts pair with)")
+    e.add_argument("--center-crop", action=argparse.BooleanOptionalAction,
+                   help="crop every image to its central square before the bicubic resize")
+    e.add_argument("--clip", help="a local CLIP model folder (safetensors): CLIP score, and diversity on CLIP "
+                   "image features")
     e.add_argument("--reference-size", type=POSITIVE, help="real images FID/KID compare with (default: all; "
                    "the 1,797 digits)")
     e.add_argument("--bootstrap", type=POSITIVE, default=200, help="resamples for FID's 95%% interval")
@@ -376,6 +395,11 @@ def parser() -> argparse.ArgumentParser:
     lb.add_argument("--out", default="runs/leaderboard", help="folder for leaderboard.md and leaderboard.html")
     lb.add_argument("--sort", default="fid", help="column to sort by, ascending (default fid)")
     lb.set_defaults(func=_leaderboard)
+
+    cv = sub.add_parser("curves", help="plot a run's validation scores (FID, adherence) against the training step")
+    cv.add_argument("run", help="a run folder trained with train.validate_every")
+    cv.add_argument("--out", help="the PNG to write (default RUN/curves.png)")
+    cv.set_defaults(func=_curves)
     return p
 
 

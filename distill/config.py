@@ -29,6 +29,9 @@ FLOAT32_MAX = 3.4028234663852886e38  # the largest rate the optimisers' float32 
 MAX_PIXELS = 4096  # twice SDXL's and SD3's largest trained size; more only exhausts memory
 MAX_YAML_BYTES = 1 << 20  # a run config or matrix is a few KB; more is a mistake or an attack
 MAX_YAML_VALUES = 100_000  # aliases that expand into each other reach billions of values from a few hundred bytes
+MAX_VALIDATE_PROMPTS = 64  # a validation grid shows at most 64 images
+MAX_VALIDATE_SAMPLES = 10_000  # a validation is a quick look; `distill eval` measures in earnest
+VALIDATE_FIELDS = ("validate_every", "validate_prompts", "validate_steps", "validate_samples")
 WRITTEN_BY = "# written by distill: the resolved config of this run (edits here are not read back)\n"
 
 
@@ -100,6 +103,12 @@ class TrainConfig:
     log_every: int = 10
     trackers: list[str] = field(default_factory=list)  # wandb | tensorboard
     project: str = "distill"
+    # Validation while training (distill.validation): every N steps and at the last, sample a fixed prompt grid and,
+    # on the digit worlds, score FID and adherence. 0: never. None: the defaults named in distill.validation.
+    validate_every: int = 0
+    validate_prompts: list[str] | None = None  # default: the data's (the ten digit prompts, ten pairs, ...)
+    validate_steps: list[int] | None = None  # the student's step counts to sample at; default [sample.steps]
+    validate_samples: int = 200  # samples FID and adherence read (digits and digit_pairs data)
 
 
 @dataclass
@@ -128,6 +137,8 @@ class Config:
         recipe = self.to_dict()
         recipe["train"].pop("output_dir")
         recipe["train"].pop("fsdp")
+        for name in VALIDATE_FIELDS:  # validation watches a run without changing it; rows keep their hashes
+            recipe["train"].pop(name)
         if recipe["teacher"]["width"] is None:  # added later: square recipes keep the hashes their rows have
             recipe["teacher"].pop("width")
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
@@ -170,6 +181,10 @@ RANGES = {
     "train.seed": (lambda v: 0 <= v < 2**63, "must be in [0, 2^63)"),
     "train.warmup_steps": (lambda v: 0 <= v, "must be >= 0"),
     "train.keep_checkpoints": (lambda v: 0 <= v, "must be >= 0 (0 keeps all)"),
+    "train.validate_every": (lambda v: 0 <= v, "must be >= 0 (0 turns validation off)"),
+    "train.validate_samples": (lambda v: 2 <= v <= MAX_VALIDATE_SAMPLES,
+                               f"must be in [2, {MAX_VALIDATE_SAMPLES}] (FID needs 2; a few hundred make a quick "
+                               "curve)"),
     "data.num_workers": (lambda v: 0 <= v, "must be >= 0"),
     "student.ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "student.lora_alpha": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
@@ -389,6 +404,33 @@ def validate(cfg: Config) -> None:
                           "plain data parallel (leave train.fsdp false)")
     for tracker in cfg.train.trackers:
         check_choice("train.trackers", tracker, ("wandb", "tensorboard"))
+    if cfg.train.validate_every:
+        _check_validation(cfg)
+
+
+def _check_validation(cfg: Config) -> None:
+    """The validation fields of a run that validates (their defaults are distill.validation's)."""
+    tc = cfg.train
+    if tc.validate_steps is not None:
+        if not tc.validate_steps:
+            raise ConfigError("train.validate_steps", [], "must name at least one step count (or leave it unset: "
+                              "[sample.steps])")
+        for steps in tc.validate_steps:
+            if not 1 <= steps <= MAX_STEPS:
+                raise ConfigError("train.validate_steps", steps, f"each must be in [1, {MAX_STEPS}]")
+    if tc.validate_prompts is not None:
+        if not 1 <= len(tc.validate_prompts) <= MAX_VALIDATE_PROMPTS:
+            raise ConfigError("train.validate_prompts", f"{len(tc.validate_prompts)} prompts",
+                              f"give 1 to {MAX_VALIDATE_PROMPTS} prompts (or leave it unset: the data's)")
+        if not all(p.strip() for p in tc.validate_prompts):
+            raise ConfigError("train.validate_prompts", tc.validate_prompts, "every prompt must be non-empty")
+    if tc.fsdp:
+        raise ConfigError("train.validate_every", tc.validate_every, "validation samples on the main process alone, "
+                          "and a student sharded by train.fsdp needs every process: leave it 0 with train.fsdp, and "
+                          "evaluate checkpoints with distill eval")
+    if cfg.teacher.source.startswith("builtin:gmm"):
+        raise ConfigError("train.validate_every", tc.validate_every, f"the {cfg.teacher.source} teacher samples 2-D "
+                          "points, not images: there is no grid to draw nor FID to score; leave it 0")
 
 
 def check_data(cfg: Config) -> None:

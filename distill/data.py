@@ -7,6 +7,7 @@ be read (a corrupt or non-image file) is replaced by the next readable one and c
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import re
 import sys
@@ -24,6 +25,7 @@ from distill.config import DataConfig
 from distill.errors import DistillError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what a reference folder's images may be
 MAX_BAD_IN_A_ROW = 16
 
 
@@ -71,31 +73,137 @@ def image_to_tensor(img: Image.Image, size: int | tuple[int, int]) -> torch.Tens
 
 def read_prompts(path: Path) -> list[str]:
     """Prompts from a .txt file (one a line) or a .jsonl file ({"prompt": ...} a line), UTF-8."""
+    return read_captions(path)[0]
+
+
+def read_captions(path: Path) -> tuple[list[str], list[Path | None]]:
+    """Prompts and, for each, the image a .jsonl line pairs with it (COCO captions style: {"prompt": ..., "image":
+    "a.jpg"}, a relative path read from the file's folder), or None."""
     path = Path(path)
     if paths.kind(path) == "a folder":
         raise DistillError(f"prompts file {path} is a folder; give a .txt or .jsonl file")
     paths.regular_file(path, "prompts file")
+    lines = _lines(path, "prompts file")
+    if path.suffix != ".jsonl":
+        records = [(p, None) for _, p in lines]
+    else:
+        records = [(_jsonl_field(path, n, line, "prompt"), _jsonl_image(path, n, line)) for n, line in lines]
+    if not records:
+        raise DistillError(f"prompts file {path} holds no prompts")
+    return [p for p, _ in records], [i for _, i in records]
+
+
+def _lines(path: Path, what: str) -> list[tuple[int, str]]:
+    """(line number, stripped text) of a UTF-8 file's non-blank lines."""
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        raise DistillError(f"prompts file {path} is not UTF-8 text (byte {e.start})") from e
-    # One line is one prompt: split at line feeds only (str.splitlines also splits at U+2028, form feeds and other
+        raise DistillError(f"{what} {path} is not UTF-8 text (byte {e.start})") from e
+    # One line is one entry: split at line feeds only (str.splitlines also splits at U+2028, form feeds and other
     # separators that a prompt, or a JSON string, may hold).
-    lines = [(n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
-    prompts = [_jsonl_prompt(path, n, line) for n, line in lines] if path.suffix == ".jsonl" else [p for _, p in lines]
-    if not prompts:
-        raise DistillError(f"prompts file {path} holds no prompts")
-    return prompts
+    return [(n, line.strip()) for n, line in enumerate(text.split("\n"), 1) if line.strip()]
 
 
-def _jsonl_prompt(path: Path, n: int, line: str) -> str:
+def _jsonl_field(path: Path, n: int, line: str, key: str, what: str = "prompts file") -> str:
     try:
-        prompt = json.loads(line)["prompt"]
+        value = json.loads(line)[key]
     except (ValueError, KeyError, TypeError) as e:
-        raise DistillError(f"prompts file {path} line {n} is not a JSON object with a \"prompt\"") from e
-    if not isinstance(prompt, str):
-        raise DistillError(f"prompts file {path} line {n}: \"prompt\" must be a string")
-    return prompt
+        raise DistillError(f"{what} {path} line {n} is not a JSON object with a \"{key}\"") from e
+    if not isinstance(value, str):
+        raise DistillError(f"{what} {path} line {n}: \"{key}\" must be a string")
+    return value
+
+
+def _jsonl_image(path: Path, n: int, line: str) -> Path | None:
+    if "image" not in json.loads(line):  # a JSON object: its "prompt" was read first
+        return None
+    return path.parent / _jsonl_field(path, n, line, "image")
+
+
+def reference_files(spec: str | Path) -> tuple[list[Path], Path]:
+    """The image files of a real reference and the folder their names are relative to: a folder's images (png, jpg,
+    jpeg, webp; sorted by name), or a .txt (a path a line) or .jsonl ({"image": ...} a line) list of them, relative
+    paths read from the list's folder."""
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.suffix.lower() in REFERENCE_SUFFIXES and f.is_file())
+        if not files:
+            raise DistillError(f"--reference {path} holds no images ({', '.join(REFERENCE_SUFFIXES)})")
+        return files, path
+    if path.suffix not in (".txt", ".jsonl") or not path.is_file():
+        raise DistillError(f"--reference {spec} is not digits, digit_pairs, prompts, a folder of images or a "
+                           ".txt/.jsonl list of images")
+    lines = _lines(path, "--reference")
+    files = [path.parent / (_jsonl_field(path, n, line, "image", "--reference") if path.suffix == ".jsonl" else line)
+             for n, line in lines]
+    if not files:
+        raise DistillError(f"--reference {path} lists no images")
+    return files, path.parent
+
+
+def reference_digest(files: list[Path], root: Path) -> str:
+    """sha256 of the sorted (name relative to `root`, sha256 of the file's bytes) pairs: the reference's identity,
+    the same wherever its folder lies. Every file is opened as an image here, so an unreadable one is named before
+    any sampling."""
+    pairs = []
+    for f in files:
+        try:
+            blob = f.read_bytes()
+        except OSError as e:
+            raise DistillError(f"reference image {f} cannot be read ({e.strerror or type(e).__name__})") from e
+        try:
+            Image.open(io.BytesIO(blob)).verify()
+        except Exception as e:  # noqa: BLE001 (Pillow raises many types for a broken file)
+            raise DistillError(f"reference image {f} is not a readable image ({type(e).__name__})") from e
+        name = f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name
+        pairs.append((name, hashlib.sha256(blob).hexdigest()))
+    return hashlib.sha256(json.dumps(sorted(pairs)).encode()).hexdigest()
+
+
+def preprocess(img: Image.Image, size: tuple[int, int], center_crop: bool = False) -> torch.Tensor:
+    """The fixed evaluation preprocessing of every image a metric reads, real or generated: 8-bit RGB, optionally
+    the central square (the short side kept), then a PIL bicubic resize to (height, width) `size` (clean-fid's
+    policy: Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN Evaluation"). uint8 [3, H, W]."""
+    img = to_rgb(img)
+    if center_crop:
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        img = img.crop((left, top, left + side, top + side))
+    if img.size != (size[1], size[0]):
+        img = img.resize((size[1], size[0]), Image.BICUBIC)
+    return torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+
+
+class EvalImages(torch.utils.data.Dataset):
+    """Image files, or images in [-1, 1] [N, C, H, W], each read and preprocessed (`preprocess`) when asked for, so
+    a large reference never sits in memory whole. `digest` names the set (for remembering its features)."""
+
+    def __init__(self, items, size: tuple[int, int], center_crop: bool = False, digest: str | None = None):
+        self.items, self.size, self.center_crop, self.digest = items, tuple(size), center_crop, digest
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        item = self.items[i]
+        if isinstance(item, Path):
+            try:
+                img = open_image(item, str(item))
+            except BadSample as e:
+                raise DistillError(f"reference image {e}") from e
+        else:
+            x = ((item.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+            img = Image.fromarray(x.expand(3, -1, -1).permute(1, 2, 0).numpy())
+        return preprocess(img, self.size, self.center_crop)
+
+
+def subset(n: int, count: int | None, seed: int) -> list[int]:
+    """The first `count` of a seeded permutation of range(n) (all of range(n), in order, when count is None)."""
+    if count is None:
+        return list(range(n))
+    if count > n:
+        raise DistillError(f"--num-prompts {count} is more than the {n} prompts given")
+    return sorted(torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count].tolist())
 
 
 class Prompts(torch.utils.data.Dataset):

@@ -1,8 +1,10 @@
 """`distill eval`: sample a student (or its teacher) with fixed seeds, measure quality and cost, add a row.
 
-Quality: FID/KID against reference images (and against the teacher's own many-step samples, the
-fidelity of the distillation itself) and prompt adherence for digit prompts. Cost: steps, network
-evaluations per image (CFG counted), milliseconds per image end to end, peak memory.
+Quality: FID/KID, precision/recall and within-prompt diversity against reference images (a built-in digits
+world, or real images: a folder, a list, or the images a .jsonl pairs with its captions), FID/KID against the
+teacher's own many-step samples (the fidelity of the distillation itself), CLIP score from a local CLIP folder,
+and prompt adherence for digit prompts. Cost: steps, network evaluations per image (CFG counted), milliseconds per
+image end to end, peak memory. A recipe (experiments/eval/*.yaml) holds a protocol's settings.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distill import data, metrics
+from distill import data, metrics, paths
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods.base import Method
@@ -32,7 +34,8 @@ WORLDS = {"digits": (data.DIGIT_PROMPTS, metrics.DIGITS_EXTRACTOR),
 
 def check_reference(kind: str) -> None:
     if kind not in WORLDS:
-        raise DistillError(f"unknown reference '{kind}'; allowed: {', '.join(WORLDS)}")
+        raise DistillError(f"unknown reference '{kind}'; allowed: {', '.join(WORLDS)} (a real reference, a folder or "
+                           "list of images, has no prompts of its own: give --prompts)")
 
 
 def world_prompts(kind: str) -> list[str]:
@@ -104,9 +107,20 @@ def reference_count(kind: str, n: int | None = None) -> int:
     return total if n is None else min(n, total)
 
 
+# The side each extractor's network reads: real references and generated images are resized to it by
+# data.preprocess (PIL bicubic), so torch-fidelity's own resize inside the network has nothing left to do.
+INPUT_SIZE = {"inception-v3-compat": 299, "vgg16": 224}
+REAL_EXTRACTOR = "inception-v3-compat"  # the default for a real reference (with --extractor-weights)
+NEEDS_PAIRS = ("--reference prompts reads the images paired with the prompts: give a .jsonl --prompts file whose "
+               "lines carry an \"image\" next to their \"prompt\"")
+
+
 @dataclass
 class Scoring:
-    """What every row of one comparison shares: prompts, seeds, references and the feature extractor."""
+    """What every row of one comparison shares: prompts, seeds, references and the feature extractor.
+
+    `reference` is a built-in world (digits, digit_pairs), a folder or .txt/.jsonl list of images, or "prompts":
+    the images paired with the prompts, given as `reference_files` (one per prompt, in the prompts' order)."""
 
     prompts: list[str]
     seed: int = 0
@@ -117,26 +131,146 @@ class Scoring:
     reference_size: int | None = None  # real images FID/KID compare with; None: the whole set (1,797 digits)
     bootstrap: int = 200  # resamples for FID's 95% interval
     teacher_reference_guidance: float | None = None  # CFG of those samples (default: the config's)
+    reference_files: list[Path] | None = None  # a real reference's images (read from `reference` unless paired)
+    reference_root: Path | None = None  # the folder the images' recorded names are relative to
+    center_crop: bool = False  # crop real and generated images to their central square before resizing
+    clip: str | None = None  # a local CLIP folder: CLIP score, and diversity on CLIP image features
+    num_prompts: int | None = None  # the prompts were a seeded draw of this many (recorded only)
+    prompt_seed: int | None = None
+    reference_digest: str | None = None
 
     def __post_init__(self):
-        check_reference(self.reference)
-        self.extractor = self.extractor or WORLDS[self.reference][1]
+        if self.reference not in WORLDS:
+            self._resolve_real_reference()
+        elif self.center_crop:
+            raise DistillError(f"--center-crop applies to a real reference's images; the '{self.reference}' world's "
+                               "are compared as they are")
+        self.extractor = self.extractor or WORLDS.get(self.reference, (None, REAL_EXTRACTOR))[1]
         metrics.check_extractor(self.extractor, self.extractor_weights)  # refused here, before any sampling
+        if self.clip:
+            metrics.load_clip(self.clip)
+
+    def _resolve_real_reference(self) -> None:
+        if self.reference == "prompts":
+            if self.reference_files is None:
+                raise DistillError(NEEDS_PAIRS)
+            if self.reference_size is not None and self.reference_size != len(self.reference_files):
+                raise DistillError(f"--reference prompts pairs {len(self.reference_files)} prompts with their "
+                                   f"images, but --reference-size is {self.reference_size}; the counts must agree")
+        elif self.reference_files is None:
+            self.reference_files, self.reference_root = data.reference_files(self.reference)
+        self.reference_files = self.reference_files[:self.reference_size]
+        self.reference_root = self.reference_root or Path(self.reference_files[0]).parent
+        self.reference_digest = data.reference_digest(self.reference_files, self.reference_root)
+
+    @property
+    def real(self) -> bool:
+        return self.reference_files is not None
+
+    def eval_size(self, generated: tuple[int, int]) -> tuple[int, int]:
+        """The (height, width) every image is resized to: the extractor network's input side, or for distill's
+        own extractors (which resize themselves) the generated images' size."""
+        side = INPUT_SIZE.get(self.extractor)
+        return (side, side) if side else tuple(generated)
+
+
+# What a recipe (experiments/eval/*.yaml) may set, and the type of each; anything given explicitly wins over it.
+RECIPE = {"prompts": str, "reference": str, "reference_size": int, "num_prompts": int, "prompt_seed": int,
+          "num_per_prompt": int, "extractor": str, "extractor_weights": str, "clip": str, "center_crop": bool,
+          "resolution_note": str}
+DEFAULTS = {"reference": "digits", "num_per_prompt": 100, "center_crop": False}
+
+
+def read_recipe(path: str | Path) -> dict:
+    """An evaluation recipe: a YAML mapping of RECIPE's settings, each type-checked (one line naming the file and
+    key otherwise). Paths in it are read from the working directory."""
+    import yaml
+
+    path = paths.regular_file(Path(path), "--recipe")
+    try:
+        recipe = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise DistillError(f"--recipe {path} is not YAML text ({type(e).__name__})") from e
+    if not isinstance(recipe, dict):
+        raise DistillError(f"--recipe {path} must be a mapping of settings ({', '.join(RECIPE)})")
+    for key, value in recipe.items():
+        if key not in RECIPE:
+            raise DistillError(f"--recipe {path}: unknown setting {key!r}; allowed: {', '.join(RECIPE)}")
+        kind = RECIPE[key]
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise DistillError(f"--recipe {path}: {key} must be a {kind.__name__} (got {value!r})")
+    return recipe
+
+
+def build_scoring(prompts=None, recipe: str | Path | None = None, **given) -> tuple[Scoring, int]:
+    """The Scoring of `distill eval` and its samples per prompt, from explicit settings (None: unset), then the
+    recipe's, then DEFAULTS. `prompts`: a list, or a .txt/.jsonl file (default: the reference world's); with
+    `num_prompts`, a seeded draw of them (and of their paired images)."""
+    settings = {**DEFAULTS, **(read_recipe(recipe) if recipe else {}),
+                **{k: v for k, v in {"prompts": prompts, **given}.items() if v is not None}}
+    settings.pop("resolution_note", None)
+    prompts, reference = settings.pop("prompts", None), settings["reference"]
+    images = None
+    if prompts is None:
+        base = world_prompts(reference)
+    elif isinstance(prompts, (str, Path)):
+        base, images = data.read_captions(Path(prompts))
+    else:
+        base = list(prompts)
+    num_prompts = settings.pop("num_prompts", None)
+    prompt_seed = settings.pop("prompt_seed", None)
+    if num_prompts is None and prompt_seed is not None:
+        raise DistillError(f"--prompt-seed {prompt_seed} seeds the draw of --num-prompts prompts; give --num-prompts "
+                           "too, or drop it")
+    if num_prompts is not None:
+        prompt_seed = prompt_seed or 0
+        keep = data.subset(len(base), num_prompts, prompt_seed)
+        base, images = [base[i] for i in keep], images and [images[i] for i in keep]
+    files = paired_images(base, images) if reference == "prompts" else None
+    per = settings.pop("num_per_prompt")
+    return Scoring([p for p in base for _ in range(per)], reference_files=files,
+                   reference_root=Path(prompts).parent if files else None, num_prompts=num_prompts,
+                   prompt_seed=prompt_seed, **settings), per
+
+
+def paired_images(prompts: list[str], images: list[Path | None] | None) -> list[Path]:
+    """The image of every prompt, for `--reference prompts`; refused when any prompt has none."""
+    if images is None:
+        raise DistillError(NEEDS_PAIRS)
+    lacking = [i for i, image in enumerate(images) if image is None]
+    if lacking:
+        raise DistillError(f"--reference prompts pairs every prompt with its image, but {len(lacking)} of the "
+                           f"{len(prompts)} prompts have no \"image\" (the first: {prompts[lacking[0]][:40]!r})")
+    return list(images)
 
 
 def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> dict:
     """How a row was measured. Rows are ranked together only when the fields in leaderboard.PROTOCOL_KEY agree;
-    guidance and sampler describe the row itself and are recorded with it."""
+    guidance and sampler describe the row itself and are recorded with it. Weights are named with their sha256, so
+    one changed byte makes another table; a real reference is identified by its images' names and bytes."""
     distinct = list(dict.fromkeys(scoring.prompts))
-    ref_size = reference_count(scoring.reference, scoring.reference_size)
+    ref_size = len(scoring.reference_files) if scoring.real else reference_count(scoring.reference,
+                                                                                 scoring.reference_size)
     ref_steps = scoring.teacher_reference_steps
     ref_guidance = cfg.sample.guidance_scale if scoring.teacher_reference_guidance is None \
         else scoring.teacher_reference_guidance
+    size = scoring.eval_size((cfg.teacher.resolution, cfg.teacher.width or cfg.teacher.resolution)) \
+        if scoring.real else None
+    subset = None if scoring.num_prompts is None else {"num_prompts": scoring.num_prompts,
+                                                        "prompt_seed": scoring.prompt_seed}
     return {"samples": len(scoring.prompts), "num_prompts": len(distinct),
             "prompts": hashlib.sha256("\n".join(scoring.prompts).encode()).hexdigest()[:12],
-            "prompt_examples": [p[:60] for p in distinct[:64]], "reference": scoring.reference,
-            "reference_size": ref_size, "extractor": scoring.extractor,
-            "extractor_weights": Path(scoring.extractor_weights).name if scoring.extractor_weights else None,
+            "prompt_examples": [p[:60] for p in distinct[:64]],
+            "reference": scoring.reference if scoring.reference in (*WORLDS, "prompts") else "images",
+            "reference_path": None if scoring.reference in WORLDS else str(scoring.reference),
+            "reference_digest": scoring.reference_digest, "reference_size": ref_size, "extractor": scoring.extractor,
+            "extractor_weights": metrics.weights_identity(scoring.extractor_weights)
+            if scoring.extractor_weights else None,
+            "clip": metrics.weights_identity(scoring.clip) if scoring.clip else None,
+            "preprocessing": {"resize": "PIL bicubic", "size": list(size), "center_crop": scoring.center_crop}
+            if size else None,
+            "prompt_subset": subset, "diversity_features": "clip image" if scoring.clip else scoring.extractor,
+            "prc_neighbours": metrics.PRC_NEIGHBOURS,
             "resolution": cfg.teacher.pixels, "eval_seeds": [scoring.seed], "bootstrap": scoring.bootstrap,
             "teacher_reference_steps": ref_steps or None,
             "teacher_reference_guidance": ref_guidance if ref_steps else None,
@@ -164,6 +298,43 @@ def row_identity(cfg: Config, steps: int, guidance: float, teacher: bool, train_
             "train_steps": 0 if teacher else train_step, "config_hash": cfg.hash(), "git_commit": git_commit()}
 
 
+def _reference(scoring: Scoring, generated: tuple[int, int], resolution: int):
+    """The reference images as the extractor reads them: a built-in world's tensors (which must match the model's
+    size), or a real reference's files, read and preprocessed a batch at a time."""
+    if scoring.real:
+        return data.EvalImages(scoring.reference_files, scoring.eval_size(generated), scoring.center_crop,
+                               scoring.reference_digest)
+    ref = reference_images(scoring.reference, resolution, scoring.reference_size)
+    if tuple(ref.shape[-2:]) != tuple(generated):
+        raise DistillError(f"the '{scoring.reference}' reference images are {ref.shape[-2]} x {ref.shape[-1]} px, this "
+                           f"model's {generated[0]} x {generated[1]}; choose the reference of its world (--reference "
+                           "digits or digit_pairs), or a real reference")
+    return ref
+
+
+def _prepared(images: torch.Tensor, scoring: Scoring):
+    """Generated images under the same preprocessing as a real reference; a built-in world's as they are."""
+    if not scoring.real:
+        return images
+    return data.EvalImages(list(images), scoring.eval_size(tuple(images.shape[-2:])), scoring.center_crop)
+
+
+def quality(generated, reference, scoring: Scoring, prompts: list[str], images: torch.Tensor) -> dict[str, float]:
+    """FID/KID with intervals, precision/recall (when each set has more than k images), within-prompt diversity and,
+    with a CLIP folder, CLIP score: all on features extracted once."""
+    f_gen = metrics.features(generated, scoring.extractor, scoring.extractor_weights)
+    f_ref = metrics.features_of_reference(reference, scoring.extractor, scoring.extractor_weights)
+    out = metrics.fid_kid_of_features(f_gen, f_ref, scoring.bootstrap, scoring.seed)
+    if min(len(f_gen), len(f_ref)) > metrics.PRC_NEIGHBOURS:
+        out.update(metrics.precision_recall(f_gen, f_ref))
+    spread = f_gen
+    if scoring.clip:
+        scores, spread = metrics.clip_score(images, prompts, scoring.clip)
+        out.update(scores)
+    out.update(metrics.diversity(spread, prompts, scoring.bootstrap, scoring.seed))
+    return out
+
+
 def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance: float | None = None,
              teacher: bool = False, train_step: int = 0, run: str = "-",
              teacher_images: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
@@ -177,26 +348,21 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
     guidance = cfg.sample.guidance_scale if guidance is None else guidance
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    ref = reference_images(scoring.reference, cfg.teacher.resolution, scoring.reference_size)
-    if tuple(ref.shape[-2:]) != method.teacher.size:
-        raise DistillError(f"the '{scoring.reference}' reference images are {ref.shape[-2]} x {ref.shape[-1]} px, this "
-                           f"model's {method.teacher.size[0]} x {method.teacher.size[1]}; choose the reference of its "
-                           f"world (--reference digits or digit_pairs)")
+    ref = _reference(scoring, method.teacher.size, cfg.teacher.resolution)
     images, ms = sample_images(method, prompts, steps, scoring.seed, guidance, teacher)
     row = {**row_identity(cfg, steps, guidance, teacher, train_step), "nfe": nfe(method, steps, guidance, teacher),
            "ms_per_image": ms, "peak_memory_mb": peak_memory_mb(device), "samples": len(prompts), "run": run,
            "protocol": protocol(scoring, cfg, guidance, teacher)}
-    row.update(metrics.fid_kid(images, ref, scoring.extractor, scoring.extractor_weights, scoring.bootstrap,
-                               scoring.seed))
+    row.update(quality(_prepared(images, scoring), ref, scoring, prompts, images))
     row.update(adherence(images, prompts))
     if teacher_images is None and scoring.teacher_reference_steps:
         teacher_images, _ = sample_images(method, prompts, scoring.teacher_reference_steps, scoring.seed,
                                           row["protocol"]["teacher_reference_guidance"], teacher=True)
     if teacher_images is not None:
-        quality = metrics.fid_kid(images, teacher_images, scoring.extractor, scoring.extractor_weights,
-                                  scoring.bootstrap, scoring.seed)
+        fid_kid = metrics.fid_kid(_prepared(images, scoring), _prepared(teacher_images, scoring), scoring.extractor,
+                                  scoring.extractor_weights, scoring.bootstrap, scoring.seed)
         # fid, fid_lo, fid_hi, kid, kid_std -> fid_teacher, fid_teacher_lo, ..., kid_teacher_std
-        row.update({k[:3] + "_teacher" + k[3:]: v for k, v in quality.items()})
+        row.update({k[:3] + "_teacher" + k[3:]: v for k, v in fid_kid.items()})
     times = Path(run).parent.parent / "train_time.txt"
     if times.is_file() and not teacher:
         row["train_seconds"] = float(times.read_text().split()[0])

@@ -48,6 +48,19 @@ MIGRATIONS = [
        ALTER TABLE rows ADD COLUMN seed INTEGER;
        ALTER TABLE rows ADD COLUMN protocol TEXT;
        ALTER TABLE rows ADD COLUMN protocol_id TEXT""",
+    # Precision and recall (Kynkaanniemi et al. 2019) with Wilson intervals, within-prompt diversity with a bootstrap
+    # interval over prompts, and CLIP score's 95% interval.
+    """ALTER TABLE rows ADD COLUMN precision REAL;
+       ALTER TABLE rows ADD COLUMN precision_lo REAL;
+       ALTER TABLE rows ADD COLUMN precision_hi REAL;
+       ALTER TABLE rows ADD COLUMN recall REAL;
+       ALTER TABLE rows ADD COLUMN recall_lo REAL;
+       ALTER TABLE rows ADD COLUMN recall_hi REAL;
+       ALTER TABLE rows ADD COLUMN diversity REAL;
+       ALTER TABLE rows ADD COLUMN diversity_lo REAL;
+       ALTER TABLE rows ADD COLUMN diversity_hi REAL;
+       ALTER TABLE rows ADD COLUMN clip_score_lo REAL;
+       ALTER TABLE rows ADD COLUMN clip_score_hi REAL""",
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 OUR_TABLES = {"rows", "sqlite_sequence"}  # sqlite_sequence: SQLite's own, for AUTOINCREMENT
@@ -55,15 +68,20 @@ REQUIRED = ("teacher", "method", "student", "steps")
 INTEGERS = {"steps": 1, "nfe": 1, "train_steps": 0}  # column -> least allowed value
 FLOATS = ("fid", "kid", "fid_teacher", "kid_teacher", "adherence", "clip_score", "ms_per_image", "peak_memory_mb",
           "train_seconds", "fid_lo", "fid_hi", "kid_std", "fid_teacher_lo", "fid_teacher_hi", "kid_teacher_std",
-          "adherence_lo", "adherence_hi")
+          "adherence_lo", "adherence_hi", "precision", "precision_lo", "precision_hi", "recall", "recall_lo",
+          "recall_hi", "diversity", "diversity_lo", "diversity_hi", "clip_score_lo", "clip_score_hi")
 NON_NEGATIVE = ("fid", "fid_teacher", "fid_lo", "fid_teacher_lo", "kid_std", "kid_teacher_std", "peak_memory_mb",
-                "train_seconds", "clip_score")
+                "train_seconds", "clip_score", "precision", "precision_lo", "precision_hi", "recall", "recall_lo",
+                "recall_hi", "diversity", "diversity_lo", "diversity_hi", "clip_score_lo", "clip_score_hi")
 # The fields of a protocol that must match for rows to be ranked together (by FID against the reference set). A
 # row's guidance and sampler are also recorded in its protocol, but they are what sets a row apart (teacher DDIM
 # with CFG against a one-pass student); the bootstrap's resample count only refines an interval; and the teacher
 # reference (steps, guidance) concerns only the unranked "FID vs teacher samples" column.
+# A real reference is named by the digest of its images' names and bytes, and every weights file (extractor, CLIP) by
+# its sha256; the preprocessing and the drawn subset of prompts complete it.
 PROTOCOL_KEY = ("samples", "prompts", "reference", "reference_size", "extractor", "extractor_weights", "resolution",
-                "eval_seeds")
+                "eval_seeds", "reference_digest", "preprocessing", "clip", "prompt_subset")
+OPTIONAL_KEY = PROTOCOL_KEY[8:]  # added later: left out of the id when unset, so older tables keep their ids
 
 
 # A row's idempotence key lives in its JSON `extra` (no schema change); a row whose `extra` is not valid JSON has none.
@@ -73,7 +91,7 @@ KEY_OF_ROW = f"CASE WHEN json_valid(extra) THEN json_extract(extra, '$.{ROW_KEY}
 
 def protocol_id(protocol: dict) -> str:
     """The id of a protocol's table: a hash of the fields rows must share to be ranked together."""
-    key = {k: protocol.get(k) for k in PROTOCOL_KEY}
+    key = {k: protocol.get(k) for k in PROTOCOL_KEY if k not in OPTIONAL_KEY or protocol.get(k) is not None}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:10]
 
 

@@ -1,6 +1,7 @@
-"""Quality metrics: FID / KID through torch-fidelity, and prompt adherence for the digits world.
+"""Quality metrics: FID / KID, precision and recall on torch-fidelity's features, within-prompt diversity, CLIP score
+from a local CLIP folder, and prompt adherence for the digits world. Every figure comes with a 95% interval.
 
-torch-fidelity computes the statistics; this module gives it a feature extractor that needs no
+torch-fidelity extracts the features; this module gives it a feature extractor that needs no
 download: a small digits classifier shipped with distill (`distill/assets/digits_classifier.safetensors`,
 retrained by `experiments/train_digits_classifier.py`). Real users can name torch-fidelity's
 `inception-v3-compat` or `vgg16` with a local weights file. torch-fidelity would unpickle that file
@@ -15,6 +16,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 from torch import nn
 
@@ -215,15 +217,17 @@ def build_extractor(extractor: str, layer: str, weights: str | None, cuda: bool)
                                f"{' '.join(str(e).split())[:200]}") from e
 
 
-def features(images: torch.Tensor, extractor: str = DIGITS_EXTRACTOR, weights: str | None = None) -> torch.Tensor:
-    """[N, D] float64 features of an image set ([-1, 1] floats or uint8) at the layer torch-fidelity uses for FID."""
+def features(images, extractor: str = DIGITS_EXTRACTOR, weights: str | None = None) -> torch.Tensor:
+    """[N, D] float64 features at the layer torch-fidelity uses for FID, of an image set: [-1, 1] floats or uint8
+    [N, C, H, W], or a Dataset of uint8 [3, H, W] images (read one batch at a time)."""
     from torch_fidelity.utils import get_featuresdict_from_dataset
 
     layer = fid_layer(extractor)
     cuda = torch.cuda.is_available()
+    dataset = _Images(to_uint8(images)) if torch.is_tensor(images) else images
     try:
         net = build_extractor(extractor, layer, weights, cuda)
-        out = get_featuresdict_from_dataset(_Images(to_uint8(images)), net, 64, cuda, True, False)
+        out = get_featuresdict_from_dataset(dataset, net, 64, cuda, True, False)
     except ValueError as e:
         raise DistillError(f"feature extractor '{extractor}' failed: {str(e).splitlines()[0]}") from e
     return out[layer].double()
@@ -232,12 +236,17 @@ def features(images: torch.Tensor, extractor: str = DIGITS_EXTRACTOR, weights: s
 _RECENT: dict = {}  # (extractor, weights, digest of the images) -> features: a pure memo, results are unchanged
 
 
-def features_of_reference(images: torch.Tensor, extractor: str = DIGITS_EXTRACTOR,
-                          weights: str | None = None) -> torch.Tensor:
+def features_of_reference(images, extractor: str = DIGITS_EXTRACTOR, weights: str | None = None) -> torch.Tensor:
     """`features`, remembered for the last few image sets: every row of a benchmark is scored against the same
-    real images (and the same teacher samples), whose features would otherwise be extracted again each time."""
-    digest = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
-    key = (extractor, weights, tuple(images.shape), str(images.dtype), digest)
+    real images (and the same teacher samples), whose features would otherwise be extracted again each time. A
+    Dataset is remembered by its `digest` (with its size and crop), or not at all without one."""
+    if torch.is_tensor(images):
+        digest = hashlib.sha1(images.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+        key = (extractor, weights, tuple(images.shape), str(images.dtype), digest)
+    elif getattr(images, "digest", None):
+        key = (extractor, weights, images.digest, len(images), images.size, images.center_crop)
+    else:
+        return features(images, extractor, weights)
     if key not in _RECENT:
         while len(_RECENT) >= 4:
             _RECENT.pop(next(iter(_RECENT)))
@@ -245,13 +254,19 @@ def features_of_reference(images: torch.Tensor, extractor: str = DIGITS_EXTRACTO
     return _RECENT[key]
 
 
-def _moments(x: torch.Tensor, outer: torch.Tensor, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _moments(x: torch.Tensor, outer: torch.Tensor | None, counts: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
     """Means [B, D] and unbiased covariances [B, D, D] of B resamples of x [N, D], each given by how many times it
-    draws every row (counts [B, N]), without materialising the resampled sets. `outer` [N, D*D] holds each row's
-    x_i x_i^T, so every resample's second moment is one row of a single matrix product."""
+    draws every row (counts [B, N]; None: x itself, once), without materialising the resampled sets. `outer`
+    [N, D*D] holds each row's x_i x_i^T, so every resample's second moment is one row of a single matrix product;
+    without it (None), each resample's is x^T diag(c) x, which needs only D*D memory (2,048 features)."""
     n, d = x.shape
+    counts = torch.ones(1, n, dtype=x.dtype) if counts is None else counts
     mu = counts @ x / n
-    second = (counts @ outer).view(-1, d, d)
+    if outer is not None:
+        second = (counts @ outer).view(-1, d, d)
+    else:
+        second = torch.stack([x.T @ (c[:, None] * x) for c in counts])
     return mu, (second - n * mu[:, :, None] * mu[:, None, :]) / (n - 1)
 
 
@@ -269,6 +284,23 @@ def frechet_distance(mu1, cov1, mu2, cov2) -> torch.Tensor:
     return (diff * diff).sum(-1) + trace - 2 * inner
 
 
+def frechet_of_features(f1: torch.Tensor, f2: torch.Tensor) -> float:
+    """The Frechet distance of two feature sets' Gaussians, from symmetric eigenvalue problems only (torch-fidelity's
+    general eigvals of S1 S2 agrees with it, tests/test_eval_real.py, at ten times the cost for 2,048 features).
+    When a set has fewer samples n than features, its covariance is A^T A / (n - 1) with A its centred features, and
+    tr (S1 S2)^(1/2) is read from the n x n matrix A S_other A^T / (n - 1), which has the same nonzero eigenvalues."""
+    f1, f2 = f1.double().cpu(), f2.double().cpu()
+    small, other = (f1, f2) if len(f1) <= len(f2) else (f2, f1)
+    if len(small) >= small.shape[1]:
+        (m1, c1), (m2, c2) = _moments(f1, None, None), _moments(f2, None, None)
+        return float(frechet_distance(m1, c1, m2, c2))
+    a, b = small - small.mean(0), other - other.mean(0)
+    cov_other = b.T @ b / (len(b) - 1)
+    inner = torch.linalg.eigvalsh(a @ cov_other @ a.T / (len(a) - 1)).clamp(min=0).sqrt().sum()
+    diff = f1.mean(0) - f2.mean(0)
+    return float(diff @ diff + (a * a).sum() / (len(a) - 1) + cov_other.trace() - 2 * inner)
+
+
 def _counts(n: int, resamples: int, generator: torch.Generator) -> torch.Tensor:
     """[resamples, n]: how often each of n rows is drawn in each resample of n draws with replacement."""
     draws = torch.randint(n, (resamples, n), generator=generator)
@@ -282,7 +314,9 @@ def fid_bootstrap(f1: torch.Tensor, f2: torch.Tensor, resamples: int = 200, seed
     independently, since both are finite samples. Memory: N x D^2 for the outer products, chunk x N for counts."""
     generator, out = torch.Generator().manual_seed(seed), []
     f1, f2 = f1.double().cpu(), f2.double().cpu()
-    o1, o2 = ((f[:, :, None] * f[:, None, :]).flatten(1) for f in (f1, f2))
+    # Outer products cost N x D^2 memory: kept under 2**27 numbers (1 GiB), else each resample is formed directly.
+    o1, o2 = ((f[:, :, None] * f[:, None, :]).flatten(1) if f.shape[0] * f.shape[1] ** 2 <= 2**27 else None
+              for f in (f1, f2))
     for lo in range(0, resamples, chunk):
         b = min(chunk, resamples - lo)
         m1, c1 = _moments(f1, o1, _counts(len(f1), b, generator))
@@ -312,29 +346,148 @@ def wilson(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
-def fid_kid(generated: torch.Tensor, reference: torch.Tensor, extractor: str = DIGITS_EXTRACTOR,
-            weights: str | None = None, resamples: int = 200, seed: int = 0,
-            kid_subsets: int = 10) -> dict[str, float]:
+def fid_kid(generated, reference, extractor: str = DIGITS_EXTRACTOR, weights: str | None = None,
+            resamples: int = 200, seed: int = 0, kid_subsets: int = 10) -> dict[str, float]:
     """FID with its 95% bootstrap interval (fid_lo, fid_hi) and KID with its std over subsets (kid_std), of two image
-    sets ([-1, 1] floats or uint8) under a torch-fidelity feature extractor. The features are extracted once; FID
-    and KID come from torch-fidelity's own functions, the interval from `fid_interval` (`resamples` bootstrap
-    replicates; 0 gives a zero-width interval)."""
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
-    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
-
+    sets (as `features` takes them) under a torch-fidelity feature extractor."""
     if min(len(generated), len(reference)) < 2:
         raise DistillError(f"FID/KID need at least 2 images in each set (got {len(generated)} and {len(reference)})")
     f1, f2 = features(generated, extractor, weights), features_of_reference(reference, extractor, weights)
-    fid = fid_statistics_to_metric(fid_features_to_statistics(f1.float()), fid_features_to_statistics(f2.float()),
-                                   False)[KEY_METRIC_FID]
-    fid = max(0.0, fid)  # a negative FID is round-off (float32 features of a set against itself), never real
+    return fid_kid_of_features(f1, f2, resamples, seed, kid_subsets)
+
+
+def fid_kid_of_features(f1: torch.Tensor, f2: torch.Tensor, resamples: int = 200, seed: int = 0,
+                        kid_subsets: int = 10, kid_subset_size: int | None = None) -> dict[str, float]:
+    """FID (`frechet_distance`) and KID (torch-fidelity's own function, with its std over `kid_subsets` subsets) of
+    generated features f1 against reference features f2; the FID interval from `fid_interval` (`resamples`
+    bootstrap replicates; 0 gives a zero-width interval)."""
+    from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
+
+    if min(len(f1), len(f2)) < 2:
+        raise DistillError(f"FID/KID need at least 2 images in each set (got {len(f1)} and {len(f2)})")
+    fid = max(0.0, frechet_of_features(f1, f2))  # a negative FID is round-off, never real
     # Subsets of half the smaller set (at most torch-fidelity's 1,000): subsets as large as the set would all be the
     # whole set again, and their std would say nothing.
-    size = max(2, min(1000, min(len(f1), len(f2)) // 2))
+    size = kid_subset_size or max(2, min(1000, min(len(f1), len(f2)) // 2))
     kid = kid_features_to_metric(f1.float(), f2.float(), kid_subsets=kid_subsets, kid_subset_size=size, verbose=False)
     lo, hi = fid_interval(fid, f1, f2, resamples, seed)
     return {"fid": fid, "fid_lo": lo, "fid_hi": hi, "kid": float(kid[KEY_METRIC_KID_MEAN]),
             "kid_std": float(kid[KEY_METRIC_KID_STD])}
+
+
+PRC_NEIGHBOURS = 3  # k of Kynkaanniemi et al. 2019 (and torch-fidelity's prc_neighborhood)
+
+
+def precision_recall(f_gen: torch.Tensor, f_ref: torch.Tensor, k: int = PRC_NEIGHBOURS) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for Assessing
+    Generative Models", eq. 1-3): each set's manifold is the union of balls reaching every feature's k-th nearest
+    neighbour in its own set; precision is the share of generated samples inside the reference manifold, recall the
+    share of reference samples inside the generated one. Computed by torch-fidelity's own function (`prc`), here on
+    the features distill already extracted for FID (torch-fidelity's `prc` defaults to vgg16's instead). Each share
+    has a 95% Wilson interval over its samples."""
+    from torch_fidelity.metric_prc import calculate_precision_recall_full
+
+    if min(len(f_gen), len(f_ref)) <= k:
+        raise DistillError(f"precision/recall with k={k} neighbours need more than {k} images in each set (got "
+                           f"{len(f_gen)} generated and {len(f_ref)} reference)")
+    precision, recall = calculate_precision_recall_full(f_gen.float(), f_ref.float(), k)
+    return {**proportion("precision", round(precision * len(f_gen)), len(f_gen)),
+            **proportion("recall", round(recall * len(f_ref)), len(f_ref))}
+
+
+def proportion(name: str, successes: int, n: int) -> dict[str, float]:
+    """{name: successes / n, name_lo, name_hi: its 95% Wilson interval}."""
+    lo, hi = wilson(successes, n)
+    return {name: successes / n, f"{name}_lo": lo, f"{name}_hi": hi}
+
+
+def diversity(feats: torch.Tensor, groups: list, resamples: int = 200, seed: int = 0) -> dict[str, float]:
+    """Within-prompt diversity: for each prompt (`groups`, one label per sample) with two samples or more, the mean
+    cosine distance 1 - cos(f_i, f_j) over its pairs of samples; the set's figure is the mean over those prompts,
+    with a 95% percentile bootstrap interval over prompts (Efron 1979). {} when no prompt has two samples."""
+    f = torch.nn.functional.normalize(feats.double(), dim=1)
+    index: dict = {}
+    for i, g in enumerate(groups):
+        index.setdefault(g, []).append(i)
+    means = []
+    for rows in index.values():
+        if len(rows) >= 2:
+            n, sim = len(rows), f[rows] @ f[rows].T
+            means.append((n * (n - 1) - (sim.sum() - sim.diagonal().sum())) / (n * (n - 1)))
+    if not means:
+        return {}
+    means = torch.stack(means)
+    draws = torch.randint(len(means), (max(1, resamples), len(means)), generator=torch.Generator().manual_seed(seed))
+    lo, hi = torch.quantile(means[draws].mean(1), torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    mean = float(means.mean())
+    return {"diversity": mean, "diversity_lo": min(lo, mean), "diversity_hi": max(hi, mean)}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def clip_files(folder: str | Path) -> list[Path]:
+    """The safetensors weights of a CLIP folder, sorted: all that distill reads of its weights."""
+    return sorted(Path(folder).glob("*.safetensors"))
+
+
+def weights_identity(path: str | Path) -> dict[str, str]:
+    """{"name", "sha256"} of a weights file, or of a model folder (its safetensors files' digests, hashed in order)."""
+    path = Path(path)
+    if path.is_dir():
+        joined = "\n".join(f"{f.name} {file_sha256(f)}" for f in clip_files(path))
+        return {"name": path.name, "sha256": hashlib.sha256(joined.encode()).hexdigest()}
+    return {"name": path.name, "sha256": file_sha256(path)}
+
+
+def load_clip(folder: str | Path):
+    """transformers' CLIPModel and CLIPProcessor from a local folder: safetensors weights only, nothing fetched.
+    Anything else (not a folder, not a CLIP model, pickled weights, no tokenizer) is one line naming the folder."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DistillError(f"--clip {folder} is not a folder; give a local CLIP model folder (config.json, "
+                           "model.safetensors, tokenizer and preprocessor files)")
+    if not clip_files(folder):
+        raise DistillError(f"--clip {folder} holds no .safetensors weights; distill reads CLIP weights only as "
+                           "safetensors (save_pretrained(safe_serialization=True))")
+    try:
+        model = CLIPModel.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        processor = CLIPProcessor.from_pretrained(folder, local_files_only=True)
+    except Exception as e:  # noqa: BLE001 (transformers raises OSError, ValueError, KeyError... for a foreign folder)
+        raise DistillError(f"--clip {folder} is not a CLIP model folder ({type(e).__name__}: "
+                           f"{' '.join(str(e).split())[:160]})") from e
+    return model.eval().requires_grad_(False), processor
+
+
+@torch.no_grad()
+def clip_score(images: torch.Tensor, prompts: list[str], folder: str | Path,
+               batch_size: int = 32) -> tuple[dict[str, float], torch.Tensor]:
+    """CLIP score (Hessel et al. 2021, "CLIPScore", eq. 1, with w = 100 as torchmetrics has it): per image
+    100 * max(cos(E_image, E_text), 0), averaged, with a 95% interval mean +- 1.96 standard errors; and the images'
+    CLIP embeddings [N, D]. The processor resizes and crops the images as the model was trained."""
+    model, processor = load_clip(folder)
+    scores, embeds = [], []
+    for lo in range(0, len(images), batch_size):
+        pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in to_uint8(images[lo:lo + batch_size])]
+        inputs = processor(text=prompts[lo:lo + batch_size], images=pil, return_tensors="pt", padding=True,
+                           truncation=True)
+        out = model(**inputs)
+        img = out.image_embeds
+        cos = torch.nn.functional.cosine_similarity(img, out.text_embeds, dim=-1)
+        scores.append(100 * cos.clamp(min=0).double())
+        embeds.append(img.double())
+    s = torch.cat(scores)
+    half = 1.959964 * float(s.std()) / math.sqrt(len(s)) if len(s) > 1 else 0.0
+    mean = float(s.mean())
+    return {"clip_score": mean, "clip_score_lo": max(0.0, mean - half), "clip_score_hi": mean + half}, \
+        torch.cat(embeds)
 
 
 @torch.no_grad()
@@ -351,8 +504,7 @@ def adherence(images: torch.Tensor, labels: torch.Tensor, classifier: DigitsClas
 
 def share_interval(name: str, correct: torch.Tensor) -> dict[str, float]:
     """{name: share of True, name_lo, name_hi: its 95% Wilson interval} over the len(correct) trials."""
-    lo, hi = wilson(int(correct.sum()), len(correct))
-    return {name: correct.float().mean().item(), f"{name}_lo": lo, f"{name}_hi": hi}
+    return proportion(name, int(correct.sum()), len(correct))
 
 
 def adherence_interval(images: torch.Tensor, labels: torch.Tensor,

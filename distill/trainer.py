@@ -23,7 +23,7 @@ from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 import students
-from distill import checkpoint, config, data, fastpath, paths, sharding
+from distill import checkpoint, config, data, fastpath, paths, sharding, validation
 from distill.config import Config, TrainConfig
 from distill.errors import DistillError
 from distill.methods import METHODS, Method
@@ -130,6 +130,7 @@ class Run:
     start: int
     clock: float  # time.time() when the run would have started had it never stopped (resumes add their time)
     timed_from: int  # the step that time counts from: 0, or the resumed step of a checkpoint that kept no time
+    validator: validation.Plan | None  # samples and scores while training (train.validate_every), or None
 
 
 def train(cfg: Config, resume: str | None = None, stop_after: int | None = None, restart: bool = False) -> Method:
@@ -180,6 +181,8 @@ def _train(cfg: Config, resume: str | None, stop_after: int | None, restart: boo
         milestone = method.milestone(done)
         if done % tc.checkpoint_every == 0 or done == end or milestone:
             save_checkpoint(run, done, milestone)
+        if run.validator is not None and run.validator.due(done):
+            validation.validate(run.validator, method, accelerator, done)
     bar.close()
     if end > run.start and not updated:
         raise DistillError(f"every step from {run.start + 1} to {end} was skipped (non-finite loss or gradient): the "
@@ -214,6 +217,7 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
     if method.needs_latents and not ({"image", "latents"} & dataset.provides):
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
                            f"{cfg.data.kind} has none; use images, shards, latents or digits")
+    validator = validation.plan(cfg, method, dataset, out)  # its step counts and prompts refused before any step
 
     start, saved_optims, trainer_state = 0, None, None
     if ckpt is not None:
@@ -256,7 +260,7 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
         seconds, timed_from = trainer_state.get("seconds", 0.0), trainer_state.get("timed_from", start)
     clock = time.time() - seconds
     return Run(cfg, out, accelerator, method, model, turn_params, optimizers, schedulers, every, batches, start, clock,
-               timed_from)
+               timed_from, validator)
 
 
 def start_accelerator(cfg: Config, out: Path, aside: Path | None) -> Accelerator:

@@ -129,7 +129,7 @@ def test_a_row_naming_anything_but_a_distill_grid_embeds_nothing(board_world, ca
     board.add(_row(method="evil", grid=grid))
     md, page = view.write_reports(board.rows(), home / "out", grid_roots=[home])
     html = page.read_text()
-    assert _b64(legit.read_bytes()) in html  # the real grid still embeds ...
+    assert _b64(view.upscaled(legit.read_bytes(), 16)) in html  # the real grid still embeds, enlarged ...
     if secret is not None:
         assert _b64(secret) not in html and _b64(secret)[:40] not in html  # ... the other file never does
     assert html.count("<img alt='builtin:digits-sdxl") == 1
@@ -387,7 +387,7 @@ def test_a_bench_killed_between_row_and_record_resumes_without_a_second_row(tmp_
     page = bench.run(matrix, log=said.append)
     assert _count(db) == 1 and not any("baselines" in s for s in said)  # found by its key: nothing redone
     grid = tmp_path / "bench/grids/teacher-digits-sdxl-1steps.png"
-    assert _b64(grid.read_bytes()) in page.read_text()  # the grid bench wrote embeds
+    assert _b64(view.upscaled(grid.read_bytes(), 16)) in page.read_text()  # the grid bench wrote embeds, enlarged
 
     # An edited protocol re-evaluates, as a table of its own; the same matrix again adds nothing.
     matrix = _teacher_matrix(tmp_path, num_per_prompt=2)

@@ -98,7 +98,7 @@ def test_four_processes_append_fifty_rows_each_while_a_reader_reads(tmp_path):
 def test_todays_file_is_migrated_with_every_row(tmp_path):
     db = v2_file(tmp_path / "v2.sqlite")
     board = Leaderboard(db)
-    assert board.version == SCHEMA_VERSION == 3
+    assert board.version == SCHEMA_VERSION == 4
     assert {"fid_lo", "fid_hi", "kid_std", "adherence_lo", "adherence_hi", "seed", "protocol", "protocol_id"} <= \
         set(board.columns())
     old = board.rows("id")

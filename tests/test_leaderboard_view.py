@@ -165,14 +165,16 @@ def test_page_structure(rows, tmp_path):
     assert any("worse" in c for cls, cells in p.rows for c, _ in cells)  # verdicts are coloured by class
     assert "Protocol " in html and "1,000 generated samples" in html and "1,797 real images" in html
     assert "ms / image: end to end" in html
-    # Sample grids: teacher first, then methods; steps as columns, "1 step" in the singular; prompts named once.
-    grid_heads = [text for _, text in p.headers]
-    assert "1 step" in grid_heads and "4 steps" in grid_heads and "1 steps" not in html
-    grid_rows = [cells[0][1] for cls, cells in p.rows if cls == "" and cells and cells[0][1] in
-                 ("teacher", "consistency (lora)", "add (lora)")]
-    assert grid_rows[0] == "teacher" and set(grid_rows) == {"teacher", "consistency (lora)", "add (lora)"}
-    assert html.count("a handwritten digit 7") == 1
-    assert grid_heads[-3:] == ["50 steps", "4 steps", "1 step"]
+    # Sample grids: grouped by steps, the reference first, then from the fewest steps up, the teacher above the
+    # methods at each; "1 step" in the singular; the prompts named once above them.
+    steps = [cells[0][1] for cls, cells in p.rows if cls == "steps"]
+    assert steps == ["50 steps (reference)", "1 step", "4 steps"] and "1 steps" not in html
+    labels = [(cls, cells[0][1]) for cls, cells in p.rows if cls in ("", "steps") and cells and
+              cells[0][1].split("FID")[0] in ("teacher", "consistency (lora)", "add (lora)") or cls == "steps"]
+    at_4 = [text.split("FID")[0] for _, text in labels[labels.index(("steps", "4 steps")) + 1:]]
+    assert at_4 == ["teacher", "consistency (lora)"]
+    grids = html[html.index("<h2>Samples</h2>"):]
+    assert grids.count("a handwritten digit 7") == 1
     assert sum(img["src"].startswith("data:image/png") for img in p.imgs) == 1 + 5  # the plot, five grid cells
 
 
