@@ -82,8 +82,8 @@ def sample_images(method, prompts: list[str], steps: int, seed: int, guidance: f
 
 
 def nfe(method, steps: int, guidance: float, teacher: bool) -> int:
-    """Network evaluations per image: a CFG step costs two, unless the student reads w as input."""
-    cfg = guidance != 1.0 and (teacher or not method.student.guidance_input)
+    """Network evaluations per image: a CFG step costs two, unless the student or the teacher reads w as input."""
+    cfg = guidance != 1.0 and not method.teacher.guidance_embedded and (teacher or not method.student.guidance_input)
     return steps * (2 if cfg else 1)
 
 

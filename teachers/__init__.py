@@ -1,7 +1,8 @@
 """Teachers: frozen diffusion models behind one interface (see teachers/base.py).
 
 `load(cfg)` takes a diffusers pipeline folder, a single-file .safetensors checkpoint, a hub id, or a
-builtin (`builtin:tiny-sdxl`, `builtin:tiny-sd3`, `builtin:gmm-vp`, `builtin:gmm-flow`).
+builtin (`builtin:tiny-sdxl`, `builtin:tiny-sd3`, `builtin:tiny-flux`, `builtin:tiny-flux-dev`, `builtin:gmm-vp`,
+`builtin:gmm-flow`).
 """
 from __future__ import annotations
 
@@ -22,12 +23,12 @@ __all__ = ["Cond", "Teacher", "load", "family_of", "check_source"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:pairs-sdxl", "builtin:pairs-sd3", "builtin:tiny-sdxl",
-           "builtin:tiny-sd3", "builtin:gmm-vp", "builtin:gmm-flow")
-FAMILIES = ("sdxl", "sd3", "gmm")
+           "builtin:tiny-sd3", "builtin:tiny-flux", "builtin:tiny-flux-dev", "builtin:gmm-vp", "builtin:gmm-flow")
+FAMILIES = ("sdxl", "sd3", "flux", "gmm")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Random pipelines `distill make-teacher` builds offline: tiny ones (tiny.py) and real architectures (real_size.py).
-ARCHITECTURES = ("sdxl-base-arch", "sd3-medium-arch")  # real_size.py's, which `distill plan` also builds on meta
-MAKEABLE = ("tiny-sdxl", "tiny-sd3", *ARCHITECTURES)
+ARCHITECTURES = ("sdxl-base-arch", "sd3-medium-arch", "flux-dev-arch")  # real_size.py's, which `distill plan` also builds on meta
+MAKEABLE = ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux-dev", *ARCHITECTURES)
 
 
 def make(name: str, out: Path) -> str:
@@ -54,6 +55,9 @@ def check_source(t: TeacherConfig) -> None:
         if path.is_file() and path.suffix != ".safetensors":
             raise ConfigError("teacher.source", src, "a single-file teacher must be .safetensors "
                               "(pickled .ckpt/.bin files are refused)")
+        if path.is_file() and t.family == "flux":
+            raise ConfigError("teacher.source", src, "a single-file flux teacher is not read yet; give its diffusers "
+                              "folder (FluxPipeline.save_pretrained)")
         if path.is_file() and t.family is None:
             raise ConfigError("teacher.family", None, "a single-file teacher needs teacher.family (sdxl or sd3)")
         return
@@ -63,10 +67,11 @@ def check_source(t: TeacherConfig) -> None:
 
 
 def _classes():
+    from teachers.flux import FluxTeacher
     from teachers.sd3 import SD3Teacher
     from teachers.sdxl import SDXLTeacher
 
-    return {"sdxl": SDXLTeacher, "sd3": SD3Teacher}
+    return {"sdxl": SDXLTeacher, "sd3": SD3Teacher, "flux": FluxTeacher}
 
 
 def cache_dir() -> Path:
@@ -83,8 +88,10 @@ def family_of(folder: Path) -> str:
         return "sdxl"
     if name.startswith("StableDiffusion3"):
         return "sd3"
+    if name.startswith("Flux"):
+        return "flux"
     raise DistillError(f"teacher {folder} is a {name or 'unknown'} pipeline; supported: StableDiffusionXL*, "
-                       "StableDiffusion3*")
+                       "StableDiffusion3*, Flux*")
 
 
 # Teachers trained by distill itself and shipped in the repository (recipes in experiments/).
@@ -203,7 +210,7 @@ def load(cfg: TeacherConfig, device: str | torch.device = "cpu") -> Teacher:
     matches = [f for f, c in _classes().items() if isinstance(pipe, c.pipeline_class)]
     if not matches or (cfg.family and cfg.family != matches[0]):
         raise DistillError(f"teacher {src} loaded as {type(pipe).__name__}, which is not a "
-                           f"{cfg.family or 'supported'} pipeline (supported: sdxl, sd3)")
+                           f"{cfg.family or 'supported'} pipeline (supported: sdxl, sd3, flux)")
     return wrap(pipe, cfg).to(device)
 
 

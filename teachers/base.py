@@ -101,6 +101,7 @@ class Teacher(nn.Module):
     is_pipeline: bool = False  # a diffusers pipeline stands behind it: students save, export and sample through it
     makes_images: bool = True  # False: its samples are points (the exact 2-D teachers), with no images to write
     flow: bool = False  # a rectified-flow schedule (x_t = (1 - t) x0 + t eps); otherwise variance-preserving
+    guidance_embedded: bool = False  # the backbone reads the guidance scale (FLUX.1-dev): guided = one pass
     lora_formats: tuple[str, ...] = ()  # LoRA files of its students that its ecosystem loads: lora (diffusers), kohya
     kohya_base_model: str | None = None  # kohya's ss_base_model_version for a kohya LoRA of this family
     backbone: nn.Module

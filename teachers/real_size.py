@@ -1,9 +1,11 @@
-"""Real-size teachers with random weights: SDXL base's and SD3 medium's true architectures, built offline.
+"""Real-size teachers with random weights: SDXL base's, SD3 medium's and FLUX.1-dev's true architectures, built
+offline.
 
 The architectures are the JSON files in teachers/architectures/ (shipped; no weights); the tokenizers are tiny.py's,
 so no hub file is needed. They are for speed benchmarks and profiling at real cost (`distill make-teacher
 sdxl-base-arch OUT`, then `distill bench-speed --train` on a config naming OUT); the default tests never load
-them: SDXL's is 3.5B parameters, 7 GB in bfloat16 on disk and in memory, SD3 medium's 7.7B with T5-XXL.
+them: SDXL's is 3.5B parameters, 7 GB in bfloat16 on disk and in memory, SD3 medium's 7.7B with T5-XXL, FLUX.1-dev's
+16.9B (an 11.9B transformer).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import transformers
 
 from teachers import tiny
 
-ARCHITECTURES = {"sdxl-base-arch": "sdxl-base", "sd3-medium-arch": "sd3-medium"}
+ARCHITECTURES = {"sdxl-base-arch": "sdxl-base", "sd3-medium-arch": "sd3-medium", "flux-dev-arch": "flux-dev"}
 
 
 def architecture(name: str) -> dict:
@@ -45,12 +47,14 @@ def pipeline(name: str, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> d
         torch.manual_seed(seed)
         parts = {}
         backbone = "unet" if "unet" in arch else "transformer"
-        parts[backbone] = getattr(diffusers, "UNet2DConditionModel" if backbone == "unet" else
-                                  "SD3Transformer2DModel")(**arch[backbone])
+        cls = arch.get("transformer_class", "SD3Transformer2DModel") if backbone == "transformer" else \
+            "UNet2DConditionModel"
+        parts[backbone] = getattr(diffusers, cls)(**arch[backbone])
         parts["vae"] = diffusers.AutoencoderKL(**arch["vae"])
         for key in ("text_encoder", "text_encoder_2", "text_encoder_3"):
             if key in arch:
-                tokenizer = tiny.t5_tokenizer() if key == "text_encoder_3" else tiny.clip_tokenizer()
+                t5 = arch[key]["class"] == "T5EncoderModel"
+                tokenizer = tiny.t5_tokenizer() if t5 else tiny.clip_tokenizer()
                 parts[key.replace("text_encoder", "tokenizer")] = tokenizer
                 parts[key] = _text_encoder(arch[key], tokenizer)
     finally:

@@ -1,4 +1,4 @@
-"""Tiny, randomly initialised SDXL and SD3 pipelines built offline from configs, tokenizers included.
+"""Tiny, randomly initialised SDXL, SD3 and FLUX pipelines built offline from configs, tokenizers included.
 
 They exercise the real diffusers code paths (save_pretrained / from_pretrained, encode_prompt, the
 UNet and MMDiT forwards, the VAE) in seconds on a CPU. Their weights are random: useful for tests
@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler,
-                       SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionXLPipeline,
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, FlowMatchEulerDiscreteScheduler, FluxPipeline,
+                       FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline, StableDiffusionXLPipeline,
                        UNet2DConditionModel)
 from tokenizers.pre_tokenizers import ByteLevel
 from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
@@ -76,9 +76,7 @@ def tiny_sd3(seed: int = 0, layers: int = 2, head_dim: int = 8, text_width_2: in
                                         num_layers=layers, attention_head_dim=head_dim, num_attention_heads=4,
                                         joint_attention_dim=64, caption_projection_dim=4 * head_dim,
                                         pooled_projection_dim=64).eval()
-    torch.manual_seed(seed + 3)
-    t5 = T5EncoderModel(T5Config(vocab_size=98, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
-                                 relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+    t5 = _t5(seed + 3)
     clip_l = _clip(True, seed + 1)
     if identity_projection:
         torch.nn.init.eye_(clip_l.text_projection.weight)
@@ -90,7 +88,32 @@ def tiny_sd3(seed: int = 0, layers: int = 2, head_dim: int = 8, text_width_2: in
         text_encoder_3=t5, tokenizer_3=t5_tokenizer())
 
 
-BUILDERS = {"tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3}
+def _t5(seed: int) -> T5EncoderModel:
+    torch.manual_seed(seed)
+    return T5EncoderModel(T5Config(vocab_size=98, d_model=64, d_kv=16, d_ff=64, num_layers=2, num_heads=4,
+                                   relative_attention_num_buckets=8, decoder_start_token_id=0)).eval()
+
+
+def tiny_flux(guidance_embeds: bool = False, seed: int = 0, layers: int = 1, single_layers: int = 1,
+              head_dim: int = 16) -> FluxPipeline:
+    """FLUX.1-schnell's shape (no guidance input), or with `guidance_embeds` FLUX.1-dev's, at diffusers' own test
+    sizes: `layers` double- and `single_layers` single-stream blocks of 2 heads, RoPE axes (4, 4, 8). The VAE's 4
+    latent channels pack 2 x 2 into 16-channel tokens, and the scheduler shifts by the token count as FLUX's does."""
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers,
+                                         num_single_layers=single_layers, attention_head_dim=head_dim,
+                                         num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+                                         axes_dims_rope=(4, 4, head_dim - 8), guidance_embeds=guidance_embeds).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                                base_image_seq_len=256, max_image_seq_len=4096)
+    return FluxPipeline(transformer=transformer, scheduler=scheduler,
+                        vae=_vae(4, shift_factor=0.1159, scaling_factor=0.3611),
+                        text_encoder=_clip(False, seed + 1), tokenizer=clip_tokenizer(),
+                        text_encoder_2=_t5(seed + 3), tokenizer_2=t5_tokenizer())
+
+
+BUILDERS = {"tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux,
+            "tiny-flux-dev": lambda **kw: tiny_flux(guidance_embeds=True, **kw)}
 
 
 def build(name: str, out: Path, **overrides) -> Path:

@@ -24,7 +24,8 @@ import diffusers
 
 teacher, export, kind = sys.argv[1], sys.argv[2], sys.argv[3]
 facts = json.load(open(f"{export}/distill_export.json"))
-Pipe = getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline"}[facts["family"]])
+Pipe = getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
+                          "flux": "FluxPipeline"}[facts["family"]])
 if kind == "merged":
     pipe = Pipe.from_pretrained(f"{export}/pipeline")
     assert type(pipe.scheduler).__name__ == facts["scheduler"]

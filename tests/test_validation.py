@@ -53,6 +53,10 @@ def assert_same_weights(a, b):
 def validated(tmp_path_factory):
     """One run validating every 2 of 4 steps, logged to every installed tracker (wandb offline, in tmp)."""
     tmp = tmp_path_factory.mktemp("validated")
+    if "wandb" in TRACKERS:  # wandb keeps the settings of its first run in this process (WANDB_DIR included)
+        import wandb
+
+        wandb.teardown()
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("WANDB_MODE", "offline")
         mp.setenv("WANDB_DIR", str(tmp))

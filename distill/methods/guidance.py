@@ -36,6 +36,13 @@ class Guidance(Method):
             raise ConfigError("student.guidance_embedding", cfg.student.guidance_embedding,
                               "guidance distillation needs student.kind=full and student.guidance_embedding=true")
 
+    def __init__(self, teacher, student, params):
+        if teacher.guidance_embedded:
+            raise ConfigError("method.name", "guidance", f"the {teacher.family} teacher already reads the guidance "
+                              "scale as an input (one pass per guided prediction): there is nothing to distil; "
+                              "train another method on it, or use a teacher without embedded guidance")
+        super().__init__(teacher, student, params)
+
     def loss(self, batch, turn) -> LossOut:
         p, teacher, g = self.params, self.teacher, batch["generator"]
         x0, cond = batch["latents"].float(), batch["cond"]

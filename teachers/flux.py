@@ -1,0 +1,150 @@
+"""FLUX.1 teachers: rectified flow on packed latents with a resolution-dependent shift, an MMDiT of double- and
+single-stream blocks, CLIP-L pooled and T5 text (Black Forest Labs 2024; diffusers' FluxPipeline).
+
+Methods see the family's latents as they see SD3's, `x_t = (1 - t) x0 + t eps` on [B, C, H/f, W/f]; the
+backbone call packs them 2x2 into tokens and unpacks its output. Two kinds of teacher:
+
+- guidance-embedded (FLUX.1-dev, `guidance_embeds: true`): the guidance scale is an input of the backbone. A guided
+  prediction is one pass with that input, and every student of such a teacher reads the same input: LoRA students
+  and plain full students at 1 (as the pipeline is called with guidance_scale=1), w-students at their w.
+- plain (FLUX.1-schnell, or a CFG teacher trained with prompt dropout): guidance > 1 is two-pass CFG against the
+  negative prompts, as for SD3.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+
+from distill.errors import DistillError
+from distill.schedules import flow_student_timesteps
+from teachers.base import Cond, Teacher
+from teachers.sd3 import SD3Teacher
+
+
+def dynamic_shift(tokens: int, config) -> float:
+    """FLUX's shift for an image of `tokens` packed latent tokens: exp(mu), mu interpolated linearly from base_shift
+    at base_image_seq_len tokens to max_shift at max_image_seq_len (diffusers' calculate_shift). The scheduler's
+    exponential time shift exp(mu) / (exp(mu) + 1/s - 1) is SD3's shift s' = k s / (1 + (k - 1) s) with k = exp(mu)."""
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
+    lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    return math.exp(base + (top - base) * (tokens - lo) / (hi - lo))
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] latents -> [B, H/2 * W/2, 4C] tokens, as FluxPipeline._pack_latents."""
+    b, c, h, w = x.shape
+    return x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The inverse of `pack` for latents of h x w."""
+    b, _, d = tokens.shape
+    return tokens.view(b, h // 2, w // 2, d // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, d // 4, h, w)
+
+
+def image_ids(h: int, w: int, device) -> torch.Tensor:
+    """[h/2 * w/2, 3] RoPE positions of the packed tokens: (0, row, column)."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 1] += torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] += torch.arange(w // 2, device=device)[None, :]
+    return ids.reshape(-1, 3)
+
+
+class FluxTeacher(SD3Teacher):
+    family = "flux"
+    pipeline_class = FluxPipeline
+    # SD3's attention and feed-forward names, which FLUX's double blocks share (its single blocks' attention too),
+    # and the single blocks' MLP input; diffusers' FLUX LoRA loader reads them all.
+    lora_targets = (*SD3Teacher.lora_targets, "proj_mlp")
+    shard_blocks = (FluxTransformerBlock, FluxSingleTransformerBlock)
+    single_file = False  # no BFL single-file layout or kohya names are written yet
+
+    def __init__(self, pipe: FluxPipeline, resolution: int, max_text_length: int = 77):
+        super(SD3Teacher, self).__init__()
+        self.pipe = pipe
+        self.backbone, self.vae = pipe.transformer, pipe.vae
+        self.text_encoder, self.text_encoder_2 = pipe.text_encoder, pipe.text_encoder_2
+        self.num_train_timesteps = pipe.scheduler.config.get("num_train_timesteps", 1000)
+        self.resolution, self.max_text_length = resolution, max_text_length
+        self.guidance_embedded = bool(self.backbone.config.guidance_embeds)
+        self.freeze()
+
+    @property
+    def shift(self) -> float:
+        h, w = self.latent_shape(*self.size)[1:]
+        return dynamic_shift((h // 2) * (w // 2), self.pipe.scheduler.config)
+
+    def timesteps(self, n: int) -> torch.Tensor:
+        # FluxPipeline samples at the shifted sigmas 1, (n-1)/n, ..., 1/n: the grid SD3 students use.
+        return flow_student_timesteps(n, self.shift, self.num_train_timesteps)
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
+        f = 2 * self.pipe.vae_scale_factor  # the VAE's factor, times the 2 x 2 packing
+        if height % f or width % f:
+            raise DistillError(f"the {self.family} teacher makes images whose sides are multiples of {f} px (the "
+                               f"VAE's factor times the 2 x 2 packing), not {height} x {width}")
+        return (self.vae.config.latent_channels, height // self.pipe.vae_scale_factor,
+                width // self.pipe.vae_scale_factor)
+
+    def size_config(self) -> dict:
+        return {}  # FluxPipeline sizes its default image by a constant, not by the backbone's config
+
+    def feature_layers(self):
+        # The image tokens (element 1 of (text, image)) of every double-stream and single-stream block.
+        double = [(f"transformer_blocks.{i}", 1) for i in range(len(self.backbone.transformer_blocks))]
+        single = [(f"single_transformer_blocks.{i}", 1) for i in range(len(self.backbone.single_transformer_blocks))]
+        return tuple(double + single)
+
+    def scheduler_for(self, renoises, times, prediction_type=None, boundary=None):
+        scheduler, kwargs = super().scheduler_for(renoises, times, prediction_type, boundary)
+        # FluxPipeline passes the guidance input only to a guidance-embedded backbone; 1 is what the students read.
+        return scheduler, {**kwargs, **({"guidance_scale": 1.0} if self.guidance_embedded else {})}
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, negative=None) -> Cond:
+        prompts = list(prompts)
+        negative = list(negative) if negative else [""] * len(prompts)
+        pe, pp, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
+                                            max_sequence_length=self.max_text_length)
+        ne, npool, _ = self.pipe.encode_prompt(negative, negative, device=self.device,
+                                               max_sequence_length=self.max_text_length)
+        return Cond({"embeds": pe, "pooled": pp}, {"embeds": ne, "pooled": npool})
+
+    def predict(self, x, t, cond, guidance=1.0, backbone=None, guidance_cond=None, prediction_type=None):
+        if self.guidance_embedded and guidance_cond is None:  # the scale is an input: one pass, no negatives
+            return super().predict(x, t, cond, 1.0, backbone, guidance, prediction_type)
+        return super().predict(x, t, cond, guidance, backbone, guidance_cond, prediction_type)
+
+    def _forward(self, backbone, x, t, cond, guidance_cond):
+        dtype, (b, _, h, w) = backbone.dtype, x.shape
+        guidance = None
+        if backbone.config.guidance_embeds:
+            guidance = torch.as_tensor(1.0 if guidance_cond is None else guidance_cond, device=x.device,
+                                       dtype=torch.float32).expand(b)
+        text = cond["embeds"]
+        out = backbone(hidden_states=pack(x.to(dtype)), timestep=t / self.num_train_timesteps, guidance=guidance,
+                       pooled_projections=cond["pooled"].to(dtype), encoder_hidden_states=text.to(dtype),
+                       txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=dtype),
+                       img_ids=image_ids(h, w, x.device).to(dtype), return_dict=False)[0]
+        return unpack(out, h, w)
+
+    def add_guidance_input(self, backbone):
+        if backbone.config.guidance_embeds:  # FLUX.1-dev's own guidance input is the w input
+            return copy.deepcopy(backbone)
+        # A schnell-like backbone gains FLUX.1-dev's guidance embedder, its output layer zeroed, so the student
+        # starts as the teacher and a pipeline loads it as a dev-like model.
+        student = FluxTransformer2DModel.from_config({**backbone.config, "guidance_embeds": True})
+        student = student.to(backbone.device, backbone.dtype)
+        missing, unexpected = student.load_state_dict(backbone.state_dict(), strict=False)
+        assert not unexpected and all("guidance_embedder" in k for k in missing), (missing, unexpected)
+        torch.nn.init.zeros_(student.time_text_embed.guidance_embedder.linear_2.weight)
+        torch.nn.init.zeros_(student.time_text_embed.guidance_embedder.linear_2.bias)
+        return student
+
+    single_file_state = Teacher.single_file_state  # not SD3's layout

@@ -1,0 +1,160 @@
+"""FLUX.1 teachers (teachers/flux.py): the tiny dev-shaped (guidance input) and schnell-shaped pipelines sample
+through distill's teacher as diffusers' FluxPipeline does, every method trains on them, and a student exports."""
+import json
+import math
+
+import pytest
+import torch
+from diffusers import FluxPipeline
+from safetensors.torch import load_file
+
+import teachers
+from distill import runs
+from distill.config import TeacherConfig
+from distill.errors import ConfigError, DistillError
+from distill.evaluation import nfe
+from distill.sampling import ddim_sample
+from distill.trainer import build_method, train
+from teachers import tiny
+from teachers.flux import dynamic_shift
+
+PROMPTS = ["a handwritten digit 7", "a cat"]
+
+
+@pytest.fixture(scope="module")
+def flux_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("flux")
+    return {name: tiny.build(name, root / name) for name in ("tiny-flux-dev", "tiny-flux")}
+
+
+def _pipeline_latents(folder, res, steps, seed, **call):
+    pipe = FluxPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    packed = pipe(PROMPTS, num_inference_steps=steps, height=res, width=res, max_sequence_length=77,
+                  output_type="latent", generator=torch.Generator().manual_seed(seed), **call).images
+    return FluxPipeline._unpack_latents(packed, res, res, pipe.vae_scale_factor)
+
+
+@pytest.mark.parametrize("name,res", [("tiny-flux-dev", 16), ("tiny-flux-dev", 32), ("tiny-flux", 32)])
+def test_teacher_samples_as_the_flux_pipeline(flux_dirs, name, res):
+    teacher = teachers.load(TeacherConfig(source=str(flux_dirs[name]), resolution=res))
+    assert teacher.family == "flux" and teacher.guidance_embedded == (name == "tiny-flux-dev")
+    assert not any(m.training for m in teacher.modules()) and not any(p.requires_grad for p in teacher.parameters())
+    # the shift follows the token count: (res / 2 / 2)^2 tokens, mu linear from 0.5 at 256 to 1.15 at 4,096
+    tokens = (res // 4) ** 2
+    assert teacher.shift == pytest.approx(math.exp(0.5 + 0.65 * (tokens - 256) / 3840))
+    cond = teacher.encode_prompts(PROMPTS)
+    guidance = 3.5 if teacher.guidance_embedded else 1.0  # dev: the embedded scale, one pass
+    ours = ddim_sample(teacher, cond, 3, torch.Generator().manual_seed(1), teacher.latent_shape(res, res), guidance)
+    ref = _pipeline_latents(flux_dirs[name], res, 3, 1, guidance_scale=guidance)
+    assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    if not teacher.guidance_embedded:  # two-pass CFG against the empty prompt is FluxPipeline's true CFG
+        ours = ddim_sample(teacher, cond, 2, torch.Generator().manual_seed(2), teacher.latent_shape(res, res), 4.0)
+        ref = _pipeline_latents(flux_dirs[name], res, 2, 2, true_cfg_scale=4.0, negative_prompt=["", ""])
+        assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+
+
+def test_a_dev_teacher_reads_guidance_as_an_input(flux_dirs):
+    teacher = teachers.load(TeacherConfig(source=str(flux_dirs["tiny-flux-dev"]), resolution=16))
+    calls = []
+    teacher.backbone.register_forward_hook(lambda m, args, kwargs, out: calls.append(kwargs["guidance"]),
+                                           with_kwargs=True)
+    x = torch.randn(2, *teacher.latent_shape(16, 16), generator=torch.Generator().manual_seed(0))
+    cond = teacher.encode_prompts(PROMPTS)
+    a = teacher.predict(x, 600.0, cond, guidance=5.0)[0]
+    b = teacher.predict(x, 600.0, cond, guidance=torch.tensor([5.0, 2.0]))[0]
+    assert [c.tolist() for c in calls] == [[5.0, 5.0], [5.0, 2.0]]  # one pass each, batch not doubled
+    assert torch.allclose(a[0], b[0]) and not torch.allclose(a[1], b[1], atol=1e-4)
+
+
+def test_a_guided_step_costs_one_evaluation_on_a_dev_teacher(flux_dirs, tmp_path):
+    for name, cost in (("tiny-flux-dev", 4), ("tiny-flux", 8)):
+        method = build_method(_cfg(flux_dirs[name], tmp_path, "consistency", "lora"), "cpu")
+        assert nfe(method, 4, 3.5, teacher=True) == cost and nfe(method, 4, 1.0, teacher=True) == 4
+
+
+def _cfg(folder, tmp_path, method, kind, student=(), **params):
+    return runs.parse_config({"teacher": {"source": str(folder), "resolution": 16},
+                              "student": {"kind": kind, "lora_rank": 4, **dict(student)},
+                              "method": {"name": method, "params": params},
+                              "data": {"kind": "digits", "batch_size": 2},
+                              "train": {"output_dir": str(tmp_path / f"{method}-{kind}"), "max_steps": 2,
+                                        "learning_rate": 1e-3, "checkpoint_every": 2, "log_every": 1,
+                                        "turn_every": {"student": 1}}}, [])
+
+
+METHODS = [("consistency", {"guidance_min": 2.0, "guidance_max": 6.0}), ("denoise", {}),
+           ("progressive", {"start_steps": 4, "round_steps": 1}),
+           ("add", {"feature_net": "vit_tiny_patch16_224", "feature_size": 32}), ("ladd", {}), ("dmd2", {})]
+
+
+@pytest.mark.parametrize("kind", ["lora", "full"])
+@pytest.mark.parametrize("method,params", METHODS, ids=[m for m, _ in METHODS])
+def test_every_method_trains_on_the_dev_teacher(flux_dirs, tmp_path, method, params, kind):
+    cfg = _cfg(flux_dirs["tiny-flux-dev"], tmp_path, method, kind, **params)
+    trained = train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / f"{method}-{kind}" / "metrics.jsonl").read_text().splitlines()]
+    for turn in trained.turns:
+        assert len(rows) == 2 and all(math.isfinite(r[f"{turn}/loss"]) for r in rows)
+    init = build_method(cfg, "cpu")
+    changed = [not torch.equal(a, b) for a, b in zip(trained.student.trainable_parameters(),
+                                                       init.student.trainable_parameters())]
+    assert sum(changed) > 0.5 * len(changed)
+    fresh = teachers.load(TeacherConfig(source=str(flux_dirs["tiny-flux-dev"]), resolution=16))
+    frozen = {n.replace(".base_layer", ""): p for n, p in trained.teacher.backbone.named_parameters()
+              if "lora_" not in n}
+    assert all(torch.equal(frozen[n], p) for n, p in fresh.backbone.named_parameters())
+
+
+def test_guidance_distillation_makes_a_dev_like_student_of_a_cfg_teacher(flux_dirs, tmp_path):
+    embed = {"guidance_embedding": True}
+    cfg = _cfg(flux_dirs["tiny-flux"], tmp_path, "guidance", "full", embed)
+    init = build_method(cfg, "cpu")
+    student = init.student.backbone
+    assert student.config.guidance_embeds and not init.teacher.backbone.config.guidance_embeds
+    # the added guidance embedder starts at zero: the student is the teacher, whatever w it reads
+    x = torch.randn(1, *init.teacher.latent_shape(16, 16), generator=torch.Generator().manual_seed(0))
+    cond = init.teacher.encode_prompts(PROMPTS[:1])
+    teacher_x0 = init.teacher.predict(x, 500.0, cond)[0]
+    for w in (1.0, 6.0):
+        assert torch.allclose(init.teacher.predict(x, 500.0, cond, backbone=student, guidance_cond=w)[0],
+                              teacher_x0, atol=1e-6)
+    train(cfg)
+    dev = _cfg(flux_dirs["tiny-flux-dev"], tmp_path, "guidance", "full", embed)
+    with pytest.raises(ConfigError, match="already reads the guidance scale as an input"):
+        build_method(dev, "cpu")
+
+
+def test_a_lora_student_of_the_dev_teacher_loads_in_diffusers(flux_dirs, tmp_path, cli):
+    from test_export import _load_in_fresh_process, _same_as_generate
+
+    teacher = flux_dirs["tiny-flux-dev"]
+    run = tmp_path / "run"
+    cli("train", "experiments/lcm_digits_sdxl.yaml", f"teacher.source={teacher}", "teacher.resolution=32",
+        f"train.output_dir={run}", "train.max_steps=2", "data.batch_size=2", "train.checkpoint_every=2")
+    export = tmp_path / "export"
+    cli("export", run, "--to", export, "--format", "lora", "--format", "merged", "--steps", 1,
+        "--db", tmp_path / "none.sqlite")
+    facts = json.loads((export / "distill_export.json").read_text())
+    assert facts["family"] == "flux" and facts["scheduler"] == "FlowMatchLCMScheduler"
+    assert facts["pipeline_call"]["guidance_scale"] == 1.0  # the guidance input the student was trained at
+    for kind in ("lora", "merged"):
+        images, stdout = _load_in_fresh_process(teacher, export, kind, tmp_path, 1)
+        if kind == "lora":  # every LoRA module of the file lands in FluxPipeline's transformer
+            adapters = [k for k in load_file(export / "pytorch_lora_weights.safetensors") if k.endswith("lora_A.weight")]
+            assert adapters and f"lora modules {len(adapters)}\n" in stdout, stdout
+        _same_as_generate(images, run, tmp_path, cli, 1)
+
+
+def test_flux_bad_input_is_one_line(flux_dirs, tmp_path, cli):
+    cfg = _cfg(flux_dirs["tiny-flux-dev"], tmp_path, "consistency", "lora")
+    cfg.teacher.resolution = 18
+    with pytest.raises(DistillError, match="multiples of 4 px"):
+        build_method(cfg, "cpu")
+    single = tmp_path / "flux.safetensors"
+    single.write_bytes(b"")
+    proc = cli("train", "experiments/lcm_digits_sdxl.yaml", f"teacher.source={single}", "teacher.family=flux",
+               check=False)
+    assert proc.returncode == 2 and "single-file flux teacher is not read yet" in proc.stderr
+    assert dynamic_shift(4096, {"use_dynamic_shifting": True}) == pytest.approx(math.exp(1.15))
+    assert dynamic_shift(10, {"shift": 3.0}) == 3.0
