@@ -13,7 +13,7 @@ CASES = [
     ({"train": {"max_steps": "many"}}, "'train.max_steps' has bad value 'many': expected int"),
     ({"train": {"max_step": 3}}, "unknown field; did you mean 'train.max_steps'?"),
     ({"method": {"name": "consistancy"}}, "allowed: denoise, consistency, guidance, progressive, add, ladd, dmd2 (did you mean 'consistency'?)"),
-    ({"teacher": {"family": "sd15"}}, "'teacher.family' has bad value 'sd15': allowed: sdxl, sd3, gmm"),
+    ({"teacher": {"family": "sd15"}}, "'teacher.family' has bad value 'sd15': allowed: sdxl, sd3, flux, gmm"),
     ({"teacher": {"source": "./no/such/folder"}}, "'teacher.source' has bad value './no/such/folder': no such file"),
     ({"data": {"kind": "images", "path": "/no/such/images"}}, "'data.path' has bad value '/no/such/images'"),
     ({"student": {"lora_rank": 0}}, "'student.lora_rank' has bad value 0: must be a positive integer"),

@@ -80,7 +80,7 @@ def _bad_inputs(tmp: Path, tiny_sdxl_dir: Path) -> list[tuple[dict, str]]:
         ({**sdxl, "data": {"kind": "latents", "path": str(tmp / "cache-trunc.safetensors")}},
          "is not a readable safetensors file"),
         ({**sdxl, "data": {"kind": "prompts", "path": str(tmp / "empty.txt")}}, "holds no prompts"),
-        ({"teacher": {"source": "builtin:gmm-vp", "family": "sdxx"}}, "allowed: sdxl, sd3, gmm"),
+        ({"teacher": {"source": "builtin:gmm-vp", "family": "sdxx"}}, "allowed: sdxl, sd3, flux, gmm"),
         ({"teacher": {"dtype": "fp8"}}, "allowed: float32, float16, bfloat16"),
         ({"method": {"name": "adversarial"}}, "'method.name' has bad value 'adversarial'"),
         ({"data": {"kind": "teacher", "batch_size": 0}}, "must be a positive integer"),
