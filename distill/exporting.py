@@ -1,9 +1,10 @@
 """`distill export RUN_OR_CHECKPOINT --to DIR`: a trained student in the formats other tools load as they are.
 
-- `lora`: DIR/pytorch_lora_weights.safetensors, for `pipeline.load_lora_weights(DIR)` (SDXL and SD3).
+- `lora`: DIR/pytorch_lora_weights.safetensors, for `pipeline.load_lora_weights(DIR)` (SDXL, SD3, FLUX).
 - `kohya`: DIR/lora_kohya.safetensors, `lora_unet_*` keys with `.alpha` tensors, for ComfyUI, A1111 and
-  diffusers' kohya loading path (SDXL family). The module names inside the keys are the original (LDM) ones
-  A1111 expects, e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q.
+  diffusers' kohya loading path (SDXL and FLUX families). The module names inside the keys are the original ones
+  A1111 and ComfyUI expect, e.g. lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q (SDXL's LDM names),
+  lora_unet_double_blocks_0_img_attn_qkv (Black Forest Labs' FLUX names, q, k and v in one module).
 - `merged`: DIR/pipeline/, the LoRA fused into the backbone (or the full student's backbone), saved as a
   diffusers pipeline with the scheduler that samples as distill does; `DiffusionPipeline.from_pretrained`.
 - `single-file`: DIR/<family>_<method>_<n>step.safetensors, the fused student with the rest of the pipeline in
@@ -37,17 +38,12 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def kohya_state(student: students.Student, teacher, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The LoRA in kohya's key format: lora_unet_<the module's original (LDM) path, dots as underscores> with
-    .lora_down.weight (peft's A), .lora_up.weight (B) and .alpha."""
-    ldm = teacher.ldm_names()
-    alpha = torch.tensor(float(student.backbone.peft_config[students.STUDENT_ADAPTER].lora_alpha), dtype=dtype)
-    state = {}
-    for key, v in students.lora_layers(student, dtype).items():  # <module>.lora_A.weight / .lora_B.weight
-        module, _, part = key.rpartition(".lora_")
-        name = "lora_unet_" + ldm(module).replace(".", "_")
-        state[f"{name}.lora_{'down' if part.startswith('A') else 'up'}.weight"] = v
-        state[f"{name}.alpha"] = alpha.clone()
-    return state
+    """The LoRA in kohya's keys, as the teacher's family names its modules (Teacher.kohya_lora)."""
+    alpha = float(student.backbone.peft_config[students.STUDENT_ADAPTER].lora_alpha)
+    layers = students.lora_layers(student, dtype)  # <module>.lora_A.weight / .lora_B.weight
+    pairs = {key.removesuffix(".lora_A.weight"): (v, layers[key.replace(".lora_A.", ".lora_B.")])
+             for key, v in layers.items() if key.endswith(".lora_A.weight")}
+    return teacher.kohya_lora(pairs, alpha)
 
 
 def _check_target(to: Path, ckpt: Path, overwrite: bool) -> Path:

@@ -89,6 +89,14 @@ def adapters_disabled(module: nn.Module):
     return adapters_as(module, None)
 
 
+def kohya_module(name: str, down: torch.Tensor, up: torch.Tensor, alpha: float) -> dict[str, torch.Tensor]:
+    """One LoRA module in kohya's keys: lora_unet_<original module path, dots as underscores> with .lora_down.weight,
+    .lora_up.weight and .alpha (the module's update is up @ down * alpha / rank)."""
+    key = "lora_unet_" + name.replace(".", "_")
+    return {f"{key}.lora_down.weight": down, f"{key}.lora_up.weight": up,
+            f"{key}.alpha": torch.tensor(float(alpha), dtype=down.dtype)}
+
+
 class Teacher(nn.Module):
     """A frozen diffusion model seen as a denoiser: `predict` gives (x0, eps) for x_t at time t."""
 
@@ -191,6 +199,15 @@ class Teacher(nn.Module):
     def ldm_names(self):
         """A function from a backbone module name (diffusers) to its name in the original layout."""
         raise DistillError(f"no original layout is known for the {self.family} family")
+
+    def kohya_lora(self, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float) -> dict[str, torch.Tensor]:
+        """A LoRA, {diffusers module: (A [r, in], B [out, r])} scaled by alpha / r, in kohya's keys: each module by
+        its name in the original layout (ldm_names)."""
+        ldm = self.ldm_names()
+        state = {}
+        for module, (down, up) in pairs.items():
+            state |= kohya_module(ldm(module), down, up, alpha)
+        return state
 
     # --- shared ------------------------------------------------------------------------
     @property

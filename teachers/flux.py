@@ -25,6 +25,52 @@ from teachers.base import Cond, Teacher
 from teachers.sd3 import SD3Teacher
 
 
+# Black Forest Labs' module names (the original layout ComfyUI and kohya's FLUX LoRAs use) for diffusers' modules of
+# a double-stream block (transformer_blocks.i -> double_blocks.i) and a single-stream one (-> single_blocks.i). The
+# fused ones stack their diffusers parts' outputs in this order.
+BFL = {"transformer_blocks": ("double_blocks", {
+           "attn.to_out.0": "img_attn.proj", "attn.to_add_out": "txt_attn.proj", "ff.net.0.proj": "img_mlp.0",
+           "ff.net.2": "img_mlp.2", "ff_context.net.0.proj": "txt_mlp.0", "ff_context.net.2": "txt_mlp.2",
+           "norm1.linear": "img_mod.lin", "norm1_context.linear": "txt_mod.lin"}, {
+           "img_attn.qkv": ("attn.to_q", "attn.to_k", "attn.to_v"),
+           "txt_attn.qkv": ("attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj")}),
+       "single_transformer_blocks": ("single_blocks", {"proj_out": "linear2", "norm.linear": "modulation.lin"}, {
+           "linear1": ("attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp")})}
+
+
+def bfl_lora(pairs: dict, alpha: float, out_features) -> dict[str, torch.Tensor]:
+    """A LoRA of a FLUX transformer, {diffusers module: (A [r, in], B [out, r])} scaled by alpha / r, in kohya's keys
+    with BFL's module names. Where BFL fuses modules (q, k, v into qkv; a single block's q, k, v and MLP input into
+    linear1) their LoRAs become one of rank n r: the A's stacked, the B's block-diagonal, alpha times n, so the fused
+    update is exactly the parts' updates stacked; a part without a LoRA gets zeros (its `out_features(module)`).
+    diffusers' kohya-FLUX converter splits such a block-diagonal LoRA back into the parts."""
+    from teachers.base import kohya_module
+
+    state, done = {}, set()
+    for module, (down, up) in pairs.items():
+        kind, index, rest = (module.split(".", 2) + ["", ""])[:3]
+        if kind not in BFL or not index.isdigit():
+            raise DistillError(f"the kohya FLUX layout has no name for the LoRA on {module}; train LoRAs on the "
+                               "blocks' attention, MLP and modulation layers (the default student.lora_targets)")
+        block, plain, fused = BFL[kind]
+        if rest in plain:
+            state |= kohya_module(f"{block}.{index}.{plain[rest]}", down, up, alpha)
+            continue
+        target = next((name for name, parts in fused.items() if rest in parts), None)
+        if target is None:
+            raise DistillError(f"the kohya FLUX layout has no name for the LoRA on {module}")
+        if (index, target, kind) in done:
+            continue
+        done.add((index, target, kind))
+        rank, width = down.shape
+        parts = [pairs.get(f"{kind}.{index}.{part}") or
+                 (down.new_zeros(rank, width), up.new_zeros(out_features(f"{kind}.{index}.{part}"), rank))
+                 for part in fused[target]]
+        state |= kohya_module(f"{block}.{index}.{target}", torch.cat([a for a, _ in parts]),
+                              torch.block_diag(*[b for _, b in parts]), alpha * len(parts))
+    return state
+
+
 def dynamic_shift(tokens: int, config) -> float:
     """FLUX's shift for an image of `tokens` packed latent tokens: exp(mu), mu interpolated linearly from base_shift
     at base_image_seq_len tokens to max_shift at max_image_seq_len (diffusers' calculate_shift). The scheduler's
@@ -63,7 +109,9 @@ class FluxTeacher(SD3Teacher):
     # and the single blocks' MLP input; diffusers' FLUX LoRA loader reads them all.
     lora_targets = (*SD3Teacher.lora_targets, "proj_mlp")
     shard_blocks = (FluxTransformerBlock, FluxSingleTransformerBlock)
-    single_file = False  # no BFL single-file layout or kohya names are written yet
+    single_file = False  # no BFL single-file layout is written yet
+    lora_formats = ("lora", "kohya")  # kohya: ComfyUI and kohya's FLUX LoRAs, in BFL's module names
+    kohya_base_model = "flux1"
 
     def __init__(self, pipe: FluxPipeline, resolution: int, max_text_length: int = 77):
         super(SD3Teacher, self).__init__()
@@ -148,3 +196,6 @@ class FluxTeacher(SD3Teacher):
         return student
 
     single_file_state = Teacher.single_file_state  # not SD3's layout
+
+    def kohya_lora(self, pairs, alpha):
+        return bfl_lora(pairs, alpha, lambda name: self.backbone.get_submodule(name).out_features)

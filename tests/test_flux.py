@@ -131,13 +131,22 @@ def test_a_lora_student_of_the_dev_teacher_loads_in_diffusers(flux_dirs, tmp_pat
     teacher = flux_dirs["tiny-flux-dev"]
     run = tmp_path / "run"
     cli("train", "experiments/lcm_digits_sdxl.yaml", f"teacher.source={teacher}", "teacher.resolution=32",
-        f"train.output_dir={run}", "train.max_steps=2", "data.batch_size=2", "train.checkpoint_every=2")
+        f"train.output_dir={run}", "train.max_steps=2", "data.batch_size=2", "train.checkpoint_every=2",
+        "student.lora_alpha=32")
     export = tmp_path / "export"
-    cli("export", run, "--to", export, "--format", "lora", "--format", "merged", "--steps", 1,
+    cli("export", run, "--to", export, "--format", "lora", "--format", "kohya", "--format", "merged", "--steps", 1,
         "--db", tmp_path / "none.sqlite")
     facts = json.loads((export / "distill_export.json").read_text())
     assert facts["family"] == "flux" and facts["scheduler"] == "FlowMatchLCMScheduler"
     assert facts["pipeline_call"]["guidance_scale"] == 1.0  # the guidance input the student was trained at
+    # the kohya file in BFL's names holds exactly the diffusers LoRA's updates, q, k and v fused
+    ours = load_file(export / "pytorch_lora_weights.safetensors")
+    kohya = load_file(export / "lora_kohya.safetensors")
+    assert {k.split(".")[0] for k in kohya} == {
+        "lora_unet_double_blocks_0_" + m for m in ("img_attn_qkv", "txt_attn_qkv", "img_attn_proj", "txt_attn_proj",
+                                                   "img_mlp_0", "img_mlp_2", "txt_mlp_0", "txt_mlp_2")} | {
+        "lora_unet_single_blocks_0_linear1"}
+    _same(_updates_from_kohya(kohya, 1, 1, width=32), _updates(ours, 32.0, "transformer."))
     for kind in ("lora", "merged"):
         images, stdout = _load_in_fresh_process(teacher, export, kind, tmp_path, 1)
         if kind == "lora":  # every LoRA module of the file lands in FluxPipeline's transformer
@@ -158,3 +167,83 @@ def test_flux_bad_input_is_one_line(flux_dirs, tmp_path, cli):
     assert proc.returncode == 2 and "single-file flux teacher is not read yet" in proc.stderr
     assert dynamic_shift(4096, {"use_dynamic_shifting": True}) == pytest.approx(math.exp(1.15))
     assert dynamic_shift(10, {"shift": 3.0}) == 3.0
+
+
+def _probe(width):
+    return torch.randn(width, generator=torch.Generator().manual_seed(width), dtype=torch.float64)
+
+
+def _updates(lora, alpha, prefix=""):
+    """{diffusers module: its weight update B A alpha / r applied to a fixed probe vector} of a peft-named LoRA (alpha
+    None: scale 1, as diffusers loads a converted LoRA)."""
+    out = {}
+    for key, down in lora.items():
+        if key.endswith("lora_A.weight"):
+            up = lora[key.replace("lora_A", "lora_B")].double()
+            out[key.removeprefix(prefix).removesuffix(".lora_A.weight")] = up @ (down.double() @ _probe(
+                down.shape[1])) * (1.0 if alpha is None else alpha / len(down))
+    return out
+
+
+def _updates_from_kohya(kohya, double, single, width):
+    """The same, read from a kohya FLUX LoRA: each fused module's update cut into its parts' rows."""
+    from teachers.flux import BFL
+
+    out = {}
+    for kind, count in (("transformer_blocks", double), ("single_transformer_blocks", single)):
+        block, plain, fused = BFL[kind]
+        for i in range(count):
+            names = {f"{block}.{i}.{v}": [f"{kind}.{i}.{k}"] for k, v in plain.items()}
+            names |= {f"{block}.{i}.{k}": [f"{kind}.{i}.{p}" for p in v] for k, v in fused.items()}
+            for bfl, parts in names.items():
+                key = "lora_unet_" + bfl.replace(".", "_")
+                if f"{key}.lora_down.weight" not in kohya:
+                    continue
+                down, up = kohya[f"{key}.lora_down.weight"].double(), kohya[f"{key}.lora_up.weight"].double()
+                delta = up @ (down @ _probe(down.shape[1])) * float(kohya[f"{key}.alpha"]) / len(down)
+                rows = [width] * (len(parts) - 1) + [len(up) - width * (len(parts) - 1)]  # the MLP part is last
+                for part, piece in zip(parts, delta.split(rows)):
+                    if piece.abs().sum() > 0:  # a part without a LoRA is all zeros
+                        out[part] = piece
+    return out
+
+
+def _same(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_kohya_flux_names_convert_back_whole_in_diffusers():
+    """At FLUX.1-dev's own sizes (19 double and 38 single blocks, width 3072, MLP 12288), a rank-2 LoRA on every
+    default target written in BFL's names is read back by diffusers' kohya-FLUX converter, every module applied,
+    each update as it was."""
+    from diffusers.loaders.lora_conversion_utils import _convert_kohya_flux_lora_to_diffusers
+
+    from teachers.flux import bfl_lora
+
+    gen = torch.Generator().manual_seed(0)
+    width, mlp = 3072, 12288
+    shapes = {"attn.to_q": (width, width), "attn.to_k": (width, width), "attn.to_v": (width, width)}
+    double = {**shapes, "attn.add_q_proj": (width, width), "attn.add_k_proj": (width, width),
+              "attn.add_v_proj": (width, width), "attn.to_out.0": (width, width), "attn.to_add_out": (width, width),
+              "ff.net.0.proj": (width, mlp), "ff.net.2": (mlp, width), "ff_context.net.0.proj": (width, mlp),
+              "ff_context.net.2": (mlp, width)}
+    single = {**shapes, "proj_mlp": (width, mlp)}
+    pairs = {}
+    for kind, count, modules in (("transformer_blocks", 19, double), ("single_transformer_blocks", 38, single)):
+        for i in range(count):
+            for name, (fan_in, fan_out) in modules.items():
+                if (kind, i, name) == ("transformer_blocks", 3, "attn.to_k"):
+                    continue  # a part without a LoRA: its rows of the fused module stay zero
+                pairs[f"{kind}.{i}.{name}"] = (torch.randn(2, fan_in, generator=gen),
+                                               torch.randn(fan_out, 2, generator=gen))
+    kohya = bfl_lora(pairs, 4.0, lambda name: width)
+    peft = {f"{k}.lora_A.weight": a for k, (a, _) in pairs.items()} | {f"{k}.lora_B.weight": b
+                                                                          for k, (_, b) in pairs.items()}
+    expected = _updates(peft, 4.0)
+    back = _convert_kohya_flux_lora_to_diffusers(dict(kohya))  # it consumes what it converts, and refuses leftovers
+    assert "transformer.transformer_blocks.3.attn.to_k.lora_A.weight" in back  # the zero part, converted as zeros
+    converted = _updates({k: v for k, v in back.items() if "lora_" in k}, None, "transformer.")
+    _same({k: v for k, v in converted.items() if v.abs().sum() > 0}, expected)
+    assert _updates_from_kohya(kohya, 19, 38, width).keys() == expected.keys()
