@@ -27,8 +27,9 @@ BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:pairs-sdxl", "b
 FAMILIES = ("sdxl", "sd3", "flux", "gmm")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Random pipelines `distill make-teacher` builds offline: tiny ones (tiny.py) and real architectures (real_size.py).
-ARCHITECTURES = ("sdxl-base-arch", "sd3-medium-arch", "flux-dev-arch")  # real_size.py's, which `distill plan` also builds on meta
-MAKEABLE = ("tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux-dev", *ARCHITECTURES)
+ARCHITECTURES = ("sdxl-base-arch", "sd3-medium-arch", "sd35-medium-arch", "sd35-large-arch", "flux-dev-arch")  # real_size.py's, which `distill plan` also builds on meta
+MAKEABLE = ("tiny-sdxl", "tiny-sd3", "tiny-sd35-medium", "tiny-sd35-large", "tiny-flux", "tiny-flux-dev",
+            *ARCHITECTURES)
 
 
 def make(name: str, out: Path) -> str:

@@ -19,7 +19,8 @@ import transformers
 
 from teachers import tiny
 
-ARCHITECTURES = {"sdxl-base-arch": "sdxl-base", "sd3-medium-arch": "sd3-medium", "flux-dev-arch": "flux-dev"}
+ARCHITECTURES = {"sdxl-base-arch": "sdxl-base", "sd3-medium-arch": "sd3-medium", "sd35-medium-arch": "sd35-medium",
+                 "sd35-large-arch": "sd35-large", "flux-dev-arch": "flux-dev"}
 
 
 def architecture(name: str) -> dict:

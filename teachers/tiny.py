@@ -67,15 +67,16 @@ def tiny_sdxl(prediction_type: str = "epsilon", seed: int = 0, text_width_2: int
 
 
 def tiny_sd3(seed: int = 0, layers: int = 2, head_dim: int = 8, text_width_2: int = 32,
-             identity_projection: bool = False) -> StableDiffusion3Pipeline:
+             identity_projection: bool = False, **transformer) -> StableDiffusion3Pipeline:
     """`layers` and `head_dim` (4 heads) size the MMDiT; the digits teacher uses a larger one than the tests.
     `text_width_2` (at most 32) and `identity_projection` make the text encoders as SD3's original single file
-    has them: CLIP-G narrower or wider than CLIP-L, and CLIP-L's projection the identity."""
+    has them: CLIP-G narrower or wider than CLIP-L, and CLIP-L's projection the identity. `transformer` adds to
+    the MMDiT's config (SD3.5's qk_norm and dual_attention_layers)."""
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=1, in_channels=4, out_channels=4,
                                         num_layers=layers, attention_head_dim=head_dim, num_attention_heads=4,
                                         joint_attention_dim=64, caption_projection_dim=4 * head_dim,
-                                        pooled_projection_dim=64).eval()
+                                        pooled_projection_dim=64, **transformer).eval()
     t5 = _t5(seed + 3)
     clip_l = _clip(True, seed + 1)
     if identity_projection:
@@ -112,7 +113,11 @@ def tiny_flux(guidance_embeds: bool = False, seed: int = 0, layers: int = 1, sin
                         text_encoder_2=_t5(seed + 3), tokenizer_2=t5_tokenizer())
 
 
-BUILDERS = {"tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3, "tiny-flux": tiny_flux,
+BUILDERS = {"tiny-sdxl": tiny_sdxl, "tiny-sd3": tiny_sd3,
+            # SD3.5's shapes: medium's MMDiT-X (a second, image-only attention in its first blocks), large's plain
+            # MMDiT, both with RMS-normed q and k
+            "tiny-sd35-medium": lambda **kw: tiny_sd3(dual_attention_layers=(0,), qk_norm="rms_norm", **kw),
+            "tiny-sd35-large": lambda **kw: tiny_sd3(qk_norm="rms_norm", **kw), "tiny-flux": tiny_flux,
             "tiny-flux-dev": lambda **kw: tiny_flux(guidance_embeds=True, **kw)}
 
 

@@ -110,7 +110,8 @@ def test_plan_names_what_to_pass_for_an_unknown_architecture(tmp_path, cli):
     cfg.write_text("teacher: {source: stabilityai/stable-diffusion-xl-base-1.0, resolution: 1024}\n"
                    "method: {name: consistency}\n")
     proc = cli("plan", cfg, check=False)
-    assert proc.returncode == 2 and "--architecture (sdxl-base-arch, sd3-medium-arch, flux-dev-arch)" in proc.stderr
+    assert proc.returncode == 2 and ("--architecture (sdxl-base-arch, sd3-medium-arch, sd35-medium-arch, "
+                                     "sd35-large-arch, flux-dev-arch)") in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
     proc = cli("plan", cfg, "--architecture", "sdxl-huge", check=False)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr

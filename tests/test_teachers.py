@@ -114,6 +114,8 @@ def test_full_student_with_guidance_input_starts_as_the_teacher(tiny_sdxl_dir):
 @pytest.mark.parametrize("name, backbone, billions, text", [
     ("sdxl-base-arch", "unet", 2.567, {(0.123, 0.695), (0.124, 0.695)}),
     ("sd3-medium-arch", "transformer", 2.028, {(0.123, 0.695), (0.124, 0.695)}),
+    ("sd35-medium-arch", "transformer", 2.243, {(0.124, 0.695)}),  # 2.47B with its 384 x 384 position table
+    ("sd35-large-arch", "transformer", 8.057, {(0.124, 0.695)}),
     ("flux-dev-arch", "transformer", 11.901, {(0.123, 4.762)})])
 def test_real_size_architectures_have_the_published_sizes(name, backbone, billions, text):
     """The shipped architecture files build SDXL base's UNet (2.567B parameters), SD3 medium's MMDiT (2.028B) with
