@@ -162,8 +162,10 @@ def reference_digest(files: list[Path], root: Path) -> str:
 
 def preprocess(img: Image.Image, size: tuple[int, int], center_crop: bool = False) -> torch.Tensor:
     """The fixed evaluation preprocessing of every image a metric reads, real or generated: 8-bit RGB, optionally
-    the central square (the short side kept), then a PIL bicubic resize to (height, width) `size` (clean-fid's
-    policy: Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN Evaluation"). uint8 [3, H, W]."""
+    the central square (the short side kept), then a PIL bicubic resize of the 8-bit image to (height, width) `size`.
+    PIL's antialiased bicubic is the resize clean-fid recommends (Parmar et al. 2022, "On Aliased Resizing and
+    Surprising Subtleties in GAN Evaluation"); clean-fid resizes each channel in float, but torch-fidelity's
+    extractors read 8-bit images, so this is not clean-fid's number to the last digit. uint8 [3, H, W]."""
     img = to_rgb(img)
     if center_crop:
         side = min(img.size)

@@ -204,6 +204,9 @@ def build_extractor(extractor: str, layer: str, weights: str | None, cuda: bool)
     from torch_fidelity.utils import create_feature_extractor
 
     if not weights:
+        if extractor not in HALVES:  # any other would fetch its weights (torch-fidelity downloads on first use)
+            raise DistillError(f"the extractor '{extractor}' needs local weights (distill downloads nothing): give "
+                               f"--extractor-weights FILE for {', '.join(READS_WEIGHTS)}")
         return create_feature_extractor(extractor, [layer], cuda=cuda, verbose=False)
     state = read_weights(weights)
     with tempfile.TemporaryDirectory(prefix="distill-extractor-") as tmp:
@@ -384,13 +387,14 @@ def precision_recall(f_gen: torch.Tensor, f_ref: torch.Tensor, k: int = PRC_NEIG
     neighbour in its own set; precision is the share of generated samples inside the reference manifold, recall the
     share of reference samples inside the generated one. Computed by torch-fidelity's own function (`prc`), here on
     the features distill already extracted for FID (torch-fidelity's `prc` defaults to vgg16's instead). Each share
-    has a 95% Wilson interval over its samples."""
-    from torch_fidelity.metric_prc import calculate_precision_recall_full
+    has a 95% Wilson interval over its samples: it covers the sampling of the tested set, not the estimate of the
+    other set's manifold, nor the correlation of samples of one prompt, so it is narrower than a full bootstrap."""
+    from torch_fidelity.metric_prc import calculate_precision_recall_part
 
     if min(len(f_gen), len(f_ref)) <= k:
         raise DistillError(f"precision/recall with k={k} neighbours need more than {k} images in each set (got "
                            f"{len(f_gen)} generated and {len(f_ref)} reference)")
-    precision, recall = calculate_precision_recall_full(f_gen.float(), f_ref.float(), k)
+    precision, recall = calculate_precision_recall_part(f_gen.float(), f_ref.float(), k)  # in blocks of 10,000
     return {**proportion("precision", round(precision * len(f_gen)), len(f_gen)),
             **proportion("recall", round(recall * len(f_ref)), len(f_ref))}
 
@@ -437,10 +441,12 @@ def clip_files(folder: str | Path) -> list[Path]:
 
 
 def weights_identity(path: str | Path) -> dict[str, str]:
-    """{"name", "sha256"} of a weights file, or of a model folder (its safetensors files' digests, hashed in order)."""
+    """{"name", "sha256"} of a weights file, or of a model folder (every file's digest, hashed in name order: the
+    weights, and the config, tokenizer and preprocessor that change what the model computes)."""
     path = Path(path)
     if path.is_dir():
-        joined = "\n".join(f"{f.name} {file_sha256(f)}" for f in clip_files(path))
+        files = sorted(f for f in path.iterdir() if f.is_file())
+        joined = "\n".join(f"{f.name} {file_sha256(f)}" for f in files)
         return {"name": path.name, "sha256": hashlib.sha256(joined.encode()).hexdigest()}
     return {"name": path.name, "sha256": file_sha256(path)}
 
@@ -470,21 +476,29 @@ def load_clip(folder: str | Path):
 def clip_score(images: torch.Tensor, prompts: list[str], folder: str | Path,
                batch_size: int = 32) -> tuple[dict[str, float], torch.Tensor]:
     """CLIP score (Hessel et al. 2021, "CLIPScore", eq. 1, with w = 100 as torchmetrics has it): per image
-    100 * max(cos(E_image, E_text), 0), averaged, with a 95% interval mean +- 1.96 standard errors; and the images'
-    CLIP embeddings [N, D]. The processor resizes and crops the images as the model was trained."""
+    100 * max(cos(E_image, E_text), 0), averaged, with a 95% interval mean +- 1.96 standard errors of the per-prompt
+    means; and the images' CLIP embeddings [N, D]. The processor resizes and crops the images as the model was trained."""
     model, processor = load_clip(folder)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = model.to(device)
+    positions = model.config.text_config.max_position_embeddings  # captions longer than this are cut, not refused
     scores, embeds = [], []
     for lo in range(0, len(images), batch_size):
         pil = [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in to_uint8(images[lo:lo + batch_size])]
         inputs = processor(text=prompts[lo:lo + batch_size], images=pil, return_tensors="pt", padding=True,
-                           truncation=True)
+                           truncation=True, max_length=positions).to(device)
         out = model(**inputs)
         img = out.image_embeds
         cos = torch.nn.functional.cosine_similarity(img, out.text_embeds, dim=-1)
-        scores.append(100 * cos.clamp(min=0).double())
-        embeds.append(img.double())
+        scores.append(100 * cos.clamp(min=0).double().cpu())
+        embeds.append(img.double().cpu())
     s = torch.cat(scores)
-    half = 1.959964 * float(s.std()) / math.sqrt(len(s)) if len(s) > 1 else 0.0
+    # the standard error over prompts: samples of one prompt are not independent draws of the score
+    groups: dict = {}
+    for score, prompt in zip(s.tolist(), prompts):
+        groups.setdefault(prompt, []).append(score)
+    means = torch.tensor([sum(v) / len(v) for v in groups.values()], dtype=torch.float64)
+    half = 1.959964 * float(means.std()) / math.sqrt(len(means)) if len(means) > 1 else 0.0
     mean = float(s.mean())
     return {"clip_score": mean, "clip_score_lo": max(0.0, mean - half), "clip_score_hi": mean + half}, \
         torch.cat(embeds)

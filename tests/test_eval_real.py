@@ -3,6 +3,7 @@ precision and recall equal torch-fidelity's on the same folders and weights, its
 transformers computation, one changed byte of a weights file makes another table, a COCO-style .jsonl evaluates end
 to end, and every bad input is refused in one line before any sampling."""
 import json
+import math
 import shutil
 import sqlite3
 from pathlib import Path
@@ -166,6 +167,14 @@ def test_clip_score_equals_a_direct_transformers_computation(clip_dir):
     assert (got["clip_score_lo"], got["clip_score_hi"]) == (pytest.approx(max(0.0, per_image.mean().item() - half),
                                                             abs=1e-4), pytest.approx(per_image.mean().item() + half))
     assert embeds.shape == (3, 16)
+    # a COCO caption longer than CLIP's positions is cut, whatever the tokenizer's own limit says; two samples of one
+    # prompt are one observation of the interval (its standard error is over prompts)
+    long, _ = metrics.clip_score(images, ["a caption " * 80, "a caption " * 80, "noise"], clip_dir)
+    assert math.isfinite(long["clip_score"])
+    paired, _ = metrics.clip_score(images[[0, 0, 2]], ["a red square", "a red square", "noise"], clip_dir)
+    means = torch.tensor([per_image[0].item(), per_image[2].item()], dtype=torch.float64)
+    assert paired["clip_score_hi"] - paired["clip_score"] == pytest.approx(1.959964 * means.std().item() / 2 ** 0.5,
+                                                                          rel=1e-4)
 
 
 def test_one_changed_byte_of_the_weights_makes_another_table(run, inception, folders, w, cli):

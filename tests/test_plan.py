@@ -72,7 +72,8 @@ def _glibc() -> bool:
 @pytest.mark.parametrize("source,method,kind,checkpointing", [
     ("builtin:tiny-sdxl", "consistency", "lora", False),
     ("builtin:tiny-sdxl", "consistency", "lora", True),
-    ("builtin:tiny-sdxl", "dmd2", "lora", True),  # two turns, a second adapter, the GAN head
+    # two turns, a second adapter, the GAN head: a minute of measuring, so slow
+    pytest.param("builtin:tiny-sdxl", "dmd2", "lora", True, marks=pytest.mark.slow),
     ("builtin:tiny-sdxl", "progressive", "full", True),  # a full student and its round teacher
     ("builtin:tiny-sd3", "ladd", "lora", True),  # flow, MMDiT, heads on the teacher's features
 ])
