@@ -70,7 +70,8 @@ def diffusers_sampling(method, cfg, steps: int | None = None) -> tuple[object, d
     sched, times = teacher.scheduler_for(method.renoises, method.sample_times(steps),
                                          getattr(method, "student_prediction", None), boundary)
     size = teacher.call_size(cfg.sample.height or teacher.size[0], cfg.sample.width or teacher.size[1])
-    call = {"num_inference_steps": steps, "guidance_scale": cfg.sample.guidance_scale, **size, **times}
+    guidance = teacher.call_guidance(cfg.sample.guidance_scale, method.student.guidance_input)
+    call = {"num_inference_steps": steps, **guidance, **size, **times}
     plain = type(sched).from_config(teacher.pipe.scheduler.config).config
     changed = {k: v for k, v in sched.config.items() if not k.startswith("_") and plain.get(k) != v}
     return sched, {"scheduler": type(sched).__name__, "scheduler_config": changed, "pipeline_call": call}

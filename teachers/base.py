@@ -136,6 +136,10 @@ class Teacher(nn.Module):
         timestep_scaling), or with x0 as it is (None)."""
         raise DistillError(f"the {self.family} teacher has no diffusers pipeline to export to")
 
+    def call_guidance(self, guidance: float, reads_w: bool) -> dict:
+        """Pipeline-call kwargs that guide as distill's sampler does at `guidance` (`reads_w`: a w-student)."""
+        return {"guidance_scale": guidance}
+
     def call_size(self, height: int, width: int) -> dict:
         """Pipeline-call kwargs for images of height x width conditioned as distill conditions them."""
         return {"height": height, "width": width}

@@ -50,8 +50,8 @@ def bfl_lora(pairs: dict, alpha: float, out_features) -> dict[str, torch.Tensor]
     for module, (down, up) in pairs.items():
         kind, index, rest = (module.split(".", 2) + ["", ""])[:3]
         if kind not in BFL or not index.isdigit():
-            raise DistillError(f"the kohya FLUX layout has no name for the LoRA on {module}; train LoRAs on the "
-                               "blocks' attention, MLP and modulation layers (the default student.lora_targets)")
+            raise DistillError(f"the kohya FLUX layout has no name for the LoRA on {module}; train LoRAs inside the "
+                               "double- and single-stream blocks (the default student.lora_targets)")
         block, plain, fused = BFL[kind]
         if rest in plain:
             state |= kohya_module(f"{block}.{index}.{plain[rest]}", down, up, alpha)
@@ -114,6 +114,9 @@ class FluxTeacher(SD3Teacher):
     kohya_base_model = "flux1"
 
     def __init__(self, pipe: FluxPipeline, resolution: int, max_text_length: int = 77):
+        if max_text_length > 512:
+            raise DistillError(f"teacher.max_text_length {max_text_length}: FluxPipeline reads at most 512 T5 tokens "
+                               "(FLUX.1-dev was trained with 512, schnell with 256)")
         super(SD3Teacher, self).__init__()
         self.pipe = pipe
         self.backbone, self.vae = pipe.transformer, pipe.vae
@@ -149,10 +152,19 @@ class FluxTeacher(SD3Teacher):
         single = [(f"single_transformer_blocks.{i}", 1) for i in range(len(self.backbone.single_transformer_blocks))]
         return tuple(double + single)
 
-    def scheduler_for(self, renoises, times, prediction_type=None, boundary=None):
-        scheduler, kwargs = super().scheduler_for(renoises, times, prediction_type, boundary)
-        # FluxPipeline passes the guidance input only to a guidance-embedded backbone; 1 is what the students read.
-        return scheduler, {**kwargs, **({"guidance_scale": 1.0} if self.guidance_embedded else {})}
+    def call_guidance(self, guidance, reads_w):
+        # FluxPipeline feeds guidance_scale only to a backbone with the guidance input (a dev teacher's students, a
+        # w-student); a plain backbone is guided only by true CFG against the negative prompt, as distill does.
+        if self.guidance_embedded or reads_w or guidance == 1.0:
+            return {"guidance_scale": guidance}
+        return {"true_cfg_scale": guidance, "negative_prompt": ""}
+
+    def call_size(self, height, width):
+        if (height, width) != self.size:  # the pipeline would shift the times by the call's own token count
+            raise DistillError(f"a {self.family} student samples at the size it was trained at, {self.size[0]} x "
+                               f"{self.size[1]}: its times are shifted by that size's token count; FluxPipeline "
+                               f"at {height} x {width} would shift them otherwise")
+        return super().call_size(height, width)
 
     @torch.no_grad()
     def encode_prompts(self, prompts, negative=None) -> Cond:
@@ -176,7 +188,9 @@ class FluxTeacher(SD3Teacher):
             guidance = torch.as_tensor(1.0 if guidance_cond is None else guidance_cond, device=x.device,
                                        dtype=torch.float32).expand(b)
         text = cond["embeds"]
-        out = backbone(hidden_states=pack(x.to(dtype)), timestep=t / self.num_train_timesteps, guidance=guidance,
+        # the time in the backbone's dtype before the division, as FluxPipeline rounds it (bf16 moves it by 4/1000)
+        out = backbone(hidden_states=pack(x.to(dtype)), timestep=t.to(dtype) / self.num_train_timesteps,
+                       guidance=guidance,
                        pooled_projections=cond["pooled"].to(dtype), encoder_hidden_states=text.to(dtype),
                        txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=dtype),
                        img_ids=image_ids(h, w, x.device).to(dtype), return_dict=False)[0]
@@ -187,10 +201,13 @@ class FluxTeacher(SD3Teacher):
             return copy.deepcopy(backbone)
         # A schnell-like backbone gains FLUX.1-dev's guidance embedder, its output layer zeroed, so the student
         # starts as the teacher and a pipeline loads it as a dev-like model.
-        student = FluxTransformer2DModel.from_config({**backbone.config, "guidance_embeds": True})
-        student = student.to(backbone.device, backbone.dtype)
-        missing, unexpected = student.load_state_dict(backbone.state_dict(), strict=False)
+        with torch.device("meta"):  # no random full-size copy: the weights come from the backbone
+            student = FluxTransformer2DModel.from_config({**backbone.config, "guidance_embeds": True})
+        state = {k: v.clone() for k, v in backbone.state_dict().items()}  # the student's own, not the teacher's
+        missing, unexpected = student.load_state_dict(state, strict=False, assign=True)
         assert not unexpected and all("guidance_embedder" in k for k in missing), (missing, unexpected)
+        embedder = student.time_text_embed.guidance_embedder.to_empty(device=backbone.device).to(backbone.dtype)
+        embedder.linear_1.reset_parameters()
         torch.nn.init.zeros_(student.time_text_embed.guidance_embedder.linear_2.weight)
         torch.nn.init.zeros_(student.time_text_embed.guidance_embedder.linear_2.bias)
         return student

@@ -119,6 +119,8 @@ def test_guidance_distillation_makes_a_dev_like_student_of_a_cfg_teacher(flux_di
     for w in (1.0, 6.0):
         assert torch.allclose(init.teacher.predict(x, 500.0, cond, backbone=student, guidance_cond=w)[0],
                               teacher_x0, atol=1e-6)
+    teacher_weights = {p.data_ptr() for p in init.teacher.backbone.parameters()}
+    assert not teacher_weights & {p.data_ptr() for p in student.parameters()}  # its own copy, built without a draft
     train(cfg)
     dev = _cfg(flux_dirs["tiny-flux-dev"], tmp_path, "guidance", "full", embed)
     with pytest.raises(ConfigError, match="already reads the guidance scale as an input"):
@@ -138,7 +140,7 @@ def test_a_lora_student_of_the_dev_teacher_loads_in_diffusers(flux_dirs, tmp_pat
         "--db", tmp_path / "none.sqlite")
     facts = json.loads((export / "distill_export.json").read_text())
     assert facts["family"] == "flux" and facts["scheduler"] == "FlowMatchLCMScheduler"
-    assert facts["pipeline_call"]["guidance_scale"] == 1.0  # the guidance input the student was trained at
+    assert facts["pipeline_call"]["guidance_scale"] == 1.0  # sample.guidance_scale, the input distill feeds
     # the kohya file in BFL's names holds exactly the diffusers LoRA's updates, q, k and v fused
     ours = load_file(export / "pytorch_lora_weights.safetensors")
     kohya = load_file(export / "lora_kohya.safetensors")
@@ -153,6 +155,20 @@ def test_a_lora_student_of_the_dev_teacher_loads_in_diffusers(flux_dirs, tmp_pat
             adapters = [k for k in load_file(export / "pytorch_lora_weights.safetensors") if k.endswith("lora_A.weight")]
             assert adapters and f"lora modules {len(adapters)}\n" in stdout, stdout
         _same_as_generate(images, run, tmp_path, cli, 1)
+
+
+def test_the_pipeline_call_guides_as_distill_samples(flux_dirs):
+    dev = teachers.load(TeacherConfig(source=str(flux_dirs["tiny-flux-dev"]), resolution=16))
+    plain = teachers.load(TeacherConfig(source=str(flux_dirs["tiny-flux"]), resolution=16))
+    assert dev.call_guidance(3.5, False) == {"guidance_scale": 3.5}  # the backbone's input
+    assert plain.call_guidance(1.0, False) == {"guidance_scale": 1.0}
+    assert plain.call_guidance(4.0, True) == {"guidance_scale": 4.0}  # a w-student gained the input
+    assert plain.call_guidance(4.0, False) == {"true_cfg_scale": 4.0, "negative_prompt": ""}  # two-pass CFG
+    assert plain.call_size(16, 16) == {"height": 16, "width": 16}
+    with pytest.raises(DistillError, match="samples at the size it was trained at"):
+        plain.call_size(32, 32)
+    with pytest.raises(DistillError, match="at most 512 T5 tokens"):
+        teachers.load(TeacherConfig(source=str(flux_dirs["tiny-flux"]), resolution=16, max_text_length=600))
 
 
 def test_flux_bad_input_is_one_line(flux_dirs, tmp_path, cli):
