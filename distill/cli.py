@@ -152,14 +152,8 @@ def _check_markdown_out(out: str | None, command: str) -> None:
     from distill import paths
 
     if out:
-        found = paths.kind(Path(out))
-        if found == "a folder":
-            raise DistillError(f"--out {out} is a folder; give the Markdown file to write")
-        if found != "missing" and (found != "a file" or not Path(out).read_bytes().startswith(
-                MARK.format(command).encode())):
-            raise DistillError(f"--out {out} exists and distill {command} did not write it; it would be replaced, so "
-                               "give a new file name")
-        paths.check_writable(Path(out).parent, "--out")
+        paths.check_own_out(Path(out), command, lambda f: f.read_bytes().startswith(MARK.format(command).encode()),
+                            "Markdown")
 
 
 def _write_markdown(out: str, command: str, text: str) -> None:

@@ -194,8 +194,9 @@ class EvalImages(torch.utils.data.Dataset):
             except BadSample as e:
                 raise DistillError(f"reference image {e}") from e
         else:
-            x = ((item.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-            img = Image.fromarray(x.expand(3, -1, -1).permute(1, 2, 0).numpy())
+            from distill.metrics import to_uint8
+
+            img = Image.fromarray(to_uint8(item[None])[0].permute(1, 2, 0).numpy())
         return preprocess(img, self.size, self.center_crop)
 
 

@@ -319,9 +319,10 @@ def _prepared(images: torch.Tensor, scoring: Scoring):
     return data.EvalImages(list(images), scoring.eval_size(tuple(images.shape[-2:])), scoring.center_crop)
 
 
-def quality(generated, reference, scoring: Scoring, prompts: list[str], images: torch.Tensor) -> dict[str, float]:
+def quality(generated, reference, scoring: Scoring, prompts: list[str],
+            images: torch.Tensor) -> tuple[dict[str, float], torch.Tensor]:
     """FID/KID with intervals, precision/recall (when each set has more than k images), within-prompt diversity and,
-    with a CLIP folder, CLIP score: all on features extracted once."""
+    with a CLIP folder, CLIP score: all on features extracted once; and the generated images' features."""
     f_gen = metrics.features(generated, scoring.extractor, scoring.extractor_weights)
     f_ref = metrics.features_of_reference(reference, scoring.extractor, scoring.extractor_weights)
     out = metrics.fid_kid_of_features(f_gen, f_ref, scoring.bootstrap, scoring.seed)
@@ -332,7 +333,7 @@ def quality(generated, reference, scoring: Scoring, prompts: list[str], images: 
         scores, spread = metrics.clip_score(images, prompts, scoring.clip)
         out.update(scores)
     out.update(metrics.diversity(spread, prompts, scoring.bootstrap, scoring.seed))
-    return out
+    return out, f_gen
 
 
 def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance: float | None = None,
@@ -353,14 +354,16 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
     row = {**row_identity(cfg, steps, guidance, teacher, train_step), "nfe": nfe(method, steps, guidance, teacher),
            "ms_per_image": ms, "peak_memory_mb": peak_memory_mb(device), "samples": len(prompts), "run": run,
            "protocol": protocol(scoring, cfg, guidance, teacher)}
-    row.update(quality(_prepared(images, scoring), ref, scoring, prompts, images))
+    scores, f_gen = quality(_prepared(images, scoring), ref, scoring, prompts, images)
+    row.update(scores)
     row.update(adherence(images, prompts))
     if teacher_images is None and scoring.teacher_reference_steps:
         teacher_images, _ = sample_images(method, prompts, scoring.teacher_reference_steps, scoring.seed,
                                           row["protocol"]["teacher_reference_guidance"], teacher=True)
     if teacher_images is not None:
-        fid_kid = metrics.fid_kid(_prepared(images, scoring), _prepared(teacher_images, scoring), scoring.extractor,
-                                  scoring.extractor_weights, scoring.bootstrap, scoring.seed)
+        f_teacher = metrics.features_of_reference(_prepared(teacher_images, scoring), scoring.extractor,
+                                                  scoring.extractor_weights)
+        fid_kid = metrics.fid_kid_of_features(f_gen, f_teacher, scoring.bootstrap, scoring.seed)
         # fid, fid_lo, fid_hi, kid, kid_std -> fid_teacher, fid_teacher_lo, ..., kid_teacher_std
         row.update({k[:3] + "_teacher" + k[3:]: v for k, v in fid_kid.items()})
     times = Path(run).parent.parent / "train_time.txt"

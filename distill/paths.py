@@ -65,6 +65,19 @@ def check_writable(path: Path, what: str) -> Path:
     return path
 
 
+def check_own_out(out: Path, command: str, ours, what: str) -> Path:
+    """An --out file `distill command` may write: new, or a regular file `ours(path)` recognises as one it wrote
+    before (never a folder, a FIFO or a user's own file), in a folder that can be written."""
+    found = kind(out)
+    if found == "a folder":
+        raise DistillError(f"--out {out} is a folder; give the {what} file to write")
+    if found != "missing" and (found != "a file" or not ours(out)):
+        raise DistillError(f"--out {out} exists and distill {command} did not write it; it would be replaced, so give "
+                           "a new file name")
+    check_writable(out.parent, "--out")
+    return out
+
+
 def contains(outer: Path, inner: Path) -> bool:
     """Whether `outer` is `inner` or one of its ancestors, after resolving both (symlinks included)."""
     outer, inner = Path(outer).expanduser().resolve(), Path(inner).expanduser().resolve()

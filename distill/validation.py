@@ -212,14 +212,7 @@ def _curves_out(run: Path, out: Path | None) -> Path:
     out = Path(out).expanduser() if out else run / "curves.png"
     if out.suffix.lower() != ".png":
         raise DistillError(f"--out {out} must name a .png file")
-    found = paths.kind(out)
-    if found == "a folder":
-        raise DistillError(f"--out {out} is a folder; give the .png file to write")
-    if found != "missing" and not _written_by_curves(out):
-        raise DistillError(f"--out {out} exists and distill curves did not write it; it would be replaced, so give a "
-                           "new file name")
-    paths.check_writable(out.parent, "--out")
-    return out
+    return paths.check_own_out(out, "curves", _written_by_curves, ".png")
 
 
 def _written_by_curves(path: Path) -> bool:

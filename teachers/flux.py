@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 
 from distill.errors import DistillError
 from distill.schedules import flow_student_timesteps
-from teachers.base import Cond, Teacher
+from teachers.base import Cond, Teacher, kohya_module
 from teachers.sd3 import SD3Teacher
 
 
@@ -44,8 +44,6 @@ def bfl_lora(pairs: dict, alpha: float, out_features) -> dict[str, torch.Tensor]
     linear1) their LoRAs become one of rank n r: the A's stacked, the B's block-diagonal, alpha times n, so the fused
     update is exactly the parts' updates stacked; a part without a LoRA gets zeros (its `out_features(module)`).
     diffusers' kohya-FLUX converter splits such a block-diagonal LoRA back into the parts."""
-    from teachers.base import kohya_module
-
     state, done = {}, set()
     for module, (down, up) in pairs.items():
         kind, index, rest = (module.split(".", 2) + ["", ""])[:3]
