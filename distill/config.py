@@ -54,7 +54,7 @@ class TeacherConfig:
 
 @dataclass
 class StudentConfig:
-    kind: str = "lora"  # lora | full
+    kind: str = "lora"  # lora | full | compressed (a full student with blocks removed: students/compressed.py)
     lora_rank: int = 16
     lora_alpha: float | None = None  # defaults to the rank (scale 1)
     lora_targets: list[str] | None = None  # module names; the teacher family gives a default
@@ -62,6 +62,8 @@ class StudentConfig:
     guidance_embedding: bool = False  # full students only: condition on the CFG scale w
     gradient_checkpointing: bool = False
     init_from: str | None = None  # start from the student of another run or checkpoint (same teacher and kind)
+    compression: str | dict | None = None  # kind=compressed: a preset (half, koala-1b, ...) or a removal plan
+    feature_weight: float = 1.0  # kind=compressed: weight of feature + output distillation added to the step loss
 
 
 @dataclass
@@ -159,7 +161,7 @@ def written_by_distill(path: Path) -> bool:
 CHOICES = {
     "teacher.prediction_type": (None, "epsilon", "v_prediction"),
     "teacher.dtype": ("float32", "float16", "bfloat16"),
-    "student.kind": ("lora", "full"),
+    "student.kind": ("lora", "full", "compressed"),
     "data.kind": ("prompts", "images", "shards", "latents", "digits", "digit_pairs", "teacher"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
@@ -187,6 +189,7 @@ RANGES = {
                                "curve)"),
     "data.num_workers": (lambda v: 0 <= v, "must be >= 0"),
     "student.ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
+    "student.feature_weight": (lambda v: 0 <= v <= FLOAT32_MAX, "must be a number >= 0"),
     "student.lora_alpha": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
     "sample.guidance_scale": (lambda v: math.isfinite(v) and v >= 1, "must be a finite number >= 1 (1 means no CFG)"),
     "sample.steps": (lambda v: 1 <= v <= MAX_STEPS, f"must be in [1, {MAX_STEPS}]"),
@@ -396,10 +399,10 @@ def validate(cfg: Config) -> None:
             raise ConfigError(dotted, _get(cfg, dotted), "must not be empty")
     if cfg.teacher.resolution % 8:
         raise ConfigError("teacher.resolution", cfg.teacher.resolution, "must be a multiple of 8")
-    if cfg.student.guidance_embedding and cfg.student.kind != "full":
+    if cfg.student.guidance_embedding and cfg.student.kind == "lora":
         raise ConfigError("student.guidance_embedding", True, "needs student.kind=full (a LoRA shares the "
                           "teacher's backbone, which has no w input)")
-    if cfg.train.fsdp and cfg.student.kind != "full":
+    if cfg.train.fsdp and cfg.student.kind == "lora":
         raise ConfigError("train.fsdp", True, "shards a full student; a LoRA student is small, so train it with "
                           "plain data parallel (leave train.fsdp false)")
     for tracker in cfg.train.trackers:

@@ -61,7 +61,8 @@ def guidance_embedding(w: torch.Tensor, dim: int = 256) -> torch.Tensor:
     """Sinusoidal embedding of w (as LCM and diffusers' pipelines embed w - 1), [B] -> [B, dim]."""
     w = torch.as_tensor(w, dtype=torch.float32).reshape(-1) * 1000.0
     half = dim // 2
-    freq = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    freq = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device)
+                     * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
     emb = w[:, None] * freq[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     return torch.nn.functional.pad(emb, (0, 1)) if dim % 2 else emb

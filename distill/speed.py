@@ -157,7 +157,7 @@ def train_stepper(method, cfg, raw: dict | None = None, compile: bool = False):
     from distill import data
     from distill.trainer import encode_batch, select_turn, step_generator
 
-    method.train()
+    method.to(method.teacher.device).train()  # its buffers and heads where the teacher is, as the trainer's prepare does
     fast_path(method, compile=compile)
     if raw is None:
         dataset = data.build(cfg.data, method.teacher.size, method.teacher, cfg.train.seed)

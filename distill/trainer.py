@@ -64,7 +64,7 @@ def encode_batch(raw: dict, teacher, generator: torch.Generator) -> dict:
 # What a checkpoint's weights are shaped by (a resume whose config changes one of these cannot load them), and the
 # turn ratios its optimisers' schedules were made for.
 SHAPED_BY = ("method.name", "teacher.source", "student.kind", "student.lora_rank", "student.lora_alpha",
-             "student.lora_targets", "student.guidance_embedding", "train.turn_every")
+             "student.lora_targets", "student.guidance_embedding", "student.compression", "train.turn_every")
 
 
 def _check_resumable(cfg: Config, ckpt: Path, step: int, out: Path) -> None:

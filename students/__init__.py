@@ -21,6 +21,7 @@ from torch import nn
 from distill import checkpoint, paths
 from distill.config import StudentConfig
 from distill.errors import ConfigError, DistillError
+from students import compressed
 from teachers.base import Teacher, adapter_layers, adapter_state, adapters_as, set_adapter_state
 
 
@@ -28,9 +29,12 @@ STUDENT_ADAPTER = "default"  # the student's LoRA adapter name (peft's default; 
 
 
 class Student(nn.Module):
-    def __init__(self, backbone: nn.Module, kind: str, ema_decay: float | None = None, guidance_input: bool = False):
+    def __init__(self, backbone: nn.Module, kind: str, ema_decay: float | None = None, guidance_input: bool = False,
+                 plan: dict | None = None, feature_weight: float = 0.0):
         super().__init__()
         self.backbone, self.kind, self.ema_decay, self.guidance_input = backbone, kind, ema_decay, guidance_input
+        # a compressed student: its removal plan (students.compressed) and the weight of its feature distillation
+        self.plan, self.feature_weight = plan, feature_weight
         # A full student keeps an EMA copy (LCM's target network theta^-) when its method reads one (ema_decay given):
         # a backbone's copy, 10 GB in float32 for SDXL. A LoRA student is its own target.
         self.ema = (copy.deepcopy(backbone).requires_grad_(False).eval()
@@ -305,11 +309,17 @@ def build(teacher: Teacher, cfg: StudentConfig, ema: bool = False) -> Student:
                 p.data = p.data.float()
                 p.requires_grad_(True)
         student = Student(backbone, "lora")
-    else:
-        backbone = teacher.add_guidance_input(teacher.backbone) if cfg.guidance_embedding else copy.deepcopy(
-            teacher.backbone)
+    else:  # full, or compressed: a full student with fewer blocks, copied from the teacher's
+        plan = compressed.resolve(cfg.compression, teacher.backbone) if cfg.kind == "compressed" else None
+        if plan is not None:
+            backbone = compressed.compress(teacher.backbone, plan)
+        else:  # add_guidance_input makes its own copy
+            backbone = teacher.backbone if cfg.guidance_embedding else copy.deepcopy(teacher.backbone)
+        if cfg.guidance_embedding:
+            backbone = teacher.add_guidance_input(backbone)
         backbone = backbone.float().requires_grad_(True)
-        student = Student(backbone, "full", cfg.ema_decay if ema else None, guidance_input=cfg.guidance_embedding)
+        student = Student(backbone, "full", cfg.ema_decay if ema else None, guidance_input=cfg.guidance_embedding,
+                          plan=plan, feature_weight=cfg.feature_weight if plan is not None else 0.0)
     if cfg.gradient_checkpointing and hasattr(student.backbone, "enable_gradient_checkpointing"):
         student.backbone.enable_gradient_checkpointing(checkpoint_with_adapter_state)
     return student

@@ -200,7 +200,8 @@ class FluxTeacher(SD3Teacher):
         # A schnell-like backbone gains FLUX.1-dev's guidance embedder, its output layer zeroed, so the student
         # starts as the teacher and a pipeline loads it as a dev-like model.
         with torch.device("meta"):  # no random full-size copy: the weights come from the backbone
-            student = FluxTransformer2DModel.from_config({**backbone.config, "guidance_embeds": True})
+            student = FluxTransformer2DModel.from_config(  # without `_use_default_values`, which would reset it
+                {k: v for k, v in backbone.config.items() if not k.startswith("_")} | {"guidance_embeds": True})
         state = {k: v.clone() for k, v in backbone.state_dict().items()}  # the student's own, not the teacher's
         missing, unexpected = student.load_state_dict(state, strict=False, assign=True)
         assert not unexpected and all("guidance_embedder" in k for k in missing), (missing, unexpected)

@@ -124,8 +124,10 @@ class SDXLTeacher(Teacher):
     def add_guidance_input(self, backbone):
         # LCM's w-conditioning (Luo et al. 2023, sec. 4.2) is diffusers' time_cond_proj_dim: a zero-initialised
         # projection of the w embedding added to the time embedding, so the student starts as the teacher.
-        config = dict(backbone.config, time_cond_proj_dim=256)
-        student = UNet2DConditionModel.from_config(config).to(backbone.device, backbone.dtype)
+        # without diffusers' private keys: `_use_default_values` would reset time_cond_proj_dim to its default
+        config = {k: v for k, v in backbone.config.items() if not k.startswith("_")} | {"time_cond_proj_dim": 256}
+        with torch.device(backbone.device):  # made where it will live: a real-size UNet's init on CPU takes long
+            student = UNet2DConditionModel.from_config(config).to(backbone.dtype)
         missing, unexpected = student.load_state_dict(backbone.state_dict(), strict=False)
         assert not unexpected and all("cond_proj" in k for k in missing), (missing, unexpected)
         torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)

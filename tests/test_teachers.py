@@ -131,3 +131,24 @@ def test_real_size_architectures_have_the_published_sizes(name, backbone, billio
     assert (round(count["text_encoder"], 3), round(count["text_encoder_2"], 3)) in text
     assert pipe.tokenizer.eos_token_id == pipe.text_encoder.config.eos_token_id < pipe.text_encoder.config.vocab_size
     assert pipe.scheduler.sigmas.dtype == torch.float32 and pipe.scheduler.sigmas.device.type == "cpu"
+
+
+@pytest.mark.parametrize("source", ["builtin:tiny-sdxl", "builtin:tiny-flux"])
+def test_guidance_input_survives_a_backbone_built_from_keyword_arguments(source):
+    """A backbone built in memory from some keyword arguments (as teachers/real_size.py builds SDXL's and FLUX's
+    architectures) lists the others in its config's `_use_default_values`, which from_config would reset: the w
+    input of a guidance-embedded student must be there all the same, zeroed."""
+    teacher = teachers.load(TeacherConfig(source=source, resolution=32))
+    given = {"sdxl": ("block_out_channels", "layers_per_block", "cross_attention_dim", "norm_num_groups",
+                      "attention_head_dim", "down_block_types", "up_block_types", "transformer_layers_per_block",
+                      "addition_embed_type", "addition_time_embed_dim", "projection_class_embeddings_input_dim"),
+             "flux": ("patch_size", "in_channels", "num_layers", "num_single_layers", "attention_head_dim",
+                      "num_attention_heads", "joint_attention_dim", "pooled_projection_dim", "axes_dims_rope")}
+    config = teacher.backbone.config
+    backbone = type(teacher.backbone)(**{k: config[k] for k in given[teacher.family]}).eval()
+    assert ("time_cond_proj_dim" if teacher.family == "sdxl" else "guidance_embeds") in \
+        backbone.config["_use_default_values"]
+    student = teacher.add_guidance_input(backbone)
+    embed = (student.time_embedding.cond_proj if teacher.family == "sdxl"
+             else student.time_text_embed.guidance_embedder.linear_2)
+    assert embed is not None and not embed.weight.any()

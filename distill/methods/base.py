@@ -74,7 +74,27 @@ class Method(nn.Module):
 
     def forward(self, batch: dict, turn: str) -> LossOut:
         # Called through the Accelerate-wrapped module so DDP sees every forward.
-        return self.loss(batch, turn)
+        out = self.loss(batch, turn)
+        if turn == "student" and self.student.feature_weight:  # a compressed student: the step loss + feature KD
+            kd, logs = self.feature_distillation(batch)
+            out = LossOut(out.loss + self.student.feature_weight * kd, {**out.logs, **logs})
+        return out
+
+    def feature_distillation(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        """students.compressed.feature_loss on the batch's latents noised at the family's training times (pure
+        noise at the last time where the method reads no latents)."""
+        from students.compressed import feature_loss
+
+        g, cond = batch["generator"], batch["cond"]
+        x0 = batch.get("latents")
+        n = len(cond)
+        if x0 is None:
+            x0 = torch.zeros(n, *self.teacher.latent_shape(*self.teacher.size), device=self.teacher.device)
+            t = torch.full((n,), float(self.teacher.num_train_timesteps - 1), device=x0.device)
+        else:
+            t = family_times(self.teacher, n, g, x0)
+        return feature_loss(self.teacher, self.student.backbone, self.student.plan, x0.float(), cond, t,
+                            randn(x0.shape, g, x0))
 
     @classmethod
     def check_config(cls, cfg) -> None:
