@@ -138,13 +138,14 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
              extractor: str | None = None, extractor_weights: str | None = None, teacher_reference_steps: int = 0,
              db: str | Path | None = None, new_table: bool = False, out: str | Path | None = None,
              num_prompts: int | None = None, prompt_seed: int | None = None, center_crop: bool | None = None,
-             clip: str | None = None, recipe: str | Path | None = None) -> Evaluation:
+             clip: str | None = None, recipe: str | Path | None = None, stitch: str | None = None) -> Evaluation:
     """Sample the run's student (or, with `teacher`, its teacher) with fixed seeds and measure it, as
     `distill eval` does. `prompts`: a list, or a .txt/.jsonl file (default: the reference's prompts), each
     sampled `num_per_prompt` times (default 100), or a seeded draw of `num_prompts` of them (`prompt_seed`).
     `reference`: digits, digit_pairs, a folder or list of images, or "prompts" (the images a .jsonl pairs with its
     prompts). `clip`: a local CLIP folder for CLIP score. `recipe`: a YAML of these settings (experiments/eval/);
-    what is given here wins. With `db`, the row is also added to that leaderboard (its protocol checked before any
+    what is given here wins. `stitch`: "RUN:FRACTION", T-Stitch sampling (RUN's smaller student takes the first
+    FRACTION of the steps); the row names both models and the steps each took. With `db`, the row is also added to that leaderboard (its protocol checked before any
     sampling). The sample grid goes to `out` (default <checkpoint>/eval).
 
         result = distill.evaluate("runs/lcm", steps=4, num_per_prompt=10)
@@ -155,9 +156,12 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
     from distill import leaderboard, paths
     from distill.evaluation import build_scoring, evaluate as score, protocol, write_grid
     from distill.runs import load_run
+    from distill.sampling import parse_stitch, stitching
 
     if out is not None:
         paths.check_writable(Path(out), "--out")
+    if stitch:
+        parse_stitch(stitch)  # a malformed value is refused before anything loads
     scoring, num_per_prompt = build_scoring(
         prompts, recipe, num_per_prompt=num_per_prompt, seed=seed, reference=reference, reference_size=reference_size,
         bootstrap=bootstrap, extractor=extractor, extractor_weights=extractor_weights,
@@ -176,7 +180,15 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     if board is not None:
         board.check_protocol(protocol(scoring, cfg, guidance, teacher), new_table)  # before sampling
-    row, images = score(method, cfg, steps, scoring, guidance, teacher, step, str(ckpt))
+    if stitch and teacher:
+        raise DistillError("--stitch samples students; drop --teacher or --stitch")
+    with stitching(method, stitch, steps) as k:
+        row, images = score(method, cfg, steps, scoring, guidance, teacher, step, str(ckpt))
+    if k is not None:  # the steps (and NFE) each model took
+        per_step = row["nfe"] // steps
+        row["student"] = f"{cfg.student.kind}+stitch"
+        row["stitch"] = {"first": parse_stitch(stitch)[0], "first_steps": k, "first_nfe": k * per_step,
+                         "rest_steps": steps - k, "rest_nfe": (steps - k) * per_step}
     grid = write_grid(images, num_per_prompt, folder / f"{row['method']}-{steps}steps.png")
     row["grid"] = str(grid)
     row_id = board.add(row, new_table=new_table) if board is not None else None

@@ -70,7 +70,7 @@ def _generate(args) -> None:
 
     from distill import data, fastpath, paths
     from distill.runs import load_run
-    from distill.sampling import ddim_sample, to_pil
+    from distill.sampling import ddim_sample, stitching, to_pil
 
     if not Path(args.run).is_dir():
         raise DistillError(f"{args.run} is neither a run folder nor a checkpoint folder")
@@ -92,6 +92,8 @@ def _generate(args) -> None:
     done = fastpath.fast_path(method, args.compile, args.channels_last, args.fuse_qkv)
     if done:
         print(f"fast path: {', '.join(done)}" + (" (the first batch compiles)" if args.compile else ""))
+    if args.stitch and args.teacher:
+        raise DistillError("--stitch samples students; drop --teacher or --stitch")
     teacher = method.teacher
     size = cfg.sample.height or teacher.size[0], cfg.sample.width or teacher.size[1]
     shape = teacher.latent_shape(*size)
@@ -99,7 +101,9 @@ def _generate(args) -> None:
     generator = torch.Generator().manual_seed(args.seed)
     guidance = args.guidance_scale if args.guidance_scale is not None else cfg.sample.guidance_scale
     written = 0
-    with torch.no_grad(), fastpath.autocast(teacher.device, args.amp):
+    with torch.no_grad(), fastpath.autocast(teacher.device, args.amp), stitching(method, args.stitch, steps) as k:
+        if k is not None:
+            print(f"T-Stitch: the first {k} of {steps} steps by {args.stitch.rpartition(':')[0]}'s student")
         for lo in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch"):
             batch = jobs[lo:lo + args.batch_size]
             cond = teacher.encode_prompts(batch)
@@ -130,7 +134,7 @@ def _eval(args) -> None:
                           teacher_reference_steps=args.teacher_reference_steps, db=args.db,
                           new_table=args.new_table, out=args.out, num_prompts=args.num_prompts,
                           prompt_seed=args.prompt_seed, center_crop=args.center_crop, clip=args.clip,
-                          recipe=args.recipe)
+                          recipe=args.recipe, stitch=args.stitch)
     shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.row.items()}
     print(" ".join(f"{k}={v}" for k, v in shown.items()))
     print(f"added row {result.row_id} to {args.db}; sample grid {result.grid}")
@@ -142,6 +146,8 @@ def _export(args) -> None:
     out = api.export(args.run, args.to, args.format, args.dtype, args.steps, args.prompt, args.overwrite, args.db)
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
+
+STITCH_HELP = ("RUN:FRACTION: T-Stitch, the other run's (smaller) student takes the first FRACTION of the steps, this run's the rest (same teacher)")
 
 MARK = "<!-- written by distill {}: it replaces this file when asked to write it again -->\n"
 
@@ -278,6 +284,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=POSITIVE, default=8)
     g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--teacher", action="store_true", help="sample the teacher (DDIM) instead of the student")
+    g.add_argument("--stitch", help=STITCH_HELP)
     g.add_argument("--out", required=True, help="folder for the PNGs")
     g.add_argument("--compile", action="store_true", help="torch.compile the backbone (slow first batch; "
                    "cached in TORCHINDUCTOR_CACHE_DIR for later runs)")
@@ -292,6 +299,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--out", help="folder for the sample grid (default: <checkpoint>/eval)")
     e.add_argument("--steps", type=STEPS, required=True, help="sampling steps")
     e.add_argument("--teacher", action="store_true", help="evaluate the run's teacher (DDIM) instead of the student")
+    e.add_argument("--stitch", help=STITCH_HELP)
     e.add_argument("--prompts", help="prompts file: .txt, or .jsonl ({\"prompt\": ..., \"image\": ...}) (default: "
                    "'a handwritten digit 0' .. '9')")
     e.add_argument("--num-per-prompt", type=POSITIVE,

@@ -27,6 +27,7 @@ import yaml
 from safetensors.torch import save_file
 
 import students
+from students import compressed
 from distill import checkpoint, config, data, leaderboard, paths
 from distill.errors import DistillError
 from distill.evaluation import git_commit, sample_images, write_grid
@@ -74,13 +75,18 @@ def _check(student, teacher, formats: list[str]) -> None:
     if not teacher.is_pipeline:
         raise DistillError(f"a student of the {teacher.family} teacher has no diffusers pipeline to export to")
     if student.kind == "full" and {"lora", "kohya"} & set(formats):
-        raise DistillError("this is a full student: it has no LoRA to export; use --format merged")
+        raise DistillError(f"this is a {'compressed' if student.plan is not None else 'full'} student: it has no "
+                           "LoRA to export; use --format merged")
     if "kohya" in formats and "kohya" not in teacher.lora_formats:
         raise DistillError(f"no kohya LoRA layout is known for the {teacher.family} family; "
                            "use --format lora (diffusers) or merged")
     if "single-file" in formats and not teacher.single_file:
         raise DistillError(f"no single-file layout is known for the {teacher.family} family; use --format merged "
                            "(a diffusers folder)")
+    if "single-file" in formats and student.plan is not None:
+        raise DistillError("this is a compressed student: its backbone has fewer blocks than the family's original "
+                           "layout, which single-file loaders assume; use --format merged (a diffusers folder with "
+                           "the student's own config)")
     if "single-file" in formats and student.guidance_input:
         raise DistillError("this student reads the guidance scale w, and the original single-file layout has no "
                            "w input; use --format merged")
@@ -164,11 +170,14 @@ def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: i
         card = [
             "---", yaml.safe_dump({"library_name": "diffusers", "base_model": cfg.teacher.source,
                                    "tags": ["distill", "text-to-image", cfg.method.name, teacher.family,
-                                            "lora" if student.kind == "lora" else "full"]}).strip(), "---", "",
+                                            cfg.student.kind]}).strip(), "---", "",
             f"# {cfg.method.name} student of {cfg.teacher.source}", "",
-            f"A {student.kind} student trained for {step} steps with distill's `{cfg.method.name}` method; it "
+            f"A {cfg.student.kind} student trained for {step} steps with distill's `{cfg.method.name}` method; it "
             f"samples in {steps} steps with `{type(sched).__name__}` at guidance scale {guidance}. "
             f"Weights are {dtype}.", "",
+            *([f"Compressed from the teacher's backbone: removal plan `{json.dumps(student.plan)}`, "
+               f"{compressed.parameters(student.backbone) / 1e6:.4g}M parameters against the teacher's "
+               f"{compressed.parameters(teacher.backbone) / 1e6:.4g}M.", ""] if student.plan is not None else []),
             "## Sampling", "", "```python", _usage(teacher, sampling, to, formats, single_file), "```", "",
             "The call gives the exact times distill samples at (`timesteps`/`sigmas`) and the resolution it was "
             "trained at (`height`, `width`); `distill generate` makes the same images from the same seed.", "",

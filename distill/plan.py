@@ -120,6 +120,14 @@ def plan(cfg, architecture: str | None = None, teacher=None) -> dict:
         step()  # the optimiser state appears in the first step
         tracker.peak, tracker.count_flops = tracker.now, True
         step()
+        step_flops, peak = tracker.flops, tracker.peak
+        with torch.no_grad():  # one sampling step of the student: a forward at batch 1, no CFG
+            method.eval()
+            x = torch.zeros(1, *teacher.latent_shape(*size), device="meta")
+            teacher.predict(x, torch.full((1,), 500.0), teacher.encode_prompts(["a photo"]),
+                            backbone=method.student.backbone)
+        step_macs = (tracker.flops - step_flops) / 2
+        tracker.flops, tracker.peak = step_flops, peak
     weights = [*teacher.parameters(), *teacher.buffers(), *method.parameters(), *method.buffers()]
     params = _bytes(weights)
     before = _bytes([w for w in weights if w.untyped_storage()._cdata not in tracker.live])  # the teacher's
@@ -130,7 +138,14 @@ def plan(cfg, architecture: str | None = None, teacher=None) -> dict:
     peak = before + tracker.peak
     return {"parameters": params, "gradients": gradients, "optimizer": optimizer,
             "activations": max(peak - params - optimizer - gradients, 0), "peak": peak,
-            "flops": tracker.flops, "trainable": _bytes([p for ps in turns.values() for p in ps])}
+            "flops": tracker.flops, "trainable": _bytes([p for ps in turns.values() for p in ps]),
+            # the networks that sample, a LoRA merged: the student's and the teacher's backbones
+            "student_params": _count(method.student.backbone), "teacher_params": _count(teacher.backbone),
+            "student_macs": step_macs}
+
+
+def _count(backbone) -> int:
+    return sum(p.numel() for n, p in backbone.named_parameters() if "lora_" not in n)
 
 
 def report(cfg, architecture: str | None = None) -> str:
@@ -140,7 +155,8 @@ def report(cfg, architecture: str | None = None) -> str:
         student = dataclasses.replace(cfg.student, gradient_checkpointing=checkpointing)
         rows.append((checkpointing, plan(dataclasses.replace(cfg, student=student), architecture)))
     s, t = cfg.student, cfg.teacher
-    kind = f"LoRA rank {s.lora_rank}" if s.kind == "lora" else "full"
+    kind = {"lora": f"LoRA rank {s.lora_rank}", "compressed": f"compressed ({s.compression or 'half'})"}.get(s.kind,
+                                                                                                      s.kind)
     lines = [f"{cfg.method.name}, {kind} student of {architecture or t.source} ({t.dtype}), "
              f"batch {cfg.data.batch_size} per process at {t.pixels} px; "
              "one step runs every turn once; "
@@ -151,7 +167,12 @@ def report(cfg, architecture: str | None = None) -> str:
         fits = ", ".join(f"{gb} GB" for gb in (24, 40, 80) if r["peak"] <= gb * GB) or "none of 24/40/80 GB"
         parts = " | ".join(f"{r[k] / GB:.3g}" for k in ("parameters", "gradients", "optimizer", "activations", "peak"))
         lines.append(f"| {'on' if checkpointing else 'off'} | {parts} | {fits} | {r['flops'] / 1e12:.3g} |")
-    lines += ["", f"Trainable: {rows[0][1]['trainable'] / GB:.3f} GB of parameters. Autocast does not act on the meta "
-              "device, so layers compute in their weights' dtypes; train.fsdp on N processes divides a full student's "
+    r = rows[0][1]
+    lines += ["", f"Student: {r['student_params'] / 1e9:.3g}B parameters (the teacher's backbone "
+              f"{r['teacher_params'] / 1e9:.3g}B), {r['student_macs'] / 1e9:.4g} GMACs per sampling step at batch 1 "
+              f"({t.pixels} px, no CFG).",
+              f"Trainable: {r['trainable'] / GB:.3f} GB of parameters. Autocast does not act on the meta device, so "
+              "layers compute in their weights' dtypes (on a GPU under bf16 autocast the peak ran 3-41% higher: "
+              "experiments/results/gpu_check.md); train.fsdp on N processes divides a full student's "
               "parameters, gradients and optimiser state by N (the frozen teacher stays whole)."]
     return "\n".join(lines)

@@ -3,6 +3,7 @@ diffusers scheduler and pipeline call that sample as a method does."""
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -48,6 +49,87 @@ def renoise_chain(teacher: Teacher, backbone, x: torch.Tensor, cond: Cond, times
         if i + 1 < len(times):
             x = teacher.add_noise(x, randn(x.shape, generator, x), times[i + 1])
     return x
+
+
+class Stitched(torch.nn.Module):
+    """T-Stitch (Pan et al. 2024, sec. 3): a sampling trajectory shared by two denoisers, the smaller one for the
+    first `k` of the `steps` steps and the larger for the rest. Students call their backbone once per step (CFG
+    runs as one batched call), so the i-th call of each run of `steps` calls is step i. `dtype` and `config` are
+    those of the backbone the next call goes to (the teacher casts the input to its dtype first)."""
+
+    def __init__(self, first: torch.nn.Module, rest: torch.nn.Module, k: int, steps: int):
+        super().__init__()
+        self.first, self.rest, self.k, self.steps, self.calls = first, rest, k, steps, 0
+
+    def _next(self) -> torch.nn.Module:
+        return self.first if self.calls % self.steps < self.k else self.rest
+
+    @property
+    def dtype(self):
+        return self._next().dtype
+
+    @property
+    def config(self):
+        return self._next().config
+
+    def forward(self, *args, **kwargs):
+        backbone = self._next()
+        self.calls += 1
+        return backbone(*args, **kwargs)
+
+
+def check_stitch(method, other, other_source: str) -> None:
+    """`other`'s student can take the first steps of `method`'s sampler: same teacher, same outputs and inputs."""
+    if other.teacher.size != method.teacher.size or type(other.teacher) is not type(method.teacher):
+        raise DistillError(f"--stitch {other_source}: its teacher is not this run's (family and size must match)")
+    if (other.student_prediction, other.student.guidance_input) != (method.student_prediction,
+                                                                     method.student.guidance_input):
+        raise DistillError(f"--stitch {other_source}: its student reads or predicts something else than this run's "
+                           "(a progressive or w-conditioned student stitches only with its own kind)")
+
+
+@contextmanager
+def stitched(method, other, fraction: float, steps: int):
+    """`method` samples with `other`'s student for the first round(fraction * steps) of `steps` steps (T-Stitch);
+    yields that count."""
+    k = round(fraction * steps)
+    own = method.student.backbone
+    method.student.backbone = Stitched(other.student.backbone, own, k, steps)
+    try:
+        yield k
+    finally:
+        method.student.backbone = own
+
+
+@contextmanager
+def stitching(method, stitch: str | None, steps: int):
+    """`--stitch RUN:FRACTION` (None: nothing): load RUN, check it stitches with `method`, and sample stitched;
+    yields the number of steps RUN's student takes (None without --stitch)."""
+    if not stitch:
+        yield None
+        return
+    from pathlib import Path
+
+    from distill.runs import load_run
+
+    run, fraction = parse_stitch(stitch)
+    other = load_run(Path(run))[2]
+    check_stitch(method, other, run)
+    with stitched(method, other, fraction, steps) as k:
+        yield k
+
+
+def parse_stitch(value: str) -> tuple[str, float]:
+    """--stitch RUN:FRACTION -> (RUN, FRACTION), the fraction in [0, 1]."""
+    run, sep, fraction = value.rpartition(":")
+    try:
+        f = float(fraction)
+    except ValueError:
+        f = None
+    if not sep or not run or f is None or not 0 <= f <= 1:
+        raise DistillError(f"--stitch {value!r}: give RUN:FRACTION, the share of the steps (0 to 1) the other run's "
+                           "smaller student takes first, e.g. runs/small:0.4")
+    return run, f
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -154,3 +154,56 @@ def test_without_feature_weight_a_compressed_run_is_the_plain_method(tmp_path, t
     train(_cfg(tmp_path, tiny_sdxl_dir, "plain", **{"student.feature_weight": 0, "train.max_steps": 1}))
     row = json.loads((tmp_path / "plain/metrics.jsonl").read_text().splitlines()[0])
     assert "student/kd_feature" not in row and row["student/loss"] > 0
+
+
+@pytest.fixture(scope="module")
+def large_and_small(tmp_path_factory, tiny_sdxl_dir):
+    """A LoRA consistency student and a compressed one of the same teacher, each trained two steps."""
+    from distill.trainer import train
+
+    tmp = tmp_path_factory.mktemp("stitch")
+    train(_cfg(tmp, tiny_sdxl_dir, "large", **{"student.kind": "lora", "student.lora_rank": 4, "train.max_steps": 2}))
+    train(_cfg(tmp, tiny_sdxl_dir, "small", **{"train.max_steps": 2}))
+    return tmp / "large", tmp / "small"
+
+
+def test_t_stitch_runs_the_small_student_first_and_the_large_one_after(tmp_path, large_and_small, cli):
+    """Stitching at 0 is the large student's own sampler, at 1 the small student's; in between the first k steps
+    are the small one's (the same chain computed step by step by hand); generate and eval take --stitch."""
+    from distill import api
+    from distill.evaluation import sample_images
+    from distill.runs import load_run
+    from distill.sampling import renoise_chain, randn, stitched
+
+    large, small = (load_run(r)[2] for r in large_and_small)
+    prompts = ["a handwritten digit 3", "a handwritten digit 8"]
+
+    def images(fraction=None, method=large):
+        if fraction is None:
+            return sample_images(method, prompts, 2, 11, 1.0, False)[0]
+        with stitched(large, small, fraction, 2):
+            return sample_images(large, prompts, 2, 11, 1.0, False)[0]
+    assert torch.equal(images(0.0), images()) and torch.equal(images(1.0), images(method=small))
+    half = images(0.5)
+    assert not torch.equal(half, images()) and not torch.equal(half, images(method=small))
+    # by hand: step 1 by the small student, step 2 by the large one, on the large run's sampler
+    t, g = large.teacher, torch.Generator().manual_seed(11)
+    cond, times = t.encode_prompts(prompts), large.sample_times(2)
+    boundary = (large.params.sigma_data, large.params.timestep_scaling)
+    x = randn((2, *t.latent_shape(*t.size)), g, t.device)
+    with torch.no_grad():
+        x = renoise_chain(t, small.student.backbone, x, cond, times[:1], g, boundary=boundary)
+        x = t.add_noise(x, randn(x.shape, g, x), times[1])
+        x = renoise_chain(t, large.student.backbone, x, cond, times[1:], g, boundary=boundary)
+    assert torch.allclose(half, t.decode(x).clamp(-1, 1), atol=1e-5)
+
+    proc = cli("generate", large_and_small[0], "--prompt", prompts[0], "--steps", 2, "--stitch",
+               f"{large_and_small[1]}:0.5", "--out", tmp_path / "png")
+    assert "the first 1 of 2 steps" in proc.stdout and len(list((tmp_path / "png").glob("*.png"))) == 1
+    row = api.evaluate(large_and_small[0], 2, num_per_prompt=2, bootstrap=10, stitch=f"{large_and_small[1]}:0.5",
+                       out=tmp_path / "grid").row
+    assert row["student"] == "lora+stitch" and row["stitch"]["first_steps"] == 1 and row["stitch"]["rest_nfe"] == 1
+    assert row["stitch"]["first"] == str(large_and_small[1]) and row["ms_per_image"] > 0
+    bad = cli("generate", large_and_small[0], "--prompt", "x", "--stitch", "nowhere", "--out", tmp_path / "x",
+              check=False)
+    assert bad.returncode == 2 and "give RUN:FRACTION" in bad.stderr

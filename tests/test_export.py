@@ -225,3 +225,21 @@ def test_sd35_shapes_train_and_export_whole(tmp_path, shape):
         theirs = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11),
                       **facts["pipeline_call"]).images
         assert np.abs(theirs - ours).max() <= 1 / 255, (kind, np.abs(theirs - ours).max())  # as _same_as_generate
+
+
+def test_compressed_student_exports_merged_with_its_own_config_and_samples_as_generate(tmp_path, tiny_sdxl_dir, cli):
+    """A compressed student (the tiny UNet without its mid block) exports as a whole pipeline whose UNet config
+    is the student's: plain diffusers loads it and makes `distill generate`'s images. A LoRA or a single file of
+    it is refused in one line."""
+    from distill.errors import DistillError
+    from distill.exporting import export
+
+    run = _train(tmp_path, tiny_sdxl_dir, **{"student.kind": "compressed", "train.max_steps": 1, "sample.steps": 2})
+    for fmt, words in (("lora", "compressed student: it has no LoRA"), ("single-file", "fewer blocks")):
+        with pytest.raises(DistillError, match=words):
+            export(run, tmp_path / fmt, [fmt])
+    out = export(run, tmp_path / "export", ["merged"])
+    assert json.loads((out / "pipeline/unet/config.json").read_text())["mid_block_type"] is None
+    assert "removal plan" in (out / "README.md").read_text()
+    images, _ = _load_in_fresh_process(tiny_sdxl_dir, out, "merged", tmp_path, 2)
+    _same_as_generate(images, run, tmp_path, cli, 2)
