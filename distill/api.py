@@ -145,8 +145,9 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
     `reference`: digits, digit_pairs, a folder or list of images, or "prompts" (the images a .jsonl pairs with its
     prompts). `clip`: a local CLIP folder for CLIP score. `recipe`: a YAML of these settings (experiments/eval/);
     what is given here wins. `stitch`: "RUN:FRACTION", T-Stitch sampling (RUN's smaller student takes the first
-    FRACTION of the steps); the row names both models and the steps each took. With `db`, the row is also added to that leaderboard (its protocol checked before any
-    sampling). The sample grid goes to `out` (default <checkpoint>/eval).
+    FRACTION of the steps); the row names both models and the steps each took. With `db`, the row is also added to
+    that leaderboard (its protocol checked before any sampling). The sample grid goes to `out` (default
+    <checkpoint>/eval).
 
         result = distill.evaluate("runs/lcm", steps=4, num_per_prompt=10)
         print(result.row["fid"], result.row["fid_lo"], result.row["fid_hi"])
@@ -155,13 +156,15 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
 
     from distill import leaderboard, paths
     from distill.evaluation import build_scoring, evaluate as score, protocol, write_grid
-    from distill.runs import load_run
-    from distill.sampling import parse_stitch, stitching
+    from distill.runs import load_run, stitching
+    from distill.sampling import parse_stitch
 
     if out is not None:
         paths.check_writable(Path(out), "--out")
-    if stitch:
-        parse_stitch(stitch)  # a malformed value is refused before anything loads
+    if stitch:  # refused before anything loads
+        parse_stitch(stitch)
+        if teacher:
+            raise DistillError("--stitch samples students; drop --teacher or --stitch")
     scoring, num_per_prompt = build_scoring(
         prompts, recipe, num_per_prompt=num_per_prompt, seed=seed, reference=reference, reference_size=reference_size,
         bootstrap=bootstrap, extractor=extractor, extractor_weights=extractor_weights,
@@ -180,8 +183,6 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     if board is not None:
         board.check_protocol(protocol(scoring, cfg, guidance, teacher), new_table)  # before sampling
-    if stitch and teacher:
-        raise DistillError("--stitch samples students; drop --teacher or --stitch")
     with stitching(method, stitch, steps) as k:
         row, images = score(method, cfg, steps, scoring, guidance, teacher, step, str(ckpt))
     if k is not None:  # the steps (and NFE) each model took

@@ -69,8 +69,8 @@ def _generate(args) -> None:
     from tqdm.auto import tqdm
 
     from distill import data, fastpath, paths
-    from distill.runs import load_run
-    from distill.sampling import ddim_sample, stitching, to_pil
+    from distill.runs import load_run, stitching
+    from distill.sampling import ddim_sample, parse_stitch, to_pil
 
     if not Path(args.run).is_dir():
         raise DistillError(f"{args.run} is neither a run folder nor a checkpoint folder")
@@ -78,6 +78,10 @@ def _generate(args) -> None:
     prompts = list(args.prompt or []) + (data.read_prompts(Path(args.prompts)) if args.prompts else [])
     if not prompts:
         raise DistillError("give at least one --prompt or a --prompts file")
+    if args.stitch:
+        parse_stitch(args.stitch)
+        if args.teacher:
+            raise DistillError("--stitch samples students; drop --teacher or --stitch")
     jobs = [p for p in prompts for _ in range(args.num_per_prompt)]
     names = [f"{i:04d}-{re.sub(r'[^a-z0-9]+', '-', p.lower()).strip('-')[:40]}.png" for i, p in enumerate(jobs)]
     taken = next((n for n in names if (out / n).exists() or (out / n).is_symlink()), None)
@@ -92,8 +96,6 @@ def _generate(args) -> None:
     done = fastpath.fast_path(method, args.compile, args.channels_last, args.fuse_qkv)
     if done:
         print(f"fast path: {', '.join(done)}" + (" (the first batch compiles)" if args.compile else ""))
-    if args.stitch and args.teacher:
-        raise DistillError("--stitch samples students; drop --teacher or --stitch")
     teacher = method.teacher
     size = cfg.sample.height or teacher.size[0], cfg.sample.width or teacher.size[1]
     shape = teacher.latent_shape(*size)
@@ -147,7 +149,8 @@ def _export(args) -> None:
     print(f"exported to {out}: " + ", ".join(sorted(p.name for p in out.iterdir())))
 
 
-STITCH_HELP = ("RUN:FRACTION: T-Stitch, the other run's (smaller) student takes the first FRACTION of the steps, this run's the rest (same teacher)")
+STITCH_HELP = ("RUN:FRACTION: T-Stitch, the other run's (smaller) student takes the first FRACTION of the steps, "
+               "this run's the rest (same teacher)")
 
 MARK = "<!-- written by distill {}: it replaces this file when asked to write it again -->\n"
 

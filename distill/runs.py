@@ -2,6 +2,7 @@
 device, a method built on its teacher, and a saved run loaded back. The trainer builds its method here too; this module imports no command."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from distill import checkpoint, config, methods
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods import METHODS, Method
+from distill.sampling import check_stitch, parse_stitch, stitched
 
 
 def load_config(path, overrides: list[str] = (), for_training: bool = True, source: bool = True) -> Config:
@@ -72,3 +74,17 @@ def load_run(run: Path, overrides: list[str] = ()) -> tuple[Path, Config, Method
     method.resume_at(state["step"])
     method.eval()
     return ckpt, cfg, method, state["step"]
+
+
+@contextmanager
+def stitching(method, stitch: str | None, steps: int):
+    """`--stitch RUN:FRACTION` (None: nothing): load RUN, check it stitches with `method`, and sample stitched;
+    yields the number of steps RUN's student takes (None without --stitch)."""
+    if not stitch:
+        yield None
+        return
+    run, fraction = parse_stitch(stitch)
+    other = load_run(Path(run))[2]
+    check_stitch(method, other, run)
+    with stitched(method, other, fraction, steps) as k:
+        yield k

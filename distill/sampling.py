@@ -101,24 +101,6 @@ def stitched(method, other, fraction: float, steps: int):
         method.student.backbone = own
 
 
-@contextmanager
-def stitching(method, stitch: str | None, steps: int):
-    """`--stitch RUN:FRACTION` (None: nothing): load RUN, check it stitches with `method`, and sample stitched;
-    yields the number of steps RUN's student takes (None without --stitch)."""
-    if not stitch:
-        yield None
-        return
-    from pathlib import Path
-
-    from distill.runs import load_run
-
-    run, fraction = parse_stitch(stitch)
-    other = load_run(Path(run))[2]
-    check_stitch(method, other, run)
-    with stitched(method, other, fraction, steps) as k:
-        yield k
-
-
 def parse_stitch(value: str) -> tuple[str, float]:
     """--stitch RUN:FRACTION -> (RUN, FRACTION), the fraction in [0, 1]."""
     run, sep, fraction = value.rpartition(":")

@@ -8,10 +8,13 @@ A removal plan says what survives, per family:
 - MMDiT (SD3) and FLUX: `blocks` (indices of the joint/double-stream blocks kept) and, for FLUX, `single_blocks`.
 A plan is a preset name (PRESETS) or a dict of those keys; keys left out keep the teacher's value.
 
-Which teacher layer a surviving layer copies: the first ones of each down stage and transformer; in an up stage the
-first ones and its last (the last up layer reads the stage's lower-resolution skip, so only the teacher's last has
-its shape); the listed blocks of a transformer. `compress` builds the student on the meta device and fills every
-tensor from the teacher, so nothing is left at random.
+Which teacher layer a surviving layer copies: the first ones of each down stage and transformer block stack; in an
+up stage the first layer and the teacher's last ones (the first up layer reads the previous up block's width, the
+last the skip from the outer stage's downsampler or conv_in, so only the teacher's first and last have those
+shapes; the middle ones are taken from the end so that each reads the same down layer's output as in the teacher,
+up blocks reading the skips from the last down layer backwards); the listed blocks of a transformer (BK-SDM's
+copy maps the same way). `compress` builds the student on the meta device and fills every tensor from the teacher,
+so nothing is left at random.
 """
 from __future__ import annotations
 
@@ -22,14 +25,16 @@ from torch import nn
 
 from distill.errors import ConfigError
 
-# Named plans for an SDXL-like UNet (three stages: plain, attention depth 2, attention depth 10). Parameter counts
-# of the results at SDXL's real size are in experiments/results/compressed_students.md.
+# Named plans for an SDXL-like UNet (three stages: plain, attention depth 2, attention depth 10; the mid block takes
+# the last stage's depth). Parameter counts at SDXL's real size: experiments/results/compressed_students.md.
 UNET_PRESETS = {
-    # BK-SDM's removals (one residual-attention pair per down stage, one per up stage; small also drops the mid block)
+    # BK-SDM's removals (one residual-attention pair per down stage, so two per up stage; small also drops the mid
+    # block)
     "bk-base": {"layers": 1},
     "bk-small": {"layers": 1, "mid": False},
-    # KOALA-like: the decoder loses a layer per stage and the deepest transformers are cut (KOALA-1B keeps 6 of SDXL's
-    # 10, KOALA-700M 5 and drops the mid block); sized to KOALA's reported 1.16B and 0.78B UNet parameters
+    # KOALA-1B's and -700M's shape (Lee et al. 2024): as bk-base, with transformer depth 6 (1B) or 5 (700M) at the
+    # lowest resolution; 700M drops the mid block. They come to KOALA's reported 1,161M and 782M UNet parameters;
+    # which transformer blocks survive (the first) is this code's choice
     "koala-1b": {"layers": 1, "depth": [1, 2, 6]},
     "koala-700m": {"layers": 1, "depth": [1, 2, 5], "mid": False},
 }
@@ -77,7 +82,9 @@ def resolve(plan: str | dict | None, backbone: nn.Module) -> dict:
     if k == "unet":
         teacher = {"layers": _per_stage(c.layers_per_block, stages),
                    "depth": _per_stage(c.transformer_layers_per_block, stages)}
-        out = {"mid": bool(plan.get("mid", c.mid_block_type is not None)) and c.mid_block_type is not None}
+        if not isinstance(plan.get("mid", True), bool):
+            raise ConfigError("student.compression.mid", plan["mid"], "must be true or false")
+        out = {"mid": plan.get("mid", c.mid_block_type is not None) and c.mid_block_type is not None}
         for key in ("layers", "depth"):
             out[key] = _per_stage(plan.get(key, teacher[key]), stages)
             if not all(1 <= n <= m for n, m in zip(out[key], teacher[key])):
@@ -131,7 +138,7 @@ def source_name(name: str, teacher: nn.Module, plan: dict) -> str:
             stage, part, j, rest = int(m[1]), m[2], int(m[3]), m[4]
             n_student = plan["layers"][::-1][stage] + 1
             n_teacher = len(getattr(teacher.up_blocks[stage], part))
-            return f"up_blocks.{stage}.{part}.{n_teacher - 1 if j == n_student - 1 else j}.{rest}"
+            return f"up_blocks.{stage}.{part}.{j if j == 0 else j + n_teacher - n_student}.{rest}"
         return name
     for key, prefix in (("blocks", "transformer_blocks"), ("single_blocks", "single_transformer_blocks")):
         m = re.match(rf"{prefix}\.(\d+)(\..*)?$", name)
@@ -167,10 +174,11 @@ def parameters(module: nn.Module) -> int:
 
 def feature_pairs(student: nn.Module, teacher: nn.Module, plan: dict) -> list[tuple[tuple, tuple]]:
     """(student layer, teacher layer) pairs whose outputs feature distillation matches, each as (module name, index
-    of the output tuple or None): every self-attention of a UNet (KOALA's finding: self-attention features carry
-    the most, Lee et al. 2024, sec. 4), every kept block's image tokens of a transformer. Each student layer is
-    matched to the teacher layer it was copied from."""
-    if kind(student) == "unet":
+    of the output tuple or None): every self-attention of a UNet (KOALA finds self-attention features carry the
+    most, Lee et al. 2024; matching every one is this code's choice), every kept block's image tokens of a
+    transformer. Each student layer is matched to the teacher layer it was copied from. The family is read off the
+    teacher: FSDP renames a sharded student's class."""
+    if kind(teacher) == "unet":
         names = [(n, None) for n, _ in student.named_modules() if n.endswith(".attn1")]
     else:
         names = [(n, 1) for n, _ in student.named_modules()
@@ -178,21 +186,28 @@ def feature_pairs(student: nn.Module, teacher: nn.Module, plan: dict) -> list[tu
     return [((n, i), (source_name(n, teacher, plan), i)) for n, i in names]
 
 
-def feature_loss(teacher, student: nn.Module, plan: dict, x0: torch.Tensor, cond, t, noise) -> tuple:
-    """Feature and output distillation of a compressed student on x_t = alpha x0 + sigma noise: the mean over
-    matched layers of ||f_s - f_t||^2 / ||f_t||^2 (each term normalised by the teacher feature's magnitude, as
-    LAPTOP-Diff's normalised feature loss, Zhang et al. 2024, eq. 6), plus the output term, the squared error
-    between the two predictions of the noise (BK-SDM's output distillation, Kim et al. 2023, sec. 3.2)."""
+def feature_loss(teacher, student: nn.Module, plan: dict, x0: torch.Tensor, cond, t, noise,
+                 prediction_type: str | None = None, guidance_cond=None) -> tuple:
+    """Feature and output distillation of a compressed student on x_t = alpha x0 + sigma noise, unguided. The
+    feature term: the mean over matched layers of ||f_s - f_t||^2 / ||f_t||^2 over the batch (each layer's error
+    normalised by the teacher feature's magnitude, as LAPTOP-Diff's normalised feature distillation, Zhang et al.
+    2024; averaged over layers, where LAPTOP sums). The output term: the squared error between the two predictions
+    in the family's own space (eps, v or the flow velocity; BK-SDM's output distillation, Kim et al. 2023, compares
+    the raw outputs). `prediction_type`: how the student's output is read (a progressive student's x or v);
+    `guidance_cond`: a w-reading student's w (1: unguided)."""
     from discriminators.teacher_heads import capture
+    from distill.solvers import loss_space, prediction_loss
 
     pairs = feature_pairs(student, teacher.backbone, plan)
     x_t = teacher.add_noise(x0, noise, t)
     with torch.no_grad(), capture(teacher.backbone, [p[1] for p in pairs]) as theirs:
-        _, eps_t = teacher.predict(x_t, t, cond)
+        x_t0, eps_t = teacher.predict(x_t, t, cond)
     with capture(student, [p[0] for p in pairs]) as mine:
-        _, eps_s = teacher.predict(x_t, t, cond, backbone=student)
+        x_s0, eps_s = teacher.predict(x_t, t, cond, backbone=student, guidance_cond=guidance_cond,
+                                      prediction_type=prediction_type)
     terms = [(a.float() - b.float()).pow(2).mean() / b.float().pow(2).mean().clamp_min(1e-8)
              for a, b in zip(mine, theirs, strict=True)]
     feature = torch.stack(terms).mean()
-    output = (eps_s.float() - eps_t.float()).pow(2).mean()
+    alpha, sigma = (v.to(x_t.device) for v in teacher.alpha_sigma(t))
+    output = prediction_loss(x_s0, eps_s, x_t0, eps_t, alpha, sigma, loss_space(teacher.prediction_type))
     return feature + output, {"kd_feature": feature.item(), "kd_output": output.item()}

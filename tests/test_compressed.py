@@ -63,6 +63,12 @@ def test_up_stages_copy_the_teachers_last_layer_for_the_low_resolution_skip():
     _same_as_source(student, unet, {"layers": [1, 1], "depth": [1, 1]})
     out = student(torch.randn(1, 4, 8, 8), 10, encoder_hidden_states=torch.randn(1, 3, 8)).sample
     assert out.shape == (1, 4, 8, 8)
+    plan = compressed.resolve({"layers": [1, 1], "depth": [1, 1]}, unet)
+    pairs = compressed.feature_pairs(student, unet, plan)
+    assert pairs and all(s[0].endswith(".attn1") and t[0].endswith(".attn1") for s, t in pairs)
+    # FSDP2 renames a sharded module's class (FSDP<name>): the pairs are read off the teacher's family
+    student.__class__ = type("FSDPUNet2DConditionModel", (type(student),), {})
+    assert compressed.feature_pairs(student, unet, plan) == pairs
 
 
 def test_sdxl_presets_match_the_published_parameter_counts():

@@ -243,3 +243,15 @@ def test_compressed_student_exports_merged_with_its_own_config_and_samples_as_ge
     assert "removal plan" in (out / "README.md").read_text()
     images, _ = _load_in_fresh_process(tiny_sdxl_dir, out, "merged", tmp_path, 2)
     _same_as_generate(images, run, tmp_path, cli, 2)
+
+
+def test_phased_consistency_lora_samples_in_plain_diffusers_as_generate(tmp_path, tiny_sdxl_dir, cli):
+    """A 2-phase consistency student (PCM) samples deterministically edge to edge: its export names a
+    deterministic scheduler (DDIM on the trailing grid) and plain diffusers makes `distill generate`'s images."""
+    run = _train(tmp_path, tiny_sdxl_dir, **{"method.params": "{guidance_min: 3.0, guidance_max: 3.0, phases: 2}",
+                                             "sample.steps": 2, "train.max_steps": 2})
+    export = tmp_path / "export"
+    cli("export", run, "--to", export, "--format", "lora", "--db", tmp_path / "none.sqlite")
+    assert json.loads((export / "distill_export.json").read_text())["scheduler"] == "DDIMScheduler"
+    images, _ = _load_in_fresh_process(tiny_sdxl_dir, export, "lora", tmp_path, 2)
+    _same_as_generate(images, run, tmp_path, cli, 2)

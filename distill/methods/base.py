@@ -81,8 +81,10 @@ class Method(nn.Module):
         return out
 
     def feature_distillation(self, batch: dict) -> tuple[torch.Tensor, dict]:
-        """students.compressed.feature_loss on the batch's latents noised at the family's training times (pure
-        noise at the last time where the method reads no latents)."""
+        """students.compressed.feature_loss on the batch's latents noised at the family's training times (noise
+        alone, x0 = 0 at the last time, where the method reads no latents). Feature and output distillation pull
+        towards the teacher's one-step denoiser; BK-SDM and KOALA use them to pretrain a compressed denoiser, so a
+        few-step method can also start from a compressed `denoise` run (student.init_from)."""
         from students.compressed import feature_loss
 
         g, cond = batch["generator"], batch["cond"]
@@ -93,8 +95,9 @@ class Method(nn.Module):
             t = torch.full((n,), float(self.teacher.num_train_timesteps - 1), device=x0.device)
         else:
             t = family_times(self.teacher, n, g, x0)
+        w = torch.ones(n, device=x0.device) if self.student.guidance_input else None
         return feature_loss(self.teacher, self.student.backbone, self.student.plan, x0.float(), cond, t,
-                            randn(x0.shape, g, x0))
+                            randn(x0.shape, g, x0), self.student_prediction, w)
 
     @classmethod
     def check_config(cls, cfg) -> None:
