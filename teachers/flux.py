@@ -122,6 +122,10 @@ class FluxTeacher(SD3Teacher):
         self.num_train_timesteps = pipe.scheduler.config.get("num_train_timesteps", 1000)
         self.resolution, self.max_text_length = resolution, max_text_length
         self.guidance_embedded = bool(self.backbone.config.guidance_embeds)
+        sched = pipe.scheduler.config
+        if sched.get("time_shift_type", "exponential") != "exponential" or sched.get("shift_terminal"):
+            raise DistillError("this FLUX pipeline's scheduler shifts its times linearly or stretches them to "
+                               "shift_terminal; distill's flow grid follows FLUX.1's exponential dynamic shift only")
         self.freeze()
 
     @property

@@ -183,6 +183,12 @@ def test_flux_bad_input_is_one_line(flux_dirs, tmp_path, cli):
     assert proc.returncode == 2 and "single-file flux teacher is not read yet" in proc.stderr
     assert dynamic_shift(4096, {"use_dynamic_shifting": True}) == pytest.approx(math.exp(1.15))
     assert dynamic_shift(10, {"shift": 3.0}) == 3.0
+    # a scheduler whose times distill's exponential dynamic shift would not follow is refused, not misread
+    pipe = FluxPipeline.from_pretrained(flux_dirs["tiny-flux-dev"])
+    for change in ({"time_shift_type": "linear"}, {"shift_terminal": 0.02}):
+        pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, **change)
+        with pytest.raises(DistillError, match="exponential dynamic shift only"):
+            teachers.wrap(pipe, TeacherConfig(source=str(flux_dirs["tiny-flux-dev"]), resolution=32))
 
 
 def _probe(width):
