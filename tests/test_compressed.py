@@ -1,7 +1,6 @@
 """Compressed students (students/compressed.py): the removal plans build the intended backbones, every surviving
 tensor is the teacher's, and the GPU check runs in its CPU smoke mode."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -102,13 +101,15 @@ def test_bad_plans_are_refused_in_one_line(plan, message):
 def test_gpu_check_runs_in_smoke_mode(tmp_path):
     """experiments/gpu_check.py on the tiny SDXL on CPU: every method's step, the plans, sampling and the
     compressed backbones, all reported (it measures nothing here; it must not rot before a GPU runs it)."""
-    script = [sys.executable, str(ROOT / "experiments/gpu_check.py"), "--smoke"]
+    sys.path.insert(0, str(ROOT / "experiments"))
+    try:
+        import gpu_check
+    finally:
+        sys.path.remove(str(ROOT / "experiments"))
     plans = tmp_path / "plans.json"
-    subprocess.run(script + ["--plans-only", "--plans", plans, "--methods", "denoise"], check=True, timeout=600)
+    assert gpu_check.main(["--smoke", "--plans-only", "--plans", str(plans), "--methods", "denoise"]) == 0
     assert json.loads(plans.read_text())["denoise"] > 0
-    proc = subprocess.run(script + ["--plans", plans, "--steps", "1", "--out", tmp_path / "gpu_check.md"],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert gpu_check.main(["--smoke", "--plans", str(plans), "--steps", "1", "--out", str(tmp_path / "gpu_check.md")]) == 0
     results = json.loads((tmp_path / "gpu_check.json").read_text())
     assert [r["method"] for r in results["train"]] == ["denoise", "consistency", "progressive", "guidance", "add",
                                                         "ladd", "dmd2", "denoise:full", "denoise:compressed"]
@@ -173,7 +174,7 @@ def large_and_small(tmp_path_factory, tiny_sdxl_dir):
     return tmp / "large", tmp / "small"
 
 
-def test_t_stitch_runs_the_small_student_first_and_the_large_one_after(tmp_path, large_and_small, cli):
+def test_t_stitch_runs_the_small_student_first_and_the_large_one_after(tmp_path, large_and_small, capsys):
     """Stitching at 0 is the large student's own sampler, at 1 the small student's; in between the first k steps
     are the small one's (the same chain computed step by step by hand); generate and eval take --stitch."""
     from distill import api
@@ -203,13 +204,15 @@ def test_t_stitch_runs_the_small_student_first_and_the_large_one_after(tmp_path,
         x = renoise_chain(t, large.student.backbone, x, cond, times[1:], g, boundary=boundary)
     assert torch.allclose(half, t.decode(x).clamp(-1, 1), atol=1e-5)
 
-    proc = cli("generate", large_and_small[0], "--prompt", prompts[0], "--steps", 2, "--stitch",
-               f"{large_and_small[1]}:0.5", "--out", tmp_path / "png")
-    assert "the first 1 of 2 steps" in proc.stdout and len(list((tmp_path / "png").glob("*.png"))) == 1
+    from distill.cli import main
+
+    assert main(["generate", str(large_and_small[0]), "--prompt", prompts[0], "--steps", "2", "--stitch",
+                 f"{large_and_small[1]}:0.5", "--out", str(tmp_path / "png")]) == 0
+    assert "the first 1 of 2 steps" in capsys.readouterr().out and len(list((tmp_path / "png").glob("*.png"))) == 1
     row = api.evaluate(large_and_small[0], 2, num_per_prompt=2, bootstrap=10, stitch=f"{large_and_small[1]}:0.5",
                        out=tmp_path / "grid").row
     assert row["student"] == "lora+stitch" and row["stitch"]["first_steps"] == 1 and row["stitch"]["rest_nfe"] == 1
     assert row["stitch"]["first"] == str(large_and_small[1]) and row["ms_per_image"] > 0
-    bad = cli("generate", large_and_small[0], "--prompt", "x", "--stitch", "nowhere", "--out", tmp_path / "x",
-              check=False)
-    assert bad.returncode == 2 and "give RUN:FRACTION" in bad.stderr
+    assert main(["generate", str(large_and_small[0]), "--prompt", "x", "--stitch", "nowhere", "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "give RUN:FRACTION" in capsys.readouterr().err

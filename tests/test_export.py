@@ -70,6 +70,15 @@ def _same_as_generate(images, run, tmp_path, cli, steps):
         assert diff.max() <= 1, diff.max()
 
 
+def _same_as_sampled(images, run, steps):
+    """The images equal distill's own sampling of the run (in this process: `distill generate`'s code path)."""
+    from distill.evaluation import sample_images
+
+    _, cfg, method, _ = runs.load_run(run)
+    ours, _ = sample_images(method, PROMPTS, steps, 11, cfg.sample.guidance_scale, teacher=False)
+    assert np.abs(images - (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max() < 1e-5
+
+
 def _train(tmp_path, teacher, **params):
     cfg = runs.parse_config({"teacher": {"source": str(teacher), "resolution": 32},
                         "student": {"kind": "lora", "lora_rank": 4, "lora_alpha": 8},
@@ -114,8 +123,10 @@ def test_sdxl_lora_kohya_merged_and_single_file_exports_load_in_diffusers(tmp_pa
 def test_sd3_lora_exports_load_in_diffusers_and_half_precision(tmp_path, tiny_sd3_dir, cli):
     # StableDiffusion3Pipeline does not hand its generator to the scheduler, so a re-noising (LCM) student
     # matches distill's samples exactly at 1 step; a deterministic (progressive, Euler) one at any step count.
+    from distill.exporting import export
+
     lcm = _train(tmp_path / "lcm", tiny_sd3_dir)
-    cli("export", lcm, "--to", tmp_path / "lcm-export", "--steps", 1, "--db", tmp_path / "none.sqlite")
+    export(lcm, tmp_path / "lcm-export", steps=1)
     facts = json.loads((tmp_path / "lcm-export/distill_export.json").read_text())
     assert facts["scheduler"] == "FlowMatchLCMScheduler" and facts["formats"] == ["lora"]
     images, _ = _load_in_fresh_process(tiny_sd3_dir, tmp_path / "lcm-export", "lora", tmp_path, 1)
@@ -123,16 +134,14 @@ def test_sd3_lora_exports_load_in_diffusers_and_half_precision(tmp_path, tiny_sd
 
     pd = _train(tmp_path / "pd", tiny_sd3_dir, **{"method.name": "progressive", "train.max_steps": 2,
                                                    "method.params": "{start_steps: 4, round_steps: 1, target: v}"})
-    cli("export", pd, "--to", tmp_path / "pd-export", "--steps", 2, "--format", "lora", "--format", "merged",
-        "--db", tmp_path / "none.sqlite")
+    export(pd, tmp_path / "pd-export", ["lora", "merged"], steps=2)
     assert json.loads((tmp_path / "pd-export/distill_export.json").read_text())["scheduler"] == \
         "FlowMatchEulerDiscreteScheduler"
     for kind in ("lora", "merged"):
         images, _ = _load_in_fresh_process(tiny_sd3_dir, tmp_path / "pd-export", kind, tmp_path, 2)
         _same_as_generate(images, pd, tmp_path / "pd", cli, 2)
 
-    cli("export", lcm, "--to", tmp_path / "half", "--format", "merged", "--dtype", "fp16", "--db",
-        tmp_path / "none.sqlite")
+    export(lcm, tmp_path / "half", ["merged"], "fp16")
     from diffusers import StableDiffusion3Pipeline
     for part in ("transformer", "vae", "text_encoder_3"):
         weights = load_file(next((tmp_path / "half/pipeline" / part).glob("*.safetensors")))
@@ -183,12 +192,14 @@ def test_export_refuses_bad_requests_and_writes_nothing(tmp_path, full_run, cli)
 def test_sd3_single_file_loads_in_diffusers_and_kohya_is_refused(tmp_path, cli):
     # As in SD3's own file: CLIP-G's width differs from CLIP-L's, and CLIP-L's projection is the identity
     teacher = tiny.build("tiny-sd3", tmp_path / "teacher", text_width_2=24, identity_projection=True)
+    from distill.errors import DistillError
+    from distill.exporting import export as write
+
     run = _train(tmp_path, teacher, **{"train.max_steps": 2})
-    proc = cli("export", run, "--to", tmp_path / "out", "--format", "kohya", check=False)
-    assert proc.returncode == 2 and "no kohya LoRA layout is known for the sd3 family" in proc.stderr
+    with pytest.raises(DistillError, match="no kohya LoRA layout is known for the sd3 family"):
+        write(run, tmp_path / "out", ["kohya"])
     assert not (tmp_path / "out").exists()
-    export = tmp_path / "export"
-    cli("export", run, "--to", export, "--format", "single-file", "--steps", 1, "--db", tmp_path / "none.sqlite")
+    export = write(run, tmp_path / "export", ["single-file"], steps=1)
     single = load_file(export / "sd3_consistency_1step.safetensors")
     assert {k.split(".")[0] for k in single} == {"model", "first_stage_model", "text_encoders"}
     images, _ = _load_in_fresh_process(teacher, export, "single-file", tmp_path, 1)
@@ -227,7 +238,7 @@ def test_sd35_shapes_train_and_export_whole(tmp_path, shape):
         assert np.abs(theirs - ours).max() <= 1 / 255, (kind, np.abs(theirs - ours).max())  # as _same_as_generate
 
 
-def test_compressed_student_exports_merged_with_its_own_config_and_samples_as_generate(tmp_path, tiny_sdxl_dir, cli):
+def test_compressed_student_exports_merged_with_its_own_config_and_samples_as_generate(tmp_path, tiny_sdxl_dir):
     """A compressed student (the tiny UNet without its mid block) exports as a whole pipeline whose UNet config
     is the student's: plain diffusers loads it and makes `distill generate`'s images. A LoRA or a single file of
     it is refused in one line."""
@@ -242,16 +253,17 @@ def test_compressed_student_exports_merged_with_its_own_config_and_samples_as_ge
     assert json.loads((out / "pipeline/unet/config.json").read_text())["mid_block_type"] is None
     assert "removal plan" in (out / "README.md").read_text()
     images, _ = _load_in_fresh_process(tiny_sdxl_dir, out, "merged", tmp_path, 2)
-    _same_as_generate(images, run, tmp_path, cli, 2)
+    _same_as_sampled(images, run, 2)
 
 
-def test_phased_consistency_lora_samples_in_plain_diffusers_as_generate(tmp_path, tiny_sdxl_dir, cli):
+def test_phased_consistency_lora_samples_in_plain_diffusers_as_generate(tmp_path, tiny_sdxl_dir):
     """A 2-phase consistency student (PCM) samples deterministically edge to edge: its export names a
     deterministic scheduler (DDIM on the trailing grid) and plain diffusers makes `distill generate`'s images."""
     run = _train(tmp_path, tiny_sdxl_dir, **{"method.params": "{guidance_min: 3.0, guidance_max: 3.0, phases: 2}",
                                              "sample.steps": 2, "train.max_steps": 2})
-    export = tmp_path / "export"
-    cli("export", run, "--to", export, "--format", "lora", "--db", tmp_path / "none.sqlite")
-    assert json.loads((export / "distill_export.json").read_text())["scheduler"] == "DDIMScheduler"
-    images, _ = _load_in_fresh_process(tiny_sdxl_dir, export, "lora", tmp_path, 2)
-    _same_as_generate(images, run, tmp_path, cli, 2)
+    from distill.exporting import export
+
+    out = export(run, tmp_path / "export", ["lora"])
+    assert json.loads((out / "distill_export.json").read_text())["scheduler"] == "DDIMScheduler"
+    images, _ = _load_in_fresh_process(tiny_sdxl_dir, out, "lora", tmp_path, 2)
+    _same_as_sampled(images, run, 2)
