@@ -350,7 +350,17 @@ def _coerce(tp, value, where: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, where)
+        for a in inner[:-1]:  # the first alternative the value is (student.compression: a preset name or a plan)
+            try:
+                return _coerce(a, value, where)
+            except ConfigError:
+                pass
+        try:
+            return _coerce(inner[-1], value, where)
+        except ConfigError:
+            if len(inner) == 1:
+                raise
+            raise ConfigError(where, value, "expected " + " or ".join(getattr(a, "__name__", str(a)) for a in inner))
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(where, value, "expected a list")

@@ -158,9 +158,11 @@ def test_feature_distillation_reaches_only_the_student_and_a_run_resumes_bit_ide
 def test_without_feature_weight_a_compressed_run_is_the_plain_method(tmp_path, tiny_sdxl_dir):
     from distill.trainer import train
 
-    train(_cfg(tmp_path, tiny_sdxl_dir, "plain", **{"student.feature_weight": 0, "train.max_steps": 1}))
+    method = train(_cfg(tmp_path, tiny_sdxl_dir, "plain", **{"student.feature_weight": 0, "train.max_steps": 1,
+                                                             "student.compression": "{layers: [1, 1], mid: true}"}))
     row = json.loads((tmp_path / "plain/metrics.jsonl").read_text().splitlines()[0])
     assert "student/kd_feature" not in row and row["student/loss"] > 0
+    assert method.student.plan["mid"] and method.student.backbone.mid_block is not None  # a plan given as a mapping
 
 
 @pytest.fixture(scope="module")
