@@ -6,7 +6,8 @@ A removal plan says what survives, per family:
   so the skip connections still pair up), `depth` (transformer blocks per attention layer, per down stage; the up
   stages mirror it) and `mid` (keep the mid block or not);
 - MMDiT (SD3) and FLUX: `blocks` (indices of the joint/double-stream blocks kept) and, for FLUX, `single_blocks`.
-A plan is a preset name (PRESETS) or a dict of those keys; keys left out keep the teacher's value.
+A plan is a preset name (`half`, or one of UNET_PRESETS) or a dict of those keys; keys left out keep the teacher's
+value.
 
 Which teacher layer a surviving layer copies: the first ones of each down stage and transformer block stack; in an
 up stage the first layer and the teacher's last ones (the first up layer reads the previous up block's width, the
@@ -38,7 +39,6 @@ UNET_PRESETS = {
     "koala-1b": {"layers": 1, "depth": [1, 2, 6]},
     "koala-700m": {"layers": 1, "depth": [1, 2, 5], "mid": False},
 }
-PRESETS = ("half", *UNET_PRESETS)
 
 
 def _halve(n: int) -> int:

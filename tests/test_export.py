@@ -16,48 +16,53 @@ from teachers import tiny
 
 PROMPTS = ["a handwritten digit 3", "a handwritten digit 8"]
 
-# Runs in a fresh interpreter: plain diffusers only, nothing of distill imported.
+# Runs in a fresh interpreter: plain diffusers only, nothing of distill imported. One interpreter loads each of the
+# kinds asked for (comma-separated) in turn and saves its images as <out>/<kind>.npy.
 LOAD = """
 import json, sys
 import numpy as np, torch
 import diffusers
 
-teacher, export, kind = sys.argv[1], sys.argv[2], sys.argv[3]
+teacher, export, kinds, out_dir = sys.argv[1], sys.argv[2], sys.argv[3].split(","), sys.argv[4]
 facts = json.load(open(f"{export}/distill_export.json"))
 Pipe = getattr(diffusers, {"sdxl": "StableDiffusionXLPipeline", "sd3": "StableDiffusion3Pipeline",
                           "flux": "FluxPipeline"}[facts["family"]])
-if kind == "merged":
-    pipe = Pipe.from_pretrained(f"{export}/pipeline")
-    assert type(pipe.scheduler).__name__ == facts["scheduler"]
-elif kind == "single-file":  # the teacher's folder gives the configs and tokenizers, the file every weight
-    pipe = Pipe.from_single_file(f"{export}/{facts['single_file']}", config=teacher, local_files_only=True)
-    pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config,
-                                                                        **facts["scheduler_config"])
-else:
-    pipe = Pipe.from_pretrained(teacher)
-    pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config,
-                                                                        **facts["scheduler_config"])
-    before = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **KW).images
-    pipe.load_lora_weights(export if kind == "lora" else f"{export}/lora_kohya.safetensors")
-    backbone = pipe.unet if facts["family"] == "sdxl" else pipe.transformer
-    print("lora modules", sum(bool(getattr(m, "lora_A", None)) for m in backbone.modules()))
-out = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **KW).images
-if kind in ("lora", "kohya"):
-    assert np.abs(out - before).max() > 1e-3, "the LoRA changed nothing"
-np.save(sys.argv[4], out)
+for kind in kinds:
+    if kind == "merged":
+        pipe = Pipe.from_pretrained(f"{export}/pipeline")
+        assert type(pipe.scheduler).__name__ == facts["scheduler"]
+    elif kind == "single-file":  # the teacher's folder gives the configs and tokenizers, the file every weight
+        pipe = Pipe.from_single_file(f"{export}/{facts['single_file']}", config=teacher, local_files_only=True)
+        pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config,
+                                                                            **facts["scheduler_config"])
+    else:
+        pipe = Pipe.from_pretrained(teacher)
+        pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config,
+                                                                            **facts["scheduler_config"])
+        before = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **KW).images
+        pipe.load_lora_weights(export if kind == "lora" else f"{export}/lora_kohya.safetensors")
+        backbone = pipe.unet if facts["family"] == "sdxl" else pipe.transformer
+        print(kind, "lora modules", sum(bool(getattr(m, "lora_A", None)) for m in backbone.modules()))
+    out = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **KW).images
+    if kind in ("lora", "kohya"):
+        assert np.abs(out - before).max() > 1e-3, "the LoRA changed nothing"
+    np.save(f"{out_dir}/{kind}.npy", out)
 """
 
 
 def _load_in_fresh_process(teacher, export, kind, tmp_path, steps):
+    """The images plain diffusers makes from the export, as `kind` (one, or a list loaded in one interpreter: then
+    {kind: images}), and what the interpreter printed."""
     # The call exactly as distill_export.json writes it, nothing added: steps, guidance, size and times.
     facts = json.loads((export / "distill_export.json").read_text())
     assert facts["pipeline_call"]["num_inference_steps"] == steps
     script = f"PROMPTS = {PROMPTS!r}\nKW = {facts['pipeline_call']!r}\n" + LOAD
-    out = tmp_path / f"{kind}.npy"
-    proc = subprocess.run([sys.executable, "-c", script, str(teacher), str(export), kind, str(out)],
+    kinds = [kind] if isinstance(kind, str) else list(kind)
+    proc = subprocess.run([sys.executable, "-c", script, str(teacher), str(export), ",".join(kinds), str(tmp_path)],
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.load(out), proc.stdout
+    images = {k: np.load(tmp_path / f"{k}.npy") for k in kinds}
+    return (images[kind] if isinstance(kind, str) else images), proc.stdout
 
 
 def _same_as_generate(images, run, tmp_path, cli, steps):
@@ -113,10 +118,9 @@ def test_sdxl_lora_kohya_merged_and_single_file_exports_load_in_diffusers(tmp_pa
         w, down, up = ldm[m], kohya[f"{m}.lora_down.weight"], kohya[f"{m}.lora_up.weight"]
         assert (up.shape[0], down.shape[1]) == w.shape[:2], m
     assert {"first_stage_model", "conditioner", "model"} == {k.split(".")[0] for k in single}
-    for kind in ("lora", "kohya", "merged", "single-file"):
-        images, stdout = _load_in_fresh_process(teacher, export, kind, tmp_path, 2)
-        if kind == "kohya":  # diffusers' kohya loader finds every module
-            assert f"lora modules {len(modules)}" in stdout, stdout
+    loaded, stdout = _load_in_fresh_process(teacher, export, ["lora", "kohya", "merged", "single-file"], tmp_path, 2)
+    assert f"kohya lora modules {len(modules)}" in stdout, stdout  # diffusers' kohya loader finds every module
+    for images in loaded.values():
         _same_as_generate(images, run, tmp_path, cli, 2)
 
 
@@ -137,8 +141,8 @@ def test_sd3_lora_exports_load_in_diffusers_and_half_precision(tmp_path, tiny_sd
     export(pd, tmp_path / "pd-export", ["lora", "merged"], steps=2)
     assert json.loads((tmp_path / "pd-export/distill_export.json").read_text())["scheduler"] == \
         "FlowMatchEulerDiscreteScheduler"
-    for kind in ("lora", "merged"):
-        images, _ = _load_in_fresh_process(tiny_sd3_dir, tmp_path / "pd-export", kind, tmp_path, 2)
+    for images in _load_in_fresh_process(tiny_sd3_dir, tmp_path / "pd-export", ["lora", "merged"], tmp_path,
+                                         2)[0].values():
         _same_as_generate(images, pd, tmp_path / "pd", cli, 2)
 
     export(lcm, tmp_path / "half", ["merged"], "fp16")
@@ -185,7 +189,9 @@ def test_export_refuses_bad_requests_and_writes_nothing(tmp_path, full_run, cli)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy/distill_export.json").write_text("{}")  # an earlier export: --overwrite replaces it
     (tmp_path / "busy/stale.txt").write_text("from the earlier export")
-    cli("export", full_run, "--to", tmp_path / "busy", "--overwrite")
+    from distill.exporting import export
+
+    export(full_run, tmp_path / "busy", overwrite=True)
     assert (tmp_path / "busy/pipeline/model_index.json").is_file() and not (tmp_path / "busy/stale.txt").exists()
 
 

@@ -2,6 +2,7 @@
 through distill's teacher as diffusers' FluxPipeline does, every method trains on them, and a student exports."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -131,13 +132,14 @@ def test_a_lora_student_of_the_dev_teacher_loads_in_diffusers(flux_dirs, tmp_pat
     from test_export import _load_in_fresh_process, _same_as_generate
 
     teacher = flux_dirs["tiny-flux-dev"]
+    from distill.exporting import export as write
+
     run = tmp_path / "run"
-    cli("train", "experiments/lcm_digits_sdxl.yaml", f"teacher.source={teacher}", "teacher.resolution=32",
-        f"train.output_dir={run}", "train.max_steps=2", "data.batch_size=2", "train.checkpoint_every=2",
-        "student.lora_alpha=32")
-    export = tmp_path / "export"
-    cli("export", run, "--to", export, "--format", "lora", "--format", "kohya", "--format", "merged", "--steps", 1,
-        "--db", tmp_path / "none.sqlite")
+    recipe = Path(__file__).resolve().parents[1] / "experiments/lcm_digits_sdxl.yaml"
+    train(runs.load_config(recipe, [
+        f"teacher.source={teacher}", "teacher.resolution=32", f"train.output_dir={run}", "train.max_steps=2",
+        "data.batch_size=2", "train.checkpoint_every=2", "student.lora_alpha=32"]))
+    export = write(run, tmp_path / "export", ["lora", "kohya", "merged"], steps=1)
     facts = json.loads((export / "distill_export.json").read_text())
     assert facts["family"] == "flux" and facts["scheduler"] == "FlowMatchLCMScheduler"
     assert facts["pipeline_call"]["guidance_scale"] == 1.0  # sample.guidance_scale, the input distill feeds
@@ -149,11 +151,11 @@ def test_a_lora_student_of_the_dev_teacher_loads_in_diffusers(flux_dirs, tmp_pat
                                                    "img_mlp_0", "img_mlp_2", "txt_mlp_0", "txt_mlp_2")} | {
         "lora_unet_single_blocks_0_linear1"}
     _same(_updates_from_kohya(kohya, 1, 1, width=32), _updates(ours, 32.0, "transformer."))
-    for kind in ("lora", "merged"):
-        images, stdout = _load_in_fresh_process(teacher, export, kind, tmp_path, 1)
-        if kind == "lora":  # every LoRA module of the file lands in FluxPipeline's transformer
-            adapters = [k for k in load_file(export / "pytorch_lora_weights.safetensors") if k.endswith("lora_A.weight")]
-            assert adapters and f"lora modules {len(adapters)}\n" in stdout, stdout
+    loaded, stdout = _load_in_fresh_process(teacher, export, ["lora", "merged"], tmp_path, 1)
+    # every LoRA module of the file lands in FluxPipeline's transformer
+    adapters = [k for k in load_file(export / "pytorch_lora_weights.safetensors") if k.endswith("lora_A.weight")]
+    assert adapters and f"lora lora modules {len(adapters)}\n" in stdout, stdout
+    for images in loaded.values():
         _same_as_generate(images, run, tmp_path, cli, 1)
 
 
