@@ -161,10 +161,7 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
 
     if out is not None:
         paths.check_writable(Path(out), "--out")
-    if stitch:  # refused before anything loads
-        parse_stitch(stitch)
-        if teacher:
-            raise DistillError("--stitch samples students; drop --teacher or --stitch")
+    first = parse_stitch(stitch, teacher)[0] if stitch else None  # refused before anything loads
     scoring, num_per_prompt = build_scoring(
         prompts, recipe, num_per_prompt=num_per_prompt, seed=seed, reference=reference, reference_size=reference_size,
         bootstrap=bootstrap, extractor=extractor, extractor_weights=extractor_weights,
@@ -188,7 +185,7 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
     if k is not None:  # the steps (and NFE) each model took
         per_step = row["nfe"] // steps
         row["student"] = f"{cfg.student.kind}+stitch"
-        row["stitch"] = {"first": parse_stitch(stitch)[0], "first_steps": k, "first_nfe": k * per_step,
+        row["stitch"] = {"first": first, "first_steps": k, "first_nfe": k * per_step,
                          "rest_steps": steps - k, "rest_nfe": (steps - k) * per_step}
     grid = write_grid(images, num_per_prompt, folder / f"{row['method']}-{steps}steps.png")
     row["grid"] = str(grid)

@@ -79,9 +79,7 @@ def _generate(args) -> None:
     if not prompts:
         raise DistillError("give at least one --prompt or a --prompts file")
     if args.stitch:
-        parse_stitch(args.stitch)
-        if args.teacher:
-            raise DistillError("--stitch samples students; drop --teacher or --stitch")
+        parse_stitch(args.stitch, args.teacher)
     jobs = [p for p in prompts for _ in range(args.num_per_prompt)]
     names = [f"{i:04d}-{re.sub(r'[^a-z0-9]+', '-', p.lower()).strip('-')[:40]}.png" for i, p in enumerate(jobs)]
     taken = next((n for n in names if (out / n).exists() or (out / n).is_symlink()), None)

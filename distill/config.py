@@ -350,17 +350,14 @@ def _coerce(tp, value, where: str):
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        for a in inner[:-1]:  # the first alternative the value is (student.compression: a preset name or a plan)
+        for a in inner:  # the first alternative the value is (student.compression: a preset name or a plan)
             try:
                 return _coerce(a, value, where)
-            except ConfigError:
-                pass
-        try:
-            return _coerce(inner[-1], value, where)
-        except ConfigError:
-            if len(inner) == 1:
-                raise
-            raise ConfigError(where, value, "expected " + " or ".join(getattr(a, "__name__", str(a)) for a in inner))
+            except ConfigError as e:
+                refused = e
+        if len(inner) == 1:
+            raise refused
+        raise ConfigError(where, value, "expected " + " or ".join(getattr(a, "__name__", str(a)) for a in inner))
     if origin is list:
         if not isinstance(value, list):
             raise ConfigError(where, value, "expected a list")

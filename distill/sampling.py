@@ -101,8 +101,10 @@ def stitched(method, other, fraction: float, steps: int):
         method.student.backbone = own
 
 
-def parse_stitch(value: str) -> tuple[str, float]:
-    """--stitch RUN:FRACTION -> (RUN, FRACTION), the fraction in [0, 1]."""
+def parse_stitch(value: str, teacher: bool = False) -> tuple[str, float]:
+    """--stitch RUN:FRACTION -> (RUN, FRACTION), the fraction in [0, 1]; refused with --teacher (`teacher`)."""
+    if teacher:
+        raise DistillError("--stitch samples students; drop --teacher or --stitch")
     run, sep, fraction = value.rpartition(":")
     try:
         f = float(fraction)

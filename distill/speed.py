@@ -59,7 +59,7 @@ def provenance(device, threads: int, repeats: int, batch_size: int) -> dict:
     return {"device": device_name(device), "threads": threads, "timing_repeats": repeats, "timing_batch": batch_size}
 
 
-def _once_ms(fn) -> float:
+def once_ms(fn) -> float:
     if torch.cuda.is_available():
         torch.cuda.synchronize()  # a GPU call returns before its kernels finish
     start = time.perf_counter()
@@ -88,7 +88,7 @@ def interleaved(calls: dict, repeats: int, warmup: int = 1) -> dict[str, list[fl
     try:
         for r in range(repeats):
             for k in keys[r % len(keys):] + keys[:r % len(keys)]:
-                times[k].append(_once_ms(calls[k]))
+                times[k].append(once_ms(calls[k]))
     finally:
         if enabled:
             gc.enable()

@@ -104,7 +104,7 @@ def train_rows(teacher, methods, plans, steps, mode, smoke, budget) -> list[dict
             step = speed.train_stepper(method, cfg, batch(teacher), compile=mode == "compiled")
             with speed.peak_memory(teacher.device) as peak:
                 start = time.perf_counter()
-                speed._once_ms(step)
+                speed.once_ms(step)
                 row["first_step_s"] = time.perf_counter() - start
                 times = speed.interleaved({name: step}, steps, warmup=0)[name]
             row["ms"], row["ms_iqr"] = speed.median_iqr(times)
@@ -239,6 +239,8 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--budget-s", type=float, default=420)
     args = ap.parse_args(argv)
+    if args.out.suffix != ".md":  # the results' JSON goes beside it, as <name>.json
+        ap.error(f"--out {args.out}: give a .md file")
     if args.compile is None:
         args.compile = [] if args.smoke else ["consistency"]  # compiling takes minutes on a CPU
     if args.plans_only:

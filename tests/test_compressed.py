@@ -218,3 +218,6 @@ def test_t_stitch_runs_the_small_student_first_and_the_large_one_after(tmp_path,
     assert main(["generate", str(large_and_small[0]), "--prompt", "x", "--stitch", "nowhere", "--out",
                  str(tmp_path / "x")]) == 2
     assert "give RUN:FRACTION" in capsys.readouterr().err
+    assert main(["generate", str(large_and_small[0]), "--prompt", "x", "--teacher", "--stitch",
+                 f"{large_and_small[1]}:0.5", "--out", str(tmp_path / "x")]) == 2
+    assert "drop --teacher or --stitch" in capsys.readouterr().err

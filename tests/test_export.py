@@ -167,17 +167,12 @@ def test_full_student_folder_samples_as_distill_with_its_boundary_scalings(tmp_p
     the call (distill_sampling.json) that sample as distill does; as written, it makes generate's images."""
     from diffusers import DiffusionPipeline
 
-    from distill.evaluation import sample_images
-    from distill.runs import load_run
-
     sampling = json.loads((full_run / "student/distill_sampling.json").read_text())
     pipe = DiffusionPipeline.from_pretrained(full_run / "student")
     assert type(pipe.scheduler).__name__ == sampling["scheduler"] == "LCMScheduler"
     theirs = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11),
                   **sampling["pipeline_call"]).images
-    _, cfg, method, _ = load_run(full_run)
-    ours, _ = sample_images(method, PROMPTS, 2, 11, cfg.sample.guidance_scale, teacher=False)
-    assert np.abs(theirs - (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max() < 1e-5
+    _same_as_sampled(theirs, full_run, 2)
 
 
 def test_export_refuses_bad_requests_and_writes_nothing(tmp_path, full_run, cli):
