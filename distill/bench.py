@@ -409,7 +409,7 @@ class _Bench:
         for s in todo:
             self.add(keys[s], method, cfg, s, t.guidance_scale, True, 0, t.source, label, cost[s])
 
-    def run(self, i: int, r: BenchRun, cfg: config.Config) -> None:
+    def run(self, i: int, r: BenchRun, cfg: config.Config, train_only: bool = False) -> None:
         guidance = cfg.sample.guidance_scale if r.guidance_scale is None else r.guidance_scale
         keys = {s: self.key(r.name, cfg, s, guidance, False) for s in r.steps}
         todo = [s for s in r.steps if keys[s] not in self.done]
@@ -428,6 +428,8 @@ class _Bench:
             self.log(f"{head}: training {cfg.method.name} ({cfg.student.kind}) of {cfg.teacher.source}, seed "
                      f"{cfg.train.seed}{', resuming' if resume else aside}")
             train(cfg, resume=resume, restart=resume is None)  # a bench run folder is its own
+        if train_only:
+            return
         ckpt, run_cfg, method, step = load_run(run_dir)
         # A progressive run's milestones share the final student's architecture, so one timed pass of the
         # final student stands for every step count.
@@ -439,10 +441,24 @@ class _Bench:
             self.add(keys[s], method, run_cfg, s, guidance, False, step, str(ckpt), r.name, cost[s])
 
 
-def run(path: Path, log=print) -> Path:
-    """Run the whole matrix; returns the HTML page."""
+def parse_shard(value: str) -> tuple[int, int]:
+    """`K/N` (0 <= K < N): this process takes the matrix's runs K, K+N, K+2N, ..."""
+    m = re.fullmatch(r"(\d+)/(\d+)", value.strip())
+    if not m or not 0 <= int(m[1]) < int(m[2]):
+        raise ConfigError("--shard", value, "K/N with 0 <= K < N, e.g. 0/4 (this process trains runs 0, 4, 8, ...)")
+    return int(m[1]), int(m[2])
+
+
+def run(path: Path, log=print, train_only: bool = False, shard: tuple[int, int] = (0, 1)) -> Path | None:
+    """Run the whole matrix; returns the HTML page. `train_only` trains the runs (those of `shard` K/N: every Nth
+    from the Kth, so N processes, on N GPUs or sharing one, train a matrix together) and evaluates nothing: a
+    later plain `distill bench` of the same matrix finds them trained and evaluates them."""
     matrix, configs = load_matrix(Path(path))
     bench = _Bench(matrix, log)
+    if train_only:
+        for i, r in list(enumerate(matrix.runs))[shard[0]::shard[1]]:
+            bench.run(i, r, configs[r.name], train_only=True)
+        return None
     for t in matrix.teachers:
         bench.teacher(t)
     for i, r in enumerate(matrix.runs):

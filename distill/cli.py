@@ -16,7 +16,7 @@ import traceback
 from pathlib import Path
 
 from distill.config import MAX_STEPS
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 
 
 def _int_in(lo: int, hi: int | None = None):
@@ -188,6 +188,13 @@ def _bench_speed(args) -> None:
 def _bench(args) -> None:
     from distill import bench
 
+    shard = bench.parse_shard(args.shard)
+    if args.train_only:
+        bench.run(Path(args.matrix), train_only=True, shard=shard)
+        print("trained; `distill bench` of the same matrix evaluates the runs")
+        return
+    if shard != (0, 1):
+        raise ConfigError("--shard", args.shard, "only with --train-only (the evaluations share one leaderboard)")
     page = bench.run(Path(args.matrix))
     print(f"open {page.resolve()} in a browser for the table, the quality-versus-NFE plot and the samples")
 
@@ -347,6 +354,10 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a teacher x method x steps matrix: train where needed, evaluate, "
                        "add rows, write the leaderboard pages")
     b.add_argument("matrix", help="experiments/bench_*.yaml")
+    b.add_argument("--train-only", action="store_true", help="train the matrix's runs (skipping trained ones) and "
+                   "evaluate nothing; a later plain run evaluates them")
+    b.add_argument("--shard", default="0/1", metavar="K/N", help="with --train-only: train runs K, K+N, K+2N, ... "
+                   "(N processes train the matrix together)")
     b.set_defaults(func=_bench)
 
     sp = sub.add_parser("bench-speed", help="time a student and its teacher side by side (or, with --train, a "

@@ -9,7 +9,9 @@
   diffusers pipeline with the scheduler that samples as distill does; `DiffusionPipeline.from_pretrained`.
 - `single-file`: DIR/<family>_<method>_<n>step.safetensors, the fused student with the rest of the pipeline in
   the original layout: one file for A1111 and ComfyUI, or `from_single_file(path, config=<the teacher>)`
-  (SDXL and SD3).
+  (SDXL and SD3). FLUX: the transformer alone in Black Forest Labs' layout (as flux1-dev.safetensors), for
+  ComfyUI's diffusion-model loader or `FluxTransformer2DModel.from_single_file`. A compressed UNet student's file keeps its own block counts (ComfyUI reads them from the keys);
+  diffusers reads it with `config=DIR/pipeline`, the merged folder written beside it.
 A full student with a w embedding keeps it in the merged backbone (`time_cond_proj_dim`, which diffusers'
 SDXL pipelines feed with `guidance_scale`); it has no LoRA form.
 
@@ -83,11 +85,12 @@ def _check(student, teacher, formats: list[str]) -> None:
     if "single-file" in formats and not teacher.single_file:
         raise DistillError(f"no single-file layout is known for the {teacher.family} family; use --format merged "
                            "(a diffusers folder)")
-    if "single-file" in formats and student.plan is not None:
-        raise DistillError("this is a compressed student: its backbone has fewer blocks than the family's original "
-                           "layout, which single-file loaders assume; use --format merged (a diffusers folder with "
-                           "the student's own config)")
-    if "single-file" in formats and student.guidance_input:
+    if "single-file" in formats and student.plan is not None and (
+            "blocks" in student.plan or len(set(student.plan["layers"])) > 1):
+        raise DistillError("a compressed student's single file is written for a UNet with the same layer count in "
+                           "every stage, and this one is not; use --format merged (a diffusers folder with the "
+                           "student's own config)")
+    if "single-file" in formats and student.guidance_input and not teacher.single_file_w:
         raise DistillError("this student reads the guidance scale w, and the original single-file layout has no "
                            "w input; use --format merged")
 
@@ -100,11 +103,14 @@ def _usage(teacher, sampling: dict, folder: Path, formats: list[str], single_fil
     if "merged" in formats:
         load = f'pipe = {cls}.from_pretrained("{folder}/pipeline")  # its scheduler is already {sched_cls}'
     elif "single-file" in formats:  # the teacher's configs; its scheduler config with distill's sampler's changes
-        load = (f'pipe = {cls}.from_single_file("{folder}/{single_file}", config="<the teacher>")'
-                f"\n{scheduler}")
+        load = f'{teacher.single_file_usage(f"{folder}/{single_file}", "<the teacher>")}\n{scheduler}'
     else:
         load = f'pipe = {cls}.from_pretrained("<the teacher>")\n{scheduler}\npipe.load_lora_weights("{folder}")'
-    return (f"import torch\nfrom diffusers import {cls}, {sched_cls}\n\n{load}\n"
+    if "single-file" in formats and "merged" in formats:  # the folder's configs serve the file too
+        other = teacher.single_file_usage(f"{folder}/{single_file}", f"{folder}/pipeline").replace("\n", "\n# ")
+        load += f"\n# or, from the single file (its configs from the folder):\n# {other}"
+    names = [cls, sched_cls] + ["FluxTransformer2DModel"] * ("FluxTransformer2DModel" in load)
+    return (f"import torch\nfrom diffusers import {', '.join(names)}\n\n{load}\n"
             f'image = pipe("your prompt", {args}).images[0]')
 
 
@@ -128,6 +134,8 @@ def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: i
     if formats is None:
         formats = ["merged"] if student.kind == "full" else list(teacher.lora_formats)
     _check(student, teacher, formats)
+    if student.plan is not None and "single-file" in formats and "merged" not in formats:
+        formats = [*formats, "merged"]  # a compressed student's single file is read with the folder's UNet config
     steps = steps or cfg.sample.steps
     method.sample_times(steps)  # a step count the student's grid cannot give is refused before any work
     guidance = cfg.sample.guidance_scale
@@ -152,7 +160,8 @@ def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: i
             if "merged" in formats:
                 students.save_pipeline(teacher, backbone, tmp / "pipeline", scheduler=sched)
             if "single-file" in formats:
-                save_file(teacher.single_file_state(backbone), str(tmp / single_file),
+                save_file({k: v.contiguous() for k, v in teacher.single_file_state(backbone).items()},
+                          str(tmp / single_file),
                           metadata={"distill_method": cfg.method.name, "distill_steps": str(steps),
                                     "distill_sampling": json.dumps(sampling)})
 

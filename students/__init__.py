@@ -146,28 +146,39 @@ def check_adapter_name(field: str, name: str) -> None:
 class Companion(nn.Module):
     """A second trainable network beside a student that starts as the bare teacher. Beside a LoRA student it is a
     second adapter `name` on the same layers of the same backbone (one copy of the base weights), on only inside
-    active(); otherwise (a full student, or separate=True) a trainable full copy of the teacher's backbone. The
-    adapter's rank defaults to the student's and its alpha to its own rank (scale 1)."""
+    active(). Beside a compressed student it is an adapter on the frozen teacher's own backbone (on the `targets`
+    layers): it has the teacher's size, not the student's, and costs no copy (the cross-size recipe of LightX2V's
+    Wan distillation). Otherwise (a full student, or separate=True) a trainable full copy of the teacher's backbone.
+    The adapter's rank defaults to the student's (a compressed student has none: DEFAULT_RANK) and its alpha to its
+    own rank (scale 1)."""
+
+    DEFAULT_RANK = 16  # student.lora_rank's default
 
     def __init__(self, student: Student, teacher_backbone: nn.Module, name: str, rank: int = 0,
-                 separate: bool = False, alpha: float | None = None):
+                 separate: bool = False, alpha: float | None = None, targets: list[str] | None = None):
         super().__init__()
         self.name, self.copy = name, None
-        if student.kind != "lora" or separate:
+        on_teacher = student.plan is not None and not separate
+        if (student.kind != "lora" and not on_teacher) or separate:
             # the bare teacher: a LoRA student's adapters on the backbone are dropped from the copy
             self.copy = fuse_lora(copy.deepcopy(teacher_backbone), merge=False).float().requires_grad_(True)
             return
-        self.shared = [student.backbone]  # in a list: the student owns the backbone, not this module
-        backbone = student.backbone
-        lora = copy.copy(backbone.peft_config[STUDENT_ADAPTER])
-        lora.r = rank or lora.r
+        backbone = teacher_backbone if on_teacher else student.backbone
+        self.shared = [backbone]  # in a list: the student or the teacher owns the backbone, not this module
+        if on_teacher:
+            lora = LoraConfig(r=rank or self.DEFAULT_RANK, init_lora_weights="gaussian", target_modules=targets)
+            backbone.peft_config = getattr(backbone, "peft_config", {})
+        else:
+            lora = copy.copy(backbone.peft_config[STUDENT_ADAPTER])
+            lora.r = rank or lora.r
         lora.lora_alpha = alpha or lora.r
         with warnings.catch_warnings():  # "multiple adapters in the model": that is the point
             warnings.filterwarnings("ignore", message="Already found a `peft_config`")
             inject_adapter_in_model(lora, backbone, adapter_name=name)
         backbone.peft_config[name] = lora
-        for layer in adapter_layers(backbone):  # peft activates nothing new, but keep the student's adapter active
-            layer._active_adapter = STUDENT_ADAPTER
+        for layer in adapter_layers(backbone):  # peft activates the new adapter: keep the student's (or, on the
+            # teacher, none) active outside active()
+            layer._disable_adapters, layer._active_adapter = on_teacher, name if on_teacher else STUDENT_ADAPTER
         for p in self.trainable_parameters():
             p.data = p.data.float()
             p.requires_grad_(True)

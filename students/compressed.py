@@ -116,7 +116,10 @@ def student_config(backbone: nn.Module, plan: dict) -> dict:
     """The backbone config of the compressed student (a plan from `resolve`)."""
     config, k = dict(backbone.config), kind(backbone)
     if k == "unet":
-        config.update(layers_per_block=plan["layers"], transformer_layers_per_block=plan["depth"],
+        # the same layer count in every stage is written as one number, as diffusers' own configs have it (the
+        # single-file converter, diffusers' and ComfyUI's, reads only that form)
+        layers = plan["layers"][0] if len(set(plan["layers"])) == 1 else plan["layers"]
+        config.update(layers_per_block=layers, transformer_layers_per_block=plan["depth"],
                       reverse_transformer_layers_per_block=None,
                       mid_block_type=config["mid_block_type"] if plan["mid"] else None)
     else:

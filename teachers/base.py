@@ -106,6 +106,7 @@ class Teacher(nn.Module):
     lora_targets: tuple[str, ...] = ()
     shard_blocks: tuple[type, ...] = ()  # the backbone's repeated blocks: FSDP's units (distill.sharding)
     single_file: bool = False  # whether single_file_state and ldm_names know this family's original layout
+    single_file_w: bool = False  # whether that layout has a guidance (w) input (FLUX.1-dev's guidance_in)
     is_pipeline: bool = False  # a diffusers pipeline stands behind it: students save, export and sample through it
     makes_images: bool = True  # False: its samples are points (the exact 2-D teachers), with no images to write
     flow: bool = False  # a rectified-flow schedule (x_t = (1 - t) x0 + t eps); otherwise variance-preserving
@@ -199,6 +200,10 @@ class Teacher(nn.Module):
     def single_file_state(self, backbone: nn.Module) -> dict[str, torch.Tensor]:
         """The pipeline with `backbone` in place, as the one file of the family's original layout."""
         raise DistillError(f"no single-file layout is known for the {self.family} family")
+
+    def single_file_usage(self, path: str, config: str) -> str:
+        """The diffusers line that loads the single file at `path` as a pipeline, configs from `config`."""
+        return f'pipe = {self.pipeline_class.__name__}.from_single_file("{path}", config="{config}")'
 
     def ldm_names(self):
         """A function from a backbone module name (diffusers) to its name in the original layout."""

@@ -21,7 +21,7 @@ from diffusers.models.transformers.transformer_flux import FluxSingleTransformer
 
 from distill.errors import DistillError
 from distill.schedules import flow_student_timesteps
-from teachers.base import Cond, Teacher, kohya_module
+from teachers.base import Cond, kohya_module
 from teachers.sd3 import SD3Teacher
 
 
@@ -69,6 +69,45 @@ def bfl_lora(pairs: dict, alpha: float, out_features) -> dict[str, torch.Tensor]
     return state
 
 
+# The modules outside the blocks, and the per-head norms inside them (diffusers -> BFL). The norm scales are plain
+# weights; the final modulation orders (shift, scale) the other way round in BFL's layout.
+BFL_FIXED = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
+             "norm_out.linear": "final_layer.adaLN_modulation.1",
+             **{f"time_text_embed.{d}.linear_{i + 1}": f"{b}.{layer}" for d, b in (
+                 ("timestep_embedder", "time_in"), ("text_embedder", "vector_in"), ("guidance_embedder", "guidance_in"))
+                for i, layer in enumerate(("in_layer", "out_layer"))}}
+BFL_NORMS = {"transformer_blocks": {"attn.norm_q": "img_attn.norm.query_norm", "attn.norm_k": "img_attn.norm.key_norm",
+                                    "attn.norm_added_q": "txt_attn.norm.query_norm",
+                                    "attn.norm_added_k": "txt_attn.norm.key_norm"},
+             "single_transformer_blocks": {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}}
+
+
+def bfl_single_file(transformer) -> dict[str, torch.Tensor]:
+    """A FLUX transformer's weights as one file in Black Forest Labs' layout (flux1-dev.safetensors' keys, the
+    transformer alone): what ComfyUI's diffusion-model loader and `FluxTransformer2DModel.from_single_file` read.
+    The modules BFL fuses (q, k, v; a single block's q, k, v and MLP input) are stacked in BFL's order."""
+    state, fused = {}, {}
+    for name, v in transformer.state_dict().items():
+        module, kind = name.rsplit(".", 1)
+        block, index, rest = (module.split(".", 2) + ["", ""])[:3]
+        if block in BFL and index.isdigit():
+            target, plain, stacks = BFL[block]
+            prefix = f"{target}.{index}"
+            if rest in BFL_NORMS[block]:
+                state[f"{prefix}.{BFL_NORMS[block][rest]}.scale"] = v
+            elif rest in plain:
+                state[f"{prefix}.{plain[rest]}.{kind}"] = v
+            else:
+                stack = next(f for f, parts in stacks.items() if rest in parts)
+                fused.setdefault((f"{prefix}.{stack}.{kind}", stacks[stack]), {})[rest] = v
+        else:
+            state[f"{BFL_FIXED[module]}.{kind}"] = v.chunk(2)[::-1] if module == "norm_out.linear" else v
+    state = {k: torch.cat(v) if isinstance(v, tuple) else v for k, v in state.items()}
+    for (key, parts), found in fused.items():
+        state[key] = torch.cat([found[p] for p in parts])
+    return state
+
+
 def dynamic_shift(tokens: int, config) -> float:
     """FLUX's shift for an image of `tokens` packed latent tokens: exp(mu), mu interpolated linearly from base_shift
     at base_image_seq_len tokens to max_shift at max_image_seq_len (diffusers' calculate_shift). The scheduler's
@@ -107,7 +146,8 @@ class FluxTeacher(SD3Teacher):
     # and the single blocks' MLP input; diffusers' FLUX LoRA loader reads them all.
     lora_targets = (*SD3Teacher.lora_targets, "proj_mlp")
     shard_blocks = (FluxTransformerBlock, FluxSingleTransformerBlock)
-    single_file = False  # no BFL single-file layout is written yet
+    single_file = True  # BFL's layout, the transformer alone (bfl_single_file)
+    single_file_w = True
     lora_formats = ("lora", "kohya")  # kohya: ComfyUI and kohya's FLUX LoRAs, in BFL's module names
     kohya_base_model = "flux1"
 
@@ -215,7 +255,12 @@ class FluxTeacher(SD3Teacher):
         torch.nn.init.zeros_(student.time_text_embed.guidance_embedder.linear_2.bias)
         return student
 
-    single_file_state = Teacher.single_file_state  # not SD3's layout
+    def single_file_state(self, backbone):
+        return bfl_single_file(backbone)
+
+    def single_file_usage(self, path, config):  # BFL's file holds the transformer alone
+        return (f'transformer = FluxTransformer2DModel.from_single_file("{path}", config="{config}", '
+                f'subfolder="transformer")\npipe = FluxPipeline.from_pretrained("{config}", transformer=transformer)')
 
     def kohya_lora(self, pairs, alpha):
         return bfl_lora(pairs, alpha, lambda name: self.backbone.get_submodule(name).out_features)

@@ -126,3 +126,25 @@ def test_training_seeds_give_runs_of_their_own(tmp_path):
     assert len({seedless_hash(c) for c in configs.values()}) == 1  # ... and one recipe without it
     path.write_text(yaml.safe_dump({"runs": [{"config": str(run_cfg)}]}))
     assert {c.train.seed for c in load_matrix(path)[1].values()} == {7}  # no seeds: the config's own
+
+
+def test_train_only_trains_its_shard_of_the_runs_and_evaluates_nothing(tmp_path, tiny_sdxl_dir):
+    """N processes can train a matrix together (`--train-only --shard K/N`): shard 1/2 trains runs 1, 3, ... and
+    adds no row; a bad shard is refused in one line."""
+    from distill import bench
+
+    run_cfg = tmp_path / "denoise.yaml"
+    run_cfg.write_text(yaml.safe_dump({
+        "teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "lora", "lora_rank": 4},
+        "method": {"name": "denoise"}, "data": {"kind": "digits", "batch_size": 2}, "train": {"max_steps": 1}}))
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text(yaml.safe_dump({"out": str(tmp_path / "bench"), "seeds": [0, 1, 2],
+                                      "runs": [{"config": str(run_cfg), "name": "d"}]}))
+    assert bench.run(matrix, train_only=True, shard=(1, 2)) is None
+    trained = sorted(p.name for p in (tmp_path / "bench").iterdir() if (p / "student").exists())
+    assert trained == ["d-seed1"]
+    assert not (tmp_path / "bench/references").exists() and not list((tmp_path / "bench").glob("grids"))
+    assert not Leaderboard(tmp_path / "bench/leaderboard.sqlite").keys()
+    for bad in ("2/2", "1", "-1/2", "a/b"):
+        with pytest.raises(ConfigError, match="K/N"):
+            bench.parse_shard(bad)

@@ -221,3 +221,30 @@ def test_t_stitch_runs_the_small_student_first_and_the_large_one_after(tmp_path,
     assert main(["generate", str(large_and_small[0]), "--prompt", "x", "--teacher", "--stitch",
                  f"{large_and_small[1]}:0.5", "--out", str(tmp_path / "x")]) == 2
     assert "drop --teacher or --stitch" in capsys.readouterr().err
+
+
+def test_dmd2_fake_score_of_a_compressed_student_is_an_adapter_on_the_frozen_teacher(tmp_path, tiny_sdxl_dir):
+    """No full copy for the fake score: a `fake` adapter on the teacher's own backbone that its turn trains, while
+    the teacher's base weights stay as loaded and its predictions (adapters off) stay the bare teacher's."""
+    from safetensors.torch import load_file
+
+    from distill.trainer import train
+
+    method = train(_cfg(tmp_path, tiny_sdxl_dir, "dmd2", **{
+        "method.name": "dmd2", "method.params": "{student_steps: 2, fake_rank: 4}",
+        "train.max_steps": 2, "train.turn_every": "{student: 1}"}))
+    assert method.fake.copy is None and method.fake.shared[0] is method.teacher.backbone
+    bare = teachers.load(TeacherConfig(source=str(tiny_sdxl_dir), resolution=32))
+    trained = {k: v for k, v in method.teacher.backbone.state_dict().items() if "lora_" not in k}
+    base = {k.replace(".base_layer", ""): v for k, v in trained.items()}
+    assert base.keys() == bare.backbone.state_dict().keys()
+    assert all(torch.equal(v, bare.backbone.state_dict()[k]) for k, v in base.items())
+    fake = method.fake.state_to_save()
+    assert fake and all(v.shape[0] == 4 or v.shape[1] == 4 for v in fake.values())  # rank 4
+    assert any(v.abs().sum() > 0 for k, v in fake.items() if "lora_B" in k)  # the fake turn trained it
+    x, t = torch.randn(1, 4, 4, 4), torch.tensor([500])
+    with torch.no_grad():
+        cond = bare.encode_prompts(["3"])
+        assert torch.equal(method.teacher.predict(x, t, cond)[0], bare.predict(x, t, cond)[0])
+    saved = load_file(tmp_path / "dmd2/checkpoints/step-00000002/weights.safetensors")
+    assert any(k.startswith("fake.") for k in saved) and not any("fake" in k and "copy" in k for k in saved)

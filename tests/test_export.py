@@ -32,7 +32,8 @@ for kind in kinds:
         pipe = Pipe.from_pretrained(f"{export}/pipeline")
         assert type(pipe.scheduler).__name__ == facts["scheduler"]
     elif kind == "single-file":  # the teacher's folder gives the configs and tokenizers, the file every weight
-        pipe = Pipe.from_single_file(f"{export}/{facts['single_file']}", config=teacher, local_files_only=True)
+        config = f"{export}/pipeline" if facts["student"] == "compressed" else teacher  # its own UNet config
+        pipe = Pipe.from_single_file(f"{export}/{facts['single_file']}", config=config, local_files_only=True)
         pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config,
                                                                             **facts["scheduler_config"])
     else:
@@ -239,22 +240,43 @@ def test_sd35_shapes_train_and_export_whole(tmp_path, shape):
         assert np.abs(theirs - ours).max() <= 1 / 255, (kind, np.abs(theirs - ours).max())  # as _same_as_generate
 
 
-def test_compressed_student_exports_merged_with_its_own_config_and_samples_as_generate(tmp_path, tiny_sdxl_dir):
+def test_compressed_student_exports_merged_and_single_file_and_samples_as_generate(tmp_path):
     """A compressed student (the tiny UNet without its mid block) exports as a whole pipeline whose UNet config
-    is the student's: plain diffusers loads it and makes `distill generate`'s images. A LoRA or a single file of
-    it is refused in one line."""
+    is the student's, and as one file in the original layout with the student's block counts (read with that
+    folder's config): plain diffusers loads both and makes `distill generate`'s images. A LoRA of it, or a single
+    file of a compressed transformer, is refused in one line."""
     from distill.errors import DistillError
     from distill.exporting import export
 
-    run = _train(tmp_path, tiny_sdxl_dir, **{"student.kind": "compressed", "train.max_steps": 1, "sample.steps": 2})
-    for fmt, words in (("lora", "compressed student: it has no LoRA"), ("single-file", "fewer blocks")):
-        with pytest.raises(DistillError, match=words):
-            export(run, tmp_path / fmt, [fmt])
-    out = export(run, tmp_path / "export", ["merged"])
-    assert json.loads((out / "pipeline/unet/config.json").read_text())["mid_block_type"] is None
+    teacher = tiny.build("tiny-sdxl", tmp_path / "teacher", text_width_2=48)  # as from_single_file needs
+    run = _train(tmp_path, teacher, **{"student.kind": "compressed", "train.max_steps": 1, "sample.steps": 2})
+    with pytest.raises(DistillError, match="compressed student: it has no LoRA"):
+        export(run, tmp_path / "lora", ["lora"])
+    out = export(run, tmp_path / "export", ["single-file"])
+    assert json.loads((out / "distill_export.json").read_text())["formats"] == ["single-file", "merged"]
+    config = json.loads((out / "pipeline/unet/config.json").read_text())
+    assert config["mid_block_type"] is None and config["layers_per_block"] == 1
+    single = load_file(out / "sdxl_consistency_2step.safetensors")
+    assert not any(".middle_block." in k for k in single) and "model.diffusion_model.output_blocks.3.0.in_layers.0" \
+        ".weight" in single and "model.diffusion_model.output_blocks.4.0.in_layers.0.weight" not in single
     assert "removal plan" in (out / "README.md").read_text()
-    images, _ = _load_in_fresh_process(tiny_sdxl_dir, out, "merged", tmp_path, 2)
-    _same_as_sampled(images, run, 2)
+    images, _ = _load_in_fresh_process(teacher, out, ["merged", "single-file"], tmp_path, 2)
+    for kind in images.values():
+        _same_as_sampled(kind, run, 2)
+
+
+
+def test_single_file_of_a_compressed_transformer_is_refused(tiny_sd3_dir):
+    import students
+    import teachers
+    from distill.config import StudentConfig, TeacherConfig
+    from distill.errors import DistillError
+    from distill.exporting import _check
+
+    teacher = teachers.load(TeacherConfig(source=str(tiny_sd3_dir), resolution=32))
+    student = students.build(teacher, StudentConfig(kind="compressed"))
+    with pytest.raises(DistillError, match="same layer count in every stage"):
+        _check(student, teacher, ["single-file"])
 
 
 def test_phased_consistency_lora_samples_in_plain_diffusers_as_generate(tmp_path, tiny_sdxl_dir):

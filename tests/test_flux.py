@@ -3,6 +3,7 @@ through distill's teacher as diffusers' FluxPipeline does, every method trains o
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -139,7 +140,7 @@ def test_a_lora_student_of_the_dev_teacher_loads_in_diffusers(flux_dirs, tmp_pat
     train(runs.load_config(recipe, [
         f"teacher.source={teacher}", "teacher.resolution=32", f"train.output_dir={run}", "train.max_steps=2",
         "data.batch_size=2", "train.checkpoint_every=2", "student.lora_alpha=32"]))
-    export = write(run, tmp_path / "export", ["lora", "kohya", "merged"], steps=1)
+    export = write(run, tmp_path / "export", ["lora", "kohya", "merged", "single-file"], steps=1)
     facts = json.loads((export / "distill_export.json").read_text())
     assert facts["family"] == "flux" and facts["scheduler"] == "FlowMatchLCMScheduler"
     assert facts["pipeline_call"]["guidance_scale"] == 1.0  # sample.guidance_scale, the input distill feeds
@@ -151,6 +152,12 @@ def test_a_lora_student_of_the_dev_teacher_loads_in_diffusers(flux_dirs, tmp_pat
                                                    "img_mlp_0", "img_mlp_2", "txt_mlp_0", "txt_mlp_2")} | {
         "lora_unet_single_blocks_0_linear1"}
     _same(_updates_from_kohya(kohya, 1, 1, width=32), _updates(ours, 32.0, "transformer."))
+    # the single file: the merged transformer in BFL's layout (diffusers reads it back: the test below)
+    single = load_file(export / facts["single_file"])
+    merged = load_file(export / "pipeline/transformer/diffusion_pytorch_model.safetensors")
+    assert "double_blocks.0.img_attn.qkv.weight" in single and len(single) < len(merged)
+    assert torch.equal(single["single_blocks.0.linear2.weight"], merged["single_transformer_blocks.0.proj_out.weight"])
+    assert "FluxTransformer2DModel.from_single_file" in (export / "README.md").read_text()
     loaded, stdout = _load_in_fresh_process(teacher, export, ["lora", "merged"], tmp_path, 1)
     # every LoRA module of the file lands in FluxPipeline's transformer
     adapters = [k for k in load_file(export / "pytorch_lora_weights.safetensors") if k.endswith("lora_A.weight")]
@@ -271,3 +278,29 @@ def test_kohya_flux_names_convert_back_whole_in_diffusers():
     converted = _updates({k: v for k, v in back.items() if "lora_" in k}, None, "transformer.")
     _same({k: v for k, v in converted.items() if v.abs().sum() > 0}, expected)
     assert _updates_from_kohya(kohya, 19, 38, width).keys() == expected.keys()
+
+
+def test_bfl_single_file_converts_back_exactly_in_diffusers():
+    """A FLUX transformer written in Black Forest Labs' layout is read back by diffusers' single-file converter
+    (what FluxTransformer2DModel.from_single_file runs; it assumes FLUX.1's width 3072, so the model has that
+    width, one double and one single block) tensor for tensor: every key, shape and row, fused q/k/v and the final
+    modulation's swapped halves included. Rows differ in value, so a mixed-up order shows."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
+
+    from teachers.flux import bfl_single_file
+
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=128,
+                                       num_attention_heads=24, joint_attention_dim=64, pooled_projection_dim=32,
+                                       guidance_embeds=True, axes_dims_rope=(16, 56, 56))
+    # each tensor's rows numbered apart, the columns broadcast (no memory): a key or row out of place is seen
+    state = {k: (i + torch.arange(v.shape[0]) / v.shape[0]).reshape(-1, *[1] * (v.dim() - 1)).expand(v.shape)
+             for i, (k, v) in enumerate(model.state_dict().items())}
+    bfl = bfl_single_file(SimpleNamespace(state_dict=lambda: state))  # all it reads of a transformer
+    assert "double_blocks.0.img_attn.qkv.weight" in bfl and "final_layer.adaLN_modulation.1.weight" in bfl
+    assert not any(k.startswith(("transformer_blocks", "single_transformer_blocks")) for k in bfl)
+    back = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], state[k]) for k in state)
+

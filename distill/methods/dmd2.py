@@ -7,7 +7,8 @@ regression loss (sec. 4.1), and the fake score takes several updates per generat
 unless train.turn_every sets the student's turn). Multi-step students are trained by backward simulation (sec. 4.4).
 
 A LoRA student's fake score is a second adapter on the same frozen backbone, so one copy of the base weights
-serves teacher (adapters off), student (adapter `default`) and fake score (adapter `fake`). Constants follow
+serves teacher (adapters off), student (adapter `default`) and fake score (adapter `fake`); a compressed
+student's is an adapter on the frozen teacher's backbone. Constants follow
 the reference code's SDXL recipe (tianweiy/DMD2, main/sd_guidance.py and train_sd.py).
 """
 from __future__ import annotations
@@ -74,7 +75,8 @@ class DMD2(Adversarial):
     def __init__(self, teacher, student, params: DMD2Params):
         super().__init__(teacher, student, params)
         self.fake = students.Companion(student, teacher.backbone, params.fake_adapter, params.fake_rank,
-                                       separate=params.fake_score == "copy", alpha=params.fake_alpha)
+                                       separate=params.fake_score == "copy", alpha=params.fake_alpha,
+                                       targets=list(teacher.lora_targets))
         if self.fake.copy is not None and getattr(student.backbone, "is_gradient_checkpointing", False):
             # a full copy checkpoints as the student does (student.gradient_checkpointing): it is as large
             self.fake.copy.enable_gradient_checkpointing(students.checkpoint_with_adapter_state)
@@ -85,7 +87,7 @@ class DMD2(Adversarial):
     def check_config(cls, cfg) -> None:
         super().check_config(cfg)
         params = cls.parse_params(cfg.method.params)
-        if params.fake_score == "copy" or cfg.student.kind != "lora":  # the fake score is a full copy: no adapter
+        if params.fake_score == "copy" or cfg.student.kind == "full":  # the fake score is a full copy: no adapter
             for name in ("fake_rank", "fake_alpha"):
                 if getattr(params, name):
                     raise ConfigError(f"method.params.{name}", getattr(params, name), "sets the fake score's LoRA "
