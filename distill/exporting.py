@@ -10,8 +10,8 @@
 - `single-file`: DIR/<family>_<method>_<n>step.safetensors, the fused student with the rest of the pipeline in
   the original layout: one file for A1111 and ComfyUI, or `from_single_file(path, config=<the teacher>)`
   (SDXL and SD3). FLUX: the transformer alone in Black Forest Labs' layout (as flux1-dev.safetensors), for
-  ComfyUI's diffusion-model loader or `FluxTransformer2DModel.from_single_file`. A compressed UNet student's file keeps its own block counts (ComfyUI reads them from the keys);
-  diffusers reads it with `config=DIR/pipeline`, the merged folder written beside it.
+  ComfyUI's diffusion-model loader or `FluxTransformer2DModel.from_single_file`. A compressed UNet student's file
+  keeps its own block counts; diffusers reads it with `config=DIR/pipeline`, the merged folder written beside it.
 A full student with a w embedding keeps it in the merged backbone (`time_cond_proj_dim`, which diffusers'
 SDXL pipelines feed with `guidance_scale`); it has no LoRA form.
 

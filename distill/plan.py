@@ -27,6 +27,7 @@ from torch.utils.flop_counter import flop_registry
 
 import teachers
 from distill.runs import build_method
+from students import compressed
 
 GB = 1e9
 SCALAR_READS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default)
@@ -140,12 +141,9 @@ def plan(cfg, architecture: str | None = None, teacher=None) -> dict:
             "activations": max(peak - params - optimizer - gradients, 0), "peak": peak,
             "flops": tracker.flops, "trainable": _bytes([p for ps in turns.values() for p in ps]),
             # the networks that sample, a LoRA merged: the student's and the teacher's backbones
-            "student_params": _count(method.student.backbone), "teacher_params": _count(teacher.backbone),
+            "student_params": compressed.parameters(method.student.backbone),
+            "teacher_params": compressed.parameters(teacher.backbone),
             "student_macs": step_macs}
-
-
-def _count(backbone) -> int:
-    return sum(p.numel() for n, p in backbone.named_parameters() if "lora_" not in n)
 
 
 def report(cfg, architecture: str | None = None) -> str:

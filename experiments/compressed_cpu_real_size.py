@@ -3,7 +3,7 @@
 (teachers/architectures/sdxl-base.json): parameters, one forward (a sampling step) and one training step
 (forward and backward with every weight gradient computed; gradient checkpointing on, as the recipes train).
 
-    python experiments/compressed_cpu_real_size.py --out experiments/results/compressed_cpu_real_size.md
+    python experiments/compressed_cpu_real_size.py --out experiments/results/compressed_cpu_real_size.md --repeats 6
 
 The two are timed interleaved in one process (speed.interleaved), so each ratio compares rounds run under the
 same load. Each weight gradient is dropped as soon as it is accumulated (a post-accumulate hook): the backward
@@ -91,7 +91,7 @@ def main() -> None:
                "train_step_vs_full"]
     text = "\n".join([
         f"# A {args.preset}-like compressed SDXL UNet against the full one, CPU, {args.resolution} px", "",
-        f"    python experiments/compressed_cpu_real_size.py --out {args.out}", "",
+        f"    python experiments/compressed_cpu_real_size.py --out {args.out} --repeats {args.repeats}", "",
         f"{facts['machine']}, torch {facts['torch']}, {facts['date']}; batch 1, float32, random weights of SDXL base's "
         f"architecture; removal plan {facts['plan']}. Median and IQR of {args.repeats} interleaved rounds after one "
         "warm-up; the ratios are ratios of medians with 95% bootstrap intervals. Forward: one UNet call without "

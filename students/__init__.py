@@ -183,6 +183,11 @@ class Companion(nn.Module):
             p.data = p.data.float()
             p.requires_grad_(True)
 
+    @property
+    def network(self) -> nn.Module:
+        """The module that computes it: the copy, or the backbone carrying the adapter."""
+        return self.copy if self.copy is not None else self.shared[0]
+
     def trainable_parameters(self) -> list[nn.Parameter]:
         if self.copy is not None:
             return list(self.copy.parameters())
@@ -205,8 +210,11 @@ class Companion(nn.Module):
     def load_saved(self, state: dict[str, torch.Tensor]) -> None:
         if self.copy is not None:
             self.copy.load_state_dict(state)
-        else:
-            load_adapter_state_dict(self.shared[0], self.name, state)
+            return
+        if any("lora_" not in k for k in state):  # a full copy's weights must not land in the shared backbone
+            raise DistillError(f"the checkpoint holds a full network as {self.name}, and this run makes it an "
+                               "adapter; load it with the settings it was trained with (DMD2: fake_score: copy)")
+        load_adapter_state_dict(self.shared[0], self.name, state)
 
 
 def lora_layers(student: Student, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:

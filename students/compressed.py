@@ -172,7 +172,8 @@ def compress(teacher: nn.Module, plan: str | dict | None, dtype: torch.dtype = t
 
 
 def parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """The network's own parameters, without LoRA adapters (a student's, or DMD2's fake score on the teacher)."""
+    return sum(p.numel() for n, p in module.named_parameters() if "lora_" not in n)
 
 
 def feature_pairs(student: nn.Module, teacher: nn.Module, plan: dict) -> list[tuple[tuple, tuple]]:

@@ -147,7 +147,6 @@ class FluxTeacher(SD3Teacher):
     lora_targets = (*SD3Teacher.lora_targets, "proj_mlp")
     shard_blocks = (FluxTransformerBlock, FluxSingleTransformerBlock)
     single_file = True  # BFL's layout, the transformer alone (bfl_single_file)
-    single_file_w = True
     lora_formats = ("lora", "kohya")  # kohya: ComfyUI and kohya's FLUX LoRAs, in BFL's module names
     kohya_base_model = "flux1"
 
@@ -162,6 +161,8 @@ class FluxTeacher(SD3Teacher):
         self.num_train_timesteps = pipe.scheduler.config.get("num_train_timesteps", 1000)
         self.resolution, self.max_text_length = resolution, max_text_length
         self.guidance_embedded = bool(self.backbone.config.guidance_embeds)
+        # a w student's file has guidance_in, which from_single_file reads only with a dev-like teacher's config
+        self.single_file_w = self.guidance_embedded
         sched = pipe.scheduler.config
         if sched.get("time_shift_type", "exponential") != "exponential" or sched.get("shift_terminal"):
             raise DistillError("this FLUX pipeline's scheduler shifts its times linearly or stretches them to "

@@ -8,7 +8,7 @@ import torch
 
 import teachers
 from distill.config import TeacherConfig
-from distill.errors import ConfigError
+from distill.errors import ConfigError, DistillError
 from students import compressed
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
@@ -248,3 +248,8 @@ def test_dmd2_fake_score_of_a_compressed_student_is_an_adapter_on_the_frozen_tea
         assert torch.equal(method.teacher.predict(x, t, cond)[0], bare.predict(x, t, cond)[0])
     saved = load_file(tmp_path / "dmd2/checkpoints/step-00000002/weights.safetensors")
     assert any(k.startswith("fake.") for k in saved) and not any("fake" in k and "copy" in k for k in saved)
+    with pytest.raises(DistillError, match="fake_score: copy"):  # a full copy's weights never land in the teacher
+        method.fake.load_saved({"conv_in.weight": torch.zeros(1)})
+    with pytest.raises(ConfigError, match="set it to copy"):  # train.fsdp shards no adapter on the teacher
+        type(method).check_config(_cfg(tmp_path, tiny_sdxl_dir, "x", **{"method.name": "dmd2", "method.params": "{}",
+                                                                "train.fsdp": "true"}))

@@ -77,9 +77,11 @@ class DMD2(Adversarial):
         self.fake = students.Companion(student, teacher.backbone, params.fake_adapter, params.fake_rank,
                                        separate=params.fake_score == "copy", alpha=params.fake_alpha,
                                        targets=list(teacher.lora_targets))
-        if self.fake.copy is not None and getattr(student.backbone, "is_gradient_checkpointing", False):
-            # a full copy checkpoints as the student does (student.gradient_checkpointing): it is as large
-            self.fake.copy.enable_gradient_checkpointing(students.checkpoint_with_adapter_state)
+        if getattr(student.backbone, "is_gradient_checkpointing", False) and self.fake.network is not \
+                student.backbone:
+            # a full copy, or the teacher carrying the adapter, checkpoints as the student does
+            # (student.gradient_checkpointing): each has the teacher's size; no-grad teacher passes are unaffected
+            self.fake.network.enable_gradient_checkpointing(students.checkpoint_with_adapter_state)
         self.layer = teacher.bottleneck_layer()  # the fake score's features have the teacher's shapes
         self.discriminator = TeacherHeads.sized_for(teacher, (self.layer,), params.head_hidden)
 
@@ -93,6 +95,9 @@ class DMD2(Adversarial):
                     raise ConfigError(f"method.params.{name}", getattr(params, name), "sets the fake score's LoRA "
                                       "adapter, and this one is a full copy (fake_score: copy, or a full student): "
                                       "leave it unset")
+        if cfg.student.kind == "compressed" and cfg.train.fsdp and params.fake_score == "adapter":
+            raise ConfigError("method.params.fake_score", "adapter", "beside a compressed student is an adapter on the "
+                              "teacher, which train.fsdp does not shard; set it to copy (a sharded full copy)")
         if params.gan and cfg.data.kind == "prompts":  # every other kind carries real images or latents
             raise ConfigError("data.kind", cfg.data.kind, "DMD2's GAN term needs real images (images, shards, "
                               "latents or digits), or set method.params.gan_student_weight and gan_fake_weight to 0")
