@@ -85,8 +85,9 @@ def _check(student, teacher, formats: list[str]) -> None:
     if "single-file" in formats and not teacher.single_file:
         raise DistillError(f"no single-file layout is known for the {teacher.family} family; use --format merged "
                            "(a diffusers folder)")
-    if "single-file" in formats and student.plan is not None and (
-            "blocks" in student.plan or len(set(student.plan["layers"])) > 1):
+    # the student's config has one layer count for every stage (compressed.student_config) or it has no such file
+    if "single-file" in formats and student.plan is not None and not isinstance(
+            student.backbone.config.get("layers_per_block"), int):
         raise DistillError("a compressed student's single file is written for a UNet with the same layer count in "
                            "every stage, and this one is not; use --format merged (a diffusers folder with the "
                            "student's own config)")

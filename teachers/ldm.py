@@ -32,12 +32,10 @@ VAE_ATTENTION = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "t
 def unet_prefixes(config) -> dict[str, str]:
     """Every UNet module prefix (diffusers) -> its LDM prefix: the input blocks count resnet (+ attention)
     layers and downsamplers from 1, the output blocks count layers_per_block + 1 per up block from 0."""
-    down, up = config["down_block_types"], config["up_block_types"]
-    per_stage = config["layers_per_block"]  # one number, or one per down stage (a compressed student's)
-    per_stage = list(per_stage) if isinstance(per_stage, (list, tuple)) else [per_stage] * len(down)
+    layers, down, up = config["layers_per_block"], config["down_block_types"], config["up_block_types"]
     names, block = dict(UNET_FIXED), 1
     for i, kind in enumerate(down):
-        for j in range(per_stage[i]):
+        for j in range(layers):
             names[f"down_blocks.{i}.resnets.{j}"] = f"input_blocks.{block}.0"
             if "CrossAttn" in kind:
                 names[f"down_blocks.{i}.attentions.{j}"] = f"input_blocks.{block}.1"
@@ -47,10 +45,9 @@ def unet_prefixes(config) -> dict[str, str]:
             block += 1
     names |= {"mid_block.resnets.0": "middle_block.0", "mid_block.attentions.0": "middle_block.1",
               "mid_block.resnets.1": "middle_block.2"}
-    block = -1
-    for i, (kind, layers) in enumerate(zip(up, per_stage[::-1])):
+    for i, kind in enumerate(up):
         for j in range(layers + 1):
-            block += 1
+            block = i * (layers + 1) + j
             names[f"up_blocks.{i}.resnets.{j}"] = f"output_blocks.{block}.0"
             if "CrossAttn" in kind:
                 names[f"up_blocks.{i}.attentions.{j}"] = f"output_blocks.{block}.1"
