@@ -216,7 +216,10 @@ def _plan(args) -> None:
 
     _check_markdown_out(args.out, "plan")
     cfg = load_config(args.config, args.overrides, for_training=False, source=args.architecture is None)
-    text = plan.report(cfg, args.architecture)
+    if args.processes is not None and not (cfg.train.fsdp and args.processes >= 1):
+        raise ConfigError("--processes", args.processes, "is the per-process peak of train.fsdp: set train.fsdp=true "
+                          "(a full or compressed student) and give at least 1 process")
+    text = plan.report(cfg, args.architecture, args.processes)
     print(text)
     if args.out:
         _write_markdown(args.out, "plan", text + "\n")
@@ -396,6 +399,8 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("overrides", nargs="*")
     pl.add_argument("--architecture", choices=teachers.ARCHITECTURES, help="the teacher's architecture, when "
                     "teacher.source is not a local pipeline folder (a hub id, a single file, a folder elsewhere)")
+    pl.add_argument("--processes", type=int, help="with train.fsdp: also the peak per process when the student is "
+                    "sharded over this many (one per GPU)")
     pl.add_argument("--out", help="also write the table as Markdown here")
     pl.set_defaults(func=_plan)
 

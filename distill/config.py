@@ -45,6 +45,9 @@ class TeacherConfig:
     resolution: int = 64  # pixels (the height); SDXL is 1024, SD3 is 1024
     width: int | None = None  # pixels across, for non-square images; default: resolution
     max_text_length: int = 77  # T5 tokens for SD3 (diffusers' default is 256)
+    # With a single-file source: the pipeline folder (or hub id) whose configs and other components go with it.
+    # Needed for FLUX, whose files (flux1-dev.safetensors) hold the transformer alone; offline, needed for any.
+    config: str | None = None
 
     @property
     def pixels(self) -> int | str:
@@ -141,8 +144,9 @@ class Config:
         recipe["train"].pop("fsdp")
         for name in VALIDATE_FIELDS:  # validation watches a run without changing it; rows keep their hashes
             recipe["train"].pop(name)
-        if recipe["teacher"]["width"] is None:  # added later: square recipes keep the hashes their rows have
-            recipe["teacher"].pop("width")
+        for name in ("width", "config"):  # added later: recipes without them keep the hashes their rows have
+            if recipe["teacher"][name] is None:
+                recipe["teacher"].pop(name)
         return hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:12]
 
     def dump(self, path: Path) -> None:

@@ -40,10 +40,27 @@ class Tracker(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.live, self.now, self.peak = {}, 0, 0
+        # gradients of watched parameters (what train.fsdp shards): their live bytes, and those at the peak
+        self.grads, self.grads_now, self.grads_at_peak = set(), 0, 0
         self.count_flops, self.flops = False, 0
 
     def _freed(self, key: int) -> None:
-        self.now -= self.live.pop(key, 0)
+        size = self.live.pop(key, 0)
+        self.now -= size
+        if key in self.grads:
+            self.grads.discard(key)
+            self.grads_now -= size
+
+    def watch(self, p: torch.Tensor) -> None:
+        """Count p's gradient among the watched ones while it lives."""
+        def accumulated(p):
+            key = p.grad.untyped_storage()._cdata
+            if key in self.live and key not in self.grads:
+                self.grads.add(key)
+                self.grads_now += self.live[key]
+        was = p.requires_grad  # a turn that does not train p has it off: the hook stays for the turns that do
+        p.requires_grad_(True).register_post_accumulate_grad_hook(accumulated)
+        p.requires_grad_(was)
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -64,7 +81,8 @@ class Tracker(TorchDispatchMode):
                 if key not in self.live:
                     self.live[key] = storage.nbytes()
                     self.now += storage.nbytes()
-                    self.peak = max(self.peak, self.now)
+                    if self.now > self.peak:
+                        self.peak, self.grads_at_peak = self.now, self.grads_now
                     weakref.finalize(storage, self._freed, key)
         return out
 
@@ -118,8 +136,11 @@ def plan(cfg, architecture: str | None = None, teacher=None) -> dict:
         else:
             raw["image"] = torch.zeros(b, 3, *size, device="meta")
         step = train_stepper(method, cfg, raw)
+        sharded = {id(p): p for m in method.sharded_modules() for p in m.parameters()}  # what train.fsdp shards
+        for p in sharded.values():
+            tracker.watch(p)
         step()  # the optimiser state appears in the first step
-        tracker.peak, tracker.count_flops = tracker.now, True
+        tracker.peak, tracker.grads_at_peak, tracker.count_flops = tracker.now, tracker.grads_now, True
         step()
         step_flops, peak = tracker.flops, tracker.peak
         with torch.no_grad():  # one sampling step of the student: a forward at batch 1, no CFG
@@ -137,17 +158,37 @@ def plan(cfg, architecture: str | None = None, teacher=None) -> dict:
     turns = {turn: method.parameters_for(turn) for turn in method.turns}
     gradients = max(_bytes(p) for p in turns.values())
     peak = before + tracker.peak
+    # What train.fsdp shards, alive at the peak: the modules' weights and optimiser state (there all the step) and
+    # their gradients then. And what FSDP2 gathers whole: a module's parameters outside its blocks stay gathered from
+    # its forward to the end of its backward; each block is gathered while it runs and the next one prefetched, and
+    # its gradient is whole until copied into the reduce-scatter buffer.
+    blocks = {m: [s for s in m.modules() if isinstance(s, teacher.shard_blocks)] for m in method.sharded_modules()}
+    block = max([_bytes(list(b.parameters())) for bs in blocks.values() for b in bs], default=0)
+    rest = max(_bytes(list(m.parameters())) - sum(_bytes(list(b.parameters())) for b in bs) for m, bs in blocks.items())
+    shards = {"sharded": _bytes(sharded.values()) + tracker.grads_at_peak + _bytes(
+                  [v for opt in step.optimizers.values() for p, state in opt.state.items() if id(p) in sharded
+                   for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]),
+              "gathered": rest + 4 * block}
     return {"parameters": params, "gradients": gradients, "optimizer": optimizer,
             "activations": max(peak - params - optimizer - gradients, 0), "peak": peak,
             "flops": tracker.flops, "trainable": _bytes([p for ps in turns.values() for p in ps]),
             # the networks that sample, a LoRA merged: the student's and the teacher's backbones
             "student_params": compressed.parameters(method.student.backbone),
             "teacher_params": compressed.parameters(teacher.backbone),
-            "student_macs": step_macs}
+            "student_macs": step_macs, **shards}
 
 
-def report(cfg, architecture: str | None = None) -> str:
-    """plan() without and with gradient checkpointing, as a Markdown table with what fits on 24, 40 and 80 GB."""
+def per_process_peak(r: dict, processes: int) -> float:
+    """The peak of one of `processes` processes under train.fsdp, at the one-process peak's moment: what is
+    sharded there divided among them, plus what FSDP2 holds whole (the largest module's parameters outside its
+    blocks, and about four of the largest block: the running and the prefetched one's weights, one block's
+    gradient and its reduce-scatter buffer)."""
+    return r["peak"] - r["sharded"] * (1 - 1 / processes) + r["gathered"] * (processes > 1)
+
+
+def report(cfg, architecture: str | None = None, processes: int | None = None) -> str:
+    """plan() without and with gradient checkpointing, as a Markdown table with what fits on 24, 40 and 80 GB;
+    with `processes`, the peak per process when train.fsdp shards the student over that many."""
     rows = []
     for checkpointing in (False, True):  # a fresh meta teacher each time: a LoRA student lives on its backbone
         student = dataclasses.replace(cfg.student, gradient_checkpointing=checkpointing)
@@ -159,12 +200,19 @@ def report(cfg, architecture: str | None = None) -> str:
              f"batch {cfg.data.batch_size} per process at {t.pixels} px; "
              "one step runs every turn once; "
              "memory in GB (1e9 bytes)", "",
-             "| gradient checkpointing | parameters | gradients | optimizer | activations | peak | fits | TFLOP/step |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| gradient checkpointing | parameters | gradients | optimizer | activations | peak | fits | TFLOP/step |"
+             + (f" peak per process, train.fsdp on {processes} | fits per process |" if processes else ""),
+             "|---|---|---|---|---|---|---|---|" + ("---|---|" if processes else "")]
+
+    def fits(peak):
+        return ", ".join(f"{gb} GB" for gb in (24, 40, 80) if peak <= gb * GB) or "none of 24/40/80 GB"
+
     for checkpointing, r in rows:
-        fits = ", ".join(f"{gb} GB" for gb in (24, 40, 80) if r["peak"] <= gb * GB) or "none of 24/40/80 GB"
         parts = " | ".join(f"{r[k] / GB:.3g}" for k in ("parameters", "gradients", "optimizer", "activations", "peak"))
-        lines.append(f"| {'on' if checkpointing else 'off'} | {parts} | {fits} | {r['flops'] / 1e12:.3g} |")
+        line = f"| {'on' if checkpointing else 'off'} | {parts} | {fits(r['peak'])} | {r['flops'] / 1e12:.3g} |"
+        if processes:
+            line += f" {per_process_peak(r, processes) / GB:.3g} | {fits(per_process_peak(r, processes))} |"
+        lines.append(line)
     r = rows[0][1]
     lines += ["", f"Student: {r['student_params'] / 1e9:.3g}B parameters (the teacher's backbone "
               f"{r['teacher_params'] / 1e9:.3g}B), {r['student_macs'] / 1e9:.4g} GMACs per sampling step at batch 1 "
@@ -172,5 +220,10 @@ def report(cfg, architecture: str | None = None) -> str:
               f"Trainable: {r['trainable'] / GB:.3f} GB of parameters. Autocast does not act on the meta device, so "
               "layers compute in their weights' dtypes (on a GPU under bf16 autocast the peak ran 3-41% higher: "
               "experiments/results/gpu_check.md); train.fsdp on N processes divides a full student's "
-              "parameters, gradients and optimiser state by N (the frozen teacher stays whole)."]
+              "parameters, gradients and optimiser state by N (the frozen teacher stays whole)" +
+              (f"; per process: of the peaks' bytes {r['sharded'] / GB:.3g} / {rows[1][1]['sharded'] / GB:.3g} GB "
+               f"(checkpointing off / on) are sharded, plus about "
+               f"{r['gathered'] / GB:.3g} GB FSDP2 gathers whole (the module's parameters outside its blocks, the "
+               "running and the prefetched block, a block's gradient and its reduce-scatter buffer)."
+               if processes else ".")]
     return "\n".join(lines)

@@ -8,6 +8,8 @@ t < 0 (VP) or t = 0 (flow) is clean data: alpha = 1, sigma = 0.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -53,6 +55,17 @@ def vp_timesteps(n: int, num_train_timesteps: int = 1000) -> torch.Tensor:
     For n dividing T this is also LCM's distillation grid (Luo et al. 2023, sec. 4.3)."""
     ts = np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / n)).astype(np.int64) - 1
     return torch.from_numpy(ts)
+
+
+def dynamic_shift(tokens: int, config) -> float:
+    """FLUX's shift for an image of `tokens` packed latent tokens: exp(mu), mu interpolated linearly from base_shift
+    at base_image_seq_len tokens to max_shift at max_image_seq_len (diffusers' calculate_shift). The scheduler's
+    exponential time shift exp(mu) / (exp(mu) + 1/s - 1) is SD3's shift s' = k s / (1 + (k - 1) s) with k = exp(mu)."""
+    if not config.get("use_dynamic_shifting", False):
+        return float(config.get("shift", 1.0))
+    lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    return math.exp(base + (top - base) * (tokens - lo) / (hi - lo))
 
 
 def flow_timesteps(n: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:

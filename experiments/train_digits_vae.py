@@ -7,6 +7,7 @@ the whole pipeline (still with an untrained backbone) for step two, the denoisin
 
     python experiments/train_digits_vae.py sdxl runs/digits-sdxl-init --steps 800
     python experiments/train_digits_vae.py sd3 runs/digits-sd3-init --steps 800
+    python experiments/train_digits_vae.py flux runs/digits-flux-init --steps 800
 """
 import argparse
 import time
@@ -20,15 +21,18 @@ from teachers import tiny
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("family", choices=["sdxl", "sd3"])
+    ap.add_argument("family", choices=["sdxl", "sd3", "flux"])
     ap.add_argument("out")
     ap.add_argument("--resolution", type=int, default=16)
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
 
-    # The SD3-family MMDiT needs more width and depth than the test-sized one to learn the digits.
-    pipe = tiny.tiny_sdxl(seed=args.seed) if args.family == "sdxl" else tiny.tiny_sd3(args.seed, layers=4, head_dim=16)
+    # The SD3 and FLUX transformers need more width and depth than the test-sized ones to learn the digits; the
+    # FLUX one has no guidance input (a CFG teacher; the dev-like one is distilled from it).
+    pipe = {"sdxl": lambda: tiny.tiny_sdxl(seed=args.seed),
+            "sd3": lambda: tiny.tiny_sd3(args.seed, layers=4, head_dim=16),
+            "flux": lambda: tiny.tiny_flux(seed=args.seed, layers=2, single_layers=2, head_dim=16, heads=4)}[args.family]()
     vae = pipe.vae.train().requires_grad_(True)
     ds = Digits(args.resolution)
     images = torch.stack([ds[i]["image"] for i in range(len(ds))])
@@ -48,9 +52,10 @@ def main():
     vae.eval().requires_grad_(False)
     with torch.no_grad():
         latents = vae.encode(images).latent_dist.mean
-        shift = float(latents.mean()) if args.family == "sd3" else 0.0
+        flow = args.family != "sdxl"  # SD3's and FLUX's VAEs shift their latents, SDXL's does not
+        shift = float(latents.mean()) if flow else 0.0
         scale = 1.0 / float((latents - shift).std())
-        vae.register_to_config(scaling_factor=scale, **({"shift_factor": shift} if args.family == "sd3" else {}))
+        vae.register_to_config(scaling_factor=scale, **({"shift_factor": shift} if flow else {}))
         err = (vae.decode(latents).sample - images).pow(2).mean().item()
     pipe.save_pretrained(Path(args.out), safe_serialization=True)
     print(f"VAE: reconstruction mse {err:.5f}, scaling_factor {scale:.4f}, {time.time() - start:.0f} s; "

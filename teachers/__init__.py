@@ -2,7 +2,7 @@
 
 `load(cfg)` takes a diffusers pipeline folder, a single-file .safetensors checkpoint, a hub id, or a
 builtin (`builtin:tiny-sdxl`, `builtin:tiny-sd3`, `builtin:tiny-flux`, `builtin:tiny-flux-dev`, `builtin:gmm-vp`,
-`builtin:gmm-flow`).
+`builtin:gmm-flow`, `builtin:gmm-flux`).
 """
 from __future__ import annotations
 
@@ -22,8 +22,10 @@ from teachers.base import Cond, Teacher
 __all__ = ["Cond", "Teacher", "load", "family_of", "check_source"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:pairs-sdxl", "builtin:pairs-sd3", "builtin:tiny-sdxl",
-           "builtin:tiny-sd3", "builtin:tiny-flux", "builtin:tiny-flux-dev", "builtin:gmm-vp", "builtin:gmm-flow")
+BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:digits-flux", "builtin:digits-flux-dev",
+           "builtin:pairs-sdxl", "builtin:pairs-sd3", "builtin:tiny-sdxl",
+           "builtin:tiny-sd3", "builtin:tiny-flux", "builtin:tiny-flux-dev", "builtin:gmm-vp", "builtin:gmm-flow",
+           "builtin:gmm-flux")
 FAMILIES = ("sdxl", "sd3", "flux", "gmm")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Random pipelines `distill make-teacher` builds offline: tiny ones (tiny.py) and real architectures (real_size.py).
@@ -56,11 +58,16 @@ def check_source(t: TeacherConfig) -> None:
         if path.is_file() and path.suffix != ".safetensors":
             raise ConfigError("teacher.source", src, "a single-file teacher must be .safetensors "
                               "(pickled .ckpt/.bin files are refused)")
-        if path.is_file() and t.family == "flux":
-            raise ConfigError("teacher.source", src, "a single-file flux teacher is not read yet; give its diffusers "
-                              "folder (FluxPipeline.save_pretrained)")
         if path.is_file() and t.family is None:
-            raise ConfigError("teacher.family", None, "a single-file teacher needs teacher.family (sdxl or sd3)")
+            raise ConfigError("teacher.family", None, "a single-file teacher needs teacher.family (sdxl, sd3 or flux)")
+        if path.is_file() and t.family == "flux" and t.config is None:
+            raise ConfigError("teacher.config", None, "a FLUX single file holds the transformer alone: give the FLUX "
+                              "pipeline folder (or hub id) whose VAE, text encoders and configs go with it")
+        if path.is_dir() and t.config is not None:
+            raise ConfigError("teacher.config", t.config, "only a single-file teacher.source reads it")
+        if t.config is not None and not Path(t.config).expanduser().is_dir() and not HUB_ID.match(t.config):
+            raise ConfigError("teacher.config", t.config, "no such folder (give a diffusers pipeline folder or a "
+                              "hub id like org/name)")
         return
     if not HUB_ID.match(src) or src.startswith((".", "/", "~")):
         raise ConfigError("teacher.source", src, "no such file or folder (give a pipeline folder, a "
@@ -96,7 +103,8 @@ def family_of(folder: Path) -> str:
 
 
 # Teachers trained by distill itself and shipped in the repository (recipes in experiments/).
-ZOO = {name: Path(__file__).parent / "zoo" / name for name in ("digits-sdxl", "digits-sd3", "pairs-sdxl", "pairs-sd3")}
+ZOO = {name: Path(__file__).parent / "zoo" / name
+       for name in ("digits-sdxl", "digits-sd3", "digits-flux", "digits-flux-dev", "pairs-sdxl", "pairs-sd3")}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
@@ -115,7 +123,7 @@ def _builtin(cfg: TeacherConfig) -> Path | Teacher:
     if name.startswith("gmm-"):
         from teachers.gmm import GMMTeacher
 
-        return GMMTeacher(schedule=name.removeprefix("gmm-"))
+        return GMMTeacher(schedule=name.removeprefix("gmm-"), resolution=cfg.resolution, width=cfg.width)
     if name in ZOO:
         if not (ZOO[name] / "model_index.json").is_file():
             raise DistillError(f"builtin:{name} is not in this copy of distill ({ZOO[name]} is missing); train it "
@@ -170,12 +178,25 @@ def check_single_file(path: Path, family: str) -> None:
             keys = list(f.keys())
     except Exception as e:  # safetensors raises its own error type for empty or truncated files
         raise DistillError(f"teacher {path} is not a readable safetensors file") from e
-    if not any(k.startswith("model.diffusion_model.") for k in keys):
-        raise DistillError(f"teacher {path} holds no diffusion model weights (model.diffusion_model.*): it is not a "
+    marker = _classes()[family].single_file_marker
+    if not any(marker in k for k in keys):
+        raise DistillError(f"teacher {path} holds no diffusion model weights ({marker}*): it is not a "
                            f"full {family} checkpoint (a VAE, text encoder or LoRA file?)")
 
 
-def _pipeline(source: str, family: str | None, dtype: torch.dtype):
+def _config_folder(config: str | None, family: str) -> str | None:
+    """A local teacher.config is a pipeline folder of the family, with no pickles: the pipeline reads its parts."""
+    if config is None or not Path(config).expanduser().is_dir():
+        return config
+    folder = Path(config).expanduser()
+    if family_of(folder) != family:
+        raise DistillError(f"teacher.config {config} is a {family_of(folder)} pipeline, not {family}")
+    refuse_pickles(folder)
+    check_components(folder)
+    return str(folder)
+
+
+def _pipeline(source: str, family: str | None, dtype: torch.dtype, config: str | None = None):
     from diffusers import DiffusionPipeline
     from diffusers.utils import logging as dlog
     from transformers.utils import logging as tlog
@@ -187,7 +208,7 @@ def _pipeline(source: str, family: str | None, dtype: torch.dtype):
     try:
         if path.is_file():
             check_single_file(path, family)
-            return _classes()[family].pipeline_class.from_single_file(str(path), dtype=dtype)
+            return _classes()[family].from_single_file(str(path), _config_folder(config, family), dtype)
         if path.is_dir():
             family_of(path)
             refuse_pickles(path)
@@ -206,8 +227,8 @@ def load(cfg: TeacherConfig, device: str | torch.device = "cpu") -> Teacher:
     if isinstance(src, Teacher):
         return src.to(device)
     if cfg.family == "gmm":
-        raise DistillError("teacher.family=gmm is only the builtin:gmm-vp / builtin:gmm-flow teachers")
-    pipe = _pipeline(str(src), cfg.family, DTYPES[cfg.dtype])
+        raise DistillError("teacher.family=gmm is only the builtin:gmm-vp / gmm-flow / gmm-flux teachers")
+    pipe = _pipeline(str(src), cfg.family, DTYPES[cfg.dtype], cfg.config)
     matches = [f for f, c in _classes().items() if isinstance(pipe, c.pipeline_class)]
     if not matches or (cfg.family and cfg.family != matches[0]):
         raise DistillError(f"teacher {src} loaded as {type(pipe).__name__}, which is not a "

@@ -107,6 +107,7 @@ class Teacher(nn.Module):
     shard_blocks: tuple[type, ...] = ()  # the backbone's repeated blocks: FSDP's units (distill.sharding)
     single_file: bool = False  # whether single_file_state and ldm_names know this family's original layout
     single_file_w: bool = False  # whether that layout has a guidance (w) input (FLUX.1-dev's guidance_in)
+    single_file_marker: str = "model.diffusion_model."  # in the keys of a single file that holds the backbone
     is_pipeline: bool = False  # a diffusers pipeline stands behind it: students save, export and sample through it
     makes_images: bool = True  # False: its samples are points (the exact 2-D teachers), with no images to write
     flow: bool = False  # a rectified-flow schedule (x_t = (1 - t) x0 + t eps); otherwise variance-preserving
@@ -201,6 +202,12 @@ class Teacher(nn.Module):
         """The pipeline with `backbone` in place, as the one file of the family's original layout."""
         raise DistillError(f"no single-file layout is known for the {self.family} family")
 
+    @classmethod
+    def from_single_file(cls, path: str, config: str | None, dtype: torch.dtype):
+        """The family's pipeline from a single file in the original layout, the rest from `config` (a pipeline
+        folder or hub id; None: the file's own, or diffusers' default repository for the family)."""
+        return cls.pipeline_class.from_single_file(path, config=config, dtype=dtype)
+
     def single_file_usage(self, path: str, config: str) -> str:
         """The diffusers line that loads the single file at `path` as a pipeline, configs from `config`."""
         return f'pipe = {self.pipeline_class.__name__}.from_single_file("{path}", config="{config}")'
@@ -246,6 +253,8 @@ class Teacher(nn.Module):
         With `backbone=None` the teacher itself answers, adapters off; a student passes its own backbone
         (and, if it reads w, `guidance_cond`; if its output means something else than the teacher's,
         `prediction_type`, e.g. a progressive student's x or v)."""
+        if self.guidance_embedded and guidance_cond is None:  # the scale is an input: one pass, no negatives
+            guidance, guidance_cond = 1.0, guidance
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
         alpha, sigma = self.alpha_sigma(t)
         alpha, sigma = alpha.to(x.device), sigma.to(x.device)

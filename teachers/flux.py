@@ -13,14 +13,14 @@ backbone call packs them 2x2 into tokens and unpacks its output. Two kinds of te
 from __future__ import annotations
 
 import copy
-import math
 
 import torch
 from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+from safetensors.torch import load_file
 
 from distill.errors import DistillError
-from distill.schedules import flow_student_timesteps
+from distill.schedules import dynamic_shift, flow_student_timesteps
 from teachers.base import Cond, kohya_module
 from teachers.sd3 import SD3Teacher
 
@@ -70,7 +70,7 @@ def bfl_lora(pairs: dict, alpha: float, out_features) -> dict[str, torch.Tensor]
 
 
 # The modules outside the blocks, and the per-head norms inside them (diffusers -> BFL). The norm scales are plain
-# weights; the final modulation orders (shift, scale) the other way round in BFL's layout.
+# weights.
 BFL_FIXED = {"x_embedder": "img_in", "context_embedder": "txt_in", "proj_out": "final_layer.linear",
              "norm_out.linear": "final_layer.adaLN_modulation.1",
              **{f"time_text_embed.{d}.linear_{i + 1}": f"{b}.{layer}" for d, b in (
@@ -82,41 +82,60 @@ BFL_NORMS = {"transformer_blocks": {"attn.norm_q": "img_attn.norm.query_norm", "
              "single_transformer_blocks": {"attn.norm_q": "norm.query_norm", "attn.norm_k": "norm.key_norm"}}
 
 
+def bfl_key(name: str) -> tuple[str, tuple[str, ...]]:
+    """Black Forest Labs' key of a diffusers FLUX transformer tensor, and where BFL fuses modules (q, k, v; a single
+    block's q, k, v and MLP input), the diffusers tensors stacked in that key in BFL's order (else ())."""
+    module, kind = name.rsplit(".", 1)
+    block, index, rest = (module.split(".", 2) + ["", ""])[:3]
+    if block not in BFL or not index.isdigit():
+        return f"{BFL_FIXED[module]}.{kind}", ()
+    target, plain, stacks = BFL[block]
+    if rest in BFL_NORMS[block]:
+        return f"{target}.{index}.{BFL_NORMS[block][rest]}.scale", ()
+    if rest in plain:
+        return f"{target}.{index}.{plain[rest]}.{kind}", ()
+    stack = next(f for f, parts in stacks.items() if rest in parts)
+    return f"{target}.{index}.{stack}.{kind}", tuple(f"{block}.{index}.{p}.{kind}" for p in stacks[stack])
+
+
+def _swapped(name: str, v: torch.Tensor) -> torch.Tensor:
+    """The final modulation orders (shift, scale) the other way round in BFL's layout (its own inverse)."""
+    return torch.cat(v.chunk(2)[::-1]) if name.startswith("norm_out.linear.") else v
+
+
 def bfl_single_file(transformer) -> dict[str, torch.Tensor]:
     """A FLUX transformer's weights as one file in Black Forest Labs' layout (flux1-dev.safetensors' keys, the
-    transformer alone): what ComfyUI's diffusion-model loader and `FluxTransformer2DModel.from_single_file` read.
-    The modules BFL fuses (q, k, v; a single block's q, k, v and MLP input) are stacked in BFL's order."""
-    state, fused = {}, {}
-    for name, v in transformer.state_dict().items():
-        module, kind = name.rsplit(".", 1)
-        block, index, rest = (module.split(".", 2) + ["", ""])[:3]
-        if block in BFL and index.isdigit():
-            target, plain, stacks = BFL[block]
-            prefix = f"{target}.{index}"
-            if rest in BFL_NORMS[block]:
-                state[f"{prefix}.{BFL_NORMS[block][rest]}.scale"] = v
-            elif rest in plain:
-                state[f"{prefix}.{plain[rest]}.{kind}"] = v
-            else:
-                stack = next(f for f, parts in stacks.items() if rest in parts)
-                fused.setdefault((f"{prefix}.{stack}.{kind}", stacks[stack]), {})[rest] = v
-        else:
-            state[f"{BFL_FIXED[module]}.{kind}"] = v.chunk(2)[::-1] if module == "norm_out.linear" else v
-    state = {k: torch.cat(v) if isinstance(v, tuple) else v for k, v in state.items()}
-    for (key, parts), found in fused.items():
-        state[key] = torch.cat([found[p] for p in parts])
-    return state
+    transformer alone): what ComfyUI's diffusion-model loader and `FluxTransformer2DModel.from_single_file` read."""
+    state, out = transformer.state_dict(), {}
+    for name, v in state.items():
+        key, parts = bfl_key(name)
+        if key not in out:
+            out[key] = torch.cat([state[p] for p in parts]) if parts else _swapped(name, v)
+    return out
 
 
-def dynamic_shift(tokens: int, config) -> float:
-    """FLUX's shift for an image of `tokens` packed latent tokens: exp(mu), mu interpolated linearly from base_shift
-    at base_image_seq_len tokens to max_shift at max_image_seq_len (diffusers' calculate_shift). The scheduler's
-    exponential time shift exp(mu) / (exp(mu) + 1/s - 1) is SD3's shift s' = k s / (1 + (k - 1) s) with k = exp(mu)."""
-    if not config.get("use_dynamic_shifting", False):
-        return float(config.get("shift", 1.0))
-    lo, hi = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base, top = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    return math.exp(base + (top - base) * (tokens - lo) / (hi - lo))
+def from_bfl(file: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The inverse of bfl_single_file: a diffusers state dict from a BFL-layout one, `reference` (the model's own
+    state dict; meta tensors will do) giving the names and the fused parts' sizes. A key the model lacks, or
+    lacking one it has, is refused (a dev file's guidance_in read with a schnell config, another depth)."""
+    prefix = "model.diffusion_model."  # ComfyUI's checkpoints: the transformer there, the VAE and text encoders beside
+    if any(k.startswith(prefix) for k in file):
+        file = {k.removeprefix(prefix): v for k, v in file.items() if k.startswith(prefix)}
+    try:
+        keys = {name: bfl_key(name) for name in reference}
+    except KeyError as e:
+        raise DistillError(f"teacher.config's FLUX transformer has a module BFL's layout does not name: {e}") from e
+    wanted = {key for key, _ in keys.values()}
+    if wanted != file.keys():
+        odd = sorted(file.keys() - wanted) or sorted(wanted - file.keys())
+        raise DistillError(f"the FLUX single file does not match teacher.config's transformer: {odd[0]} (of "
+                           f"{len(odd)}) is {'not in the config' if odd[0] in file else 'missing from the file'}; "
+                           "give the config the file was made with (dev or schnell, depth)")
+    out = {}
+    for name, (key, parts) in keys.items():
+        v = file[key]
+        out[name] = v.split([reference[p].shape[0] for p in parts])[parts.index(name)] if parts else _swapped(name, v)
+    return out
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -147,6 +166,7 @@ class FluxTeacher(SD3Teacher):
     lora_targets = (*SD3Teacher.lora_targets, "proj_mlp")
     shard_blocks = (FluxTransformerBlock, FluxSingleTransformerBlock)
     single_file = True  # BFL's layout, the transformer alone (bfl_single_file)
+    single_file_marker = "double_blocks."  # flux1-dev.safetensors' keys, bare or under model.diffusion_model.
     lora_formats = ("lora", "kohya")  # kohya: ComfyUI and kohya's FLUX LoRAs, in BFL's module names
     kohya_base_model = "flux1"
 
@@ -219,11 +239,6 @@ class FluxTeacher(SD3Teacher):
                                                max_sequence_length=self.max_text_length)
         return Cond({"embeds": pe, "pooled": pp}, {"embeds": ne, "pooled": npool})
 
-    def predict(self, x, t, cond, guidance=1.0, backbone=None, guidance_cond=None, prediction_type=None):
-        if self.guidance_embedded and guidance_cond is None:  # the scale is an input: one pass, no negatives
-            return super().predict(x, t, cond, 1.0, backbone, guidance, prediction_type)
-        return super().predict(x, t, cond, guidance, backbone, guidance_cond, prediction_type)
-
     def _forward(self, backbone, x, t, cond, guidance_cond):
         dtype, (b, _, h, w) = backbone.dtype, x.shape
         guidance = None
@@ -258,6 +273,18 @@ class FluxTeacher(SD3Teacher):
 
     def single_file_state(self, backbone):
         return bfl_single_file(backbone)
+
+    @classmethod
+    def from_single_file(cls, path, config, dtype):
+        # BFL's file holds the transformer alone; read here (diffusers' converter assumes FLUX.1's width, 3072)
+        if config is None:
+            raise DistillError("a FLUX single file holds the transformer alone: give teacher.config")
+        with torch.device("meta"):
+            transformer = FluxTransformer2DModel.from_config(
+                FluxTransformer2DModel.load_config(config, subfolder="transformer"))
+        state = from_bfl(load_file(path), transformer.state_dict())
+        transformer.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+        return FluxPipeline.from_pretrained(config, transformer=transformer.eval(), dtype=dtype, use_safetensors=True)
 
     def single_file_usage(self, path, config):  # BFL's file holds the transformer alone
         return (f'transformer = FluxTransformer2DModel.from_single_file("{path}", config="{config}", '

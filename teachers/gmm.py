@@ -7,9 +7,15 @@ the modes. A distilled student is judged by how close its samples come to the tr
 For x_t = alpha*x0 + sigma*eps and x0 ~ sum_m pi_m N(mu_m, s^2 I), the posterior is again a mixture:
   r_m(x_t) ∝ pi_m N(x_t; alpha*mu_m, (alpha^2 s^2 + sigma^2) I)
   E[x0 | x_t] = sum_m r_m (mu_m + alpha*s^2 / (alpha^2 s^2 + sigma^2) * (x_t - alpha*mu_m)).
+
+Three schedules: `vp` (SDXL's), `flow` (SD3's, shift 3) and `flux`, FLUX.1-dev in miniature: a flow whose shift
+follows a notional image size (teacher.resolution x width px, (H/16)(W/16) packed tokens, FLUX.1's dynamic shift)
+and a guidance-embedded denoiser, whose guidance input w gives the exact CFG prediction in one pass,
+E[x0 | x_t, uncond] + w (E[x0 | x_t, class] - E[x0 | x_t, uncond]).
 """
 from __future__ import annotations
 
+import copy
 import math
 import re
 
@@ -17,8 +23,9 @@ import torch
 from torch import nn
 
 from distill.errors import DistillError
-from distill.schedules import (flow_alpha_sigma, flow_student_timesteps, flow_timesteps, vp_alpha_sigma,
-                               vp_alphas_cumprod, vp_timesteps)
+from distill.schedules import (dynamic_shift, flow_alpha_sigma, flow_student_timesteps, flow_timesteps,
+                               vp_alpha_sigma, vp_alphas_cumprod, vp_timesteps)
+from distill.solvers import cfg_combine
 from teachers.base import Cond, Teacher
 
 
@@ -30,15 +37,17 @@ def gmm_components(num_classes: int = 4, radius: float = 1.5):
 
 
 class GMMDenoiser(nn.Module):
-    """x0-prediction network: the exact posterior mean plus a trainable residual MLP (zero at init)."""
+    """x0-prediction network: the exact posterior mean plus a trainable residual MLP (zero at init). With a
+    guidance input, the exact part is the CFG combination at the input w and the MLP reads w too."""
 
-    def __init__(self, num_classes: int = 4, std: float = 0.15, hidden: int = 128):
+    def __init__(self, num_classes: int = 4, std: float = 0.15, hidden: int = 128, guidance_input: bool = False):
         super().__init__()
+        self.guidance_input = guidance_input
         means, owner = gmm_components(num_classes)
         self.register_buffer("means", means)
         self.register_buffer("owner", nn.functional.one_hot(owner, num_classes).float())  # [M, K]
         self.std = std
-        self.net = nn.Sequential(nn.Linear(2 + 16 + num_classes, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
+        self.net = nn.Sequential(nn.Linear(2 + 16 + num_classes + guidance_input, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
                                  nn.SiLU(), nn.Linear(hidden, 2))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
@@ -53,10 +62,15 @@ class GMMDenoiser(nn.Module):
         x0_m = self.means[None] + (a * s2 / var)[:, :, None] * (x[:, None, :] - a[:, :, None] * self.means[None])
         return (r[:, :, None] * x0_m).sum(1)
 
-    def forward(self, x, t, label, alpha, sigma):
+    def forward(self, x, t, label, alpha, sigma, guidance=None):
         freqs = torch.exp(torch.arange(8, device=x.device) * -math.log(1000.0) / 8)
         temb = torch.cat([(t[:, None] * freqs).sin(), (t[:, None] * freqs).cos()], dim=1)
-        return self.exact(x, alpha, sigma, label) + self.net(torch.cat([x, temb, label], dim=1))
+        exact = self.exact(x, alpha, sigma, label)
+        if not self.guidance_input:
+            return exact + self.net(torch.cat([x, temb, label], dim=1))
+        w = torch.ones(len(x)).to(x) if guidance is None else guidance.to(x)
+        exact = cfg_combine(exact, self.exact(x, alpha, sigma, torch.zeros_like(label)), w)
+        return exact + self.net(torch.cat([x, temb, label, w[:, None] - 1], dim=1))
 
 
 class GMMTeacher(Teacher):
@@ -66,10 +80,20 @@ class GMMTeacher(Teacher):
     lora_targets = ("net.0", "net.2", "net.4")
     probe_prompt = "class 0"
 
-    def __init__(self, schedule: str = "vp", num_classes: int = 4, shift: float = 3.0):
+    # FLUX.1's scheduler: mu from 0.5 at 256 tokens to 1.15 at 4,096 (1024 px)
+    FLUX_SHIFT = {"use_dynamic_shifting": True, "base_image_seq_len": 256, "max_image_seq_len": 4096,
+                  "base_shift": 0.5, "max_shift": 1.15}
+
+    def __init__(self, schedule: str = "vp", num_classes: int = 4, shift: float = 3.0, resolution: int = 64,
+                 width: int | None = None):
         super().__init__()
-        self.schedule, self.num_classes, self.shift = schedule, num_classes, shift
-        self.backbone = GMMDenoiser(num_classes)
+        if schedule not in ("vp", "flow", "flux"):
+            raise DistillError(f"unknown GMM schedule {schedule!r} (vp, flow or flux)")
+        self.schedule, self.num_classes, self.resolution, self.width = schedule, num_classes, resolution, width
+        if schedule == "flux":
+            shift = dynamic_shift((resolution // 16) * ((width or resolution) // 16), self.FLUX_SHIFT)
+        self.shift, self.guidance_embedded = shift, schedule == "flux"
+        self.backbone = GMMDenoiser(num_classes, guidance_input=self.guidance_embedded)
         self.register_buffer("alphas_cumprod", vp_alphas_cumprod(), persistent=False)
         self.flow = schedule != "vp"
         self.end_time = 0.0 if self.flow else -1.0
@@ -87,6 +111,8 @@ class GMMTeacher(Teacher):
         return flow_alpha_sigma(t, self.num_train_timesteps)
 
     def timesteps(self, n):
+        if self.schedule == "flux":  # FluxPipeline's grid, as teachers/flux.py
+            return flow_student_timesteps(n, self.shift)
         return vp_timesteps(n) if self.schedule == "vp" else flow_timesteps(n, self.shift)
 
     def student_timesteps(self, n):
@@ -107,10 +133,18 @@ class GMMTeacher(Teacher):
 
     def _forward(self, backbone, x, t, cond, guidance_cond):
         alpha, sigma = self.alpha_sigma(t)
-        return backbone(x, t, cond["label"], alpha.to(x), sigma.to(x))
+        w = None
+        if self.guidance_embedded:  # students read the input too; unguided is w = 1
+            w = torch.as_tensor(1.0 if guidance_cond is None else guidance_cond, device=x.device).expand(len(x))
+        return backbone(x, t, cond["label"], alpha.to(x), sigma.to(x), w)
 
     def latent_shape(self, height, width):
         return (2,)
+
+    def add_guidance_input(self, backbone):
+        if not self.guidance_embedded:
+            return super().add_guidance_input(backbone)
+        return copy.deepcopy(backbone)  # its guidance input is the w input, as FLUX.1-dev's
 
     def encode(self, images, generator=None):
         return images

@@ -96,14 +96,15 @@ def _t5(seed: int) -> T5EncoderModel:
 
 
 def tiny_flux(guidance_embeds: bool = False, seed: int = 0, layers: int = 1, single_layers: int = 1,
-              head_dim: int = 16) -> FluxPipeline:
+              head_dim: int = 16, heads: int = 2) -> FluxPipeline:
     """FLUX.1-schnell's shape (no guidance input), or with `guidance_embeds` FLUX.1-dev's, at diffusers' own test
-    sizes: `layers` double- and `single_layers` single-stream blocks of 2 heads, RoPE axes (4, 4, 8). The VAE's 4
-    latent channels pack 2 x 2 into 16-channel tokens, and the scheduler shifts by the token count as FLUX's does."""
+    sizes: `layers` double- and `single_layers` single-stream blocks of `heads` heads, RoPE axes (4, 4,
+    head_dim - 8); the digits teacher is larger. The VAE's 4 latent channels pack 2 x 2 into 16-channel tokens, and the scheduler shifts by
+    the token count as FLUX's does."""
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers,
                                          num_single_layers=single_layers, attention_head_dim=head_dim,
-                                         num_attention_heads=2, joint_attention_dim=64, pooled_projection_dim=32,
+                                         num_attention_heads=heads, joint_attention_dim=64, pooled_projection_dim=32,
                                          axes_dims_rope=(4, 4, head_dim - 8), guidance_embeds=guidance_embeds).eval()
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
                                                 base_image_seq_len=256, max_image_seq_len=4096)

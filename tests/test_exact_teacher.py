@@ -1,4 +1,6 @@
 """The exact (Gaussian-mixture) teacher, and consistency distillation judged against the true distribution."""
+import math
+
 import pytest
 import torch
 
@@ -23,6 +25,24 @@ def test_denoiser_is_the_posterior_mean(schedule):
         x0, eps = teacher.predict(x_t, t, teacher.encode_prompts(["class 2"]))
         assert torch.allclose(x0[0].double(), mc, atol=2e-2), (t, x0, mc)
         assert torch.allclose(a * x0 + s * eps, x_t, atol=1e-5)
+
+
+def test_flux_gmm_embeds_guidance_and_shifts_by_size():
+    """gmm-flux: a guided prediction is one pass that equals two-pass CFG of the exact posterior means, and the
+    shift follows the notional image's token count as FLUX.1's scheduler has it (256 px: e^0.5, 1024 px: e^1.15)."""
+    from distill.solvers import cfg_combine
+
+    assert GMMTeacher("flux", resolution=256).shift == pytest.approx(math.exp(0.5))
+    big = GMMTeacher("flux", resolution=1024)
+    assert big.shift == pytest.approx(math.exp(1.15)) and big.timesteps(2)[1] > GMMTeacher("flux").timesteps(2)[1]
+    calls, forward = [], big.backbone.forward
+    big.backbone.forward = lambda x, *a: calls.append(len(x)) or forward(x, *a)
+    cond, x = big.encode_prompts(["class 1", "class 3"]), torch.randn(2, 2)
+    x0 = big.predict(x, 600.0, cond, 4.0)[0]
+    alpha, sigma = (v.expand(2) for v in big.alpha_sigma(torch.tensor(600.0)))
+    exact = [big.backbone.exact(x, alpha, sigma, c["label"]) for c in (cond.pos, cond.neg)]
+    assert calls == [2] and torch.allclose(x0, cfg_combine(*exact, 4.0), atol=1e-6)
+    assert torch.allclose(big.predict(x, 600.0, cond)[0], exact[0], atol=1e-6)  # w = 1: the class's posterior mean
 
 
 def test_teacher_sampler_reaches_the_true_distribution():
@@ -51,7 +71,7 @@ def _assert_closer_to_truth(trained, untrained, steps, name):
         assert after < 0.7 * before, (n, before, after)
 
 
-@pytest.mark.parametrize("schedule,kind", [("vp", "full"), ("flow", "full"), ("vp", "lora")])
+@pytest.mark.parametrize("schedule,kind", [("vp", "full"), ("flow", "full"), ("vp", "lora"), ("flux", "lora")])
 def test_consistency_distillation_moves_few_step_student_toward_truth(tmp_path, schedule, kind):
     cfg = runs.parse_config({
         "teacher": {"source": f"builtin:gmm-{schedule}"},
@@ -67,7 +87,8 @@ def test_consistency_distillation_moves_few_step_student_toward_truth(tmp_path, 
     _assert_closer_to_truth(trained, untrained, (1, 2), f"consistency {schedule}/{kind}")
 
 
-@pytest.mark.parametrize("schedule,kind,student_steps", [("vp", "full", 2), ("flow", "full", 1), ("vp", "lora", 1)])
+@pytest.mark.parametrize("schedule,kind,student_steps", [("vp", "full", 2), ("flow", "full", 1), ("vp", "lora", 1),
+                                                               pytest.param("flux", "full", 1, marks=pytest.mark.slow)])
 def test_ladd_moves_few_step_student_toward_truth(tmp_path, schedule, kind, student_steps):
     cfg = runs.parse_config({
         "teacher": {"source": f"builtin:gmm-{schedule}"},
@@ -81,7 +102,7 @@ def test_ladd_moves_few_step_student_toward_truth(tmp_path, schedule, kind, stud
                             f"ladd {schedule}/{kind}")
 
 
-@pytest.mark.parametrize("schedule,kind", [("vp", "full"), ("flow", "lora")])
+@pytest.mark.parametrize("schedule,kind", [("vp", "full"), ("flow", "lora"), ("flux", "full")])
 def test_progressive_halvings_track_the_teacher_and_approach_truth(tmp_path, schedule, kind):
     cfg = runs.parse_config({
         "teacher": {"source": f"builtin:gmm-{schedule}"},
@@ -115,7 +136,8 @@ def test_progressive_halvings_track_the_teacher_and_approach_truth(tmp_path, sch
     assert dist(student, truth) < 0.5 * dist(teacher_n, truth)  # the 1-step student beats 1-step sampling
 
 
-@pytest.mark.parametrize("schedule,student_steps", [("vp", 2), ("flow", 1)])
+@pytest.mark.parametrize("schedule,student_steps", [("vp", 2), ("flow", 1),
+                                                          pytest.param("flux", 1, marks=pytest.mark.slow)])
 def test_add_moves_few_step_student_toward_truth(tmp_path, schedule, student_steps):
     cfg = runs.parse_config({
         "teacher": {"source": f"builtin:gmm-{schedule}"},
@@ -128,7 +150,7 @@ def test_add_moves_few_step_student_toward_truth(tmp_path, schedule, student_ste
     _assert_closer_to_truth(train(cfg), build_method(cfg, "cpu"), range(1, student_steps + 1), f"add {schedule}")
 
 
-@pytest.mark.parametrize("schedule", ["vp", "flow"])
+@pytest.mark.parametrize("schedule", ["vp", "flow", pytest.param("flux", marks=pytest.mark.slow)])
 def test_dmd2_moves_one_step_student_toward_truth(tmp_path, schedule):
     """The recipe of experiments/results/exact_teacher.md: five fake-score updates per generator update."""
     cfg = runs.parse_config({

@@ -18,7 +18,7 @@ from distill.evaluation import nfe
 from distill.sampling import ddim_sample
 from distill.trainer import build_method, train
 from teachers import tiny
-from teachers.flux import dynamic_shift
+from distill.schedules import dynamic_shift
 
 PROMPTS = ["a handwritten digit 7", "a cat"]
 
@@ -189,7 +189,7 @@ def test_flux_bad_input_is_one_line(flux_dirs, tmp_path, cli):
     single.write_bytes(b"")
     proc = cli("train", "experiments/lcm_digits_sdxl.yaml", f"teacher.source={single}", "teacher.family=flux",
                check=False)
-    assert proc.returncode == 2 and "single-file flux teacher is not read yet" in proc.stderr
+    assert proc.returncode == 2 and "teacher.config" in proc.stderr and "transformer alone" in proc.stderr
     assert dynamic_shift(4096, {"use_dynamic_shifting": True}) == pytest.approx(math.exp(1.15))
     assert dynamic_shift(10, {"shift": 3.0}) == 3.0
     # a scheduler whose times distill's exponential dynamic shift would not follow is refused, not misread
@@ -280,6 +280,32 @@ def test_kohya_flux_names_convert_back_whole_in_diffusers():
     assert _updates_from_kohya(kohya, 19, 38, width).keys() == expected.keys()
 
 
+def test_a_single_file_flux_teacher_is_the_folder_teacher(flux_dirs, tmp_path):
+    """A transformer in BFL's layout (flux1-dev.safetensors' keys, also under ComfyUI's model.diffusion_model.) with
+    teacher.config naming the pipeline folder for the rest reads back as the same teacher: identical predictions.
+    A file read with the other kind's config (dev's guidance_in, schnell's config) is refused."""
+    from safetensors.torch import save_file
+
+    from teachers.flux import bfl_single_file
+
+    dev = flux_dirs["tiny-flux-dev"]
+    folder = teachers.load(TeacherConfig(source=str(dev), resolution=32))
+    state = bfl_single_file(folder.backbone)
+    save_file(state, tmp_path / "bare.safetensors")
+    save_file({**{f"model.diffusion_model.{k}": v for k, v in state.items()},  # ComfyUI's checkpoint: VAE beside
+               "vae.decoder.conv_in.weight": torch.zeros(1)}, tmp_path / "comfy.safetensors")
+    x = torch.randn(2, *folder.latent_shape(32, 32), generator=torch.Generator().manual_seed(0))
+    cond = folder.encode_prompts(PROMPTS)
+    want = folder.predict(x, 700.0, cond, 3.5)[0]
+    for name in ("bare", "comfy"):
+        single = teachers.load(TeacherConfig(source=str(tmp_path / f"{name}.safetensors"), family="flux",
+                                             config=str(dev), resolution=32))
+        assert single.guidance_embedded and torch.equal(single.predict(x, 700.0, cond, 3.5)[0], want)
+    with pytest.raises(DistillError, match="guidance_in.* not in the config"):
+        teachers.load(TeacherConfig(source=str(tmp_path / "bare.safetensors"), family="flux",
+                                    config=str(flux_dirs["tiny-flux"]), resolution=32))
+
+
 def test_bfl_single_file_converts_back_exactly_in_diffusers():
     """A FLUX transformer written in Black Forest Labs' layout is read back by diffusers' single-file converter
     (what FluxTransformer2DModel.from_single_file runs; it assumes FLUX.1's width 3072, so the model has that
@@ -288,7 +314,7 @@ def test_bfl_single_file_converts_back_exactly_in_diffusers():
     from diffusers import FluxTransformer2DModel
     from diffusers.loaders.single_file_utils import convert_flux_transformer_checkpoint_to_diffusers
 
-    from teachers.flux import bfl_single_file
+    from teachers.flux import bfl_single_file, from_bfl
 
     with torch.device("meta"):
         model = FluxTransformer2DModel(num_layers=1, num_single_layers=1, attention_head_dim=128,
@@ -303,4 +329,6 @@ def test_bfl_single_file_converts_back_exactly_in_diffusers():
     back = convert_flux_transformer_checkpoint_to_diffusers(dict(bfl))
     assert back.keys() == state.keys()
     assert all(torch.equal(back[k], state[k]) for k in state)
+    ours = from_bfl(bfl, state)  # distill's own reader (any width) agrees
+    assert ours.keys() == state.keys() and all(torch.equal(ours[k], state[k]) for k in state)
 

@@ -110,9 +110,12 @@ def test_adherence_counts_the_prompted_digit():
 
 
 @pytest.mark.parametrize("name,pipeline,guidance", [("digits-sdxl", "StableDiffusionXLPipeline", 5.0),
-                                                    ("digits-sd3", "StableDiffusion3Pipeline", 3.0)])
+                                                    ("digits-sd3", "StableDiffusion3Pipeline", 3.0),
+                                                    ("digits-flux", "FluxPipeline", 2.0),
+                                                    ("digits-flux-dev", "FluxPipeline", 2.0)])
 def test_shipped_digits_teacher_draws_the_prompted_digits(name, pipeline, guidance):
-    """Each built-in digits teacher loads with plain diffusers and its 50-step CFG samples adhere."""
+    """Each built-in digits teacher loads with plain diffusers and its 50-step guided samples adhere (CFG; the
+    dev-like FLUX teacher's guidance is its input, one pass)."""
     import diffusers
 
     import teachers
@@ -122,6 +125,7 @@ def test_shipped_digits_teacher_draws_the_prompted_digits(name, pipeline, guidan
     pipe = getattr(diffusers, pipeline).from_pretrained(teachers.ZOO[name])
     assert pipe.vae is not None and type(pipe).__name__ == pipeline
     teacher = teachers.load(TeacherConfig(source=f"builtin:{name}", resolution=16))
+    assert teacher.guidance_embedded == name.endswith("-dev")
     labels = torch.arange(10).repeat_interleave(5)
     cond = teacher.encode_prompts([f"a handwritten digit {k}" for k in labels.tolist()])
     with torch.no_grad():

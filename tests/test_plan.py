@@ -118,6 +118,25 @@ def test_plan_names_what_to_pass_for_an_unknown_architecture(tmp_path, cli):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = cli("plan", cfg, "--architecture", "sdxl-base-arch", "--out", tmp_path, check=False)  # a folder
     assert proc.returncode == 2 and f"--out {tmp_path} is a folder" in proc.stderr
+    proc = cli("plan", cfg, "--architecture", "sdxl-base-arch", "--processes", "8", check=False)  # no train.fsdp
+    assert proc.returncode == 2 and "set train.fsdp=true" in proc.stderr and len(proc.stderr.splitlines()) == 1
+
+
+def test_the_per_process_plan_divides_what_fsdp_shards(tiny_sdxl_dir):
+    """A full consistency student under train.fsdp: at the peak the sharded bytes are the student's weights, its EMA
+    and AdamW's two moments (4 x the student in float32), and the gradients alive then: none at the end of the
+    forward (the peak without checkpointing), some of them in a checkpointed backward. One process holds the whole
+    peak; eight hold an eighth of the sharded bytes plus what FSDP2 gathers whole."""
+    sharded = {}
+    for checkpointing in (False, True):
+        cfg = config(str(tiny_sdxl_dir), "consistency", kind="full", checkpointing=checkpointing)
+        cfg.train.fsdp = True
+        r = plan.plan(cfg)
+        sharded[checkpointing] = r["sharded"]
+        assert plan.per_process_peak(r, 1) == r["peak"]
+        assert plan.per_process_peak(r, 8) == r["peak"] - r["sharded"] * 7 / 8 + r["gathered"] < r["peak"]
+    student = sum(p.numel() * 4 for p in runs.build_method(cfg, torch.device("meta")).student.backbone.parameters())
+    assert sharded[False] == 4 * student < sharded[True] <= 5 * student and 0 < r["gathered"] < student
 
 
 @pytest.mark.slow

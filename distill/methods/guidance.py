@@ -20,11 +20,11 @@ from distill.solvers import prediction_loss
 class GuidanceParams:
     guidance_min: float = cfg_scale(1.0)  # w ~ U[min, max] in diffusers' scale (Meng et al. use w in [0, 4] for 1 + w)
     guidance_max: float = cfg_scale(8.0)
-    target: str = "eps"  # x | eps | v: where the student's prediction is matched to the guided teacher's
+    target: str = "eps"  # x | eps | v | flow (velocity): where the student's prediction meets the guided teacher's
 
     def check(self) -> None:
         check_guidance_range(self.guidance_min, self.guidance_max)
-        check_choice("method.params.target", self.target, ("x", "eps", "v"))
+        check_choice("method.params.target", self.target, ("x", "eps", "v", "flow"))
 
 
 class Guidance(Method):
@@ -41,6 +41,9 @@ class Guidance(Method):
             raise ConfigError("method.name", "guidance", f"the {teacher.family} teacher already reads the guidance "
                               "scale as an input (one pass per guided prediction): there is nothing to distil; "
                               "train another method on it, or use a teacher without embedded guidance")
+        if params.target == "flow" and not teacher.flow:
+            raise ConfigError("method.params.target", "flow", "is the velocity of a rectified-flow teacher; a VP "
+                              "teacher's student matches in x, eps or v")
         super().__init__(teacher, student, params)
 
     def loss(self, batch, turn) -> LossOut:
