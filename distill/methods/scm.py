@@ -63,7 +63,7 @@ class SCM(Method):
         nn.init.zeros_(self.weighting.weight)
         nn.init.zeros_(self.weighting.bias)
         # s between the family's time 1 and its last train timestep, where the map to the family point is finite
-        ends = teacher.alpha_sigma(torch.tensor([1.0, teacher.num_train_timesteps - 1.0]))
+        ends = teacher.alpha_sigma(torch.tensor([1.0, teacher.num_train_timesteps - 2.0]))
         self.s_range = [math.atan(float(s / a) / params.sigma_d) for a, s in zip(*ends)]
         self.done = 0
 
