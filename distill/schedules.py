@@ -2,7 +2,7 @@
 
 Every teacher is read through one lens, x_t = alpha(t) * x0 + sigma(t) * eps, with t in the
 teacher's own units on [0, T] (T = num_train_timesteps = 1000 for SDXL and SD3):
-- VP (SDXL): alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t), t an integer train timestep;
+- VP (SDXL): alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t), t a train timestep (abar linear between them);
 - rectified flow (SD3): alpha = 1 - s, sigma = s, with s = t / T the (shifted) flow sigma.
 t < 0 (VP) or t = 0 (flow) is clean data: alpha = 1, sigma = 0.
 """

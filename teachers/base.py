@@ -254,7 +254,7 @@ class Teacher(nn.Module):
         With `backbone=None` the teacher itself answers, adapters off; a student passes its own backbone
         (and, if it reads w, `guidance_cond`; if its output means something else than the teacher's,
         `prediction_type`, e.g. a progressive student's x or v). `scales`: (alpha, sigma) of a continuous time t
-        (time_at), used in place of alpha_sigma(t), which a VP teacher reads at the nearest integer timestep."""
+        (time_at), used in place of alpha_sigma(t)."""
         if self.guidance_embedded and guidance_cond is None:  # the scale is an input: one pass, no negatives
             guidance, guidance_cond = 1.0, guidance
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
@@ -276,7 +276,8 @@ class Teacher(nn.Module):
 
     def time_at(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The continuous time at which the schedule has sigma / alpha (the inverse of alpha_sigma, differentiable):
-        a flow teacher's sigma * T, a VP teacher's timestep interpolated linearly in its abar table."""
+        a flow teacher's sigma * T, a VP teacher's timestep interpolated linearly in its abar table, kept within its
+        timesteps 0 .. T-1 (outside them alpha_sigma is clean data, or clamped)."""
         if self.flow:
             return sigma / (alpha + sigma) * self.num_train_timesteps
         abar = (alpha**2 / (alpha**2 + sigma**2)).to(self.alphas_cumprod.dtype)
@@ -284,7 +285,7 @@ class Teacher(nn.Module):
         i = torch.searchsorted(table, abar.detach().clamp(table[0], table[-1])).clamp(1, len(table) - 1)
         lo, hi = table[i - 1], table[i]
         # abar falls from index T-1-(i-1) to T-1-i of the original table as it rises from lo to hi
-        return (len(table) - i) - (abar - lo) / (hi - lo)
+        return ((len(table) - i) - (abar - lo) / (hi - lo)).clamp(0, len(table) - 1)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         alpha, sigma = self.alpha_sigma(torch.as_tensor(t, device=x0.device))

@@ -12,7 +12,7 @@ from teachers.gmm import GMMTeacher, energy_distance
 
 def _cfg(tmp_path, source="builtin:gmm-vp", out="run", **params):
     raw = {"teacher": {"source": source}, "student": {"kind": "full"},
-           "method": {"name": "scm", "params": {"guidance_min": 1.0, "guidance_max": 1.0, "student_steps": 2,
+           "method": {"name": "scm", "params": {"guidance_min": 1.0, "guidance_max": 1.0,
                                                 "warmup": 100, **params}},
            "data": {"kind": "teacher", "batch_size": 256, "size": 20000},
            "train": {"output_dir": str(tmp_path / out), "max_steps": 600, "learning_rate": 1e-3,
@@ -58,19 +58,22 @@ def test_trigflow_reads_the_backbone_and_the_jvp_tangent_matches_a_finite_differ
 
 
 @pytest.mark.parametrize("schedule", ["vp", "flow"])
-def test_scm_moves_the_one_step_student_toward_the_truth(tmp_path, schedule):
+def test_scm_beats_the_teachers_own_one_and_two_step_sampling(tmp_path, schedule):
+    """The untrained student is the teacher sampled by the same re-noising chain: 1-step 1.21 (vp) and 1.38 (flow),
+    2-step 0.36 and 0.67; the trained one lands near LCM's (experiments/results/exact_teacher.md)."""
     cfg = _cfg(tmp_path, f"builtin:gmm-{schedule}")
     trained, untrained = train(cfg), build_method(cfg, "cpu")
     labels = torch.arange(4).repeat_interleave(400)
     truth = trained.teacher.sample_data(labels, torch.Generator().manual_seed(9))
     cond = trained.teacher.encode_prompts([f"class {k}" for k in labels.tolist()])
 
-    def distance(method):
-        x = method.sample(cond, 1, torch.Generator().manual_seed(5), (2,))
+    def distance(method, steps):
+        x = method.sample(cond, steps, torch.Generator().manual_seed(5), (2,))
         return sum(energy_distance(x[labels == k], truth[labels == k]) for k in range(4)) / 4
-    before, after = distance(untrained), distance(trained)
-    print(f"scm {schedule} 1-step energy distance: untrained {before:.3f} -> trained {after:.3f}")
-    assert after < 0.5 * before
+    for steps in (1, 2):
+        before, after = distance(untrained, steps), distance(trained, steps)
+        print(f"scm {schedule} {steps}-step energy distance: untrained {before:.3f} -> trained {after:.3f}")
+        assert after < 0.6 * before
 
 
 def test_scm_resumes_bit_identically_through_its_warm_up(tmp_path):
@@ -86,3 +89,18 @@ def test_scm_resumes_bit_identically_through_its_warm_up(tmp_path):
     b = load_file(tmp_path / "split/checkpoints/step-00000004/weights.safetensors")
     assert a.keys() == b.keys() and any(k.startswith("weighting.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd3", "tiny-flux-dev"])
+def test_scm_trains_a_lora_student_on_each_family(tmp_path, name):
+    """Two JVP steps with CFG on a tiny SDXL and SD3 (two passes) and a guidance-embedded FLUX (the scale as an
+    input): finite losses, and the LoRA moves."""
+    from teachers import tiny
+
+    cfg = _cfg(tmp_path, str(tiny.build(name, tmp_path / name)), guidance_min=2.0, guidance_max=3.0)
+    cfg.student.kind, cfg.train.max_steps, cfg.teacher.resolution = "lora", 2, 16
+    method = train(cfg)
+    lora = {k: v for k, v in method.student.backbone.state_dict().items() if "lora_B" in k}
+    assert lora and any(v.abs().sum() > 0 for v in lora.values())
+    logs = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert logs and "nan" not in " ".join(logs).lower()

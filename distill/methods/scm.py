@@ -10,13 +10,18 @@ f = cos(s) x - sin(s) sigma_d F is the backbone's x0: the student samples as ADD
 
 The loss (Algorithm 1, eq. 8 with the tangent warm-up and normalisation of sec. 4.2 and the adaptive weighting of
 sec. 4.3): dx/ds = sigma_d F_teacher (with CFG), F^- = stopgrad(F_student),
-    g = -cos^2(s) (sigma_d F^- - dx/ds) - r cos(s) sin(s) (x + sigma_d dF^-/ds),   g <- g / (||g|| + c),
+    g = -cos^2(s) (sigma_d F^- - dx/ds) - r cos(s) sin(s) (x + sigma_d dF^-/ds),   g <- g / (rms(g) + c),
     L = e^{w(s)} / D ||F - F^- - g||^2 - w(s),
 with r ramping 0 -> 1 over `warmup` steps, w a linear layer on Fourier features of s (zero at the start), and
 s = arctan(e^tau / sigma_d), tau ~ N(p_mean, p_std^2). dF^-/ds is the total derivative along the teacher's ODE:
 a Jacobian-vector product through the student with tangents (cos s sin s dx/ds, cos s sin s), as the paper does for
 stability (torch.func.jvp, on the math attention kernel: the fused kernels have no forward-mode derivative), or a
-central finite difference of the same (`tangent: finite_difference`).
+central finite difference of the same (`tangent: finite_difference`). The normalisation divides by the root mean
+square, not the paper's norm (as NVIDIA FastGen's size-invariant option), so c means the same at every latent size.
+
+The JVP goes through the backbone's time input: sCM sec. 4.1 finds a high-frequency time embedding (1000 t) makes
+it unstable. The exact teachers' residual reads t / 100 for this reason; SDXL, SD3 and FLUX keep their 0..1000
+sinusoids (docs/methods/scm.md).
 """
 from __future__ import annotations
 
@@ -36,12 +41,12 @@ from distill.solvers import bcast
 
 @dataclass
 class SCMParams:
-    student_steps: int = ranged(4, 1, teacher_times=True)  # the sampler's grid: the family's few-step times
     sigma_d: float = ranged(0.5, gt=0.0)  # TrigFlow's data standard deviation
     p_mean: float = -1.0  # tau ~ N(p_mean, p_std^2), s = arctan(e^tau / sigma_d) (sCM's CIFAR-10 setting, App. G)
     p_std: float = ranged(1.4, gt=0.0)
     tangent_c: float = ranged(0.1, gt=0.0)  # c of the tangent normalisation g / (||g|| + c)
     warmup: int = ranged(1000, 0)  # steps over which r ramps from 0 to 1 (the paper: 10k)
+    prior_weighting: bool = False  # weight the loss by 1 / (sigma_d tan s) = alpha / sigma (SANA-Sprint's prior)
     tangent: str = "jvp"  # jvp | finite_difference
     fd_step: float = ranged(1e-3, gt=0.0)  # h of the central difference, in s
     guidance_min: float = cfg_scale(3.0)  # the teacher's CFG scale w ~ U[guidance_min, guidance_max]
@@ -76,12 +81,16 @@ class SCM(Method):
     def resume_at(self, step: int) -> None:
         self.done = step
 
+    def family_scales(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The family's (alpha, sigma) with sigma / alpha = sigma_d tan(s)."""
+        ratio = self.params.sigma_d * torch.tan(s)
+        alpha = 1 / (1 + ratio) if self.teacher.flow else torch.rsqrt(1 + ratio**2)
+        return alpha, ratio * alpha
+
     def trig_F(self, backbone, x, s, cond, guidance=1.0, w=None) -> torch.Tensor:
         """F(x, s) of TrigFlow from the backbone's (x0, eps) at the family point of (x, s)."""
         sd, cos, sin = self.params.sigma_d, torch.cos(s), torch.sin(s)
-        ratio = sd * sin / cos  # sigma / alpha
-        alpha = 1 / (1 + ratio) if self.teacher.flow else torch.rsqrt(1 + ratio**2)
-        sigma = ratio * alpha
+        alpha, sigma = self.family_scales(s)
         x0, eps = self.teacher.predict(bcast(alpha / cos, x) * x, self.teacher.time_at(alpha, sigma), cond, guidance,
                                        backbone, w, scales=(alpha, sigma))
         return bcast(cos, x) * eps - bcast(sin / sd, x) * x0
@@ -116,10 +125,12 @@ class SCM(Method):
         r = min(1.0, self.done / p.warmup) if p.warmup else 1.0
         cos, cs = bcast(torch.cos(s), x), bcast(torch.cos(s) * torch.sin(s), x)
         target = -cos**2 * (sd * F_minus - dxds) - r * (cs * x + sd * dF)
-        norm = target.flatten(1).norm(dim=1)
+        norm = target.flatten(1).pow(2).mean(1).sqrt()  # the root mean square: the same c at every size
         target = target / bcast(norm + p.tangent_c, target)
         weight = self.weighting(time_features(s * 2000 / math.pi)).squeeze(1)  # s in [0, pi/2] as 0..1000
         per_sample = (F - F_minus - target).flatten(1).pow(2).sum(1) / x[0].numel()
+        if p.prior_weighting:
+            per_sample = per_sample / (sd * torch.tan(s))
         loss = (weight.exp() * per_sample - weight).mean()
         return LossOut(loss, {"s_mean": float(s.mean()), "tangent_norm": float(norm.mean()), "warmup_r": r})
 
