@@ -2,7 +2,7 @@
 
 Every teacher is read through one lens, x_t = alpha(t) * x0 + sigma(t) * eps, with t in the
 teacher's own units on [0, T] (T = num_train_timesteps = 1000 for SDXL and SD3):
-- VP (SDXL): alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t), t an integer train timestep;
+- VP (SDXL): alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t), t a train timestep (abar linear between them);
 - rectified flow (SD3): alpha = 1 - s, sigma = s, with s = t / T the (shifted) flow sigma.
 t < 0 (VP) or t = 0 (flow) is clean data: alpha = 1, sigma = 0.
 """
@@ -29,8 +29,14 @@ def vp_alphas_cumprod(num_train_timesteps: int = 1000, beta_start: float = 0.000
 
 
 def vp_alpha_sigma(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """alpha, sigma at train timestep t: abar from the table, linear between its entries (exact at integer t, and
+    differentiable in t for continuous-time methods); t < 0 is clean data."""
     t = torch.as_tensor(t, device=alphas_cumprod.device)
-    abar = torch.where(t >= 0, alphas_cumprod[t.clamp(min=0).round().long()], torch.ones_like(alphas_cumprod[0]))
+    tc = t.clamp(0, len(alphas_cumprod) - 1)
+    lo = tc.detach().floor().long()
+    hi = (lo + 1).clamp(max=len(alphas_cumprod) - 1)
+    abar = torch.lerp(alphas_cumprod[lo], alphas_cumprod[hi], (tc - lo).to(alphas_cumprod.dtype))
+    abar = torch.where(t >= 0, abar, torch.ones_like(abar))
     return abar.sqrt(), (1.0 - abar).sqrt()
 
 

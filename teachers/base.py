@@ -247,21 +247,23 @@ class Teacher(nn.Module):
         return super().train(False)
 
     def predict(self, x: torch.Tensor, t, cond: Cond, guidance=1.0, backbone: nn.Module | None = None,
-                guidance_cond=None, prediction_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                guidance_cond=None, prediction_type: str | None = None,
+                scales: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0, eps) for x at time t. `guidance` > 1 applies classifier-free guidance with the negatives.
 
         With `backbone=None` the teacher itself answers, adapters off; a student passes its own backbone
         (and, if it reads w, `guidance_cond`; if its output means something else than the teacher's,
-        `prediction_type`, e.g. a progressive student's x or v)."""
+        `prediction_type`, e.g. a progressive student's x or v). `scales`: (alpha, sigma) of a continuous time t
+        (time_at), used in place of alpha_sigma(t)."""
         if self.guidance_embedded and guidance_cond is None:  # the scale is an input: one pass, no negatives
             guidance, guidance_cond = 1.0, guidance
         t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
-        alpha, sigma = self.alpha_sigma(t)
+        alpha, sigma = self.alpha_sigma(t) if scales is None else scales
         alpha, sigma = alpha.to(x.device), sigma.to(x.device)
         use_cfg = not (isinstance(guidance, (int, float)) and guidance == 1.0)
         if backbone is None:
             with adapters_disabled(self.backbone):
-                return self.predict(x, t, cond, guidance, self.backbone, guidance_cond, prediction_type)
+                return self.predict(x, t, cond, guidance, self.backbone, guidance_cond, prediction_type, scales)
         if use_cfg:
             if guidance_cond is not None:
                 guidance_cond = torch.as_tensor(guidance_cond, device=x.device).expand(len(x)).repeat(2)
@@ -271,6 +273,19 @@ class Teacher(nn.Module):
         else:
             out = self._forward(backbone, x, t, cond.pos, guidance_cond).float()
         return to_x0_eps(out, x.float(), alpha, sigma, prediction_type or self.prediction_type)
+
+    def time_at(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """The continuous time at which the schedule has sigma / alpha (the inverse of alpha_sigma, differentiable):
+        a flow teacher's sigma * T, a VP teacher's timestep interpolated linearly in its abar table, kept within its
+        timesteps 0 .. T-1 (outside them alpha_sigma is clean data, or clamped)."""
+        if self.flow:
+            return sigma / (alpha + sigma) * self.num_train_timesteps
+        abar = (alpha**2 / (alpha**2 + sigma**2)).to(self.alphas_cumprod.dtype)
+        table = self.alphas_cumprod.flip(0)  # ascending
+        i = torch.searchsorted(table, abar.detach().clamp(table[0], table[-1])).clamp(1, len(table) - 1)
+        lo, hi = table[i - 1], table[i]
+        # abar falls from index T-1-(i-1) to T-1-i of the original table as it rises from lo to hi
+        return ((len(table) - i) - (abar - lo) / (hi - lo)).clamp(0, len(table) - 1)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t) -> torch.Tensor:
         alpha, sigma = self.alpha_sigma(torch.as_tensor(t, device=x0.device))

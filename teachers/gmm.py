@@ -63,14 +63,20 @@ class GMMDenoiser(nn.Module):
         return (r[:, :, None] * x0_m).sum(1)
 
     def forward(self, x, t, label, alpha, sigma, guidance=None):
-        freqs = torch.exp(torch.arange(8, device=x.device) * -math.log(1000.0) / 8)
+        # The MLP reads t / 100 (periods of 2 pi 100 to 2 pi 1e5 timesteps): smooth in t, so that a continuous-time
+        # method's JVP through it (sCM, sec. 4.1: stable time conditioning) is not dominated by d sin(t) / dt.
+        freqs = torch.exp(torch.arange(8, device=x.device) * -math.log(1000.0) / 8) / 100
         temb = torch.cat([(t[:, None] * freqs).sin(), (t[:, None] * freqs).cos()], dim=1)
+        # The residual vanishes with the noise, as any denoiser is the identity at sigma = 0 (x0 -> x): else an
+        # x0-predicting student can shift its clean end freely, and F = (cos s x - x0) / (sigma_d sin s) of TrigFlow
+        # is unbounded, so sCM's boundary condition f(x, 0) = x no longer holds.
+        gate = (sigma / (alpha**2 + sigma**2).sqrt())[:, None]
         exact = self.exact(x, alpha, sigma, label)
         if not self.guidance_input:
-            return exact + self.net(torch.cat([x, temb, label], dim=1))
+            return exact + gate * self.net(torch.cat([x, temb, label], dim=1))
         w = torch.ones(len(x)).to(x) if guidance is None else guidance.to(x)
         exact = cfg_combine(exact, self.exact(x, alpha, sigma, torch.zeros_like(label)), w)
-        return exact + self.net(torch.cat([x, temb, label, w[:, None] - 1], dim=1))
+        return exact + gate * self.net(torch.cat([x, temb, label, w[:, None] - 1], dim=1))
 
 
 class GMMTeacher(Teacher):
