@@ -33,11 +33,12 @@ def distance(method, steps: int) -> float:
 
 
 def trained(schedule: str, method: dict, seed: int, out: Path):
+    phases = method["params"].get("phases", 1)  # a K-phase student samples in K steps
     cfg = runs.parse_config({
         "teacher": {"source": f"builtin:gmm-{schedule}"}, "student": {"kind": "full"}, "method": method,
         "data": {"kind": "teacher", "batch_size": 256, "size": 20000},
         "train": {"output_dir": str(out), "max_steps": 1200, "learning_rate": 1e-3, "checkpoint_every": 100000,
-                  "seed": seed}, "sample": {"steps": 4}})
+                  "seed": seed}, "sample": {"steps": phases if phases > 1 else 4}})
     return train(cfg)
 
 
