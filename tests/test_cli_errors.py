@@ -12,7 +12,7 @@ GOOD = {"teacher": {"source": "builtin:gmm-vp"}, "data": {"kind": "teacher", "ba
 CASES = [
     ({"train": {"max_steps": "many"}}, "'train.max_steps' has bad value 'many': expected int"),
     ({"train": {"max_step": 3}}, "unknown field; did you mean 'train.max_steps'?"),
-    ({"method": {"name": "consistancy"}}, "allowed: denoise, consistency, guidance, progressive, add, ladd, dmd2 (did you mean 'consistency'?)"),
+    ({"method": {"name": "consistancy"}}, "allowed: denoise, consistency, guidance, progressive, add, ladd, dmd2, scm (did you mean 'consistency'?)"),
     ({"teacher": {"family": "sd15"}}, "'teacher.family' has bad value 'sd15': allowed: sdxl, sd3, flux, gmm"),
     ({"teacher": {"source": "./no/such/folder"}}, "'teacher.source' has bad value './no/such/folder': no such file"),
     ({"data": {"kind": "images", "path": "/no/such/images"}}, "'data.path' has bad value '/no/such/images'"),
@@ -65,7 +65,7 @@ def test_subprocess_shows_no_traceback_unless_debug(tmp_path, cli):
     cfg.write_text(yaml.safe_dump(_merge(GOOD, {"teacher": {"source": "builtin:tiny-sd15"}})))
     proc = cli("train", cfg, check=False)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "allowed builtins: builtin:digits-sdxl, builtin:digits-sd3, builtin:pairs-sdxl" in proc.stderr and "Traceback" not in proc.stderr
+    assert "allowed builtins: builtin:digits-sdxl, builtin:digits-sd3, builtin:digits-flux," in proc.stderr and "Traceback" not in proc.stderr
     debug = cli("--debug", "train", cfg, check=False)
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 

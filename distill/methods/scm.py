@@ -42,9 +42,9 @@ from distill.solvers import bcast
 @dataclass
 class SCMParams:
     sigma_d: float = ranged(0.5, gt=0.0)  # TrigFlow's data standard deviation
-    p_mean: float = -1.0  # tau ~ N(p_mean, p_std^2), s = arctan(e^tau / sigma_d) (sCM's CIFAR-10 setting, App. G)
+    p_mean: float = ranged(-1.0, -5.0, 5.0)  # tau ~ N(p_mean, p_std^2), s = arctan(e^tau / sigma_d) (sCM App. G)
     p_std: float = ranged(1.4, gt=0.0)
-    tangent_c: float = ranged(0.1, gt=0.0)  # c of the tangent normalisation g / (||g|| + c)
+    tangent_c: float = ranged(0.1, gt=0.0)  # c of the tangent normalisation g / (rms(g) + c)
     warmup: int = ranged(1000, 0)  # steps over which r ramps from 0 to 1 (the paper: 10k)
     prior_weighting: bool = False  # weight the loss by 1 / (sigma_d tan s) = alpha / sigma (SANA-Sprint's prior)
     tangent: str = "jvp"  # jvp | finite_difference
