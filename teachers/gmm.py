@@ -47,8 +47,8 @@ class GMMDenoiser(nn.Module):
         self.register_buffer("means", means)
         self.register_buffer("owner", nn.functional.one_hot(owner, num_classes).float())  # [M, K]
         self.std = std
-        self.net = nn.Sequential(nn.Linear(2 + 16 + num_classes + guidance_input, hidden), nn.SiLU(), nn.Linear(hidden, hidden),
-                                 nn.SiLU(), nn.Linear(hidden, 2))
+        self.net = nn.Sequential(nn.Linear(2 + 16 + num_classes + guidance_input, hidden), nn.SiLU(),
+                                 nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, 2))
         nn.init.zeros_(self.net[-1].weight)
         nn.init.zeros_(self.net[-1].bias)
 

@@ -99,8 +99,8 @@ def tiny_flux(guidance_embeds: bool = False, seed: int = 0, layers: int = 1, sin
               head_dim: int = 16, heads: int = 2) -> FluxPipeline:
     """FLUX.1-schnell's shape (no guidance input), or with `guidance_embeds` FLUX.1-dev's, at diffusers' own test
     sizes: `layers` double- and `single_layers` single-stream blocks of `heads` heads, RoPE axes (4, 4,
-    head_dim - 8); the digits teacher is larger. The VAE's 4 latent channels pack 2 x 2 into 16-channel tokens, and the scheduler shifts by
-    the token count as FLUX's does."""
+    head_dim - 8); the digits teacher is larger. The VAE's 4 latent channels pack 2 x 2 into 16-channel tokens, and
+    the scheduler shifts by the token count as FLUX's does."""
     torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=layers,
                                          num_single_layers=single_layers, attention_head_dim=head_dim,

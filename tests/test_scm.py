@@ -102,5 +102,5 @@ def test_scm_trains_a_lora_student_on_each_family(tmp_path, name):
     method = train(cfg)
     lora = {k: v for k, v in method.student.backbone.state_dict().items() if "lora_B" in k}
     assert lora and any(v.abs().sum() > 0 for v in lora.values())
-    logs = [line for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    logs = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert logs and "nan" not in " ".join(logs).lower()
