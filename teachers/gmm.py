@@ -175,3 +175,16 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     """Energy distance 2E|a-b| - E|a-a'| - E|b-b'| (Székely & Rizzo 2013): 0 iff the laws agree."""
     d = lambda u, v: torch.cdist(u.double(), v.double()).mean()  # noqa: E731
     return float(2 * d(a, b) - d(a, a) - d(b, b))
+
+
+def mode_coverage(teacher: GMMTeacher, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """How a class-conditional sample covers its class's two modes (means k and k + K, opposite on the circle):
+    balance, 1 - |n_a - n_b| / n per class averaged (1: both modes equally, 0: one only, mode collapse), and spread,
+    the root-mean-square distance to the nearest mean over the true std (1: each mode as wide as the truth's;
+    below 1: samples drawn in toward the means, mode-seeking)."""
+    means, k = teacher.backbone.means.cpu(), teacher.num_classes
+    nearest = torch.cdist(x.float(), means).argmin(1)
+    side = (nearest >= k).float()
+    balance = sum(1 - abs(2 * float(side[labels == c].mean()) - 1) for c in range(k)) / k
+    spread = float((x - means[nearest]).pow(2).sum(1).mean().div(2).sqrt()) / teacher.backbone.std
+    return balance, spread

@@ -12,7 +12,7 @@ GOOD = {"teacher": {"source": "builtin:gmm-vp"}, "data": {"kind": "teacher", "ba
 CASES = [
     ({"train": {"max_steps": "many"}}, "'train.max_steps' has bad value 'many': expected int"),
     ({"train": {"max_step": 3}}, "unknown field; did you mean 'train.max_steps'?"),
-    ({"method": {"name": "consistancy"}}, "allowed: denoise, consistency, guidance, progressive, add, ladd, dmd2, scm (did you mean 'consistency'?)"),
+    ({"method": {"name": "consistancy"}}, "allowed: denoise, consistency, guidance, progressive, add, ladd, dmd2, scm, rcm (did you mean 'consistency'?)"),
     ({"teacher": {"family": "sd15"}}, "'teacher.family' has bad value 'sd15': allowed: sdxl, sd3, flux, gmm"),
     ({"teacher": {"source": "./no/such/folder"}}, "'teacher.source' has bad value './no/such/folder': no such file"),
     ({"data": {"kind": "images", "path": "/no/such/images"}}, "'data.path' has bad value '/no/such/images'"),

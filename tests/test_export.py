@@ -290,3 +290,20 @@ def test_phased_consistency_lora_samples_in_plain_diffusers_as_generate(tmp_path
     assert json.loads((out / "distill_export.json").read_text())["scheduler"] == "DDIMScheduler"
     images, _ = _load_in_fresh_process(tiny_sdxl_dir, out, "lora", tmp_path, 2)
     _same_as_sampled(images, run, 2)
+
+
+@pytest.mark.parametrize("method", ["scm", pytest.param("rcm", marks=pytest.mark.slow)])  # rCM: sCM's sampler
+def test_continuous_time_consistency_lora_samples_in_plain_diffusers_as_generate(tmp_path, tiny_sdxl_dir, method,
+                                                                                cli):
+    """sCM's and rCM's students re-noise between steps on the family's few-step times: the export names the
+    re-noising scheduler with those times, and plain diffusers makes `distill generate`'s images at 2 steps."""
+    params = "{guidance_min: 3.0, guidance_max: 3.0, warmup: 1" + (", real_guidance: 3.0, student_steps: 2}"
+                                                                    if method == "rcm" else "}")
+    run = _train(tmp_path, tiny_sdxl_dir, **{"method.name": method, "method.params": params, "sample.steps": 2,
+                                             "train.max_steps": 2})
+    from distill.exporting import export
+
+    out = export(run, tmp_path / "export", ["lora"])
+    assert json.loads((out / "distill_export.json").read_text())["scheduler"] == "LCMScheduler"
+    images, _ = _load_in_fresh_process(tiny_sdxl_dir, out, "lora", tmp_path, 2)
+    _same_as_generate(images, run, tmp_path, cli, 2)

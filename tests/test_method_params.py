@@ -87,6 +87,11 @@ CASES = [
     (m("dmd2", "{fake_alpha: 4}"), "method.params.fake_alpha", "this one is a full copy"),  # a full student
     (m("dmd2", "{fake_rank: 4, fake_score: copy}", "student.kind=lora"), "method.params.fake_rank", "full copy"),
     (m("dmd2", "{head_hidden: 0}"), "method.params.head_hidden", ">= 1"),
+    # sCM and rCM
+    (m("scm", "{tangent: backward}"), "method.params.tangent", "allowed: jvp, finite_difference"),
+    (m("rcm", "{real_guidance: 3.0}"), "method.params.real_guidance", "set guidance_min = guidance_max"),
+    (m("rcm", "{dmd_weight: 0}"), "method.params.dmd_weight", "> 0"),
+    (m("rcm", "{}", "student.guidance_embedding=true"), "student.guidance_embedding", "rcm trains the student"),
     # denoise
     (m("denoise", "{uncond_prob: 1.0}"), "method.params.uncond_prob", "in [0, 1)"),
     (m("denoise", "{uncond_prob: .nan}"), "method.params.uncond_prob", "bad value nan"),

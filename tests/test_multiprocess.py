@@ -22,14 +22,21 @@ def _run(args, timeout=600):
     return proc
 
 
-# LADD: heads on the teacher (slow-marked); DMD2: heads on the fake score, an adapter beside the student's
-@pytest.mark.parametrize("method", [pytest.param("ladd", marks=pytest.mark.slow), "dmd2"])
+# LADD: heads on the teacher (slow-marked); DMD2: heads on the fake score, an adapter beside the student's; rCM:
+# the JVP of sCM, its adaptive weight, and DMD's term (from step 2, after a one-step warm-up) with the fake adapter
+PARTS = {"ladd": ("student.", "discriminator."), "dmd2": ("student.", "discriminator.", "fake."),
+         "rcm": ("student.", "weighting.", "fake.")}
+
+
+@pytest.mark.parametrize("method", [pytest.param("ladd", marks=pytest.mark.slow), "dmd2", "rcm"])
 def test_two_process_training_matches_one_process_with_the_same_global_batch(tmp_path, tiny_sdxl_dir, method):
     cfg = tmp_path / "run.yaml"
+    params = {"student_steps": 2} | ({"warmup": 1} if method == "rcm" else {})
     cfg.write_text(yaml.safe_dump({
         "teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "lora", "lora_rank": 4},
-        "method": {"name": method, "params": {"student_steps": 2}}, "data": {"kind": "digits", "batch_size": 2},
-        "train": {"max_steps": 3, "learning_rate": 1e-3, "checkpoint_every": 3, "output_dir": str(tmp_path / "x")}}))
+        "method": {"name": method, "params": params}, "data": {"kind": "digits", "batch_size": 2},
+        "train": {"max_steps": 3, "learning_rate": 1e-3, "checkpoint_every": 3, "output_dir": str(tmp_path / "x")}
+        | ({"turn_every": {"student": 1}} if method == "rcm" else {})}))
     two, one = tmp_path / "two", tmp_path / "one"
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(CONFIGS / "cpu_2proc.yaml")]
     _run([*launch, str(WORKER), str(cfg), str(two), f"train.output_dir={two}/run"])
@@ -39,13 +46,12 @@ def test_two_process_training_matches_one_process_with_the_same_global_batch(tmp
     init = [load_file(two / f"init-{r}.safetensors") for r in (0, 1)]
     final = [load_file(two / f"final-{r}.safetensors") for r in (0, 1)]
     single = load_file(one / "final-0.safetensors")
-    assert any(k.startswith("discriminator.") for k in init[0]) and any(k.startswith("student.") for k in init[0])
-    assert method != "dmd2" or any(k.startswith("fake.") for k in init[0])
+    assert all(any(k.startswith(part) for k in init[0]) for part in PARTS[method])
     for k in init[0]:
         assert torch.equal(init[0][k], init[1][k]), k  # heads and adapters identical at step 0
         assert torch.equal(final[0][k], final[1][k]), k  # and after training
         assert torch.allclose(final[0][k], single[k], atol=1e-5, rtol=1e-4), (k, (final[0][k] - single[k]).abs().max())
-    for part in ("student.", "discriminator.") + (("fake.",) if method == "dmd2" else ()):
+    for part in PARTS[method]:
         assert any(not torch.equal(init[0][k], final[0][k]) for k in init[0] if k.startswith(part)), part
 
     seen = [json.loads((two / f"seen-{r}.json").read_text()) for r in (0, 1)]

@@ -104,3 +104,18 @@ def test_scm_trains_a_lora_student_on_each_family(tmp_path, name):
     assert lora and any(v.abs().sum() > 0 for v in lora.values())
     logs = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert logs and "nan" not in " ".join(logs).lower()
+
+
+def test_prior_weighting_divides_each_samples_loss_by_sigma_d_tan_s(tmp_path):
+    """SANA-Sprint's prior weighting: one sample's loss, with and without it, differs by sigma_d tan(s) of the
+    time drawn for it (the first draw of the step's generator)."""
+    m = build_method(_cfg(tmp_path), "cpu")
+    cond, x0 = m.teacher.encode_prompts(["class 1"]), torch.tensor([[1.5, 0.0]])
+    losses = []
+    for prior in (False, True):
+        m.params.prior_weighting = prior
+        losses.append(float(m.loss({"latents": x0, "cond": cond, "generator": torch.Generator().manual_seed(3)},
+                                   "student").loss))
+    tau = m.params.p_mean + m.params.p_std * torch.randn(1, generator=torch.Generator().manual_seed(3))
+    s = torch.atan(tau.exp() / m.params.sigma_d).clamp(*m.s_range)
+    assert losses[1] == pytest.approx(losses[0] / float(m.params.sigma_d * torch.tan(s)), rel=1e-5)

@@ -69,7 +69,7 @@ def test_bench_speed_train_times_every_method_beside_a_fine_tune(run, tmp_path):
     text = speed.bench(run / "config.yaml", [1], 1, 5.0, 2, 2, {}, None, True, tmp_path / "b.sqlite", warmup=1,
                        min_repeats=1)
     table = {line.split("|")[1].strip(): line.split("|") for line in text.splitlines() if line.startswith("| ")}
-    assert set(table) == {"method", "denoise", "consistency", "progressive", "add", "ladd", "dmd2", "scm"}
+    assert set(table) == {"method", "denoise", "consistency", "progressive", "add", "ladd", "dmd2", "scm", "rcm"}
     assert "- guidance: config field 'student.guidance_embedding' has bad value False" in text  # said why
     head = [c.strip() for c in table["method"]]
     assert table["denoise"][head.index("vs_fine_tune")].strip() == "1"  # the fine-tune is the unit

@@ -11,11 +11,12 @@ from distill.methods.dmd2 import DMD2
 from distill.methods.guidance import Guidance
 from distill.methods.ladd import LADD
 from distill.methods.progressive import Progressive
+from distill.methods.rcm import RCM
 from distill.methods.scm import SCM
 
 METHODS: dict[str, type[Method]] = {"denoise": Denoise, "consistency": Consistency, "guidance": Guidance,
                                     "progressive": Progressive, "add": ADD, "ladd": LADD,
-                                    "dmd2": DMD2, "scm": SCM}
+                                    "dmd2": DMD2, "scm": SCM, "rcm": RCM}
 
 __all__ = ["METHODS", "LossOut", "Method", "check_config"]
 
