@@ -58,9 +58,9 @@ def main() -> None:
     print("# rCM against DMD2 and sCM on the exact teacher\n")
     print("    python experiments/rcm_gmm.py\n")
     print("1,000 samples per class; energy distance to 1,000 exact samples per class (lower is closer), balance "
-          "between each class's two modes (1: even, 0: one mode) and spread (RMS distance to the nearest mean over "
-          "the true std, 1 at the truth; below 1: drawn in to the means). Mean over training seeds 0-2 with its 95% "
-          "t-interval. Rows whose intervals do not overlap differ; otherwise they tie.\n")
+          "between each class's two modes (1: even, 0: one mode) and spread (median distance to the nearest mean "
+          "over the truth's, 1 at the truth; below 1: drawn in to the means). Mean over training seeds 0-2 with its "
+          "95% t-interval. Rows whose intervals do not overlap differ; otherwise they tie.\n")
     print("| teacher | student | steps | energy distance | balance | spread |")
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:

@@ -180,11 +180,10 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
 def mode_coverage(teacher: GMMTeacher, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """How a class-conditional sample covers its class's two modes (means k and k + K, opposite on the circle):
     balance, 1 - |n_a - n_b| / n per class averaged (1: both modes equally, 0: one only, mode collapse), and spread,
-    the root-mean-square distance to the nearest mean over the true std (1: each mode as wide as the truth's;
-    below 1: samples drawn in toward the means, mode-seeking)."""
+    the median distance to the nearest mean over the truth's (std sqrt(2 ln 2), a 2-D Gaussian's median radius):
+    1 at the truth, below 1 when samples are drawn in toward the means (mode-seeking), above when they stray."""
     means, k = teacher.backbone.means.cpu(), teacher.num_classes
-    nearest = torch.cdist(x.float(), means).argmin(1)
+    distance, nearest = torch.cdist(x.float(), means).min(1)
     side = (nearest >= k).float()
     balance = sum(1 - abs(2 * float(side[labels == c].mean()) - 1) for c in range(k)) / k
-    spread = float((x - means[nearest]).pow(2).sum(1).mean().div(2).sqrt()) / teacher.backbone.std
-    return balance, spread
+    return balance, float(distance.median()) / (teacher.backbone.std * math.sqrt(2 * math.log(2)))

@@ -67,7 +67,8 @@ class RCM(SCM):
         check_fake_score_config(cfg, cls.parse_params(cfg.method.params))
         if cfg.student.guidance_embedding:  # the real and fake scores would read no w
             raise ConfigError("student.guidance_embedding", True, "rcm trains the student at the one guidance "
-                              "scale its DMD term reads, so a student that reads w has nothing to learn; leave it false")
+                              "scale its DMD term reads, so a student that reads w has nothing to learn; "
+                              "leave it false")
 
     def parameters_for(self, turn: str) -> list:
         if turn == "fake":
