@@ -29,10 +29,14 @@ def test_time_at_inverts_the_schedule(schedule):
     assert torch.allclose(t.time_at(*t.alpha_sigma(times)), times, atol=1e-3)
 
 
-@pytest.mark.parametrize("source", ["builtin:gmm-vp", "builtin:gmm-flow", "tiny-sdxl"])
+@pytest.mark.parametrize("source", ["builtin:gmm-vp", "builtin:gmm-flow", "tiny-sdxl", "tiny-sdxl-v"])
 def test_trigflow_reads_the_backbone_and_the_jvp_tangent_matches_a_finite_difference(tmp_path, source, tiny_sdxl_dir):
-    cfg = _cfg(tmp_path, str(tiny_sdxl_dir) if source == "tiny-sdxl" else source)
+    """VP-epsilon (tiny SDXL), VP-v (the same read as v-prediction), VP-x0 and flow (the exact teachers)."""
+    cfg = _cfg(tmp_path, str(tiny_sdxl_dir) if source.startswith("tiny-sdxl") else source)
+    if source == "tiny-sdxl-v":
+        cfg.teacher.prediction_type = "v_prediction"
     m = build_method(cfg, "cpu")
+    assert (m.teacher.prediction_type == "v_prediction") == (source == "tiny-sdxl-v")
     torch.manual_seed(0)
     for p in m.student.backbone.parameters():
         p.data.add_(0.05 * torch.randn_like(p))
@@ -115,7 +119,7 @@ def test_prior_weighting_divides_each_samples_loss_by_sigma_d_tan_s(tmp_path):
     for prior in (False, True):
         m.params.prior_weighting = prior
         losses.append(float(m.loss({"latents": x0, "cond": cond, "generator": torch.Generator().manual_seed(3)},
-                                   "student").loss))
+                                   "student").loss.detach()))
     tau = m.params.p_mean + m.params.p_std * torch.randn(1, generator=torch.Generator().manual_seed(3))
     s = torch.atan(tau.exp() / m.params.sigma_d).clamp(*m.s_range)
     assert losses[1] == pytest.approx(losses[0] / float(m.params.sigma_d * torch.tan(s)), rel=1e-5)
