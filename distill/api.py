@@ -138,16 +138,19 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
              extractor: str | None = None, extractor_weights: str | None = None, teacher_reference_steps: int = 0,
              db: str | Path | None = None, new_table: bool = False, out: str | Path | None = None,
              num_prompts: int | None = None, prompt_seed: int | None = None, center_crop: bool | None = None,
-             clip: str | None = None, recipe: str | Path | None = None, stitch: str | None = None) -> Evaluation:
+             clip: str | None = None, recipe: str | Path | None = None, stitch: str | None = None,
+             size: tuple[int, int] | None = None) -> Evaluation:
     """Sample the run's student (or, with `teacher`, its teacher) with fixed seeds and measure it, as
     `distill eval` does. `prompts`: a list, or a .txt/.jsonl file (default: the reference's prompts), each
     sampled `num_per_prompt` times (default 100), or a seeded draw of `num_prompts` of them (`prompt_seed`).
-    `reference`: digits, digit_pairs, a folder or list of images, or "prompts" (the images a .jsonl pairs with its
-    prompts). `clip`: a local CLIP folder for CLIP score. `recipe`: a YAML of these settings (experiments/eval/);
-    what is given here wins. `stitch`: "RUN:FRACTION", T-Stitch sampling (RUN's smaller student takes the first
-    FRACTION of the steps); the row names both models and the steps each took. With `db`, the row is also added to
-    that leaderboard (its protocol checked before any sampling). The sample grid goes to `out` (default
-    <checkpoint>/eval).
+    `reference`: digits, digit_pairs, digit_stacks, a folder or list of images, or "prompts" (the images a .jsonl
+    pairs with its prompts). `clip`: a local CLIP folder for CLIP score. `recipe`: a YAML of these settings
+    (experiments/eval/); what is given here wins. `stitch`: "RUN:FRACTION", T-Stitch sampling (RUN's smaller
+    student takes the first FRACTION of the steps); the row names both models and the steps each took. `size`:
+    (height, width) to sample and measure at (default: the teacher's; a run trained on buckets, any of them), its
+    own protocol: a table of its own wherever the settings at the trained size would be accepted. With `db`, the
+    row is also added to that leaderboard (its protocol checked before any sampling). The sample grid goes to `out`
+    (default <checkpoint>/eval).
 
         result = distill.evaluate("runs/lcm", steps=4, num_per_prompt=10)
         print(result.row["fid"], result.row["fid_lo"], result.row["fid_hi"])
@@ -178,18 +181,21 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
             raise DistillError(f"the leaderboard {db} is read-only; evaluate into another --db")
     folder = paths.check_writable(Path(out or ckpt / "eval"), "the sample grid's folder")  # a read-only run
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
-    if board is not None:
-        board.check_protocol(protocol(scoring, cfg, guidance, teacher), new_table)  # before sampling
+    if size is not None:
+        method.teacher.check_sizes([tuple(size)], "--sizes")
+    if board is not None:  # before sampling; the settings at the trained size: another size is only another table
+        board.check_protocol(protocol(scoring, cfg, guidance, teacher), new_table)
     with stitching(method, stitch, steps) as k:
-        row, images = score(method, cfg, steps, scoring, guidance, teacher, step, str(ckpt))
+        row, images = score(method, cfg, steps, scoring, guidance, teacher, step, str(ckpt), size=size)
     if k is not None:  # the steps (and NFE) each model took
         per_step = row["nfe"] // steps
         row["student"] = f"{cfg.student.kind}+stitch"
         row["stitch"] = {"first": first, "first_steps": k, "first_nfe": k * per_step,
                          "rest_steps": steps - k, "rest_nfe": (steps - k) * per_step}
-    grid = write_grid(images, num_per_prompt, folder / f"{row['method']}-{steps}steps.png")
+    at = "" if size is None else f"-{size[0]}x{size[1]}"
+    grid = write_grid(images, num_per_prompt, folder / f"{row['method']}-{steps}steps{at}.png")
     row["grid"] = str(grid)
-    row_id = board.add(row, new_table=new_table) if board is not None else None
+    row_id = board.add(row, new_table=new_table or size is not None) if board is not None else None
     return Evaluation(row, images, grid, row_id)
 
 

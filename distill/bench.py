@@ -88,7 +88,7 @@ class BenchTiming:
 class Matrix:
     out: str = "runs/bench"
     leaderboard: str | None = None  # default OUT/leaderboard.sqlite
-    reference: str = "digits"  # real images FID/KID compare with: digits | digit_pairs
+    reference: str = "digits"  # real images FID/KID compare with: digits | digit_pairs | digit_stacks
     prompts: str | None = None  # default: the reference's prompts (ten digits, or 100 ordered pairs)
     num_per_prompt: int = 20
     seed: int = 0  # the sampling seed of every evaluation (not a training seed)

@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from distill.config import MAX_STEPS
+from distill.config import MAX_PIXELS, MAX_STEPS
 from distill.errors import ConfigError, DistillError
 
 
@@ -70,7 +70,7 @@ def _generate(args) -> None:
 
     from distill import data, fastpath, paths
     from distill.runs import load_run, stitching
-    from distill.sampling import ddim_sample, parse_stitch, to_pil
+    from distill.sampling import conditioning, ddim_sample, parse_stitch, to_pil
 
     if not Path(args.run).is_dir():
         raise DistillError(f"{args.run} is neither a run folder nor a checkpoint folder")
@@ -106,7 +106,7 @@ def _generate(args) -> None:
             print(f"T-Stitch: the first {k} of {steps} steps by {args.stitch.rpartition(':')[0]}'s student")
         for lo in tqdm(range(0, len(jobs), args.batch_size), desc="generate", unit="batch"):
             batch = jobs[lo:lo + args.batch_size]
-            cond = teacher.encode_prompts(batch)
+            cond = conditioning(teacher, batch, size, cfg.data.buckets is not None)
             if args.teacher:
                 latents = ddim_sample(teacher, cond, steps, generator, shape, guidance)
             else:
@@ -124,20 +124,37 @@ def _check_images(teacher, command: str) -> None:
                            "images to make")
 
 
+def _sizes(text: str) -> list[tuple[int, int]]:
+    """'16x16,32x16' -> [(16, 16), (32, 16)] (height x width)."""
+    out = []
+    for part in text.split(","):
+        h, x, w = part.strip().lower().partition("x")
+        if not (x and h.isdigit() and w.isdigit() and 8 <= int(h) <= MAX_PIXELS and 8 <= int(w) <= MAX_PIXELS):
+            raise argparse.ArgumentTypeError(f"{part!r} is not HxW with both sides in [8, {MAX_PIXELS}], "
+                                             "e.g. 16x16,32x16")
+        out.append((int(h), int(w)))
+    if len(set(out)) != len(out):
+        raise argparse.ArgumentTypeError("each size once")
+    return out
+
+
 def _eval(args) -> None:
     from distill import api
 
-    result = api.evaluate(args.run, args.steps, teacher=args.teacher, prompts=args.prompts,
-                          num_per_prompt=args.num_per_prompt, seed=args.seed, guidance_scale=args.guidance_scale,
-                          reference=args.reference, reference_size=args.reference_size, bootstrap=args.bootstrap,
-                          extractor=args.extractor, extractor_weights=args.extractor_weights,
-                          teacher_reference_steps=args.teacher_reference_steps, db=args.db,
-                          new_table=args.new_table, out=args.out, num_prompts=args.num_prompts,
-                          prompt_seed=args.prompt_seed, center_crop=args.center_crop, clip=args.clip,
-                          recipe=args.recipe, stitch=args.stitch)
-    shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.row.items()}
-    print(" ".join(f"{k}={v}" for k, v in shown.items()))
-    print(f"added row {result.row_id} to {args.db}; sample grid {result.grid}")
+    # each size is measured as its own row, under its own protocol (a table of its own in the leaderboard); a size
+    # the family cannot make is refused before that size's sampling
+    for size in args.sizes or [None]:
+        result = api.evaluate(args.run, args.steps, teacher=args.teacher, prompts=args.prompts,
+                              num_per_prompt=args.num_per_prompt, seed=args.seed, guidance_scale=args.guidance_scale,
+                              reference=args.reference, reference_size=args.reference_size, bootstrap=args.bootstrap,
+                              extractor=args.extractor, extractor_weights=args.extractor_weights,
+                              teacher_reference_steps=args.teacher_reference_steps, db=args.db,
+                              new_table=args.new_table, out=args.out,
+                              num_prompts=args.num_prompts, prompt_seed=args.prompt_seed, center_crop=args.center_crop,
+                              clip=args.clip, recipe=args.recipe, stitch=args.stitch, size=size)
+        shown = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in result.row.items()}
+        print(" ".join(f"{k}={v}" for k, v in shown.items()))
+        print(f"added row {result.row_id} to {args.db}; sample grid {result.grid}")
 
 
 def _export(args) -> None:
@@ -311,6 +328,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=STEPS, required=True, help="sampling steps")
     e.add_argument("--teacher", action="store_true", help="evaluate the run's teacher (DDIM) instead of the student")
     e.add_argument("--stitch", help=STITCH_HELP)
+    e.add_argument("--sizes", type=_sizes, help="HxW[,HxW...]: sample and measure at each (height x width) size, one "
+                   "row and one protocol each, with the same prompts and seeds (default: the teacher's size)")
     e.add_argument("--prompts", help="prompts file: .txt, or .jsonl ({\"prompt\": ..., \"image\": ...}) (default: "
                    "'a handwritten digit 0' .. '9')")
     e.add_argument("--num-per-prompt", type=POSITIVE,
@@ -320,8 +339,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--recipe", help="a YAML of evaluation settings (experiments/eval/); flags given win")
     e.add_argument("--seed", type=SEED, default=0)
     e.add_argument("--guidance-scale", type=_guidance, help="CFG scale, or w for a student that reads w")
-    e.add_argument("--reference", help="reference images for FID/KID: digits (default) or digit_pairs (whose prompts "
-                   "are the default ones), a folder or .txt/.jsonl list of images, or 'prompts' (the images the "
+    e.add_argument("--reference", help="reference images for FID/KID: digits (default), digit_pairs or digit_stacks "
+                   "(whose prompts are the default ones), a folder or .txt/.jsonl list of images, or 'prompts' (the images the "
                    ".jsonl prompts pair with)")
     e.add_argument("--center-crop", action=argparse.BooleanOptionalAction,
                    help="crop every image to its central square before the bicubic resize")

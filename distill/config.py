@@ -52,7 +52,12 @@ class TeacherConfig:
     @property
     def pixels(self) -> int | str:
         """The image size as rows and reports give it: pixels when square (as rows always had it), else 'HxW'."""
-        return self.resolution if self.width in (None, self.resolution) else f"{self.resolution}x{self.width}"
+        return pixels(self.resolution, self.width or self.resolution)
+
+
+def pixels(height: int, width: int) -> int | str:
+    """An image size as rows and reports give it: the side when square, else 'HxW'."""
+    return height if height == width else f"{height}x{width}"
 
 
 @dataclass
@@ -77,11 +82,18 @@ class MethodConfig:
 
 @dataclass
 class DataConfig:
-    kind: str = "digits"  # prompts | images | shards | latents | digits | digit_pairs | teacher
+    # prompts | images | shards | latents | digits | digit_pairs | digit_stacks | digit_shapes | teacher
+    kind: str = "digits"
     path: str | None = None  # file or folder for prompts, images, shards and latents
     batch_size: int = 4  # per process
     num_workers: int = 0
     size: int = 4096  # samples drawn for kind=teacher
+    # Aspect-ratio buckets (images, shards, and caches of them): [[height, width], ...], or auto (sizes of about
+    # bucket_pixels pixels from 1:4 to 4:1 on the teacher's size grid). Each image goes to the bucket nearest its
+    # aspect ratio, resized to cover it and centre-cropped; every batch is one bucket's. None: the teacher's size.
+    buckets: str | list[list[int]] | None = None
+    bucket_pixels: int | None = None  # auto's budget; default the teacher's height x width
+    upscale: bool = True  # false: an image only goes to buckets it covers, and one smaller than every bucket is refused
 
 
 @dataclass
@@ -166,7 +178,8 @@ CHOICES = {
     "teacher.prediction_type": (None, "epsilon", "v_prediction"),
     "teacher.dtype": ("float32", "float16", "bfloat16"),
     "student.kind": ("lora", "full", "compressed"),
-    "data.kind": ("prompts", "images", "shards", "latents", "digits", "digit_pairs", "teacher"),
+    "data.kind": ("prompts", "images", "shards", "latents", "digits", "digit_pairs", "digit_stacks", "digit_shapes",
+                  "teacher"),
     "train.mixed_precision": ("no", "fp16", "bf16"),
     "train.lr_scheduler": ("constant", "constant_with_warmup", "linear", "cosine"),
 }
@@ -192,6 +205,7 @@ RANGES = {
                                f"must be in [2, {MAX_VALIDATE_SAMPLES}] (FID needs 2; a few hundred make a quick "
                                "curve)"),
     "data.num_workers": (lambda v: 0 <= v, "must be >= 0"),
+    "data.bucket_pixels": (lambda v: 64 <= v <= MAX_PIXELS**2, f"must be in [64, {MAX_PIXELS}^2]"),
     "student.ema_decay": (lambda v: 0 <= v < 1, "must be in [0, 1)"),
     "student.feature_weight": (lambda v: 0 <= v <= FLOAT32_MAX, "must be a number >= 0"),
     "student.lora_alpha": (lambda v: math.isfinite(v) and v > 0, "must be a finite number > 0"),
@@ -420,6 +434,8 @@ def validate(cfg: Config) -> None:
         check_choice("train.trackers", tracker, ("wandb", "tensorboard"))
     if cfg.train.validate_every:
         _check_validation(cfg)
+    if cfg.data.buckets is not None:
+        check_buckets(cfg.data)
 
 
 def _check_validation(cfg: Config) -> None:
@@ -458,6 +474,24 @@ def check_data(cfg: Config) -> None:
     if d.kind == "teacher" and not cfg.teacher.source.startswith("builtin:gmm"):
         raise ConfigError("data.kind", d.kind, "samples from the teacher's exact distribution need a "
                           "builtin:gmm-* teacher")
+
+
+def check_buckets(d: DataConfig) -> None:
+    if d.kind not in ("images", "shards", "latents", "digit_shapes"):
+        raise ConfigError("data.buckets", d.buckets, f"sorts images by shape: it needs data.kind images, shards, "
+                          f"latents (a cache of bucketed images) or digit_shapes (it is {d.kind}); leave it unset")
+    if isinstance(d.buckets, str):
+        if d.buckets != "auto":
+            raise ConfigError("data.buckets", d.buckets, "a list of [height, width] pairs, or auto")
+        return
+    if not d.buckets:
+        raise ConfigError("data.buckets", d.buckets, "name at least one [height, width] pair (or auto; or leave it "
+                          "unset for the teacher's one size)")
+    for b in d.buckets:
+        if len(b) != 2 or not all(8 <= v <= MAX_PIXELS for v in b):
+            raise ConfigError("data.buckets", b, f"each bucket is [height, width], both in [8, {MAX_PIXELS}]")
+    if len({tuple(b) for b in d.buckets}) != len(d.buckets):
+        raise ConfigError("data.buckets", d.buckets, "each bucket once")
 
 
 def _get(cfg, dotted: str):

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from distill import paths
+from distill import buckets, checkpoint, paths
 from distill.config import DataConfig
 from distill.errors import DistillError
 
@@ -62,13 +62,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def image_to_tensor(img: Image.Image, size: int | tuple[int, int]) -> torch.Tensor:
     """Resize to cover `size` (height, width; an int is square), centre-crop, scale to [-1, 1]."""
+    return fit(img, (size, size) if isinstance(size, int) else size)[0]
+
+
+def fit(img: Image.Image, size: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """`image_to_tensor` at (height, width) `size`, and the crop's (top, left) in the resized image."""
     img = to_rgb(img)
-    height, width = (size, size) if isinstance(size, int) else size
-    scale = max(height / img.height, width / img.width)
-    img = img.resize((max(width, round(img.width * scale)), max(height, round(img.height * scale))), Image.BICUBIC)
-    left, top = (img.width - width) // 2, (img.height - height) // 2
-    img = img.crop((left, top, left + width, top + height))
-    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1)
+    (rh, rw), (top, left) = buckets.cover(img.height, img.width, size)
+    img = img.resize((rw, rh), Image.BICUBIC).crop((left, top, left + size[1], top + size[0]))
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 127.5 - 1.0).permute(2, 0, 1), (top, left)
 
 
 def read_prompts(path: Path) -> list[str]:
@@ -252,11 +254,24 @@ class ImageFolder(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
+    def read(self, i) -> tuple[Image.Image, str]:
         path, caption = self.items[i]
         if not path.is_file():
             raise BadSample(f"{path} is missing")
-        return {"prompt": caption, "image": image_to_tensor(open_image(path, str(path)), self.size)}
+        return open_image(path, str(path)), caption
+
+    def headers(self):
+        """(name, (height, width) or None where unreadable) of every image, read from its header alone."""
+        for path, _ in self.items:
+            try:
+                with Image.open(path) as img:
+                    yield str(path), (img.height, img.width)
+            except (OSError, ValueError, Image.DecompressionBombError):
+                yield str(path), None
+
+    def __getitem__(self, i):
+        img, caption = self.read(i)
+        return {"prompt": caption, "image": image_to_tensor(img, self.size)}
 
 
 class TarShards(torch.utils.data.Dataset):
@@ -285,7 +300,7 @@ class TarShards(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.items)
 
-    def __getitem__(self, i):
+    def read(self, i) -> tuple[Image.Image, str]:
         shard, name, caption_name = self.items[i]
         try:
             with tarfile.open(shard) as tar:
@@ -295,41 +310,114 @@ class TarShards(torch.utils.data.Dataset):
                 caption = json.loads(caption).get("caption", "")
         except (tarfile.TarError, OSError, ValueError, AttributeError) as e:
             raise BadSample(f"{shard}:{name} cannot be read ({type(e).__name__})") from e
-        return {"prompt": caption.strip(), "image": image_to_tensor(img, self.size)}
+        return img, caption.strip()
+
+    def headers(self):
+        """(name, (height, width) or None where unreadable) of every image, each shard opened once."""
+        open_shard, tar = None, None
+        try:
+            for shard, name, _ in self.items:
+                if shard != open_shard:
+                    if tar is not None:
+                        tar.close()
+                    open_shard, tar = shard, tarfile.open(shard)
+                try:
+                    with Image.open(io.BytesIO(tar.extractfile(name).read())) as img:
+                        yield f"{shard}:{name}", (img.height, img.width)
+                except (tarfile.TarError, OSError, ValueError, AttributeError, Image.DecompressionBombError):
+                    yield f"{shard}:{name}", None
+        finally:
+            if tar is not None:
+                tar.close()
+
+    def __getitem__(self, i):
+        img, caption = self.read(i)
+        return {"prompt": caption, "image": image_to_tensor(img, self.size)}
+
+
+class Bucketed(torch.utils.data.Dataset):
+    """Images (an ImageFolder or TarShards) each cut to the bucket nearest its aspect ratio (distill.buckets), with
+    the size conditioning SDXL reads: the image's original (height, width) and the crop's (top, left). Every
+    image's header is read once here, so an image that fits no bucket is named before training starts; one that
+    cannot be read is in no bucket (-1), never drawn."""
+
+    provides = {"prompt", "image"}
+
+    def __init__(self, dataset, sizes: list[tuple[int, int]], upscale: bool = True):
+        self.dataset, self.sizes, self.bucket_of = dataset, sizes, []
+        for name, hw in dataset.headers():
+            if hw is None:
+                print(f"warning: skipped a bad sample: {name} is not a readable image", file=sys.stderr)
+                self.bucket_of.append(-1)
+                continue
+            (h, w), b = hw, buckets.nearest(sizes, *hw, upscale)
+            if b is None:
+                raise DistillError(f"image {name} ({h} x {w} px) is smaller than every bucket and data.upscale is "
+                                   "false; remove it, add a bucket it covers, or set data.upscale true")
+            self.bucket_of.append(b)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        img, caption = self.dataset.read(i)
+        original = (img.height, img.width)
+        image, crop = fit(img, self.sizes[self.bucket_of[i]])
+        return {"prompt": caption, "image": image, "original_size": torch.tensor(original),
+                "crop": torch.tensor(crop)}
 
 
 class LatentCache(torch.utils.data.Dataset):
-    """Precomputed latents and text embeddings in one safetensors file (written by `write_cache`)."""
+    """Precomputed latents and text embeddings in one safetensors file (written by `write_cache`). A cache of
+    bucketed images holds each bucket's tensors under `bucket<k>.` and the sizes as `buckets` ([K, 2]: height,
+    width); its samples are bucket 0's, then bucket 1's, ..."""
 
     provides = {"latents", "cond"}
 
     def __init__(self, path: Path):
         try:
-            self.tensors = load_file(str(path))
+            tensors = load_file(str(path))
         except Exception as e:  # safetensors raises its own error type for truncated or foreign files
             raise DistillError(f"latent cache {path} is not a readable safetensors file ({str(e).splitlines()[0]}); "
                                "rebuild it with distill cache") from e
-        if "latents" not in self.tensors or len(self.tensors["latents"]) == 0:
+        self.sizes = [tuple(s) for s in tensors.pop("buckets").tolist()] if "buckets" in tensors else None
+        names = [f"bucket{k}." for k in range(len(self.sizes))] if self.sizes else [""]
+        self.parts = [checkpoint.section(tensors, name) if name else tensors for name in names]
+        counts = [len(part.get("latents", ())) for part in self.parts]  # a bucket no image went to holds none
+        if not sum(counts):
             raise DistillError(f"latent cache {path} holds no latents; rebuild it with distill cache")
+        self.bucket_of = None if self.sizes is None else [k for k, n in enumerate(counts) for _ in range(n)]
+        self.start = np.cumsum([0] + counts)
 
     def __len__(self):
-        return len(self.tensors["latents"])
+        return int(self.start[-1])
 
     def __getitem__(self, i):
-        return {k: v[i] for k, v in self.tensors.items()}
+        k = int(np.searchsorted(self.start, i, side="right") - 1)
+        return {name: v[i - self.start[k]] for name, v in self.parts[k].items()}
 
     @torch.no_grad()
-    def check_fits(self, teacher, path: Path) -> None:
-        """A cache made by another teacher (or at another size) has other latent shapes or text-embedding shapes;
-        training on it would fail deep in the backbone, or worse, run."""
+    def check_fits(self, teacher, path: Path, sizes: list[tuple[int, int]] | None = None) -> None:
+        """A cache made by another teacher (or at other sizes) has other latent shapes or text-embedding shapes;
+        training on it would fail deep in the backbone, or worse, run. `sizes`: the run's data.buckets."""
+        if sizes != self.sizes:  # the run's config records the sizes it trains at, as every bucketed run's does
+            have = "no buckets" if self.sizes is None else f"the buckets {[list(s) for s in self.sizes]}"
+            want = "none" if sizes is None else [list(s) for s in sizes]
+            raise DistillError(f"latent cache {path} holds {have}, data.buckets names {want}; set data.buckets to "
+                               "the cache's, or rebuild it with distill cache")
         x, cond = teacher.probe()
-        want = {"latents": tuple(x.shape[1:]), **{f"cond.{k}": tuple(v.shape[1:]) for k, v in cond.flat().items()}}
-        have = {k: tuple(v.shape[1:]) for k, v in self.tensors.items()}
-        has_cond = any(k.startswith("cond.") for k in have)  # without, prompts are encoded while training
-        for key in sorted(want):
-            if (has_cond or key == "latents") and want[key] != have.get(key):
-                raise DistillError(f"latent cache {path} was made by another teacher: its {key} has shape "
-                                   f"{have.get(key)}, this teacher's {want.get(key)}; rebuild it with distill cache")
+        for part, size in zip(self.parts, self.sizes or [teacher.size]):
+            if not part:
+                continue
+            want = {"latents": tuple(teacher.latent_shape(*size)),
+                    **{f"cond.{k}": tuple(v.shape[1:]) for k, v in cond.flat().items()}}
+            have = {k: tuple(v.shape[1:]) for k, v in part.items()}
+            has_cond = any(k.startswith("cond.") for k in have)  # without, prompts are encoded while training
+            for key in sorted(want):
+                if (has_cond or key == "latents") and want[key] != have.get(key):
+                    raise DistillError(f"latent cache {path} was made by another teacher or at another size: its "
+                                       f"{key} has shape {have.get(key)}, this teacher's {want.get(key)} at "
+                                       f"{size[0]} x {size[1]}; rebuild it with distill cache")
 
 
 DIGIT_PROMPTS = [f"a handwritten digit {k}" for k in range(10)]
@@ -393,6 +481,51 @@ class DigitPairs(torch.utils.data.Dataset):
                 "image": torch.cat([left["image"], right["image"]], dim=2)}
 
 
+def stack_prompt(top: int, bottom: int) -> str:
+    return f"a {top} above a {bottom}"
+
+
+STACK = re.compile(r"\ba (\d) above a (\d)\b")
+STACK_PROMPTS = [stack_prompt(a, b) for a in range(10) for b in range(10)]
+
+
+class DigitStacks(DigitPairs):
+    """DigitPairs with one digit above the other (images 2 resolution high, resolution wide), captioned 'a 3 above a
+    7'; the same draws and held-out pairs."""
+
+    def __getitem__(self, i):
+        a, b = self.pick(i)
+        top, bottom = self.digits[a], self.digits[b]
+        return {"prompt": stack_prompt(int(self.digits.labels[a]), int(self.digits.labels[b])),
+                "image": torch.cat([top["image"], bottom["image"]], dim=1)}
+
+
+class DigitShapes(torch.utils.data.Dataset):
+    """The shaped digits world, one bucket per shape: single digits (resolution square), pairs side by side (twice as
+    wide) and stacked pairs (twice as high), sample i of shape i % 3 in the order of `sizes` (the run's
+    data.buckets). Each is conditioned on its own size, uncropped."""
+
+    provides = {"prompt", "image"}
+
+    def __init__(self, resolution: int, sizes: list[tuple[int, int]], size: int = 99_999, seed: int = 0):
+        r = resolution
+        worlds = {(r, r): Digits(r), (r, 2 * r): DigitPairs(r, size, seed), (2 * r, r): DigitStacks(r, size, seed)}
+        if sorted(map(tuple, sizes)) != sorted(worlds):
+            raise DistillError(f"data.kind=digit_shapes trains its three shapes: set data.buckets to "
+                               f"{[list(k) for k in worlds]} (it is {[list(s) for s in sizes]})")
+        self.parts, self.sizes, self.size = [worlds[tuple(s)] for s in sizes], [tuple(s) for s in sizes], size
+        self.bucket_of = [i % 3 for i in range(size)]
+
+    def __len__(self):
+        return self.size
+
+    def __getitem__(self, i):
+        part = self.parts[i % 3]
+        item = part[(i // 3) % len(part)]
+        return {**item, "original_size": torch.tensor(item["image"].shape[-2:]),
+                "crop": torch.zeros(2, dtype=torch.long)}
+
+
 class Samples(torch.utils.data.Dataset):
     """Samples held in memory (the exact teacher's draws)."""
 
@@ -414,14 +547,25 @@ class SkipBad(torch.utils.data.Dataset):
 
     def __init__(self, dataset):
         self.dataset, self.provides = dataset, dataset.provides
+        self.bucket_of, self.sizes = getattr(dataset, "bucket_of", None), getattr(dataset, "sizes", None)
+        if self.bucket_of is not None:  # a bad sample's stand-in comes from its own bucket: one shape a batch
+            self.members = buckets.members(self.bucket_of)
+            self.place = {i: n for m in self.members.values() for n, i in enumerate(m)}
 
     def __len__(self):
         return len(self.dataset)
 
+    def next(self, i: int, k: int) -> int:
+        """The k-th sample after i (in its bucket, if bucketed), cyclically."""
+        if self.bucket_of is None or self.bucket_of[i] < 0:  # in no bucket: never drawn by the sampler
+            return (i + k) % len(self)
+        m = self.members[self.bucket_of[i]]
+        return m[(self.place[i] + k) % len(m)]
+
     def __getitem__(self, i):
         for k in range(MAX_BAD_IN_A_ROW):
             try:
-                return {**self.dataset[(i + k) % len(self)], "skipped": k}
+                return {**self.dataset[self.next(i, k)], "skipped": k}
             except BadSample as e:
                 print(f"warning: skipped a bad sample: {e}", file=sys.stderr)
         raise DistillError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {i}; check the data set")
@@ -440,7 +584,7 @@ def build(cfg: DataConfig, size: int | tuple[int, int], teacher=None, seed: int 
     elif cfg.kind == "latents":
         ds = LatentCache(path)
         if teacher is not None:
-            ds.check_fits(teacher, path)
+            ds.check_fits(teacher, path, None if cfg.buckets is None else bucket_sizes(cfg, (height, width), teacher))
     elif cfg.kind == "digits":
         if width != height:
             raise DistillError(f"data.kind=digits makes square images; leave teacher.width unset (it is {width})")
@@ -450,9 +594,41 @@ def build(cfg: DataConfig, size: int | tuple[int, int], teacher=None, seed: int 
             raise DistillError(f"data.kind=digit_pairs makes images {height} x {2 * height} px; set teacher.width="
                                f"{2 * height} (it is {width})")
         ds = DigitPairs(height)
+    elif cfg.kind == "digit_stacks":
+        if height != 2 * width:
+            raise DistillError(f"data.kind=digit_stacks makes images {2 * width} x {width} px; set teacher.resolution="
+                               f"{2 * width} (it is {height})")
+        ds = DigitStacks(width)
+    elif cfg.kind == "digit_shapes":
+        if cfg.buckets is None or width != height:
+            raise DistillError(f"data.kind=digit_shapes trains three shapes around the teacher's square size: leave "
+                               f"teacher.width unset and set data.buckets to [[{height}, {height}], [{height}, "
+                               f"{2 * height}], [{2 * height}, {height}]]")
+        return SkipBad(DigitShapes(height, bucket_sizes(cfg, (height, width), teacher), seed=seed))
     else:
         ds = Samples(teacher.dataset(cfg.size, seed))
+    if cfg.buckets is not None and cfg.kind != "latents":
+        ds = Bucketed(ds, bucket_sizes(cfg, (height, width), teacher), cfg.upscale)
     return SkipBad(ds)
+
+
+def trained_sizes(cfg: DataConfig, teacher) -> list[tuple[int, int]]:
+    """The (height, width) sizes a run trains at: its buckets, or the teacher's one size."""
+    return [tuple(teacher.size)] if cfg.buckets is None else bucket_sizes(cfg, teacher.size, teacher)
+
+
+def bucket_sizes(cfg: DataConfig, size: tuple[int, int], teacher=None) -> list[tuple[int, int]]:
+    """data.buckets as (height, width) pairs: the list given, or `auto`'s for data.bucket_pixels (default: the
+    teacher's own height x width) on buckets.auto_grid; the teacher refuses any it cannot make."""
+    if cfg.buckets == "auto":
+        pixels = cfg.bucket_pixels or size[0] * size[1]
+        multiple = teacher.size_multiple if teacher is not None else 8
+        sizes = buckets.auto_buckets(pixels, buckets.auto_grid(pixels, multiple))
+    else:
+        sizes = [(int(h), int(w)) for h, w in cfg.buckets]
+    if teacher is not None:
+        teacher.check_sizes(sizes, "data.buckets")
+    return sizes
 
 
 def collate(items: list[dict]) -> dict:
@@ -462,6 +638,15 @@ def collate(items: list[dict]) -> dict:
         if key not in out:
             out[key] = torch.stack([it[key] for it in items])
     return out
+
+
+def batch_sampler(dataset, batch: int, world: int, rank: int, seed: int, start: int = 0,
+                  accumulation: int = 1) -> torch.utils.data.Sampler:
+    """Micro-step `start`'s batch and on, rank `rank`'s slice; where the data set is bucketed, one bucket for each
+    optimiser step's `accumulation` micro-steps."""
+    if getattr(dataset, "bucket_of", None) is None:
+        return StepBatches(len(dataset), batch, world, rank, seed, start)
+    return buckets.BucketBatches(dataset.bucket_of, batch, world, rank, seed, start, accumulation)
 
 
 class StepBatches(torch.utils.data.Sampler):
@@ -487,17 +672,27 @@ class StepBatches(torch.utils.data.Sampler):
 
 @torch.no_grad()
 def write_cache(teacher, dataset, out: Path, batch_size: int = 16, seed: int = 0) -> Path:
-    """Encode a dataset's images and prompts once with the frozen teacher, into one safetensors file."""
+    """Encode a dataset's images and prompts once with the frozen teacher, into one safetensors file; a bucketed
+    one's each bucket apart, with its samples' size conditioning (LatentCache)."""
     g = torch.Generator().manual_seed(seed)
+    bucket_of = getattr(dataset, "bucket_of", None)
+    groups = {"": list(range(len(dataset)))} if bucket_of is None else {
+        f"bucket{k}.": m for k, m in buckets.members(bucket_of).items()}
     parts: dict[str, list[torch.Tensor]] = {}
-    for lo in range(0, len(dataset), batch_size):
-        batch = collate([dataset[i] for i in range(lo, min(lo + batch_size, len(dataset)))])
-        cond = teacher.encode_prompts(batch["prompt"])
-        latents = batch["latents"] if "latents" in batch else teacher.encode(batch["image"].to(teacher.device), g)
-        for k, v in {"latents": latents, **{f"cond.{k}": v for k, v in cond.flat().items()}}.items():
-            parts.setdefault(k, []).append(v.float().cpu())
+    for name, members in groups.items():
+        for lo in range(0, len(members), batch_size):
+            batch = collate([dataset[i] for i in members[lo:lo + batch_size]])
+            cond = teacher.encode_prompts(batch["prompt"])
+            if "original_size" in batch:
+                cond = teacher.with_sizes(cond, batch["original_size"], batch["crop"], tuple(batch["image"].shape[-2:]))
+            latents = batch["latents"] if "latents" in batch else teacher.encode(batch["image"].to(teacher.device), g)
+            for k, v in {"latents": latents, **{f"cond.{k}": v for k, v in cond.flat().items()}}.items():
+                parts.setdefault(name + k, []).append(v.float().cpu())
+    tensors = {k: torch.cat(v).contiguous() for k, v in parts.items()}
+    if bucket_of is not None:
+        tensors["buckets"] = torch.tensor(dataset.sizes)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with paths.new_file(out, "cache") as tmp:
-        save_file({k: torch.cat(v).contiguous() for k, v in parts.items()}, str(tmp))
+        save_file(tensors, str(tmp))
     return out

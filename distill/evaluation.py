@@ -19,17 +19,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distill import data, metrics, paths
+from distill import config, data, metrics, paths
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods.base import Method
-from distill.sampling import ddim_sample, to_pil
+from distill.sampling import conditioning, ddim_sample, to_pil
 
 DIGIT = re.compile(r"digit (\d)\b")
 PAIR_REFERENCE_SIZE = 2000  # real pairs drawn (with a fixed seed) for the digit_pairs reference set
 # The reference sets: their prompts (the default of an evaluation) and the feature extractor FID/KID read.
 WORLDS = {"digits": (data.DIGIT_PROMPTS, metrics.DIGITS_EXTRACTOR),
-          "digit_pairs": (data.PAIR_PROMPTS, metrics.PAIRS_EXTRACTOR)}
+          "digit_pairs": (data.PAIR_PROMPTS, metrics.PAIRS_EXTRACTOR),
+          "digit_stacks": (data.STACK_PROMPTS, metrics.STACKS_EXTRACTOR)}
 
 
 def check_reference(kind: str) -> None:
@@ -61,14 +62,17 @@ def peak_memory_mb(device) -> float:
 
 @torch.no_grad()
 def sample_images(method, prompts: list[str], steps: int, seed: int, guidance: float, teacher: bool,
-                  batch_size: int = 64) -> tuple[torch.Tensor, float]:
-    """Images in [-1, 1] for the prompts (one per entry) and milliseconds per image, generation to pixels."""
+                  batch_size: int = 64, size: tuple[int, int] | None = None,
+                  sized: bool = False) -> tuple[torch.Tensor, float]:
+    """Images in [-1, 1] of (height, width) `size` (default: the teacher's) for the prompts (one per entry) and
+    milliseconds per image, generation to pixels; `sized`: a bucketed run's conditioning (sampling.conditioning)."""
     t, generator = method.teacher, torch.Generator().manual_seed(seed)
-    shape, out, elapsed = t.latent_shape(*t.size), [], 0.0
+    size = size or t.size
+    shape, out, elapsed = t.latent_shape(*size), [], 0.0
     for lo in tqdm(range(0, len(prompts), batch_size), desc=f"sample {'teacher' if teacher else 'student'} "
                    f"{steps} steps", unit="batch", leave=False):
         start = time.perf_counter()
-        cond = t.encode_prompts(prompts[lo:lo + batch_size])
+        cond = conditioning(t, prompts[lo:lo + batch_size], size, sized)
         if teacher:
             latents = ddim_sample(t, cond, steps, generator, shape, guidance)
         else:
@@ -91,12 +95,13 @@ def _reference_set(kind: str, resolution: int):
     check_reference(kind)
     if kind == "digits":
         return data.Digits(resolution)
-    return data.DigitPairs(resolution, size=PAIR_REFERENCE_SIZE, seed=1, held_out=True)  # every pair, as drawn
+    world = data.DigitPairs if kind == "digit_pairs" else data.DigitStacks
+    return world(resolution, size=PAIR_REFERENCE_SIZE, seed=1, held_out=True)  # every pair, as drawn
 
 
 def reference_images(kind: str, resolution: int, n: int | None = None) -> torch.Tensor:
     """The first n real images of the reference set (all of them when n is None: 1,797 for digits, 2,000 pairs;
-    pairs are `resolution` high and twice as wide)."""
+    pairs are `resolution` high and twice as wide, stacked pairs twice as high)."""
     ds = _reference_set(kind, resolution)
     return torch.stack([ds[i]["image"] for i in range(len(ds) if n is None else min(n, len(ds)))])
 
@@ -244,7 +249,8 @@ def paired_images(prompts: list[str], images: list[Path | None] | None) -> list[
     return list(images)
 
 
-def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> dict:
+def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool,
+             size: tuple[int, int] | None = None) -> dict:
     """How a row was measured. Rows are ranked together only when the fields in leaderboard.PROTOCOL_KEY agree;
     guidance and sampler describe the row itself and are recorded with it. Weights are named with their sha256, so
     one changed byte makes another table; a real reference is identified by its images' names and bytes."""
@@ -254,8 +260,9 @@ def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> d
     ref_steps = scoring.teacher_reference_steps
     ref_guidance = cfg.sample.guidance_scale if scoring.teacher_reference_guidance is None \
         else scoring.teacher_reference_guidance
-    size = scoring.eval_size((cfg.teacher.resolution, cfg.teacher.width or cfg.teacher.resolution)) \
-        if scoring.real else None
+    generated = size or (cfg.teacher.resolution, cfg.teacher.width or cfg.teacher.resolution)
+    resolution = config.pixels(*generated)
+    size = scoring.eval_size(generated) if scoring.real else None
     subset = None if scoring.num_prompts is None else {"num_prompts": scoring.num_prompts,
                                                         "prompt_seed": scoring.prompt_seed}
     return {"samples": len(scoring.prompts), "num_prompts": len(distinct),
@@ -271,19 +278,21 @@ def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool) -> d
             if size else None,
             "prompt_subset": subset, "diversity_features": "clip image" if scoring.clip else scoring.extractor,
             "prc_neighbours": metrics.PRC_NEIGHBOURS,
-            "resolution": cfg.teacher.pixels, "eval_seeds": [scoring.seed], "bootstrap": scoring.bootstrap,
+            "resolution": resolution, "eval_seeds": [scoring.seed], "bootstrap": scoring.bootstrap,
             "teacher_reference_steps": ref_steps or None,
             "teacher_reference_guidance": ref_guidance if ref_steps else None,
             "guidance": guidance, "sampler": "teacher DDIM" if teacher else f"{cfg.method.name} student"}
 
 
 def adherence(images: torch.Tensor, prompts: list[str]) -> dict:
-    """Prompt adherence with Wilson intervals, where every prompt names a digit or a pair of digits; else {}."""
-    pairs = [data.PAIR.search(p) for p in prompts]
-    if all(pairs):
-        left, right = (torch.tensor([int(m.group(k)) for m in pairs]) for k in (1, 2))
-        held_out = torch.tensor([(a, b) in data.HELD_OUT_PAIRS for a, b in zip(left.tolist(), right.tolist())])
-        return metrics.pair_adherence(images, left, right, held_out)
+    """Prompt adherence with Wilson intervals, where every prompt names a digit or a pair of digits (side by side, or
+    stacked); else {}."""
+    for pattern, stacked in ((data.PAIR, False), (data.STACK, True)):
+        pairs = [pattern.search(p) for p in prompts]
+        if all(pairs):
+            left, right = (torch.tensor([int(m.group(k)) for m in pairs]) for k in (1, 2))
+            held_out = torch.tensor([(a, b) in data.HELD_OUT_PAIRS for a, b in zip(left.tolist(), right.tolist())])
+            return metrics.pair_adherence(images, left, right, held_out, stacked=stacked)
     labels = [DIGIT.search(p) for p in prompts]
     if all(labels):
         return metrics.adherence_interval(images, torch.tensor([int(m.group(1)) for m in labels]))
@@ -298,17 +307,19 @@ def row_identity(cfg: Config, steps: int, guidance: float, teacher: bool, train_
             "train_steps": 0 if teacher else train_step, "config_hash": cfg.hash(), "git_commit": git_commit()}
 
 
-def _reference(scoring: Scoring, generated: tuple[int, int], resolution: int):
-    """The reference images as the extractor reads them: a built-in world's tensors (which must match the model's
-    size), or a real reference's files, read and preprocessed a batch at a time."""
+def _reference(scoring: Scoring, generated: tuple[int, int]):
+    """The reference images as the extractor reads them: a built-in world's tensors, its digits the generated
+    images' (which must then match their size), or a real reference's files, read and preprocessed a batch at a
+    time."""
     if scoring.real:
         return data.EvalImages(scoring.reference_files, scoring.eval_size(generated), scoring.center_crop,
                                scoring.reference_digest)
-    ref = reference_images(scoring.reference, resolution, scoring.reference_size)
+    side = generated[1] if scoring.reference == "digit_stacks" else generated[0]  # one digit's
+    ref = reference_images(scoring.reference, side, scoring.reference_size)
     if tuple(ref.shape[-2:]) != tuple(generated):
         raise DistillError(f"the '{scoring.reference}' reference images are {ref.shape[-2]} x {ref.shape[-1]} px, this "
                            f"model's {generated[0]} x {generated[1]}; choose the reference of its world (--reference "
-                           "digits or digit_pairs), or a real reference")
+                           "digits, digit_pairs or digit_stacks), or a real reference")
     return ref
 
 
@@ -338,9 +349,11 @@ def quality(generated, reference, scoring: Scoring, prompts: list[str],
 
 def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance: float | None = None,
              teacher: bool = False, train_step: int = 0, run: str = "-",
-             teacher_images: torch.Tensor | None = None) -> tuple[dict, torch.Tensor]:
+             teacher_images: torch.Tensor | None = None,
+             size: tuple[int, int] | None = None) -> tuple[dict, torch.Tensor]:
     """One leaderboard row for a method's student (or, with `teacher`, its teacher) and the images it was made
-    from. `teacher_images` are the teacher-reference samples when the caller already has them."""
+    from, at (height, width) `size` (default: the teacher's). `teacher_images` are the teacher-reference samples
+    when the caller already has them."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise DistillError(f"steps must be an integer >= 1 (got {steps!r})")
     if not scoring.prompts:
@@ -349,17 +362,18 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
     guidance = cfg.sample.guidance_scale if guidance is None else guidance
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    ref = _reference(scoring, method.teacher.size, cfg.teacher.resolution)
-    images, ms = sample_images(method, prompts, steps, scoring.seed, guidance, teacher)
+    sized = {"size": size or method.teacher.size, "sized": cfg.data.buckets is not None}
+    ref = _reference(scoring, sized["size"])
+    images, ms = sample_images(method, prompts, steps, scoring.seed, guidance, teacher, **sized)
     row = {**row_identity(cfg, steps, guidance, teacher, train_step), "nfe": nfe(method, steps, guidance, teacher),
            "ms_per_image": ms, "peak_memory_mb": peak_memory_mb(device), "samples": len(prompts), "run": run,
-           "protocol": protocol(scoring, cfg, guidance, teacher)}
+           "protocol": protocol(scoring, cfg, guidance, teacher, size)}
     scores, f_gen = quality(_prepared(images, scoring), ref, scoring, prompts, images)
     row.update(scores)
     row.update(adherence(images, prompts))
     if teacher_images is None and scoring.teacher_reference_steps:
         teacher_images, _ = sample_images(method, prompts, scoring.teacher_reference_steps, scoring.seed,
-                                          row["protocol"]["teacher_reference_guidance"], teacher=True)
+                                          row["protocol"]["teacher_reference_guidance"], teacher=True, **sized)
     if teacher_images is not None:
         f_teacher = metrics.features_of_reference(_prepared(teacher_images, scoring), scoring.extractor,
                                                   scoring.extractor_weights)

@@ -144,7 +144,8 @@ def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: i
     single_file = f"{teacher.family}_{cfg.method.name}_{steps}step.safetensors"
 
     with paths.atomic_folder(to) as tmp:
-        prompts = prompts or (data.PAIR_PROMPTS[::11] if cfg.data.kind == "digit_pairs" else data.DIGIT_PROMPTS)
+        prompts = prompts or {"digit_pairs": data.PAIR_PROMPTS[::11], "digit_stacks": data.STACK_PROMPTS[::11]}.get(
+            cfg.data.kind, data.DIGIT_PROMPTS)
         images, _ = sample_images(method, prompts, steps, 0, guidance, teacher=False)
         write_grid(images, 1, tmp / "samples.png")
         torch_dtype = DTYPES[dtype]
@@ -166,9 +167,11 @@ def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: i
                           metadata={"distill_method": cfg.method.name, "distill_steps": str(steps),
                                     "distill_sampling": json.dumps(sampling)})
 
+        sizes = data.trained_sizes(cfg.data, teacher)
         facts = {"teacher": cfg.teacher.source, "family": teacher.family, "method": cfg.method.name,
                  "student": cfg.student.kind, "train_steps": step, "steps": steps, "guidance_scale": guidance,
-                 **sampling, "formats": formats, "dtype": dtype,
+                 **sampling, "sizes": [list(s) for s in sizes],
+                 "formats": formats, "dtype": dtype,
                  **({"single_file": single_file} if "single-file" in formats else {}),
                  "config_hash": cfg.hash(), "git_commit": git_commit(), "checkpoint": str(ckpt)}
         (tmp / "distill_export.json").write_text(json.dumps(facts, indent=2) + "\n")
@@ -191,6 +194,9 @@ def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: i
             "## Sampling", "", "```python", _usage(teacher, sampling, to, formats, single_file), "```", "",
             "The call gives the exact times distill samples at (`timesteps`/`sigmas`) and the resolution it was "
             "trained at (`height`, `width`); `distill generate` makes the same images from the same seed.", "",
+            *([f"Trained on aspect-ratio buckets: height x width {', '.join(f'{h} x {w}' for h, w in sizes)}. "
+               "Pass any of them as `height` and `width`; the pipeline's default size conditioning (original and "
+               "target size the image's own) is what the student read.", ""] if len(sizes) > 1 else []),
             "## Files", "",
             *(f"- `{f}`" for f in sorted(p.name for p in tmp.iterdir())), "- `README.md`", "",
             "## Leaderboard", "", leaderboard.markdown(rows).split("\n", 2)[2] if rows else

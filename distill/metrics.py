@@ -26,7 +26,9 @@ from distill.errors import DistillError
 CLASSIFIER = Path(__file__).parent / "assets" / "digits_classifier.safetensors"
 DIGITS_EXTRACTOR = "distill-digits"
 PAIRS_EXTRACTOR = "distill-digit-pairs"  # the classifier's features of each half of an image, concatenated
-HALVES = {DIGITS_EXTRACTOR: 1, PAIRS_EXTRACTOR: 2}  # our extractors: into how many digits an image is cut
+STACKS_EXTRACTOR = "distill-digit-stacks"  # the same, of its top and bottom halves
+# our extractors: into how many digits an image is cut, along which axis (-1: side by side, -2: stacked)
+HALVES = {DIGITS_EXTRACTOR: (1, -1), PAIRS_EXTRACTOR: (2, -1), STACKS_EXTRACTOR: (2, -2)}
 
 
 class DigitsClassifier(nn.Module):
@@ -73,17 +75,20 @@ def load_classifier(path: Path = CLASSIFIER) -> DigitsClassifier:
     return model.eval().requires_grad_(False)
 
 
-def halves(images: torch.Tensor, n: int) -> tuple[torch.Tensor, ...]:
-    """An image of n digits side by side, [B, C, H, n W], cut into the n digits."""
-    if images.shape[-1] % n:
-        raise DistillError(f"images {images.shape[-1]} px wide cannot be cut into {n} equal digits")
-    return images.chunk(n, dim=-1)
+def halves(images: torch.Tensor, n: int, dim: int = -1) -> tuple[torch.Tensor, ...]:
+    """An image of n digits side by side ([B, C, H, n W], dim -1) or stacked ([B, C, n H, W], dim -2), cut into the
+    n digits."""
+    if images.shape[dim] % n:
+        raise DistillError(f"images {images.shape[dim]} px {'wide' if dim == -1 else 'high'} cannot be cut into {n} "
+                           "equal digits")
+    return images.chunk(n, dim=dim)
 
 
-def _extractor_class(n: int):
+def _extractor_class(n: int, dim: int):
     from torch_fidelity.feature_extractor_base import FeatureExtractorBase
 
     width = str(64 * n)
+    dummy = (16 * n, 16) if dim == -2 else (16, 16 * n)
 
     class DigitsFeatures(FeatureExtractorBase):
         def __init__(self, name, features_list, **kwargs):
@@ -104,10 +109,10 @@ def _extractor_class(n: int):
 
         @staticmethod
         def get_dummy_input_for_compile():
-            return torch.zeros(1, 3, 16, 16 * n, dtype=torch.uint8)
+            return torch.zeros(1, 3, *dummy, dtype=torch.uint8)
 
         def forward(self, x):
-            parts = [self.model(part) for part in halves(x, n)]
+            parts = [self.model(part) for part in halves(x, n, dim)]
             out = {width: torch.cat([f for f, _ in parts], 1), "logits": torch.cat([lg for _, lg in parts], 1)}
             return tuple(out[name] for name in self.features_list)
 
@@ -118,7 +123,7 @@ def register_digits_extractor(name: str = DIGITS_EXTRACTOR) -> str:
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY, register_feature_extractor
 
     if name not in FEATURE_EXTRACTORS_REGISTRY:
-        register_feature_extractor(name, _extractor_class(HALVES[name]))
+        register_feature_extractor(name, _extractor_class(*HALVES[name]))
     return name
 
 
@@ -528,16 +533,18 @@ def adherence_interval(images: torch.Tensor, labels: torch.Tensor,
 
 
 def pair_adherence(images: torch.Tensor, left: torch.Tensor, right: torch.Tensor, held_out: torch.Tensor,
-                   classifier: DigitsClassifier | None = None) -> dict[str, float]:
-    """Adherence of images of two digits side by side to prompts naming both, each share with its Wilson interval:
-    left digit right (adherence_left), right digit right (adherence_right), both right (adherence, the headline),
-    and both right on the prompts a teacher never trained on (`held_out` True: adherence_held_out) and on the others
-    (adherence_seen). A part with no prompts is left out."""
+                   classifier: DigitsClassifier | None = None, stacked: bool = False) -> dict[str, float]:
+    """Adherence of images of two digits side by side (`stacked`: one above the other) to prompts naming both, each
+    share with its Wilson interval: left (top) digit right (adherence_left, adherence_top), right (bottom) digit
+    right (adherence_right, adherence_bottom), both right (adherence, the headline), and both right on the prompts
+    a teacher never trained on (`held_out` True: adherence_held_out) and on the others (adherence_seen). A part with
+    no prompts is left out."""
     classifier = classifier or load_classifier()
-    images_left, images_right = halves(images, 2)
-    left_ok = read_digits(images_left, classifier) == left.cpu()
-    right_ok = read_digits(images_right, classifier) == right.cpu()
+    first, second = halves(images, 2, -2 if stacked else -1)
+    left_ok = read_digits(first, classifier) == left.cpu()
+    right_ok = read_digits(second, classifier) == right.cpu()
     both, held_out = left_ok & right_ok, held_out.cpu().bool()
-    parts = {"adherence": both, "adherence_left": left_ok, "adherence_right": right_ok,
+    names = ("adherence_top", "adherence_bottom") if stacked else ("adherence_left", "adherence_right")
+    parts = {"adherence": both, names[0]: left_ok, names[1]: right_ok,
              "adherence_held_out": both[held_out], "adherence_seen": both[~held_out]}
     return {k: v for name, part in parts.items() if len(part) for k, v in share_interval(name, part).items()}

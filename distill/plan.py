@@ -26,6 +26,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from torch.utils.flop_counter import flop_registry
 
 import teachers
+from distill import data
 from distill.runs import build_method
 from students import compressed
 
@@ -129,7 +130,8 @@ def plan(cfg, architecture: str | None = None, teacher=None) -> dict:
     tracker = Tracker()
     with fused_attention(), tracker:
         method = build_method(cfg, torch.device("meta"), teacher=teacher).to("meta")
-        b, size = cfg.data.batch_size, teacher.size
+        # the largest bucket's step is the one that peaks (without buckets: the teacher's one size)
+        b, size = cfg.data.batch_size, max(data.trained_sizes(cfg.data, teacher), key=lambda s: s[0] * s[1])
         raw = {"prompt": ["a photo"] * b}
         if cfg.data.kind == "latents":  # a cache: no VAE encode in the step
             raw["latents"] = torch.zeros(b, *teacher.latent_shape(*size), device="meta")

@@ -101,6 +101,17 @@ def stitched(method, other, fraction: float, steps: int):
         method.student.backbone = own
 
 
+def conditioning(teacher: Teacher, prompts: list[str], size: tuple[int, int], sized: bool) -> Cond:
+    """The prompts encoded for images of (height, width) `size`. A student trained on aspect-ratio buckets
+    (`sized`) reads each size's own size conditioning (SDXL: original = target = `size`, no crop, as diffusers'
+    pipeline conditions by default); others read their one trained size's, as they were trained."""
+    cond = teacher.encode_prompts(prompts)
+    if not sized:
+        return cond
+    hw = torch.tensor([size]).expand(len(cond), 2)
+    return teacher.with_sizes(cond, hw, torch.zeros_like(hw), size)
+
+
 def parse_stitch(value: str, teacher: bool = False) -> tuple[str, float]:
     """--stitch RUN:FRACTION -> (RUN, FRACTION), the fraction in [0, 1]; refused with --teacher (`teacher`)."""
     if teacher:
@@ -135,7 +146,8 @@ def diffusers_sampling(method, cfg, steps: int | None = None) -> tuple[object, d
     boundary = (params.sigma_data, params.timestep_scaling) if hasattr(params, "timestep_scaling") else None
     sched, times = teacher.scheduler_for(method.renoises, method.sample_times(steps),
                                          getattr(method, "student_prediction", None), boundary)
-    size = teacher.call_size(cfg.sample.height or teacher.size[0], cfg.sample.width or teacher.size[1])
+    size = teacher.call_size(cfg.sample.height or teacher.size[0], cfg.sample.width or teacher.size[1],
+                             sized=cfg.data.buckets is not None)
     guidance = teacher.call_guidance(cfg.sample.guidance_scale, method.student.guidance_input)
     call = {"num_inference_steps": steps, **guidance, **size, **times}
     plain = type(sched).from_config(teacher.pipe.scheduler.config).config

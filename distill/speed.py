@@ -161,7 +161,9 @@ def train_stepper(method, cfg, raw: dict | None = None, compile: bool = False):
     fast_path(method, compile=compile)
     if raw is None:
         dataset = data.build(cfg.data, method.teacher.size, method.teacher, cfg.train.seed)
-        raw = data.collate([dataset[i] for i in range(cfg.data.batch_size)])
+        first = (range(cfg.data.batch_size) if dataset.bucket_of is None  # one bucket's, when bucketed
+                 else next(iter(data.batch_sampler(dataset, cfg.data.batch_size, 1, 0, cfg.train.seed))))
+        raw = data.collate([dataset[i] for i in first])
     params = {turn: method.parameters_for(turn) for turn in method.turns}
     optimizers = {turn: torch.optim.AdamW(p, lr=1e-6) for turn, p in params.items()}
     device = method.teacher.device

@@ -6,6 +6,7 @@ over them (forward, backward) and then steps its own optimiser and LR schedule.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -40,6 +41,18 @@ def step_generator(seed: int, step: int, shard: int, turn: int) -> torch.Generat
     return torch.Generator().manual_seed(int(state[0]) << 32 | int(state[1]))
 
 
+def check_same_buckets(accelerator, bucket_of: list[int] | None) -> None:
+    """Every process sorted the images into the same buckets (each reads the headers itself; one that read a file
+    differently would draw other batches than the rest, silently)."""
+    if bucket_of is None or accelerator.num_processes == 1:
+        return
+    digest = int.from_bytes(hashlib.sha256(np.asarray(bucket_of, np.int64).tobytes()).digest()[:7], "big")
+    seen = accelerator.gather(torch.tensor([digest], device=accelerator.device))
+    if not bool((seen == seen[0]).all()):
+        raise DistillError("the processes sorted the images into different buckets (a file read differently by one "
+                           "of them?); check the data set's files, or cache it once with distill cache")
+
+
 def select_turn(turn_params: dict[str, list], turn: str | None) -> None:
     """Let gradients reach only `turn`'s parameters (all trainable ones for None)."""
     for other, params in turn_params.items():
@@ -58,6 +71,8 @@ def encode_batch(raw: dict, teacher, generator: torch.Generator) -> dict:
     elif "image" in raw:
         batch["image"] = raw["image"].to(teacher.device)
         batch["latents"] = teacher.encode(batch["image"], generator).float()
+    if "original_size" in raw:  # a bucketed batch: each image's own size conditioning
+        batch["cond"] = teacher.with_sizes(cond, raw["original_size"], raw["crop"], tuple(raw["image"].shape[-2:]))
     return batch
 
 
@@ -218,6 +233,7 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
                            f"{cfg.data.kind} has none; use images, shards, latents or digits")
     validator = validation.plan(cfg, method, dataset, out)  # its step counts and prompts refused before any step
+    check_same_buckets(accelerator, dataset.bucket_of)
 
     start, saved_optims, trainer_state = 0, None, None
     if ckpt is not None:
@@ -244,8 +260,8 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
         optimizers = dict(zip(optimizers, prepared))
     model.train()
 
-    sampler = data.StepBatches(len(dataset), cfg.data.batch_size, accelerator.num_processes,
-                               accelerator.process_index, tc.seed, start * tc.gradient_accumulation_steps)
+    sampler = data.batch_sampler(dataset, cfg.data.batch_size, accelerator.num_processes, accelerator.process_index,
+                                 tc.seed, start * tc.gradient_accumulation_steps, tc.gradient_accumulation_steps)
     batches = iter(torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=data.collate,
                                                num_workers=cfg.data.num_workers))
     if accelerator.is_main_process:

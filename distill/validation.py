@@ -2,7 +2,7 @@
 
 Every `train.validate_every` steps and at the last, the main process samples a fixed prompt grid with fixed seeds
 at each of `train.validate_steps`, writes it to `RUN/validation/step-NNNNNNNN-<steps>steps.png` and logs it to the
-trackers. With digits or digit_pairs data it also scores `train.validate_samples` samples against that world's
+trackers. With digits, digit_pairs or digit_stacks data it also scores `train.validate_samples` samples against that world's
 real images (FID and KID with their intervals, adherence with its Wilson interval; distill.evaluation) and appends
 them to metrics.jsonl as one `validate/*` record per step count.
 
@@ -31,6 +31,7 @@ FOLDER = "validation"  # in the run folder: the grids
 STEPS_KEY = "validate/steps"  # marks a validation record in metrics.jsonl
 # digit_pairs' grid: the ten pairs whose digits sum to 9, four of them held out of training (1-8, 3-6, 6-3, 8-1)
 PAIR_GRID = [data.pair_prompt(a, 9 - a) for a in range(10)]
+STACK_GRID = [data.stack_prompt(a, 9 - a) for a in range(10)]
 MAX_DATA_PROMPTS = 8  # prompts taken from other data (the first distinct ones)
 CURVES_MARK = "distill curves"  # the PNG's Software field: a file `distill curves` may replace
 
@@ -72,10 +73,10 @@ def plan(cfg: Config, method, dataset, out: Path) -> Plan | None:
 
 def default_prompts(kind: str, dataset) -> list[str]:
     """The ten digit prompts, ten digit pairs, or the first distinct prompts of other data."""
-    if kind == "digits":
+    if kind in ("digits", "digit_shapes"):  # digit_shapes: the teacher's own (square) size is the singles'
         return list(data.DIGIT_PROMPTS)
-    if kind == "digit_pairs":
-        return list(PAIR_GRID)
+    if kind in ("digit_pairs", "digit_stacks"):
+        return list(PAIR_GRID if kind == "digit_pairs" else STACK_GRID)
     found: list[str] = []
     with torch.random.fork_rng(devices=[]):  # reading samples must not move the generators training draws from
         for i in range(min(len(dataset), 8 * MAX_DATA_PROMPTS)):
@@ -201,7 +202,7 @@ def curves(run: Path, out: Path | None = None) -> tuple[Path, str]:
     scored = [latest[k] for k in sorted(latest) if "validate/fid" in latest[k] or "validate/adherence" in latest[k]]
     if not scored:
         raise DistillError(f"distill curves: the validation records of {run} hold no scores (FID and adherence are "
-                           f"measured with digits and digit_pairs data); its grids are in {run / FOLDER}")
+                           f"measured with digits, digit_pairs and digit_stacks data); its grids are in {run / FOLDER}")
     out = _curves_out(run, out)
     paths.write_atomic(out, plot(scored, run.name))
     return out, table(scored)

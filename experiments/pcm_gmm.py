@@ -18,10 +18,16 @@ sys.path.insert(0, str(ROOT))
 
 from distill import runs  # noqa: E402
 from distill.trainer import train  # noqa: E402
-from teachers.gmm import energy_distance  # noqa: E402
+from teachers.gmm import class_energy_distance  # noqa: E402
 
 SEEDS = (0, 1, 2)
 T_975 = 4.303  # Student's t quantile for 2 degrees of freedom (3 seeds): the 95% interval of a mean
+
+
+def cell(v: list[float]) -> str:
+    """Mean over the seeds with its 95% t-interval."""
+    mean, half = statistics.mean(v), T_975 * statistics.stdev(v) / len(v) ** 0.5
+    return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
 
 
 def distance(method, steps: int) -> float:
@@ -29,7 +35,7 @@ def distance(method, steps: int) -> float:
     truth = method.teacher.sample_data(labels, torch.Generator().manual_seed(9))
     cond = method.teacher.encode_prompts([f"class {k}" for k in labels.tolist()])
     x = method.sample(cond, steps, torch.Generator().manual_seed(5), (2,))
-    return sum(energy_distance(x[labels == k], truth[labels == k]) for k in range(4)) / 4
+    return class_energy_distance(x, truth, labels)
 
 
 def trained(schedule: str, method: dict, seed: int, out: Path):
@@ -72,9 +78,8 @@ def main() -> None:
                     for steps in steps_list:
                         values[steps].append(distance(student, steps))
                 for steps, v in values.items():
-                    mean, half = statistics.mean(v), T_975 * statistics.stdev(v) / len(v) ** 0.5
-                    print(f"| gmm-{schedule} | {name} | {steps} | {mean:.3f} [{mean - half:.3f}, {mean + half:.3f}] "
-                          f"| {', '.join(f'{x:.3f}' for x in v)} |", flush=True)
+                    print(f"| gmm-{schedule} | {name} | {steps} | {cell(v)} | {', '.join(f'{x:.3f}' for x in v)} |",
+                          flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ The three share one optimiser recipe (DMD2's on this teacher, experiments/result
 1e-2, Adam betas (0, 0.99), 1,200 steps, five fake-score updates per student update for the two with a fake score);
 no CFG anywhere, so the truth is each class's own mixture.
 """
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -20,10 +19,8 @@ sys.path.insert(0, str(ROOT))
 
 from distill import runs  # noqa: E402
 from distill.trainer import train  # noqa: E402
-from teachers.gmm import energy_distance, mode_coverage  # noqa: E402
-
-SEEDS = (0, 1, 2)
-T_975 = 4.303  # Student's t quantile for 2 degrees of freedom (3 seeds): the 95% interval of a mean
+from pcm_gmm import SEEDS, cell  # noqa: E402  (this script's folder is on the path)
+from teachers.gmm import class_energy_distance, mode_coverage  # noqa: E402
 SCM = {"guidance_min": 1.0, "guidance_max": 1.0, "warmup": 100}
 RECIPES = [("DMD2", {"name": "dmd2", "params": {"student_steps": 2, "real_guidance": 1.0}}, {"student": 5}),
            ("sCM", {"name": "scm", "params": SCM}, {}),
@@ -35,8 +32,7 @@ def measure(method, steps: int) -> tuple[float, float, float]:
     truth = method.teacher.sample_data(labels, torch.Generator().manual_seed(9))
     cond = method.teacher.encode_prompts([f"class {k}" for k in labels.tolist()])
     x = method.sample(cond, steps, torch.Generator().manual_seed(5), (2,))
-    energy = sum(energy_distance(x[labels == k], truth[labels == k]) for k in range(4)) / 4
-    return (energy, *mode_coverage(method.teacher, x, labels))
+    return (class_energy_distance(x, truth, labels), *mode_coverage(method.teacher, x, labels))
 
 
 def trained(schedule: str, method: dict, every: dict, seed: int, out: Path):
@@ -47,11 +43,6 @@ def trained(schedule: str, method: dict, every: dict, seed: int, out: Path):
                   "adam_beta2": 0.99, "turn_every": every, "checkpoint_every": 100000, "seed": seed},
         "sample": {"steps": 1}})
     return train(cfg)
-
-
-def cell(v: list[float]) -> str:
-    mean, half = statistics.mean(v), T_975 * statistics.stdev(v) / len(v) ** 0.5
-    return f"{mean:.3f} [{mean - half:.3f}, {mean + half:.3f}]"
 
 
 def main() -> None:

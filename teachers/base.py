@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from distill import checkpoint
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.solvers import bcast, cfg_combine, to_x0_eps
 
 
@@ -142,8 +142,9 @@ class Teacher(nn.Module):
         """Pipeline-call kwargs that guide as distill's sampler does at `guidance` (`reads_w`: a w-student)."""
         return {"guidance_scale": guidance}
 
-    def call_size(self, height: int, width: int) -> dict:
-        """Pipeline-call kwargs for images of height x width conditioned as distill conditions them."""
+    def call_size(self, height: int, width: int, sized: bool = False) -> dict:
+        """Pipeline-call kwargs for images of height x width conditioned as distill conditions them (`sized`: a
+        student trained on aspect-ratio buckets, conditioned on each size: distill.sampling.conditioning)."""
         return {"height": height, "width": width}
 
     def size_config(self) -> dict:
@@ -160,6 +161,26 @@ class Teacher(nn.Module):
     def size(self) -> tuple[int, int]:
         """(height, width) of the images it makes."""
         return self.resolution, self.width or self.resolution
+
+    @property
+    def size_multiple(self) -> int:
+        """What both sides of its images must be multiples of: the VAE's factor times the backbone's patch."""
+        return self.pipe.vae_scale_factor * self.backbone.config.get("patch_size", 1)
+
+    def check_sizes(self, sizes: list[tuple[int, int]], field: str) -> None:
+        """Refuse image sizes (height, width) it cannot train or sample at, naming the config `field`."""
+        if not self.is_pipeline:
+            raise ConfigError(field, sizes, f"the {self.family} teacher makes one kind of sample; leave it unset")
+        m = self.size_multiple
+        for h, w in sizes:
+            if h % m or w % m:
+                raise ConfigError(field, [h, w], f"the {self.family} teacher makes images whose sides are multiples "
+                                  f"of {m} px (its VAE's factor times its patch)")
+
+    def with_sizes(self, cond: Cond, original: torch.Tensor, crop: torch.Tensor, target: tuple[int, int]) -> Cond:
+        """The conditioning of images cut from originals of (height, width) `original` [B, 2] at (top, left) `crop`
+        [B, 2] to `target`, for a family that reads sizes (SDXL); the others read the latent's own grid."""
+        return cond
 
     def feature_layers(self) -> tuple[tuple[str, int | None], ...]:
         """Backbone submodules whose outputs (element `index` of a tuple) LADD's heads read."""
@@ -257,7 +278,8 @@ class Teacher(nn.Module):
         (time_at), used in place of alpha_sigma(t)."""
         if self.guidance_embedded and guidance_cond is None:  # the scale is an input: one pass, no negatives
             guidance, guidance_cond = 1.0, guidance
-        t = torch.as_tensor(t, device=x.device, dtype=torch.float32).expand(x.shape[0])
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 only where asked (tests)
+        t = torch.as_tensor(t, device=x.device).to(work).expand(x.shape[0])
         alpha, sigma = self.alpha_sigma(t) if scales is None else scales
         alpha, sigma = alpha.to(x.device), sigma.to(x.device)
         use_cfg = not (isinstance(guidance, (int, float)) and guidance == 1.0)
@@ -269,10 +291,10 @@ class Teacher(nn.Module):
                 guidance_cond = torch.as_tensor(guidance_cond, device=x.device).expand(len(x)).repeat(2)
             both = self._forward(backbone, torch.cat([x, x]), torch.cat([t, t]), _cat(cond.neg, cond.pos),
                                  guidance_cond)
-            out = cfg_combine(*both.float().chunk(2)[::-1], guidance)
+            out = cfg_combine(*both.to(work).chunk(2)[::-1], guidance)
         else:
-            out = self._forward(backbone, x, t, cond.pos, guidance_cond).float()
-        return to_x0_eps(out, x.float(), alpha, sigma, prediction_type or self.prediction_type)
+            out = self._forward(backbone, x, t, cond.pos, guidance_cond).to(work)
+        return to_x0_eps(out, x.to(work), alpha, sigma, prediction_type or self.prediction_type)
 
     def time_at(self, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """The continuous time at which the schedule has sigma / alpha (the inverse of alpha_sigma, differentiable):

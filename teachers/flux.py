@@ -19,7 +19,7 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from safetensors.torch import load_file
 
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.schedules import dynamic_shift, flow_student_timesteps
 from teachers.base import Cond, kohya_module
 from teachers.sd3 import SD3Teacher
@@ -199,12 +199,24 @@ class FluxTeacher(SD3Teacher):
         return flow_student_timesteps(n, self.shift, self.num_train_timesteps)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
-        f = 2 * self.pipe.vae_scale_factor  # the VAE's factor, times the 2 x 2 packing
+        f = self.size_multiple
         if height % f or width % f:
             raise DistillError(f"the {self.family} teacher makes images whose sides are multiples of {f} px (the "
                                f"VAE's factor times the 2 x 2 packing), not {height} x {width}")
         return (self.vae.config.latent_channels, height // self.pipe.vae_scale_factor,
                 width // self.pipe.vae_scale_factor)
+
+    @property
+    def size_multiple(self) -> int:
+        return 2 * self.pipe.vae_scale_factor  # the VAE's factor, times the 2 x 2 packing
+
+    def check_sizes(self, sizes, field):
+        super().check_sizes(sizes, field)
+        other = [list(s) for s in sizes if tuple(s) != tuple(self.size)]
+        if other:  # the schedule's shift is this teacher's one size's (self.shift), not each bucket's
+            raise ConfigError(field, other[0], f"a {self.family} teacher's times are shifted by its one size's token "
+                              f"count ({self.size[0]} x {self.size[1]}); buckets of other sizes are not supported "
+                              "for FLUX yet")
 
     def size_config(self) -> dict:
         return {}  # FluxPipeline sizes its default image by a constant, not by the backbone's config
@@ -222,7 +234,7 @@ class FluxTeacher(SD3Teacher):
             return {"guidance_scale": guidance}
         return {"true_cfg_scale": guidance, "negative_prompt": ""}
 
-    def call_size(self, height, width):
+    def call_size(self, height, width, sized=False):
         if (height, width) != self.size:  # the pipeline would shift the times by the call's own token count
             raise DistillError(f"a {self.family} student samples at the size it was trained at, {self.size[0]} x "
                                f"{self.size[1]}: its times are shifted by that size's token count; FluxPipeline "

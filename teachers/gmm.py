@@ -177,6 +177,13 @@ def energy_distance(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(2 * d(a, b) - d(a, a) - d(b, b))
 
 
+def class_energy_distance(x: torch.Tensor, truth: torch.Tensor, labels: torch.Tensor) -> float:
+    """The energy distance of each class's samples to its own exact samples, averaged over the classes: how far a
+    class-conditional sampler is from every class's true law."""
+    classes = labels.unique().tolist()
+    return sum(energy_distance(x[labels == k], truth[labels == k]) for k in classes) / len(classes)
+
+
 def mode_coverage(teacher: GMMTeacher, x: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
     """How a class-conditional sample covers its class's two modes (means k and k + K, opposite on the circle):
     balance, 1 - |n_a - n_b| / n per class averaged (1: both modes equally, 0: one only, mode collapse), and spread,

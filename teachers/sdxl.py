@@ -85,10 +85,10 @@ class SDXLTeacher(Teacher):
             timestep_type="discrete", use_karras_sigmas=False, use_exponential_sigmas=False,
             use_beta_sigmas=False), {"timesteps": steps}
 
-    def call_size(self, height: int, width: int) -> dict:
+    def call_size(self, height: int, width: int, sized: bool = False) -> dict:
         size = super().call_size(height, width)
         trained = list(self.size)
-        if [height, width] != trained:  # the pipeline's micro-conditioning defaults to the image size, ours is fixed
+        if not sized and [height, width] != trained:  # the pipeline's micro-conditioning defaults to the image size
             size |= {"original_size": trained, "crops_coords_top_left": [0, 0], "target_size": trained}
         return size
 
@@ -102,6 +102,12 @@ class SDXLTeacher(Teacher):
         time_ids = torch.tensor([[h, w, 0, 0, h, w]], device=device, dtype=pe.dtype).repeat(len(pe), 1)
         return Cond({"embeds": pe, "pooled": pp, "time_ids": time_ids},
                     {"embeds": ne, "pooled": npool, "time_ids": time_ids})
+
+    def with_sizes(self, cond, original, crop, target):
+        # Micro-conditioning per image (Podell et al. 2023, sec. 2.2, 2.3): its original size, its crop, the bucket.
+        ids = torch.cat([original, crop, torch.tensor([target]).expand(len(original), 2)], 1)
+        ids = ids.to(cond.pos["time_ids"])
+        return Cond({**cond.pos, "time_ids": ids}, {**cond.neg, "time_ids": ids})
 
     def _forward(self, backbone, x, t, cond, guidance_cond):
         dtype = backbone.dtype

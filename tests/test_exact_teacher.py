@@ -8,7 +8,7 @@ from distill import checkpoint, runs
 from distill.sampling import ddim_sample
 from distill.runs import build_method
 from distill.trainer import train
-from teachers.gmm import GMMTeacher, energy_distance
+from teachers.gmm import GMMTeacher, class_energy_distance, energy_distance
 
 
 @pytest.mark.parametrize("schedule", ["vp", "flow"])
@@ -58,7 +58,7 @@ def test_teacher_sampler_reaches_the_true_distribution():
 def _distance(method, steps, labels, truth):
     cond = method.teacher.encode_prompts([f"class {k}" for k in labels.tolist()])
     x = method.sample(cond, steps, torch.Generator().manual_seed(5), (2,))
-    return sum(energy_distance(x[labels == k], truth[labels == k]) for k in range(4)) / 4
+    return class_energy_distance(x, truth, labels)
 
 
 def _assert_closer_to_truth(trained, untrained, steps, name):
@@ -118,7 +118,7 @@ def test_progressive_halvings_track_the_teacher_and_approach_truth(tmp_path, sch
     cond = teacher.teacher.encode_prompts([f"class {k}" for k in labels.tolist()])
 
     def dist(x, y):
-        return sum(energy_distance(x[labels == k], y[labels == k]) for k in range(4)) / 4
+        return class_energy_distance(x, y, labels)
 
     rounds = sorted((tmp_path / "run/checkpoints").glob("step-*"))
     assert [p.name for p in rounds] == ["step-00000250", "step-00000500", "step-00000750"]  # milestones kept

@@ -10,6 +10,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from test_buckets import SIZES, mixed_folder
 
 WORKER = Path(__file__).parent / "helpers" / "ddp_worker.py"
 CONFIGS = Path(__file__).parents[1] / "experiments" / "accelerate"
@@ -28,13 +29,20 @@ PARTS = {"ladd": ("student.", "discriminator."), "dmd2": ("student.", "discrimin
          "rcm": ("student.", "weighting.", "fake.")}
 
 
-@pytest.mark.parametrize("method", [pytest.param("ladd", marks=pytest.mark.slow), "dmd2", "rcm"])
-def test_two_process_training_matches_one_process_with_the_same_global_batch(tmp_path, tiny_sdxl_dir, method):
+@pytest.mark.parametrize("method,bucketed", [pytest.param("ladd", False, marks=pytest.mark.slow), ("dmd2", False),
+                                             ("rcm", False), ("dmd2", True)],
+                         ids=["ladd", "dmd2", "rcm", "dmd2-buckets"])
+def test_two_process_training_matches_one_process_with_the_same_global_batch(tmp_path, tiny_sdxl_dir, method,
+                                                                             bucketed):
     cfg = tmp_path / "run.yaml"
     params = {"student_steps": 2} | ({"warmup": 1} if method == "rcm" else {})
+    digits = {"kind": "digits", "batch_size": 2}
+    # three buckets of four images: the three steps' global batches are one bucket each
+    images = {"kind": "images", "path": str(mixed_folder(tmp_path / "imgs")), "batch_size": 2, "buckets": SIZES}
     cfg.write_text(yaml.safe_dump({
-        "teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "lora", "lora_rank": 4},
-        "method": {"name": method, "params": params}, "data": {"kind": "digits", "batch_size": 2},
+        "teacher": {"source": str(tiny_sdxl_dir), "resolution": 16 if bucketed else 32},
+        "student": {"kind": "lora", "lora_rank": 4},
+        "method": {"name": method, "params": params}, "data": images if bucketed else digits,
         "train": {"max_steps": 3, "learning_rate": 1e-3, "checkpoint_every": 3, "output_dir": str(tmp_path / "x")}
         | ({"turn_every": {"student": 1}} if method == "rcm" else {})}))
     two, one = tmp_path / "two", tmp_path / "one"

@@ -95,7 +95,7 @@ def test_a_non_square_run_trains_evaluates_and_ranks_on_pairs(pairs_run, tmp_pat
 
     db = tmp_path / "board.sqlite"
     wrong = cli("eval", pairs_run, "--steps", "1", "--db", db, check=False)  # the digits reference: 16 x 16
-    assert wrong.returncode == 2 and "--reference digits or digit_pairs" in wrong.stderr
+    assert wrong.returncode == 2 and "--reference digits, digit_pairs or digit_stacks" in wrong.stderr
     out = cli("eval", pairs_run, "--steps", "2", "--num-per-prompt", "1", "--reference", "digit_pairs", "--db", db,
               "--reference-size", "300", "--out", tmp_path / "grids")
     assert "added row 1" in out.stdout

@@ -91,7 +91,7 @@ class Method(nn.Module):
         x0 = batch.get("latents")
         n = len(cond)
         if x0 is None:
-            x0 = torch.zeros(n, *self.teacher.latent_shape(*self.teacher.size), device=self.teacher.device)
+            x0 = torch.zeros(n, *latent_shape(self.teacher, batch), device=self.teacher.device)
             t = torch.full((n,), float(self.teacher.num_train_timesteps - 1), device=x0.device)
         else:
             t = family_times(self.teacher, n, g, x0)
@@ -260,6 +260,13 @@ def check_guidance_range(lo: float, hi: float) -> None:
     """The CFG scales a method draws w from (each already >= 1 and finite): an interval, lowest first."""
     if lo > hi:
         raise ConfigError("method.params.guidance_min", lo, f"must be <= method.params.guidance_max ({_num(hi)})")
+
+
+def latent_shape(teacher: Teacher, batch: dict) -> tuple[int, ...]:
+    """One sample's latent shape in this batch: its latents' (a bucket's size), else the teacher's own size."""
+    if "latents" in batch:
+        return tuple(batch["latents"].shape[1:])
+    return teacher.latent_shape(*teacher.size)
 
 
 def family_times(teacher: Teacher, n: int, generator: torch.Generator, like: torch.Tensor,

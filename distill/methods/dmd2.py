@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from discriminators.teacher_heads import TeacherHeads, features
 from distill.errors import ConfigError
-from distill.methods.base import Adversarial, LossOut, family_times, ranged
+from distill.methods.base import Adversarial, LossOut, family_times, latent_shape, ranged
 from distill.methods.matching import MatchingParams, check_fake_score_config, dm_loss, fake_loss, fake_score, simulate
 from distill.sampling import randn
 
@@ -92,8 +92,9 @@ class DMD2(Adversarial):
 
     def loss(self, batch, turn) -> LossOut:
         p, g, cond = self.params, batch["generator"], batch["cond"]
+        shape = latent_shape(self.teacher, batch)
         if turn == "student":
-            x0 = simulate(self.teacher, self.student.backbone, self.student_grid, cond, g)
+            x0 = simulate(self.teacher, self.student.backbone, self.student_grid, cond, g, shape)
             loss = dm_loss(self.teacher, self.fake, p, x0, cond, g)
             logs = {"dm": loss.item()}
             if p.gan_student_weight > 0:  # non-saturating: softplus(-D(fake))
@@ -102,7 +103,7 @@ class DMD2(Adversarial):
                 logs["gan"] = gan.item()
             return LossOut(loss, logs)
         with torch.no_grad():
-            x0 = simulate(self.teacher, self.student.backbone, self.student_grid, cond, g)
+            x0 = simulate(self.teacher, self.student.backbone, self.student_grid, cond, g, shape)
         loss = fake_loss(self.teacher, self.fake, x0, cond, g)
         logs = {"denoise": loss.item()}
         if p.gan_fake_weight > 0:

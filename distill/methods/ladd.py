@@ -14,7 +14,7 @@ import torch
 from discriminators.losses import hinge_d, hinge_g, per_sample
 from discriminators.teacher_heads import TeacherHeads, features
 from distill.errors import check_choice
-from distill.methods.base import Adversarial, LossOut, cfg_scale, ranged
+from distill.methods.base import Adversarial, LossOut, cfg_scale, latent_shape, ranged
 from distill.sampling import ddim_sample, randn
 
 
@@ -92,7 +92,7 @@ class LADD(Adversarial):
         samples, so no real images are needed (sec. 3.3), drawn once per step for both turns (StepSamples)."""
         if self.params.real == "data":
             return batch["latents"].float()
-        shape = self.teacher.latent_shape(*self.teacher.size)
+        shape = latent_shape(self.teacher, batch)
         return self.step_samples.get(turn, tuple(batch["prompt"]), lambda: ddim_sample(
             self.teacher, batch["cond"], self.params.teacher_steps, g, shape, self.params.teacher_guidance))
 

@@ -66,10 +66,12 @@ def fake_score(teacher, student, params: MatchingParams) -> students.Companion:
     return fake
 
 
-def simulate(teacher, backbone, grid: torch.Tensor, cond, g, guidance_cond=None) -> torch.Tensor:
-    """Backward simulation (DMD2 sec. 4.4): the student's input at grid step k (one k per batch) is its own
-    k-step sample re-noised to that time, as at inference; step 0 is pure noise. Only the last step has a gradient."""
-    shape = (len(cond), *teacher.latent_shape(*teacher.size))
+def simulate(teacher, backbone, grid: torch.Tensor, cond, g, latent: tuple[int, ...],
+             guidance_cond=None) -> torch.Tensor:
+    """Backward simulation (DMD2 sec. 4.4) of samples of `latent` shape: the student's input at grid step k (one k
+    per batch) is its own k-step sample re-noised to that time, as at inference; step 0 is pure noise. Only the last
+    step has a gradient."""
+    shape = (len(cond), *latent)
     k = int(torch.randint(0, len(grid), (1,), generator=g))
     x = randn(shape, g, grid)
     if k:

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from distill.errors import ConfigError
-from distill.methods.base import LossOut, cfg_scale, ranged
+from distill.methods.base import LossOut, cfg_scale, latent_shape, ranged
 from distill.methods.matching import MatchingParams, check_fake_score_config, dm_loss, fake_loss, fake_score, simulate
 from distill.methods.scm import SCM, SCMParams
 
@@ -75,8 +75,9 @@ class RCM(SCM):
             return self.fake.trainable_parameters()
         return super().parameters_for(turn)
 
-    def generate(self, cond, g) -> torch.Tensor:
-        return simulate(self.teacher, self.student.backbone, self.student_grid, cond, g)
+    def generate(self, batch) -> torch.Tensor:
+        return simulate(self.teacher, self.student.backbone, self.student_grid, batch["cond"], batch["generator"],
+                        latent_shape(self.teacher, batch))
 
     def dm_scale(self, x0: torch.Tensor) -> float:
         """dmd_weight in this loss's units: 2 sqrt(D) / sigma_d times it (the module's docstring)."""
@@ -86,12 +87,12 @@ class RCM(SCM):
         g, cond = batch["generator"], batch["cond"]
         if turn == "fake":
             with torch.no_grad():
-                x0 = self.generate(cond, g)
+                x0 = self.generate(batch)
             loss = fake_loss(self.teacher, self.fake, x0, cond, g)
             return LossOut(loss, {"denoise": loss.item()})
         out = super().loss(batch, turn)
         if self.done < self.params.warmup:  # the DMD term joins after the tangent warm-up
             return out
-        x0 = self.generate(cond, g)
+        x0 = self.generate(batch)
         dm = dm_loss(self.teacher, self.fake, self.params, x0, cond, g)
         return LossOut(out.loss + self.dm_scale(x0) * dm, {**out.logs, "dm": dm.item()})
