@@ -405,7 +405,7 @@ class LatentCache(torch.utils.data.Dataset):
             want = "none" if sizes is None else [list(s) for s in sizes]
             raise DistillError(f"latent cache {path} holds {have}, data.buckets names {want}; set data.buckets to "
                                "the cache's, or rebuild it with distill cache")
-        x, cond = teacher.probe()
+        _, cond = teacher.probe()
         for part, size in zip(self.parts, self.sizes or [teacher.size]):
             if not part:
                 continue
@@ -474,11 +474,13 @@ class DigitPairs(torch.utils.data.Dataset):
             if self.held_out or (int(self.digits.labels[a]), int(self.digits.labels[b])) not in HELD_OUT_PAIRS:
                 return a, b
 
+    axis, caption = 2, staticmethod(pair_prompt)  # side by side: joined along the width
+
     def __getitem__(self, i):
         a, b = self.pick(i)
-        left, right = self.digits[a], self.digits[b]
-        return {"prompt": pair_prompt(int(self.digits.labels[a]), int(self.digits.labels[b])),
-                "image": torch.cat([left["image"], right["image"]], dim=2)}
+        first, second = self.digits[a], self.digits[b]
+        return {"prompt": self.caption(int(self.digits.labels[a]), int(self.digits.labels[b])),
+                "image": torch.cat([first["image"], second["image"]], dim=self.axis)}
 
 
 def stack_prompt(top: int, bottom: int) -> str:
@@ -493,11 +495,7 @@ class DigitStacks(DigitPairs):
     """DigitPairs with one digit above the other (images 2 resolution high, resolution wide), captioned 'a 3 above a
     7'; the same draws and held-out pairs."""
 
-    def __getitem__(self, i):
-        a, b = self.pick(i)
-        top, bottom = self.digits[a], self.digits[b]
-        return {"prompt": stack_prompt(int(self.digits.labels[a]), int(self.digits.labels[b])),
-                "image": torch.cat([top["image"], bottom["image"]], dim=1)}
+    axis, caption = 1, staticmethod(stack_prompt)  # joined along the height
 
 
 class DigitShapes(torch.utils.data.Dataset):
