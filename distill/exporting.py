@@ -195,8 +195,8 @@ def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: i
             "The call gives the exact times distill samples at (`timesteps`/`sigmas`) and the resolution it was "
             "trained at (`height`, `width`); `distill generate` makes the same images from the same seed.", "",
             *([f"Trained on aspect-ratio buckets: height x width {', '.join(f'{h} x {w}' for h, w in sizes)}. "
-               "Pass any of them as `height` and `width`; the pipeline's default size conditioning (original and "
-               "target size the image's own) is what the student read.", ""] if len(sizes) > 1 else []),
+               "Pass any of them as `height` and `width`: the pipeline conditions each call on its own size, as the "
+               "student was trained.", ""] if len(sizes) > 1 else []),
             "## Files", "",
             *(f"- `{f}`" for f in sorted(p.name for p in tmp.iterdir())), "- `README.md`", "",
             "## Leaderboard", "", leaderboard.markdown(rows).split("\n", 2)[2] if rows else

@@ -26,7 +26,7 @@ def ddim_sample(teacher: Teacher, cond: Cond, steps: int, generator: torch.Gener
                 prediction_type: str | None = None) -> torch.Tensor:
     """The deterministic sampler on the teacher's own n-step grid, or on `times` (steps + 1 points, ending
     clean); for flow teachers this is Euler (see solvers.ddim_step)."""
-    times = times or teacher.timesteps(steps).tolist() + [teacher.end_time]
+    times = times or teacher.timesteps(steps, shape).tolist() + [teacher.end_time]
     x = randn((len(cond), *shape), generator, teacher.device)
     for t, s in zip(times[:-1], times[1:]):
         x0, eps = teacher.predict(x, t, cond, guidance, backbone, guidance_cond, prediction_type)
@@ -47,7 +47,8 @@ def renoise_chain(teacher: Teacher, backbone, x: torch.Tensor, cond: Cond, times
             x0 = bcast(c_out, x0) * x0 + bcast(c_skip, x) * x
         x = x0
         if i + 1 < len(times):
-            x = teacher.add_noise(x, randn(x.shape, generator, x), times[i + 1])
+            noise = teacher.step_noise(x.shape, lambda shape: randn(shape, generator, x))
+            x = teacher.add_noise(x, noise, times[i + 1])
     return x
 
 

@@ -74,9 +74,10 @@ def dynamic_shift(tokens: int, config) -> float:
     return math.exp(base + (top - base) * (tokens - lo) / (hi - lo))
 
 
-def flow_timesteps(n: int, shift: float = 3.0, num_train_timesteps: int = 1000) -> torch.Tensor:
-    """The n descending timesteps (sigma * T) that diffusers' FlowMatchEulerDiscreteScheduler uses."""
-    sigma_min = flow_shift(1.0 / num_train_timesteps, shift)
+def flow_timesteps(n: int, shift: float = 3.0, num_train_timesteps: int = 1000, dynamic: bool = False) -> torch.Tensor:
+    """The n descending timesteps (sigma * T) that diffusers' FlowMatchEulerDiscreteScheduler uses. Its last
+    unshifted sigma is its smallest train sigma: shifted once more with a static shift, 1/T with a `dynamic` one."""
+    sigma_min = 1.0 / num_train_timesteps if dynamic else flow_shift(1.0 / num_train_timesteps, shift)
     sigmas = np.linspace(num_train_timesteps, sigma_min * num_train_timesteps, n) / num_train_timesteps
     return torch.from_numpy(flow_shift(sigmas, shift).astype(np.float32) * num_train_timesteps)
 

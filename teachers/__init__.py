@@ -245,6 +245,8 @@ def wrap(pipe, cfg: TeacherConfig) -> Teacher:
     else:
         teacher = cls(pipe, cfg.resolution, cfg.max_text_length)
     teacher.width = cfg.width
+    teacher.check_sizes([teacher.size], "teacher.width" if teacher.size[1] % teacher.size_multiple else
+                        "teacher.resolution")
     return teacher
 
 

@@ -120,15 +120,16 @@ class Teacher(nn.Module):
     def alpha_sigma(self, t) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError
 
-    def timesteps(self, n: int) -> torch.Tensor:
-        """The teacher's own n-step grid, descending, in train timesteps."""
+    def timesteps(self, n: int, shape=None) -> torch.Tensor:
+        """The teacher's own n-step grid, descending, in train timesteps, for latents of `shape` (..., h, w; None:
+        the teacher's own size). Only a schedule shifted by the token count (FLUX.1's) depends on the shape."""
         raise NotImplementedError
 
-    def student_timesteps(self, n: int) -> torch.Tensor:
+    def student_timesteps(self, n: int, shape=None) -> torch.Tensor:
         """n distinct, useful times (descending) for a few-step student: evenly spaced in the family's own
         noise scale from pure noise, with no point at ~zero noise. VP's trailing grid already is that
         ({999, 749, 499, 249}); flow teachers override (their sampler grid ends at sigma_min)."""
-        return self.timesteps(n)
+        return self.timesteps(n, shape)
 
     def scheduler_for(self, renoises: bool, times: list[float], prediction_type: str | None = None,
                       boundary: tuple[float, float] | None = None):
@@ -146,6 +147,12 @@ class Teacher(nn.Module):
         """Pipeline-call kwargs for images of height x width conditioned as distill conditions them (`sized`: a
         student trained on aspect-ratio buckets, conditioned on each size: distill.sampling.conditioning)."""
         return {"height": height, "width": width}
+
+    def step_noise(self, shape, draw) -> torch.Tensor:
+        """Fresh noise for latents of `shape`, from `draw` (shape -> standard normal tensor), laid out as the family's
+        pipeline lays out its scheduler's noise (the backbone output's layout), so that a re-noising sampler's export
+        draws the same numbers for the same places."""
+        return draw(shape)
 
     def size_config(self) -> dict:
         """Backbone config that makes the family's pipeline default to the trained resolution (diffusers

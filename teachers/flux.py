@@ -19,10 +19,9 @@ from diffusers import FluxPipeline, FluxTransformer2DModel
 from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
 from safetensors.torch import load_file
 
-from distill.errors import ConfigError, DistillError
-from distill.schedules import dynamic_shift, flow_student_timesteps
+from distill.errors import DistillError
 from teachers.base import Cond, kohya_module
-from teachers.sd3 import SD3Teacher
+from teachers.sd3 import SD3Teacher, check_scheduler
 
 
 # Black Forest Labs' module names (the original layout ComfyUI and kohya's FLUX LoRAs use) for diffusers' modules of
@@ -183,20 +182,12 @@ class FluxTeacher(SD3Teacher):
         self.guidance_embedded = bool(self.backbone.config.guidance_embeds)
         # a w student's file has guidance_in, which from_single_file reads only with a dev-like teacher's config
         self.single_file_w = self.guidance_embedded
-        sched = pipe.scheduler.config
-        if sched.get("time_shift_type", "exponential") != "exponential" or sched.get("shift_terminal"):
-            raise DistillError("this FLUX pipeline's scheduler shifts its times linearly or stretches them to "
-                               "shift_terminal; distill's flow grid follows FLUX.1's exponential dynamic shift only")
+        check_scheduler(pipe.scheduler.config, self.family)
         self.freeze()
 
-    @property
-    def shift(self) -> float:
-        h, w = self.latent_shape(*self.size)[1:]
-        return dynamic_shift((h // 2) * (w // 2), self.pipe.scheduler.config)
-
-    def timesteps(self, n: int) -> torch.Tensor:
+    def timesteps(self, n: int, shape=None) -> torch.Tensor:
         # FluxPipeline samples at the shifted sigmas 1, (n-1)/n, ..., 1/n: the grid SD3 students use.
-        return flow_student_timesteps(n, self.shift, self.num_train_timesteps)
+        return self.student_timesteps(n, shape)
 
     def latent_shape(self, height: int, width: int) -> tuple[int, ...]:
         f = self.size_multiple
@@ -210,13 +201,9 @@ class FluxTeacher(SD3Teacher):
     def size_multiple(self) -> int:
         return 2 * self.pipe.vae_scale_factor  # the VAE's factor, times the 2 x 2 packing
 
-    def check_sizes(self, sizes, field):
-        super().check_sizes(sizes, field)
-        other = [list(s) for s in sizes if tuple(s) != tuple(self.size)]
-        if other:  # the schedule's shift is this teacher's one size's (self.shift), not each bucket's
-            raise ConfigError(field, other[0], f"a {self.family} teacher's times are shifted by its one size's token "
-                              f"count ({self.size[0]} x {self.size[1]}); buckets of other sizes are not supported "
-                              "for FLUX yet")
+    def step_noise(self, shape, draw):
+        b, c, h, w = shape  # FluxPipeline's scheduler draws it over the packed tokens: [B, H/2 * W/2, 4C]
+        return unpack(draw((b, (h // 2) * (w // 2), 4 * c)), h, w)
 
     def size_config(self) -> dict:
         return {}  # FluxPipeline sizes its default image by a constant, not by the backbone's config
@@ -233,13 +220,6 @@ class FluxTeacher(SD3Teacher):
         if self.guidance_embedded or reads_w or guidance == 1.0:
             return {"guidance_scale": guidance}
         return {"true_cfg_scale": guidance, "negative_prompt": ""}
-
-    def call_size(self, height, width, sized=False):
-        if (height, width) != self.size:  # the pipeline would shift the times by the call's own token count
-            raise DistillError(f"a {self.family} student samples at the size it was trained at, {self.size[0]} x "
-                               f"{self.size[1]}: its times are shifted by that size's token count; FluxPipeline "
-                               f"at {height} x {width} would shift them otherwise")
-        return super().call_size(height, width)
 
     @torch.no_grad()
     def encode_prompts(self, prompts, negative=None) -> Cond:

@@ -116,12 +116,12 @@ class GMMTeacher(Teacher):
             return vp_alpha_sigma(self.alphas_cumprod, t)
         return flow_alpha_sigma(t, self.num_train_timesteps)
 
-    def timesteps(self, n):
+    def timesteps(self, n, shape=None):
         if self.schedule == "flux":  # FluxPipeline's grid, as teachers/flux.py
             return flow_student_timesteps(n, self.shift)
         return vp_timesteps(n) if self.schedule == "vp" else flow_timesteps(n, self.shift)
 
-    def student_timesteps(self, n):
+    def student_timesteps(self, n, shape=None):
         return vp_timesteps(n) if self.schedule == "vp" else flow_student_timesteps(n, self.shift)
 
     def labels(self, prompts: list[str]) -> torch.Tensor:

@@ -6,7 +6,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, St
 from diffusers.models.attention import JointTransformerBlock
 
 from distill.errors import DistillError
-from distill.schedules import flow_alpha_sigma, flow_student_timesteps, flow_timesteps, flow_unshift
+from distill.schedules import dynamic_shift, flow_alpha_sigma, flow_student_timesteps, flow_timesteps, flow_unshift
 from distill.solvers import consistency_scalings
 from teachers import ldm
 from teachers.base import Cond, Teacher
@@ -29,6 +29,15 @@ def _check_boundary(times: list[float], sigma_data: float, timestep_scaling: flo
             "distill generate, or train with a larger method.params.timestep_scaling")
 
 
+def check_scheduler(config, family: str) -> None:
+    """Refuse a scheduler whose times distill's flow grids would not follow: they shift exponentially (SD3's shift,
+    FLUX.1's exp(mu)), never linearly, and do not stretch to a terminal sigma."""
+    if config.get("time_shift_type", "exponential") != "exponential" or config.get("shift_terminal"):
+        raise DistillError(f"this {family} pipeline's scheduler shifts its times linearly or stretches them to "
+                           "shift_terminal; distill's flow grid follows SD3's shift and FLUX.1's exponential dynamic "
+                           "shift only")
+
+
 class SD3Teacher(Teacher):
     family = "sd3"
     pipeline_class = StableDiffusion3Pipeline
@@ -49,9 +58,8 @@ class SD3Teacher(Teacher):
         self.backbone, self.vae = pipe.transformer, pipe.vae
         self.text_encoder, self.text_encoder_2, self.text_encoder_3 = (
             pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3)
-        sc = pipe.scheduler.config
-        self.shift = sc.get("shift", 3.0)
-        self.num_train_timesteps = sc.get("num_train_timesteps", 1000)
+        self.num_train_timesteps = pipe.scheduler.config.get("num_train_timesteps", 1000)
+        check_scheduler(pipe.scheduler.config, self.family)
         self.resolution, self.max_text_length = resolution, max_text_length
         self.freeze()
 
@@ -62,11 +70,24 @@ class SD3Teacher(Teacher):
     def alpha_sigma(self, t):
         return flow_alpha_sigma(t, self.num_train_timesteps)
 
-    def timesteps(self, n: int) -> torch.Tensor:
-        return flow_timesteps(n, self.shift, self.num_train_timesteps)
+    def shift_at(self, shape=None) -> float:
+        """The sigmas' shift for latents of `shape` (..., h, w; None: its own size's): the scheduler's `shift`, or,
+        where it shifts dynamically (FLUX.1), exp(mu) of the image's token count (schedules.dynamic_shift), as the
+        pipeline shifts each call by its own size."""
+        h, w = shape[-2:] if shape is not None else self.latent_shape(*self.size)[1:]
+        p = self.size_multiple // self.pipe.vae_scale_factor  # latent pixels per token side
+        return dynamic_shift((h // p) * (w // p), self.pipe.scheduler.config)
 
-    def student_timesteps(self, n: int) -> torch.Tensor:
-        return flow_student_timesteps(n, self.shift, self.num_train_timesteps)
+    @property
+    def shift(self) -> float:
+        return self.shift_at()
+
+    def timesteps(self, n: int, shape=None) -> torch.Tensor:
+        dynamic = self.pipe.scheduler.config.get("use_dynamic_shifting", False)
+        return flow_timesteps(n, self.shift_at(shape), self.num_train_timesteps, dynamic)
+
+    def student_timesteps(self, n: int, shape=None) -> torch.Tensor:
+        return flow_student_timesteps(n, self.shift_at(shape), self.num_train_timesteps)
 
     def scheduler_for(self, renoises: bool, times: list[float], prediction_type: str | None = None,
                       boundary: tuple[float, float] | None = None):

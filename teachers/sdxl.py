@@ -59,7 +59,7 @@ class SDXLTeacher(Teacher):
     def alpha_sigma(self, t):
         return vp_alpha_sigma(self.alphas_cumprod, t)
 
-    def timesteps(self, n: int) -> torch.Tensor:
+    def timesteps(self, n: int, shape=None) -> torch.Tensor:
         return vp_timesteps(n, self.num_train_timesteps)
 
     def scheduler_for(self, renoises: bool, times: list[float], prediction_type: str | None = None,

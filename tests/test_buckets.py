@@ -170,31 +170,45 @@ import diffusers
 
 teacher, export, out_dir = sys.argv[1:4]
 facts = json.load(open(f"{export}/distill_export.json"))
-pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(teacher)
+pipe = diffusers.DiffusionPipeline.from_pretrained(teacher)
 pipe.scheduler = getattr(diffusers, facts["scheduler"]).from_config(pipe.scheduler.config, **facts["scheduler_config"])
 pipe.load_lora_weights(export)
+step = pipe.scheduler.step
 for h, w in facts["sizes"]:
     call = {**facts["pipeline_call"], "height": h, "width": w}
-    out = pipe(PROMPTS, output_type="np", generator=torch.Generator().manual_seed(11), **call).images
+    g = torch.Generator().manual_seed(11)  # FluxPipeline leaves it out of the step's noise; distill.load passes it
+    pipe.scheduler.step = lambda *a, **k: step(*a, **{"generator": g, **k})
+    out = pipe(PROMPTS, output_type="np", generator=g, **call).images
     np.save(f"{out_dir}/{h}x{w}.npy", out)
 """
 
 
-def test_a_bucketed_export_samples_at_each_trained_size_as_distill_does(tmp_path, tiny_sdxl_dir):
+@pytest.fixture(scope="module")
+def tiny_flux_dir(tmp_path_factory):
+    from teachers import tiny
+
+    return tiny.build("tiny-flux", tmp_path_factory.mktemp("teachers") / "tiny-flux")
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_a_bucketed_export_samples_at_each_trained_size_as_distill_does(tmp_path, family, request):
+    """SDXL conditions on each size; FLUX.1 shifts its times by each size's token count, in training and in the
+    pipeline's call alike, so one export's sigmas serve every size."""
     import subprocess
     import sys
 
     from distill.evaluation import sample_images
     from distill.exporting import export
 
-    cfg = bucketed_cfg(tmp_path, tiny_sdxl_dir, "consistency", "run", steps=2)
+    teacher_dir = request.getfixturevalue(f"tiny_{family}_dir")
+    cfg = bucketed_cfg(tmp_path, teacher_dir, "consistency", "run", steps=2)
     train(runs.parse_config(cfg.to_dict(), ["train.learning_rate=1e-2", "sample.steps=2"]))
     out = export(tmp_path / "run", tmp_path / "export", ["lora"])
     facts = json.loads((out / "distill_export.json").read_text())
     assert facts["sizes"] == SIZES and "height x width 16 x 16, 32 x 16, 16 x 32" in (out / "README.md").read_text()
     assert "original_size" not in facts["pipeline_call"]  # the pipeline's own size conditioning is the student's
     prompts = ["a handwritten digit 3", "a handwritten digit 8"]
-    proc = subprocess.run([sys.executable, "-c", f"PROMPTS = {prompts!r}\n" + SIZED, str(tiny_sdxl_dir), str(out),
+    proc = subprocess.run([sys.executable, "-c", f"PROMPTS = {prompts!r}\n" + SIZED, str(teacher_dir), str(out),
                            str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, run_cfg, method, _ = runs.load_run(tmp_path / "run")
@@ -204,6 +218,14 @@ def test_a_bucketed_export_samples_at_each_trained_size_as_distill_does(tmp_path
         theirs = np.load(tmp_path / f"{h}x{w}.npy")
         assert theirs.shape == (2, h, w, 3)
         assert np.abs(theirs - (ours / 2 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).numpy()).max() < 1e-5, (h, w)
+    if family == "flux":  # a 32 x 16 batch trains on the grid its own token count shifts, not 16 x 16's
+        teacher, seen = method.teacher, []
+        predict = teacher.predict
+        teacher.predict = lambda x, t, *a, **k: seen.append(torch.as_tensor(t).tolist()) or predict(x, t, *a, **k)
+        wide = teacher.latent_shape(32, 16)
+        method.loss({"latents": torch.zeros(8, *wide), "cond": teacher.encode_prompts(prompts * 4),
+                     "generator": torch.Generator().manual_seed(0)}, "student")
+        assert set(seen[0]) <= set(method.grid(wide).tolist()) and set(seen[0]) - set(method.grid().tolist())
 
 
 def test_a_bucketed_cache_keeps_each_bucket_and_its_size_conditioning_and_trains(tmp_path, tiny_sdxl_dir,

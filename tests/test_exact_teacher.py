@@ -128,8 +128,8 @@ def test_progressive_halvings_track_the_teacher_and_approach_truth(tmp_path, sch
         method.load_saved(weights)
         gen = lambda: torch.Generator().manual_seed(3)  # noqa: E731
         student = method.sample(cond, n, gen(), (2,))
-        teacher_n = ddim_sample(method.teacher, cond, n, gen(), (2,), times=method.grid[:: 8 // n].tolist())
-        teacher_2n = ddim_sample(method.teacher, cond, 2 * n, gen(), (2,), times=method.grid[:: 4 // n].tolist())
+        teacher_n = ddim_sample(method.teacher, cond, n, gen(), (2,), times=method.grid()[:: 8 // n].tolist())
+        teacher_2n = ddim_sample(method.teacher, cond, 2 * n, gen(), (2,), times=method.grid()[:: 4 // n].tolist())
         print(f"progressive {schedule}/{kind} n={n}: student-to-teacher(2n) {dist(student, teacher_2n):.3f}, "
               f"teacher(n)-to-teacher(2n) {dist(teacher_n, teacher_2n):.3f}")
         assert dist(student, teacher_2n) < dist(teacher_n, teacher_2n)

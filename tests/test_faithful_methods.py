@@ -83,8 +83,8 @@ def test_flow_student_times_are_distinct_and_useful(tmp_path, name, params):
     method = build_method(gmm_cfg(tmp_path, "flow", name, params), "cpu")
     teacher = method.teacher
     grids = {n: method.sample_times(n) for n in (1, 2, 4)}
-    if hasattr(method, "student_grid"):
-        grids["training grid"] = method.student_grid.tolist()
+    if hasattr(method.params, "student_steps"):
+        grids["training grid"] = method.student_times(method.params.student_steps).tolist()
     for n, times in grids.items():
         steps = len(times)
         floor = flow_shift(1.0 / steps, teacher.shift) * teacher.num_train_timesteps
@@ -155,7 +155,7 @@ def test_first_student_time_is_trained_from_pure_noise(tmp_path, name, params):
     cond = method.teacher.encode_prompts(["class 0"] * 64)
     method.generate(x0, cond, torch.Generator().manual_seed(0))
     x_t, t = seen[0]
-    first = t == method.student_grid[0]
+    first = t == method.student_times(method.params.student_steps)[0]
     assert first.any() and (~first).any()
     assert x_t[first].abs().max() < 10  # pure noise, as the sampler starts (abar_999 would leave 68 here)
     assert x_t[~first].abs().min() > 100  # the other times keep the data

@@ -29,12 +29,13 @@ def flux_dirs(tmp_path_factory):
     return {name: tiny.build(name, root / name) for name in ("tiny-flux-dev", "tiny-flux")}
 
 
-def _pipeline_latents(folder, res, steps, seed, **call):
+def _pipeline_latents(folder, res, steps, seed, width=None, **call):
     pipe = FluxPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
-    packed = pipe(PROMPTS, num_inference_steps=steps, height=res, width=res, max_sequence_length=77,
+    width = width or res
+    packed = pipe(PROMPTS, num_inference_steps=steps, height=res, width=width, max_sequence_length=77,
                   output_type="latent", generator=torch.Generator().manual_seed(seed), **call).images
-    return FluxPipeline._unpack_latents(packed, res, res, pipe.vae_scale_factor)
+    return FluxPipeline._unpack_latents(packed, res, width, pipe.vae_scale_factor)
 
 
 @pytest.mark.parametrize("name,res", [("tiny-flux-dev", 16), ("tiny-flux-dev", 32), ("tiny-flux", 32)])
@@ -53,6 +54,12 @@ def test_teacher_samples_as_the_flux_pipeline(flux_dirs, name, res):
     if not teacher.guidance_embedded:  # two-pass CFG against the empty prompt is FluxPipeline's true CFG
         ours = ddim_sample(teacher, cond, 2, torch.Generator().manual_seed(2), teacher.latent_shape(res, res), 4.0)
         ref = _pipeline_latents(flux_dirs[name], res, 2, 2, true_cfg_scale=4.0, negative_prompt=["", ""])
+        assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    if res == 16:  # another size, here twice as wide, shifts by its own token count, as FluxPipeline's call does
+        wide = teacher.latent_shape(res, 2 * res)
+        assert teacher.shift_at(wide) == pytest.approx(math.exp(0.5 + 0.65 * (2 * tokens - 256) / 3840))
+        ours = ddim_sample(teacher, cond, 3, torch.Generator().manual_seed(1), wide, guidance)
+        ref = _pipeline_latents(flux_dirs[name], res, 3, 1, width=2 * res, guidance_scale=guidance)
         assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
 
 
@@ -173,9 +180,7 @@ def test_the_pipeline_call_guides_as_distill_samples(flux_dirs):
     assert plain.call_guidance(1.0, False) == {"guidance_scale": 1.0}
     assert plain.call_guidance(4.0, True) == {"guidance_scale": 4.0}  # a w-student gained the input
     assert plain.call_guidance(4.0, False) == {"true_cfg_scale": 4.0, "negative_prompt": ""}  # two-pass CFG
-    assert plain.call_size(16, 16) == {"height": 16, "width": 16}
-    with pytest.raises(DistillError, match="samples at the size it was trained at"):
-        plain.call_size(32, 32)
+    assert plain.call_size(32, 16) == {"height": 32, "width": 16}  # the pipeline shifts by the size, as distill
     with pytest.raises(DistillError, match="at most 512 T5 tokens"):
         teachers.load(TeacherConfig(source=str(flux_dirs["tiny-flux"]), resolution=16, max_text_length=600))
 

@@ -43,7 +43,7 @@ def test_one_phase_is_lcms_loss_bit_for_bit():
     loss = m.loss(batch, "student").loss
     g, x0, cond, t = torch.Generator().manual_seed(4), batch["latents"], batch["cond"], m.teacher
     n = torch.randint(0, 8, (len(x0),), generator=g)
-    t_hi, t_lo = m.grid[n], m.grid[(n + 1).clamp(max=8)]
+    t_hi, t_lo = m.grid()[n], m.grid()[(n + 1).clamp(max=8)]
     x_hi = t.add_noise(x0, randn(x0.shape, g, x0), t_hi)
     torch.rand(len(x0), generator=g)  # omega's draw (w = 1 here)
     pred = _f(m, m.student.backbone, x_hi, t_hi, cond)
@@ -56,7 +56,7 @@ def test_one_phase_is_lcms_loss_bit_for_bit():
 def test_phases_map_to_their_edges_and_sample_through_them():
     _, m = _method(phases=4)  # 8 grid points, 4 phases of 2, closed by the teacher's clean time
     t, cond = m.teacher, _batch(m, 4)["cond"]
-    grid = m.grid
+    grid = m.grid()
     assert grid[-1] == t.end_time
     x = torch.randn(4, 2)
     edge = grid[2].expand(4)

@@ -44,6 +44,15 @@ def test_sd3_teacher_matches_pipeline_and_is_deterministic(tiny_sd3_dir):
     ref = pipe("a handwritten digit 7", num_inference_steps=3, guidance_scale=4.0, height=32, width=32,
                max_sequence_length=77, output_type="latent", generator=torch.Generator().manual_seed(1)).images
     assert torch.allclose(ours, ref, atol=1e-5), (ours - ref).abs().max()
+    # a scheduler that shifts by the token count (as FLUX.1's does) gives each size its own grid, as the pipeline
+    pipe.scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config, use_dynamic_shifting=True,
+                                                      base_image_seq_len=64, max_image_seq_len=1024)
+    dynamic = teachers.wrap(pipe, TeacherConfig(source=str(tiny_sd3_dir), resolution=32))
+    for h, w in ((32, 32), (16, 32)):
+        ours = ddim_sample(dynamic, cond, 3, torch.Generator().manual_seed(1), dynamic.latent_shape(h, w), guidance=4.0)
+        ref = pipe("a handwritten digit 7", num_inference_steps=3, guidance_scale=4.0, height=h, width=w,
+                   max_sequence_length=77, output_type="latent", generator=torch.Generator().manual_seed(1)).images
+        assert torch.allclose(ours, ref, atol=1e-5), (h, w, (ours - ref).abs().max())
 
 
 def test_v_prediction_teacher_reads_the_same_lens(tiny_sdxl_dir):

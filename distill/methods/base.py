@@ -17,6 +17,7 @@ from distill import checkpoint
 from distill.config import MAX_STEPS, coerce_params
 from distill.errors import ConfigError
 from distill.sampling import ddim_sample, randn, renoise_chain
+from distill.schedules import with_end
 from distill.solvers import loss_space, prediction_loss
 from students import Companion, Student
 from teachers.base import Teacher
@@ -120,16 +121,23 @@ class Method(nn.Module):
     # How the student's backbone output is read (None: as the teacher's; progressive's student_output: x or v).
     student_prediction: str | None = None
 
-    def sample_times(self, steps: int) -> list[float]:
-        """The `steps` times (teacher units, descending) the student's sampler visits."""
-        return self.teacher.timesteps(steps).tolist()
+    def sample_times(self, steps: int, shape=None) -> list[float]:
+        """The `steps` times (teacher units, descending) the student's sampler visits for latents of `shape` (None:
+        the teacher's own size; only FLUX.1's schedule, shifted by the token count, depends on it)."""
+        return self.teacher.timesteps(steps, shape).tolist()
+
+    def student_times(self, n: int, shape=None, end: float | None = None) -> torch.Tensor:
+        """Teacher.student_timesteps(n) for latents of `shape`, on the teacher's device; with `end`, closed by that
+        clean time (so step i goes from grid[i] to grid[i + 1])."""
+        times = self.teacher.student_timesteps(n, shape).float()
+        return (times if end is None else with_end(times, end)).to(self.teacher.device)
 
     @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
         """How this method's student samples; by default DDIM on the teacher's grid with the student's backbone."""
         cfg, w = self.guidance_args(guidance, len(cond))
         return ddim_sample(self.teacher, cond, steps, generator, shape, cfg, backbone=self.student.backbone,
-                           times=self.sample_times(steps) + [self.teacher.end_time], guidance_cond=w,
+                           times=self.sample_times(steps, shape) + [self.teacher.end_time], guidance_cond=w,
                            prediction_type=self.student_prediction)
 
     def after_step(self, turn: str, step: int) -> None:
@@ -302,12 +310,6 @@ class Adversarial(Method):
     extras = ("discriminator",)
     discriminator: nn.Module
 
-    def __init__(self, teacher: Teacher, student: Student, params):
-        super().__init__(teacher, student, params)
-        # n distinct useful times from pure noise: {999, 749, 499, 249} (VP), {1000, 900, 750, 500} (flow, shift 3)
-        self.register_buffer("student_grid", teacher.student_timesteps(params.student_steps).float(),
-                             persistent=False)
-
     @classmethod
     def check_config(cls, cfg) -> None:
         if cfg.student.guidance_embedding:  # its training never passes w, its sampler would (guidance_args)
@@ -325,8 +327,10 @@ class Adversarial(Method):
         sqrt(abar) = 0.068 of the data, which the sampler never has; feeding pure noise at t = 999 (the
         conversion to x0 still reads abar_999, as the sampler's does) makes training and sampling agree without
         changing the teacher's schedule, which an epsilon teacher needs (alpha = 0 has no x0 from eps)."""
-        pick = torch.randint(0, len(self.student_grid), (len(x0),), generator=generator).to(x0.device)
-        t = self.student_grid[pick]
+        # n distinct useful times from pure noise: {999, 749, 499, 249} (VP), {1000, 900, 750, 500} (flow, shift 3)
+        grid = self.student_times(self.params.student_steps, x0.shape)
+        pick = torch.randint(0, len(grid), (len(x0),), generator=generator).to(x0.device)
+        t = grid[pick]
         noise = randn(x0.shape, generator, x0)
         first = (pick == 0).reshape(-1, *[1] * (x0.ndim - 1))
         x_t = torch.where(first, noise, self.teacher.add_noise(x0, noise, t))
@@ -334,13 +338,14 @@ class Adversarial(Method):
 
     renoises = True
 
-    def sample_times(self, steps: int) -> list[float]:
+    def sample_times(self, steps: int, shape=None) -> list[float]:
         """`steps` distinct times from pure noise (Teacher.student_timesteps), the training grid's for
         steps = student_steps."""
-        return self.teacher.student_timesteps(steps).tolist()
+        return self.teacher.student_timesteps(steps, shape).tolist()
 
     @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
         cfg, w = self.guidance_args(guidance, len(cond))
-        x = randn((len(cond), *shape), generator, self.student_grid)
-        return renoise_chain(self.teacher, self.student.backbone, x, cond, self.sample_times(steps), generator, cfg, w)
+        x = randn((len(cond), *shape), generator, self.teacher.device)
+        return renoise_chain(self.teacher, self.student.backbone, x, cond, self.sample_times(steps, shape), generator,
+                             cfg, w)

@@ -21,7 +21,7 @@ import torch
 from distill.errors import ConfigError, DistillError, check_choice
 from distill.methods.base import LossOut, Method, cfg_scale, check_guidance_range, ranged, uniform
 from distill.sampling import randn, renoise_chain
-from distill.schedules import subsample, with_end
+from distill.schedules import subsample
 from distill.solvers import bcast, consistency_scalings, ddim_step
 
 
@@ -55,14 +55,12 @@ class Consistency(Method):
     Params = ConsistencyParams
     reads_ema = True  # the target network theta^- (LCM, Algorithm 1)
 
-    def __init__(self, teacher, student, params: ConsistencyParams):
-        super().__init__(teacher, student, params)
-        # t_1 > ... > t_N evenly spaced on the teacher's scale (VP: its trailing DDIM grid; flow: shifted sigmas
-        # without FlowMatchEuler's sigma_min point, so n-step sampling has no near-zero time), closed by t = 0
-        # where f(x, 0) = x (c_skip = 1, c_out = 0); with phases, by the teacher's clean time (the last edge).
-        end = 0.0 if params.phases == 1 else teacher.end_time
-        self.register_buffer("grid", with_end(teacher.student_timesteps(params.num_teacher_steps), end),
-                             persistent=False)
+    def grid(self, shape=None) -> torch.Tensor:
+        """t_1 > ... > t_N evenly spaced on the teacher's scale (VP: its trailing DDIM grid; flow: shifted sigmas
+        without FlowMatchEuler's sigma_min point, so n-step sampling has no near-zero time), closed by t = 0
+        where f(x, 0) = x (c_skip = 1, c_out = 0); with phases, by the teacher's clean time (the last edge)."""
+        end = 0.0 if self.params.phases == 1 else self.teacher.end_time
+        return self.student_times(self.params.num_teacher_steps, shape, end)
 
     def consistency_fn(self, x, t, cond, backbone, w, edge=None):
         """f(x, t) = c_skip(t) x + c_out(t) x0(x, t)  (LCM eq. 5); with `edge` (phases > 1), the DDIM step of the
@@ -80,8 +78,9 @@ class Consistency(Method):
         n = torch.randint(0, p.num_teacher_steps, (len(x0),), generator=g).to(x0.device)
         span = p.num_teacher_steps // p.phases
         lower = (n // span + 1) * span  # index of the phase's lower edge (the grid's end for K = 1)
-        t_hi, t_lo = self.grid[n], self.grid[torch.minimum(n + p.skip, lower)]
-        edge = self.grid[lower] if p.phases > 1 else None
+        grid = self.grid(x0.shape)
+        t_hi, t_lo = grid[n], grid[torch.minimum(n + p.skip, lower)]
+        edge = grid[lower] if p.phases > 1 else None
         x_hi = teacher.add_noise(x0, randn(x0.shape, g, x0), t_hi)  # Alg. 1 line 4: z_{t_{n+k}} ~ q(z | x0)
         w = uniform(len(x0), p.guidance_min, p.guidance_max, g, x0)  # Alg. 1 line 3: omega ~ U[w_min, w_max]
         guidance = 1.0 if p.guidance_max == 1.0 else w  # w = 1 everywhere: skip the unconditional pass
@@ -114,15 +113,15 @@ class Consistency(Method):
             raise ConfigError("sample.steps", cfg.sample.steps, f"a {k}-phase consistency student samples in {k} steps, "
                               f"one per phase; set sample.steps={k}")
 
-    def sample_times(self, steps: int) -> list[float]:
+    def sample_times(self, steps: int, shape=None) -> list[float]:
         """`steps` points of the training grid, LCMScheduler's choice; with phases, the K phases' upper edges."""
         k = self.params.phases
         if k > 1:
             if steps != k:
                 raise DistillError(f"--steps {steps}: this phased consistency student samples in one step per phase, "
                                    f"{k} steps")
-            return self.grid[:-1:self.params.num_teacher_steps // k].tolist()
-        return subsample(self.grid[:-1].cpu(), steps).tolist()
+            return self.grid(shape)[:-1:self.params.num_teacher_steps // k].tolist()
+        return subsample(self.grid(shape)[:-1].cpu(), steps).tolist()
 
     @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
@@ -131,5 +130,5 @@ class Consistency(Method):
             return super().sample(cond, steps, generator, shape, guidance)
         cfg, w = self.guidance_args(guidance, len(cond))
         x = randn((len(cond), *shape), generator, self.teacher.device)
-        return renoise_chain(self.teacher, self.student.backbone, x, cond, self.sample_times(steps), generator, cfg, w,
-                             boundary=(self.params.sigma_data, self.params.timestep_scaling))
+        return renoise_chain(self.teacher, self.student.backbone, x, cond, self.sample_times(steps, shape), generator,
+                             cfg, w, boundary=(self.params.sigma_data, self.params.timestep_scaling))

@@ -93,8 +93,9 @@ class DMD2(Adversarial):
     def loss(self, batch, turn) -> LossOut:
         p, g, cond = self.params, batch["generator"], batch["cond"]
         shape = latent_shape(self.teacher, batch)
+        grid = self.student_times(p.student_steps, shape)
         if turn == "student":
-            x0 = simulate(self.teacher, self.student.backbone, self.student_grid, cond, g, shape)
+            x0 = simulate(self.teacher, self.student.backbone, grid, cond, g, shape)
             loss = dm_loss(self.teacher, self.fake, p, x0, cond, g)
             logs = {"dm": loss.item()}
             if p.gan_student_weight > 0:  # non-saturating: softplus(-D(fake))
@@ -103,7 +104,7 @@ class DMD2(Adversarial):
                 logs["gan"] = gan.item()
             return LossOut(loss, logs)
         with torch.no_grad():
-            x0 = simulate(self.teacher, self.student.backbone, self.student_grid, cond, g, shape)
+            x0 = simulate(self.teacher, self.student.backbone, grid, cond, g, shape)
         loss = fake_loss(self.teacher, self.fake, x0, cond, g)
         logs = {"denoise": loss.item()}
         if p.gan_fake_weight > 0:

@@ -77,7 +77,7 @@ def simulate(teacher, backbone, grid: torch.Tensor, cond, g, latent: tuple[int, 
     if k:
         with torch.no_grad():
             x = renoise_chain(teacher, backbone, x, cond, grid[:k].tolist(), g, guidance_cond=guidance_cond)
-            x = teacher.add_noise(x, randn(shape, g, x), grid[k])
+            x = teacher.add_noise(x, teacher.step_noise(shape, lambda s: randn(s, g, x)), grid[k])
     return teacher.predict(x, grid[k], cond, backbone=backbone, guidance_cond=guidance_cond)[0]
 
 

@@ -17,7 +17,6 @@ import torch
 from distill.errors import ConfigError, DistillError, check_choice
 from distill.methods.base import LossOut, Method, cfg_scale, check_guidance_range, ranged, uniform
 from distill.sampling import randn
-from distill.schedules import with_end
 from distill.solvers import bcast, ddim_step, one_step_target, prediction_loss
 
 
@@ -66,10 +65,6 @@ class Progressive(Method):
 
     def __init__(self, teacher, student, params: ProgressiveParams):
         super().__init__(teacher, student, params)
-        # Evenly spaced from pure noise on the family's scale, so every n-step student nests in it with n useful
-        # times (a flow teacher's own Euler grid ends at sigma_min, a near-identity last step).
-        self.register_buffer("grid", with_end(teacher.student_timesteps(params.start_steps), teacher.end_time),
-                             persistent=False)
         if params.student_output == "v" and teacher.flow:
             raise ConfigError("method.params.student_output", "v", "v = alpha*eps - sigma*x needs a variance-"
                               "preserving teacher (a flow teacher's own output already is a velocity): use teacher or x")
@@ -82,6 +77,11 @@ class Progressive(Method):
                                if student.kind == "full" else None)
         if params.teacher_from_student:
             self.previous = self.student.snapshot(self.round_backbone)
+
+    def grid(self, shape=None) -> torch.Tensor:
+        """Evenly spaced from pure noise on the family's scale, so every n-step student nests in it with n useful
+        times (a flow teacher's own Euler grid ends at sigma_min, a near-identity last step)."""
+        return self.student_times(self.params.start_steps, shape, self.teacher.end_time)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -104,7 +104,7 @@ class Progressive(Method):
         p, teacher, g = self.params, self.teacher, batch["generator"]
         x0, cond = batch["latents"].float(), batch["cond"]
         n = p.start_steps // 2 ** (self.round + 1)  # this round's student steps
-        times = self.grid[:: p.start_steps // (2 * n)]  # the teacher's 2n-step grid, 2n + 1 points
+        times = self.grid(x0.shape)[:: p.start_steps // (2 * n)]  # the teacher's 2n-step grid, 2n + 1 points
         j = torch.randint(0, n, (len(x0),), generator=g).to(x0.device)
         t, t1, t2 = times[2 * j], times[2 * j + 1], times[2 * j + 2]
         a, s = teacher.alpha_sigma(t)
@@ -181,9 +181,9 @@ class Progressive(Method):
     def resume_at(self, step: int) -> None:
         self.round = self.round_of(step)
 
-    def sample_times(self, steps: int) -> list[float]:
+    def sample_times(self, steps: int, shape=None) -> list[float]:
         """The nested grid: every (start_steps / steps)-th point of the start grid (the base class's DDIM)."""
         if self.params.start_steps % steps:
             raise DistillError(f"a progressive student samples at a divisor of start_steps={self.params.start_steps}"
                                f", not {steps} steps")
-        return self.grid[:: self.params.start_steps // steps][:-1].tolist()
+        return self.grid(shape)[:: self.params.start_steps // steps][:-1].tolist()

@@ -58,8 +58,6 @@ class RCM(SCM):
     def __init__(self, teacher, student, params: RCMParams):
         super().__init__(teacher, student, params)
         self.fake = fake_score(teacher, student, params)
-        self.register_buffer("student_grid", teacher.student_timesteps(params.student_steps).float(),
-                             persistent=False)
 
     @classmethod
     def check_config(cls, cfg) -> None:
@@ -76,8 +74,9 @@ class RCM(SCM):
         return super().parameters_for(turn)
 
     def generate(self, batch) -> torch.Tensor:
-        return simulate(self.teacher, self.student.backbone, self.student_grid, batch["cond"], batch["generator"],
-                        latent_shape(self.teacher, batch))
+        shape = latent_shape(self.teacher, batch)
+        grid = self.student_times(self.params.student_steps, shape)
+        return simulate(self.teacher, self.student.backbone, grid, batch["cond"], batch["generator"], shape)
 
     def dm_scale(self, x0: torch.Tensor) -> float:
         """dmd_weight in this loss's units: 2 sqrt(D) / sigma_d times it (the module's docstring)."""

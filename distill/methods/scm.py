@@ -134,12 +134,13 @@ class SCM(Method):
         loss = (weight.exp() * per_sample - weight).mean()
         return LossOut(loss, {"s_mean": float(s.mean()), "tangent_norm": float(norm.mean()), "warmup_r": r})
 
-    def sample_times(self, steps: int) -> list[float]:
-        return self.teacher.student_timesteps(steps).tolist()
+    def sample_times(self, steps: int, shape=None) -> list[float]:
+        return self.teacher.student_timesteps(steps, shape).tolist()
 
     @torch.no_grad()
     def sample(self, cond, steps: int, generator, shape, guidance=1.0):
         """The multistep consistency sampler (sCM sec. 2): the backbone's x0 at each time, re-noised to the next."""
         cfg, w = self.guidance_args(guidance, len(cond))
         x = randn((len(cond), *shape), generator, self.teacher.device)
-        return renoise_chain(self.teacher, self.student.backbone, x, cond, self.sample_times(steps), generator, cfg, w)
+        times = self.sample_times(steps, shape)
+        return renoise_chain(self.teacher, self.student.backbone, x, cond, times, generator, cfg, w)
