@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from distill import config, data, metrics, paths
+from distill import config, data, digits, metrics, paths
 from distill.config import Config
 from distill.errors import DistillError
 from distill.methods.base import Method
@@ -28,9 +28,9 @@ from distill.sampling import conditioning, ddim_sample, to_pil
 DIGIT = re.compile(r"digit (\d)\b")
 PAIR_REFERENCE_SIZE = 2000  # real pairs drawn (with a fixed seed) for the digit_pairs reference set
 # The reference sets: their prompts (the default of an evaluation) and the feature extractor FID/KID read.
-WORLDS = {"digits": (data.DIGIT_PROMPTS, metrics.DIGITS_EXTRACTOR),
-          "digit_pairs": (data.PAIR_PROMPTS, metrics.PAIRS_EXTRACTOR),
-          "digit_stacks": (data.STACK_PROMPTS, metrics.STACKS_EXTRACTOR)}
+WORLDS = {"digits": (digits.DIGIT_PROMPTS, metrics.DIGITS_EXTRACTOR),
+          "digit_pairs": (digits.PAIR_PROMPTS, metrics.PAIRS_EXTRACTOR),
+          "digit_stacks": (digits.STACK_PROMPTS, metrics.STACKS_EXTRACTOR)}
 
 
 def check_reference(kind: str) -> None:
@@ -94,8 +94,8 @@ def nfe(method, steps: int, guidance: float, teacher: bool) -> int:
 def _reference_set(kind: str, resolution: int):
     check_reference(kind)
     if kind == "digits":
-        return data.Digits(resolution)
-    world = data.DigitPairs if kind == "digit_pairs" else data.DigitStacks
+        return digits.Digits(resolution)
+    world = digits.DigitPairs if kind == "digit_pairs" else digits.DigitStacks
     return world(resolution, size=PAIR_REFERENCE_SIZE, seed=1, held_out=True)  # every pair, as drawn
 
 
@@ -287,11 +287,11 @@ def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool,
 def adherence(images: torch.Tensor, prompts: list[str]) -> dict:
     """Prompt adherence with Wilson intervals, where every prompt names a digit or a pair of digits (side by side, or
     stacked); else {}."""
-    for pattern, stacked in ((data.PAIR, False), (data.STACK, True)):
+    for pattern, stacked in ((digits.PAIR, False), (digits.STACK, True)):
         pairs = [pattern.search(p) for p in prompts]
         if all(pairs):
             left, right = (torch.tensor([int(m.group(k)) for m in pairs]) for k in (1, 2))
-            held_out = torch.tensor([(a, b) in data.HELD_OUT_PAIRS for a, b in zip(left.tolist(), right.tolist())])
+            held_out = torch.tensor([(a, b) in digits.HELD_OUT_PAIRS for a, b in zip(left.tolist(), right.tolist())])
             return metrics.pair_adherence(images, left, right, held_out, stacked=stacked)
     labels = [DIGIT.search(p) for p in prompts]
     if all(labels):

@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 
 import students
 from students import compressed
-from distill import checkpoint, config, data, leaderboard, paths
+from distill import checkpoint, config, data, digits, leaderboard, paths
 from distill.errors import DistillError
 from distill.evaluation import git_commit, sample_images, write_grid
 from distill.runs import load_run
@@ -144,8 +144,8 @@ def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: i
     single_file = f"{teacher.family}_{cfg.method.name}_{steps}step.safetensors"
 
     with paths.atomic_folder(to) as tmp:
-        prompts = prompts or {"digit_pairs": data.PAIR_PROMPTS[::11], "digit_stacks": data.STACK_PROMPTS[::11]}.get(
-            cfg.data.kind, data.DIGIT_PROMPTS)
+        prompts = prompts or {"digit_pairs": digits.PAIR_PROMPTS[::11], "digit_stacks": digits.STACK_PROMPTS[::11]}.get(
+            cfg.data.kind, digits.DIGIT_PROMPTS)
         images, _ = sample_images(method, prompts, steps, 0, guidance, teacher=False)
         write_grid(images, 1, tmp / "samples.png")
         torch_dtype = DTYPES[dtype]

@@ -374,9 +374,9 @@ def _training_report(cfg, batch_size, repeats, compile, warmup, methods, profile
 
 def _sampling_report(run, cfg, method, step, steps, teacher_steps, teacher_guidance, batch_size, repeats, flags,
                      amp, db, warmup, threads) -> list[str]:
-    from distill import data
+    from distill import digits
 
-    prompts = [data.DIGIT_PROMPTS[i % 10] for i in range(batch_size)]
+    prompts = [digits.DIGIT_PROMPTS[i % 10] for i in range(batch_size)]
     kernels = sdpa_ops(sampler(method, prompts[:1], 1, 1.0, True, amp=amp))
     lines = [f"attention processors: {', '.join(attention_processors(method.teacher.backbone))}; "
              f"SDPA kernels that ran: {', '.join(kernels) or 'none'}"]

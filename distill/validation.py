@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill import data, paths
+from distill import digits, paths
 from distill.config import Config
 from distill.errors import ConfigError, DistillError
 from distill.evaluation import WORLDS, Scoring, evaluate, sample_images, world_prompts, write_grid
@@ -30,8 +30,8 @@ from distill.evaluation import WORLDS, Scoring, evaluate, sample_images, world_p
 FOLDER = "validation"  # in the run folder: the grids
 STEPS_KEY = "validate/steps"  # marks a validation record in metrics.jsonl
 # digit_pairs' grid: the ten pairs whose digits sum to 9, four of them held out of training (1-8, 3-6, 6-3, 8-1)
-PAIR_GRID = [data.pair_prompt(a, 9 - a) for a in range(10)]
-STACK_GRID = [data.stack_prompt(a, 9 - a) for a in range(10)]
+PAIR_GRID = [digits.pair_prompt(a, 9 - a) for a in range(10)]
+STACK_GRID = [digits.stack_prompt(a, 9 - a) for a in range(10)]
 MAX_DATA_PROMPTS = 8  # prompts taken from other data (the first distinct ones)
 CURVES_MARK = "distill curves"  # the PNG's Software field: a file `distill curves` may replace
 
@@ -74,7 +74,7 @@ def plan(cfg: Config, method, dataset, out: Path) -> Plan | None:
 def default_prompts(kind: str, dataset) -> list[str]:
     """The ten digit prompts, ten digit pairs, or the first distinct prompts of other data."""
     if kind in ("digits", "digit_shapes"):  # digit_shapes: the teacher's own (square) size is the singles'
-        return list(data.DIGIT_PROMPTS)
+        return list(digits.DIGIT_PROMPTS)
     if kind in ("digit_pairs", "digit_stacks"):
         return list(PAIR_GRID if kind == "digit_pairs" else STACK_GRID)
     found: list[str] = []

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import students  # noqa: E402
-from distill import data, sampling, speed  # noqa: E402
+from distill import digits, sampling, speed  # noqa: E402
 from distill.evaluation import sample_images  # noqa: E402
 from distill.runs import load_run  # noqa: E402
 from students import compressed  # noqa: E402
@@ -28,7 +28,7 @@ STEPS, BATCH, REPEATS = 4, 10, 20
 
 
 def call(method, guidance, stitch_with=None):
-    prompts = [data.DIGIT_PROMPTS[i % 10] for i in range(BATCH)]
+    prompts = [digits.DIGIT_PROMPTS[i % 10] for i in range(BATCH)]
 
     def run():
         if stitch_with is None:
@@ -56,7 +56,7 @@ def main() -> None:
         params |= {f"{name} LoRA merged": compressed.parameters(merged.student.backbone),
                    f"{name} compressed": compressed.parameters(small.student.backbone)}
         if teacher_job is None:
-            prompts = [data.DIGIT_PROMPTS[i % 10] for i in range(BATCH)]
+            prompts = [digits.DIGIT_PROMPTS[i % 10] for i in range(BATCH)]
             teacher_job = speed.sampler(lora, prompts, 50, 5.0, True)
     jobs["teacher, 50 CFG steps"] = teacher_job
     times = speed.interleaved(jobs, REPEATS, warmup=2)

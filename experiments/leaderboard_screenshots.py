@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from distill import data, evaluation
+from distill import digits, evaluation
 from distill.leaderboard import Leaderboard
 from distill.leaderboard_view import write_reports
 
@@ -36,8 +36,8 @@ TEACHER = "builtin:digits-sdxl"
 DIGITS = {"samples": 1000, "num_prompts": 10, "reference": "digits", "reference_size": 1797,
           "extractor": "distill-digits", "extractor_weights": None, "resolution": 16, "eval_seeds": [0],
           "bootstrap": 200, "teacher_reference_steps": 50, "teacher_reference_guidance": 5.0,
-          "prompts": hashlib.sha256("\n".join(p for p in data.DIGIT_PROMPTS for _ in range(100)).encode())
-          .hexdigest()[:12], "prompt_examples": list(data.DIGIT_PROMPTS)}
+          "prompts": hashlib.sha256("\n".join(p for p in digits.DIGIT_PROMPTS for _ in range(100)).encode())
+          .hexdigest()[:12], "prompt_examples": list(digits.DIGIT_PROMPTS)}
 NEW_FIELDS = {"prc_neighbours": 3, "diversity_features": "distill-digits"}
 REAL = {**DIGITS, "samples": 500, "num_prompts": 50, "reference": "images", "reference_path": "data/digits-png",
         "reference_size": 1000, "reference_digest": hashlib.sha256(b"digits-png").hexdigest(),
@@ -71,11 +71,11 @@ def wilson(p: float, n: int) -> tuple[float, float]:
 def samples(fid: float, seed: int) -> torch.Tensor:
     """Real digits of the prompted classes, one per prompt, blurred and noised more the higher the FID: what a
     row's grid might hold."""
-    ds = data.Digits(16)
+    ds = digits.Digits(16)
     by_digit: dict[str, list[int]] = {}
     for i in range(len(ds)):
         by_digit.setdefault(ds[i]["prompt"], []).append(i)
-    picks = torch.stack([ds[by_digit[p][seed % len(by_digit[p])]]["image"] for p in data.DIGIT_PROMPTS])
+    picks = torch.stack([ds[by_digit[p][seed % len(by_digit[p])]]["image"] for p in digits.DIGIT_PROMPTS])
     g = torch.Generator().manual_seed(seed)
     blur = torch.nn.functional.avg_pool2d(picks, 3, 1, 1, count_include_pad=False)
     mix = min(1.0, fid / 8)

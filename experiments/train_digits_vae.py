@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from distill.data import Digits
+from distill.digits import Digits
 from teachers import tiny
 
 

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from distill import buckets, data, runs
+from distill import buckets, data, digits, runs
 from distill.config import DataConfig
 from distill.errors import DistillError
 from distill.trainer import encode_batch, train
@@ -292,9 +292,9 @@ def test_the_shaped_digits_world_trains_in_three_buckets_and_scores_stacks(tmp_p
     import distill
     from distill import evaluation
 
-    stacks = data.DigitStacks(16)
+    stacks = digits.DigitStacks(16)
     item = stacks[3]
-    a, b = data.STACK.search(item["prompt"]).groups()
+    a, b = digits.STACK.search(item["prompt"]).groups()
     assert item["image"].shape == (3, 32, 16) and item["prompt"] == f"a {a} above a {b}"
     torch.testing.assert_close(item["image"][:, :16], stacks.digits[stacks.pick(3)[0]]["image"])
     real = evaluation.reference_images("digit_stacks", 16, 300)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from distill import data, metrics
+from distill import data, digits, metrics
 from distill.config import DataConfig
 from distill.errors import DistillError
 from distill.evaluation import adherence, reference_images
@@ -11,28 +11,28 @@ from distill.evaluation import adherence, reference_images
 @pytest.fixture(scope="module")
 def real_pairs():
     """Real pairs of every kind (the reference set) with their prompts."""
-    ds = data.DigitPairs(16, size=600, seed=1, held_out=True)
+    ds = digits.DigitPairs(16, size=600, seed=1, held_out=True)
     items = [ds[i] for i in range(len(ds))]
     return torch.stack([it["image"] for it in items]), [it["prompt"] for it in items]
 
 
 def test_pair_images_show_the_prompted_digits_and_never_a_held_out_pair():
-    ds = data.DigitPairs(16)
-    assert len(data.PAIR_PROMPTS) == 100 and len(data.HELD_OUT_PAIRS) == 20
+    ds = digits.DigitPairs(16)
+    assert len(digits.PAIR_PROMPTS) == 100 and len(digits.HELD_OUT_PAIRS) == 20
     for side in (0, 1):  # every digit is held out twice on each side
-        assert sorted(p[side] for p in data.HELD_OUT_PAIRS) == sorted(list(range(10)) * 2)
-    digits, seen = data.Digits(16), set()
+        assert sorted(p[side] for p in digits.HELD_OUT_PAIRS) == sorted(list(range(10)) * 2)
+    singles, seen = digits.Digits(16), set()
     for i in range(400):
         item = ds[i]
         a, b = ds.pick(i)
-        left, right = int(digits.labels[a]), int(digits.labels[b])
-        assert item["prompt"] == data.pair_prompt(left, right) == f"a {left} on the left and a {right} on the right"
+        left, right = int(singles.labels[a]), int(singles.labels[b])
+        assert item["prompt"] == digits.pair_prompt(left, right) == f"a {left} on the left and a {right} on the right"
         assert item["image"].shape == (3, 16, 32)
-        assert torch.equal(item["image"][:, :, :16], digits[a]["image"])
-        assert torch.equal(item["image"][:, :, 16:], digits[b]["image"])
+        assert torch.equal(item["image"][:, :, :16], singles[a]["image"])
+        assert torch.equal(item["image"][:, :, 16:], singles[b]["image"])
         seen.add((left, right))
-    assert not seen & data.HELD_OUT_PAIRS and len(seen) > 70  # 80 pairs are allowed
-    assert torch.equal(ds[7]["image"], data.DigitPairs(16)[7]["image"])  # the same sample on every read
+    assert not seen & digits.HELD_OUT_PAIRS and len(seen) > 70  # 80 pairs are allowed
+    assert torch.equal(ds[7]["image"], digits.DigitPairs(16)[7]["image"])  # the same sample on every read
 
 
 def test_digit_pairs_data_needs_a_teacher_twice_as_wide():
@@ -50,11 +50,11 @@ def test_per_half_adherence_on_real_pairs(real_pairs):
     assert scores["adherence"] >= 0.95  # both digits read right
     assert scores["adherence_left"] >= 0.97 and scores["adherence_right"] >= 0.97
     assert scores["adherence_lo"] < scores["adherence"] < scores["adherence_hi"]
-    held = sum(data.PAIR.search(p).groups() in {tuple(map(str, q)) for q in data.HELD_OUT_PAIRS} for p in prompts)
+    held = sum(digits.PAIR.search(p).groups() in {tuple(map(str, q)) for q in digits.HELD_OUT_PAIRS} for p in prompts)
     assert 60 < held < 180 and scores["adherence_held_out"] >= 0.9 and scores["adherence_seen"] >= 0.95
     # The same images under their prompts with left and right swapped: only the pairs of one digit twice stay right.
-    swapped = [data.pair_prompt(*map(int, data.PAIR.search(p).groups()[::-1])) for p in prompts]
-    same = sum(a == b for a, b in (data.PAIR.search(p).groups() for p in prompts)) / len(prompts)
+    swapped = [digits.pair_prompt(*map(int, digits.PAIR.search(p).groups()[::-1])) for p in prompts]
+    same = sum(a == b for a, b in (digits.PAIR.search(p).groups() for p in prompts)) / len(prompts)
     assert adherence(images, swapped)["adherence"] < same + 0.05 < 0.2
 
 
@@ -140,7 +140,7 @@ def test_shipped_pairs_teacher_draws_both_prompted_digits_with_plain_diffusers(n
     pipe = getattr(diffusers, pipeline).from_pretrained(teachers.ZOO[name])
     pipe.set_progress_bar_config(disable=True)
     pairs = [(a, (a + k) % 10) for a in range(10) for k in (1, 3)]  # 10 seen pairs and 10 held-out ones
-    prompts = [data.pair_prompt(a, b) for a, b in pairs]
+    prompts = [digits.pair_prompt(a, b) for a, b in pairs]
     images = pipe(prompts, height=16, width=32, num_inference_steps=30, output_type="pt",
                   generator=torch.Generator().manual_seed(0), **call).images * 2 - 1
     assert images.shape == (20, 3, 16, 32)
