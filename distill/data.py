@@ -260,6 +260,20 @@ class ImageFolder(torch.utils.data.Dataset):
             raise BadSample(f"{path} is missing")
         return open_image(path, str(path)), caption
 
+    def names(self) -> list[str]:
+        return [str(path) for path, _ in self.items]
+
+    def stamp(self) -> str:
+        """What its images' sizes depend on: their names, and each file's size and modification time."""
+        h = hashlib.sha256()
+        for path, _ in self.items:
+            try:
+                st = path.stat()
+                h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+            except OSError:
+                h.update(f"{path}\t-\n".encode())
+        return h.hexdigest()
+
     def headers(self):
         """(name, (height, width) or None where unreadable) of every image, read from its header alone."""
         for path, _ in self.items:
@@ -312,6 +326,17 @@ class TarShards(torch.utils.data.Dataset):
             raise BadSample(f"{shard}:{name} cannot be read ({type(e).__name__})") from e
         return img, caption.strip()
 
+    def names(self) -> list[str]:
+        return [f"{shard}:{name}" for shard, name, _ in self.items]
+
+    def stamp(self) -> str:
+        """What its images' sizes depend on: each shard's path, size and modification time."""
+        h = hashlib.sha256()
+        for shard in sorted({shard for shard, _, _ in self.items}):
+            st = shard.stat()
+            h.update(f"{shard}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
+
     def headers(self):
         """(name, (height, width) or None where unreadable) of every image, each shard opened once."""
         open_shard, tar = None, None
@@ -335,17 +360,35 @@ class TarShards(torch.utils.data.Dataset):
         return {"prompt": caption, "image": image_to_tensor(img, self.size)}
 
 
+def image_sizes(dataset, index: Path | None = None) -> list[tuple[int, int] | None]:
+    """Each image's (height, width) from its header, None where unreadable. With `index` (a JSON file: a run's
+    image_sizes.json), the sizes written there are taken while the files are the same (dataset.stamp), and a fresh
+    read is written there: a resumed run, and every process after the first, read no header again."""
+    stamp = dataset.stamp()
+    if index is not None and index.is_file():
+        try:
+            saved = json.loads(index.read_text())
+            if saved["stamp"] == stamp and len(saved["sizes"]) == len(dataset):
+                return [tuple(hw) if hw else None for hw in saved["sizes"]]
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # unreadable: read the headers again and write it anew
+    sizes = [hw for _, hw in dataset.headers()]
+    if index is not None:
+        paths.write_atomic(index, json.dumps({"stamp": stamp, "sizes": sizes}))
+    return sizes
+
+
 class Bucketed(torch.utils.data.Dataset):
     """Images (an ImageFolder or TarShards) each cut to the bucket nearest its aspect ratio (distill.buckets), with
     the size conditioning SDXL reads: the image's original (height, width) and the crop's (top, left). Every
-    image's header is read once here, so an image that fits no bucket is named before training starts; one that
-    cannot be read is in no bucket (-1), never drawn."""
+    image's header is read once here (or its size taken from `index`: image_sizes), so an image that fits no bucket
+    is named before training starts; one that cannot be read is in no bucket (-1), never drawn."""
 
     provides = {"prompt", "image"}
 
-    def __init__(self, dataset, sizes: list[tuple[int, int]], upscale: bool = True):
+    def __init__(self, dataset, sizes: list[tuple[int, int]], upscale: bool = True, index: Path | None = None):
         self.dataset, self.sizes, self.bucket_of = dataset, sizes, []
-        for name, hw in dataset.headers():
+        for name, hw in zip(dataset.names(), image_sizes(dataset, index)):
             if hw is None:
                 print(f"warning: skipped a bad sample: {name} is not a readable image", file=sys.stderr)
                 self.bucket_of.append(-1)
@@ -465,8 +508,9 @@ class SkipBad(torch.utils.data.Dataset):
         raise DistillError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {i}; check the data set")
 
 
-def build(cfg: DataConfig, size: int | tuple[int, int], teacher=None, seed: int = 0):
-    """The data set of cfg for images of `size` (height, width; an int is square)."""
+def build(cfg: DataConfig, size: int | tuple[int, int], teacher=None, seed: int = 0, index: Path | None = None):
+    """The data set of cfg for images of `size` (height, width; an int is square); `index`: where bucketed images'
+    sizes are kept between starts (image_sizes)."""
     path = Path(cfg.path).expanduser() if cfg.path else None
     height, width = (size, size) if isinstance(size, int) else size
     if cfg.kind == "prompts":
@@ -502,7 +546,7 @@ def build(cfg: DataConfig, size: int | tuple[int, int], teacher=None, seed: int 
     else:
         ds = Samples(teacher.dataset(cfg.size, seed))
     if cfg.buckets is not None and cfg.kind != "latents":
-        ds = Bucketed(ds, bucket_sizes(cfg, (height, width), teacher), cfg.upscale)
+        ds = Bucketed(ds, bucket_sizes(cfg, (height, width), teacher), cfg.upscale, index)
     return SkipBad(ds)
 
 
