@@ -289,7 +289,8 @@ class ImageFolder(torch.utils.data.Dataset):
 
 
 class TarShards(torch.utils.data.Dataset):
-    """Webdataset-style shards: members `key.png|jpg` with `key.txt` or `key.json` ({"caption": ...})."""
+    """Webdataset-style shards: members `key.png|jpg` with `key.txt` or `key.json` ({"caption": ...}). Each member's
+    place in an uncompressed shard is noted once, so a read is one seek; a compressed shard is read through tarfile."""
 
     provides = {"prompt", "image"}
 
@@ -299,35 +300,50 @@ class TarShards(torch.utils.data.Dataset):
         for shard in shards:
             try:
                 with tarfile.open(shard) as tar:
-                    names = {m.name for m in tar.getmembers() if m.isfile()}
+                    plain = isinstance(tar.fileobj, io.BufferedReader)  # not gzip, bz2 or xz
+                    spans = {m.name: (m.offset_data, m.size) if plain else None for m in tar.getmembers()
+                             if m.isfile()}
             except (tarfile.TarError, OSError) as e:
                 raise DistillError(f"tar shard {shard} is corrupt or truncated ({type(e).__name__}); re-create or "
                                   "remove it") from e
-            for name in sorted(names):
+            for name in sorted(spans):
                 stem, suffix = name.rsplit(".", 1) if "." in name else (name, "")
                 if "." + suffix.lower() in IMAGE_SUFFIXES:
-                    caption = next((f"{stem}.{c}" for c in ("txt", "json") if f"{stem}.{c}" in names), None)
-                    self.items.append((shard, name, caption))
+                    caption = next((f"{stem}.{c}" for c in ("txt", "json") if f"{stem}.{c}" in spans), None)
+                    self.items.append((shard, (name, spans[name]), caption and (caption, spans[caption])))
         if not self.items:
             raise DistillError(f"no image members found in tar shards at {folder}")
 
     def __len__(self):
         return len(self.items)
 
-    def read(self, i) -> tuple[Image.Image, str]:
-        shard, name, caption_name = self.items[i]
-        try:
+    @staticmethod
+    def member(shard: Path, member: tuple[str, tuple[int, int] | None]) -> bytes:
+        """A member's bytes: one seek where its place is known, else through tarfile."""
+        name, span = member
+        if span is None:
             with tarfile.open(shard) as tar:
-                img = open_image(io.BytesIO(tar.extractfile(name).read()), f"{shard}:{name}")
-                caption = tar.extractfile(caption_name).read().decode() if caption_name else ""
-            if caption_name and caption_name.endswith(".json"):
-                caption = json.loads(caption).get("caption", "")
+                return tar.extractfile(name).read()
+        with open(shard, "rb") as f:
+            f.seek(span[0])
+            data = f.read(span[1])
+        if len(data) != span[1]:
+            raise OSError(f"{shard} ends inside {name}")
+        return data
+
+    def read(self, i) -> tuple[Image.Image, str]:
+        shard, image, caption = self.items[i]
+        try:
+            img = open_image(io.BytesIO(self.member(shard, image)), f"{shard}:{image[0]}")
+            text = self.member(shard, caption).decode() if caption else ""
+            if caption and caption[0].endswith(".json"):
+                text = json.loads(text).get("caption", "")
         except (tarfile.TarError, OSError, ValueError, AttributeError) as e:
-            raise BadSample(f"{shard}:{name} cannot be read ({type(e).__name__})") from e
-        return img, caption.strip()
+            raise BadSample(f"{shard}:{image[0]} cannot be read ({type(e).__name__})") from e
+        return img, text.strip()
 
     def names(self) -> list[str]:
-        return [f"{shard}:{name}" for shard, name, _ in self.items]
+        return [f"{shard}:{image[0]}" for shard, image, _ in self.items]
 
     def stamp(self) -> str:
         """What its images' sizes depend on: each shard's path, size and modification time."""
@@ -338,22 +354,13 @@ class TarShards(torch.utils.data.Dataset):
         return h.hexdigest()
 
     def headers(self):
-        """(name, (height, width) or None where unreadable) of every image, each shard opened once."""
-        open_shard, tar = None, None
-        try:
-            for shard, name, _ in self.items:
-                if shard != open_shard:
-                    if tar is not None:
-                        tar.close()
-                    open_shard, tar = shard, tarfile.open(shard)
-                try:
-                    with Image.open(io.BytesIO(tar.extractfile(name).read())) as img:
-                        yield f"{shard}:{name}", (img.height, img.width)
-                except (tarfile.TarError, OSError, ValueError, AttributeError, Image.DecompressionBombError):
-                    yield f"{shard}:{name}", None
-        finally:
-            if tar is not None:
-                tar.close()
+        """(name, (height, width) or None where unreadable) of every image, read from its header alone."""
+        for name, (shard, image, _) in zip(self.names(), self.items):
+            try:
+                with Image.open(io.BytesIO(self.member(shard, image))) as img:
+                    yield name, (img.height, img.width)
+            except (tarfile.TarError, OSError, ValueError, AttributeError, Image.DecompressionBombError):
+                yield name, None
 
     def __getitem__(self, i):
         img, caption = self.read(i)

@@ -62,6 +62,18 @@ def test_tar_shards(tmp_path):
     assert len(ds) == 6
     assert [ds[i]["prompt"] for i in range(3)] == ["caption 00", "caption 01", "json 02"]
     assert ds[5]["image"].shape == (3, 8, 8)
+    # a compressed shard reads the same through tarfile (no seeks into a gzip stream)
+    with tarfile.open(tmp_path / "shard-0.tar") as src, tarfile.open(tmp_path / "zipped.tar.gz", "w:gz") as dst:
+        for m in src.getmembers():
+            dst.addfile(m, src.extractfile(m))
+    zipped = data.build(DataConfig(kind="shards", path=str(tmp_path / "zipped.tar.gz")), 8)
+    assert [zipped[i]["prompt"] for i in range(3)] == ["caption 00", "caption 01", "json 02"]
+    assert all(torch.equal(zipped[i]["image"], ds[i]["image"]) for i in range(3))
+    # a shard cut short after it was listed: its last image is a bad sample, named
+    shards = data.TarShards(tmp_path / "shard-1.tar", 8)
+    (tmp_path / "shard-1.tar").write_bytes((tmp_path / "shard-1.tar").read_bytes()[:shards.items[2][1][1][0] + 10])
+    with pytest.raises(data.BadSample, match="shard-1.tar:12.png cannot be read"):
+        shards.read(2)
 
 
 def test_step_batches_are_a_pure_function_of_step():
