@@ -301,6 +301,9 @@ class TarShards(torch.utils.data.Dataset):
             try:
                 with tarfile.open(shard) as tar:
                     plain = isinstance(tar.fileobj, io.BufferedReader)  # not gzip, bz2 or xz
+                    if not plain:
+                        print(f"warning: tar shard {shard} is compressed: every read decompresses it from its start; "
+                              "uncompressed .tar shards are read by one seek", file=sys.stderr)
                     spans = {m.name: (m.offset_data, m.size) if plain else None for m in tar.getmembers()
                              if m.isfile()}
             except (tarfile.TarError, OSError) as e:

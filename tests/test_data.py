@@ -42,7 +42,7 @@ def test_image_folder_resizes_and_crops(tmp_path):
         data.build(DataConfig(kind="images", path=str(tmp_path / "..")), 16)
 
 
-def test_tar_shards(tmp_path):
+def test_tar_shards(tmp_path, capsys):
     def add(tar, name, payload):
         info = tarfile.TarInfo(name)
         info.size = len(payload)
@@ -67,6 +67,7 @@ def test_tar_shards(tmp_path):
         for m in src.getmembers():
             dst.addfile(m, src.extractfile(m))
     zipped = data.build(DataConfig(kind="shards", path=str(tmp_path / "zipped.tar.gz")), 8)
+    assert "zipped.tar.gz is compressed: every read decompresses it" in capsys.readouterr().err
     assert [zipped[i]["prompt"] for i in range(3)] == ["caption 00", "caption 01", "json 02"]
     assert all(torch.equal(zipped[i]["image"], ds[i]["image"]) for i in range(3))
     # a shard cut short after it was listed: its last image is a bad sample, named
