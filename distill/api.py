@@ -183,7 +183,10 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
     if size is not None:
         method.teacher.check_sizes([tuple(size)], "--sizes")
-    if board is not None:  # before sampling; the settings at the trained size: another size is only another table
+    # before sampling: a size's own table takes the row, else the settings must pass at the trained size (another
+    # size is only another table)
+    if board is not None and (size is None or leaderboard.protocol_id(
+            protocol(scoring, cfg, guidance, teacher, size)) not in board.protocols()):
         board.check_protocol(protocol(scoring, cfg, guidance, teacher), new_table)
     with stitching(method, stitch, steps) as k:
         row, images = score(method, cfg, steps, scoring, guidance, teacher, step, str(ckpt), size=size)

@@ -298,6 +298,13 @@ def test_eval_measures_each_size_as_its_own_row_with_the_same_prompts_and_seeds(
     assert sizes[0] != sizes[1]
     from distill import cli as command_line
 
+    # in a leaderboard of that size alone, the teacher at it joins its table; other settings are still refused
+    same = ["--reference", str(tmp_path / "imgs"), "--prompts", str(prompts), "--extractor", "distill-digits",
+            "--bootstrap", "5", "--db", str(tmp_path / "one-size.sqlite"), "--steps", "1", "--sizes", "32x16"]
+    for extra in (["--num-per-prompt", "3"], ["--teacher", "--num-per-prompt", "3"]):
+        assert command_line.main(["eval", str(tmp_path / "run"), *extra, *same]) == 0
+    assert command_line.main(["eval", str(tmp_path / "run"), "--num-per-prompt", "2", *same]) == 2
+    assert "samples 6 -> 4" in capsys.readouterr().err
     for sizes, message in [("16x17", "multiples of 2 px"), ("16by16", "is not HxW")]:
         with pytest.raises(SystemExit) if "by" in sizes else contextlib.nullcontext():
             assert command_line.main(["eval", str(tmp_path / "run"), "--steps", "1", "--sizes", sizes]) == 2
