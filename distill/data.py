@@ -370,35 +370,37 @@ class TarShards(torch.utils.data.Dataset):
         return {"prompt": caption, "image": image_to_tensor(img, self.size)}
 
 
-def image_sizes(dataset, index: Path | None = None) -> list[tuple[int, int] | None]:
-    """Each image's (height, width) from its header, None where unreadable. With `index` (a JSON file: a run's
-    image_sizes.json), the sizes written there are taken while the files are the same (dataset.stamp), and a fresh
-    read is written there: a resumed run, and every process after the first, read no header again."""
+def image_sizes(dataset) -> list[tuple[int, int] | None]:
+    """Each image's (height, width) from its header, None where unreadable. They are kept in distill's cache under
+    the digest of the files (dataset.stamp: their names, sizes and modification times), so a resumed run, every
+    process after the first and every other run on the same files read no header again."""
     stamp = dataset.stamp()
-    if index is not None and index.is_file():
-        try:
-            saved = json.loads(index.read_text())
-            if saved["stamp"] == stamp and len(saved["sizes"]) == len(dataset):
-                return [tuple(hw) if hw else None for hw in saved["sizes"]]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # unreadable: read the headers again and write it anew
+    index = paths.cache_dir() / "image_sizes" / f"{stamp}.json"
+    try:
+        sizes = json.loads(index.read_text())
+        if len(sizes) == len(dataset):
+            return [tuple(hw) if hw else None for hw in sizes]
+    except (OSError, ValueError, TypeError):
+        pass  # not there, or unreadable: read the headers and write it anew
     sizes = [hw for _, hw in dataset.headers()]
-    if index is not None:
-        paths.write_atomic(index, json.dumps({"stamp": stamp, "sizes": sizes}))
+    try:
+        paths.write_atomic(index, json.dumps(sizes))
+    except (DistillError, OSError):
+        pass  # a read-only cache: the next start reads the headers again
     return sizes
 
 
 class Bucketed(torch.utils.data.Dataset):
     """Images (an ImageFolder or TarShards) each cut to the bucket nearest its aspect ratio (distill.buckets), with
     the size conditioning SDXL reads: the image's original (height, width) and the crop's (top, left). Every
-    image's header is read once here (or its size taken from `index`: image_sizes), so an image that fits no bucket
-    is named before training starts; one that cannot be read is in no bucket (-1), never drawn."""
+    image's size is known before training starts (image_sizes), so an image that fits no bucket is named at once;
+    one that cannot be read is in no bucket (-1), never drawn."""
 
     provides = {"prompt", "image"}
 
-    def __init__(self, dataset, sizes: list[tuple[int, int]], upscale: bool = True, index: Path | None = None):
+    def __init__(self, dataset, sizes: list[tuple[int, int]], upscale: bool = True):
         self.dataset, self.sizes, self.bucket_of = dataset, sizes, []
-        for name, hw in zip(dataset.names(), image_sizes(dataset, index)):
+        for name, hw in zip(dataset.names(), image_sizes(dataset)):
             if hw is None:
                 print(f"warning: skipped a bad sample: {name} is not a readable image", file=sys.stderr)
                 self.bucket_of.append(-1)
@@ -518,9 +520,8 @@ class SkipBad(torch.utils.data.Dataset):
         raise DistillError(f"{MAX_BAD_IN_A_ROW} unreadable samples in a row from index {i}; check the data set")
 
 
-def build(cfg: DataConfig, size: int | tuple[int, int], teacher=None, seed: int = 0, index: Path | None = None):
-    """The data set of cfg for images of `size` (height, width; an int is square); `index`: where bucketed images'
-    sizes are kept between starts (image_sizes)."""
+def build(cfg: DataConfig, size: int | tuple[int, int], teacher=None, seed: int = 0):
+    """The data set of cfg for images of `size` (height, width; an int is square)."""
     path = Path(cfg.path).expanduser() if cfg.path else None
     height, width = (size, size) if isinstance(size, int) else size
     if cfg.kind == "prompts":
@@ -556,7 +557,7 @@ def build(cfg: DataConfig, size: int | tuple[int, int], teacher=None, seed: int 
     else:
         ds = Samples(teacher.dataset(cfg.size, seed))
     if cfg.buckets is not None and cfg.kind != "latents":
-        ds = Bucketed(ds, bucket_sizes(cfg, (height, width), teacher), cfg.upscale, index)
+        ds = Bucketed(ds, bucket_sizes(cfg, (height, width), teacher), cfg.upscale)
     return SkipBad(ds)
 
 

@@ -17,6 +17,12 @@ KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character dev
          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
 
 
+def cache_dir() -> Path:
+    """Where distill keeps what it builds once for every run: built-in teachers, image-size indexes
+    ($DISTILL_CACHE, default ~/.cache/distill)."""
+    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
+
+
 def kind(path: Path) -> str:
     """What `path` is, in words: 'missing', 'a folder', 'a file', 'a FIFO (named pipe)', ..., or why it cannot be
     looked at (a name too long for the file system, a link that loops)."""

@@ -229,7 +229,7 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
     if tc.compile:
         fastpath.fast_path(method, compile=True)
     with accelerator.main_process_first():  # the first process reads bucketed images' headers, the rest its index
-        dataset = data.build(cfg.data, method.teacher.size, method.teacher, tc.seed, out / "image_sizes.json")
+        dataset = data.build(cfg.data, method.teacher.size, method.teacher, tc.seed)
     if method.needs_latents and not ({"image", "latents"} & dataset.provides):
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
                            f"{cfg.data.kind} has none; use images, shards, latents or digits")

@@ -82,10 +82,6 @@ def _classes():
     return {"sdxl": SDXLTeacher, "sd3": SD3Teacher, "flux": FluxTeacher}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("DISTILL_CACHE", Path.home() / ".cache" / "distill"))
-
-
 def family_of(folder: Path) -> str:
     index = folder / "model_index.json"
     if not index.is_file():
@@ -131,9 +127,9 @@ def _builtin(cfg: TeacherConfig) -> Path | Teacher:
         return ZOO[name]
     from teachers import tiny
 
-    folder = cache_dir() / "teachers" / name
+    folder = paths.cache_dir() / "teachers" / name
     if not (folder / "model_index.json").is_file():
-        paths.check_writable(cache_dir(), "DISTILL_CACHE (where built-in teachers are built)")
+        paths.check_writable(paths.cache_dir(), "DISTILL_CACHE (where built-in teachers are built)")
         tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
         tiny.build(name, tmp)
         try:

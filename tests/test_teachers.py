@@ -5,6 +5,7 @@ from diffusers import DDIMScheduler, StableDiffusion3Pipeline, StableDiffusionXL
 
 import students
 import teachers
+from distill import paths
 from distill.config import StudentConfig, TeacherConfig
 from distill.errors import DistillError
 from distill.sampling import ddim_sample
@@ -69,7 +70,7 @@ def test_v_prediction_teacher_reads_the_same_lens(tiny_sdxl_dir):
 def test_builtin_tiny_teacher_is_built_once_and_loaded_from_folder():
     t1 = teachers.load(TeacherConfig(source="builtin:tiny-sd3"))
     t2 = teachers.load(TeacherConfig(source="builtin:tiny-sd3"))
-    assert (teachers.cache_dir() / "teachers" / "tiny-sd3" / "model_index.json").is_file()
+    assert (paths.cache_dir() / "teachers" / "tiny-sd3" / "model_index.json").is_file()
     assert all(torch.equal(a, b) for a, b in zip(t1.backbone.parameters(), t2.backbone.parameters()))
 
 
