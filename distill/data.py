@@ -265,14 +265,7 @@ class ImageFolder(torch.utils.data.Dataset):
 
     def stamp(self) -> str:
         """What its images' sizes depend on: their names, and each file's size and modification time."""
-        h = hashlib.sha256()
-        for path, _ in self.items:
-            try:
-                st = path.stat()
-                h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{path}\t-\n".encode())
-        return h.hexdigest()
+        return files_stamp(path for path, _ in self.items)
 
     def headers(self):
         """(name, (height, width) or None where unreadable) of every image, read from its header alone."""
@@ -350,11 +343,7 @@ class TarShards(torch.utils.data.Dataset):
 
     def stamp(self) -> str:
         """What its images' sizes depend on: each shard's path, size and modification time."""
-        h = hashlib.sha256()
-        for shard in sorted({shard for shard, _, _ in self.items}):
-            st = shard.stat()
-            h.update(f"{shard}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        return h.hexdigest()
+        return files_stamp(sorted({shard for shard, _, _ in self.items}))
 
     def headers(self):
         """(name, (height, width) or None where unreadable) of every image, read from its header alone."""
@@ -368,6 +357,19 @@ class TarShards(torch.utils.data.Dataset):
     def __getitem__(self, i):
         img, caption = self.read(i)
         return {"prompt": caption, "image": image_to_tensor(img, self.size)}
+
+
+def files_stamp(files) -> str:
+    """A digest of the files' paths, sizes and modification times (a missing file counts as such): it changes when
+    any of them is replaced, without reading their bytes."""
+    h = hashlib.sha256()
+    for path in files:
+        try:
+            st = path.stat()
+            h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(f"{path}\t-\n".encode())
+    return h.hexdigest()
 
 
 def image_sizes(dataset) -> list[tuple[int, int] | None]:
