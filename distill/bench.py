@@ -76,6 +76,14 @@ class BenchRun:
 
 
 @dataclass
+class BenchSize:
+    """One image size every row is measured at, with that size's own reference and samples per prompt."""
+    size: list[int]  # [height, width] in pixels
+    reference: str | None = None  # default: the matrix's
+    num_per_prompt: int | None = None  # default: the matrix's
+
+
+@dataclass
 class BenchTiming:
     repeats: int = speed.MIN_REPEATS  # timed rounds per model (median and IQR), after `warmup` untimed calls
     warmup: int = 1
@@ -94,6 +102,10 @@ class Matrix:
     seed: int = 0  # the sampling seed of every evaluation (not a training seed)
     seeds: list[int] | None = None  # training seeds of every run, e.g. [0, 1, 2]
     teacher_reference_steps: int = 50  # fid_teacher: against the teacher's own samples at this many steps
+    bootstrap: int = 200  # resamples for FID's and diversity's 95% intervals
+    # Measure at each of these sizes, each its own table: a teacher at every one, a run at those it was trained at
+    # (its data.buckets, else its teacher's size). Default: every row at its teacher's size, with the above.
+    sizes: list[BenchSize] = field(default_factory=list)
     timing: BenchTiming = field(default_factory=BenchTiming)
     teachers: list[BenchTeacher] = field(default_factory=list)
     runs: list[BenchRun] = field(default_factory=list)
@@ -151,6 +163,18 @@ def check_matrix(m: Matrix, path: Path) -> None:
     _count("num_per_prompt", m.num_per_prompt, 1, MAX_PER_PROMPT)
     _count("seed", m.seed, 0, MAX_SEED)
     _count("teacher_reference_steps", m.teacher_reference_steps, 0, config.MAX_STEPS, note=" (0: none)")
+    _count("bootstrap", m.bootstrap, 2, MAX_REPEATS)
+    for i, s in enumerate(m.sizes):
+        if not isinstance(s.size, list) or len(s.size) != 2:
+            raise ConfigError(f"sizes[{i}].size", s.size, "must be [height, width] in pixels")
+        for side in s.size:
+            _count(f"sizes[{i}].size", side, 8, config.MAX_PIXELS, 8)
+        if s.reference is not None:
+            check_choice(f"sizes[{i}].reference", s.reference, tuple(WORLDS))
+        if s.num_per_prompt is not None:
+            _count(f"sizes[{i}].num_per_prompt", s.num_per_prompt, 1, MAX_PER_PROMPT)
+    if len({tuple(s.size) for s in m.sizes}) != len(m.sizes):
+        raise ConfigError("sizes", [s.size for s in m.sizes], "must not repeat a size")
     if m.seeds is not None:
         _counts("seeds", m.seeds, 0, "training seeds", MAX_SEED)
     _count("timing.repeats", m.timing.repeats, speed.MIN_REPEATS, MAX_REPEATS)
@@ -200,8 +224,8 @@ def teacher_label(source: str) -> str:
     return "teacher-" + name
 
 
-def grid_name(label: str, steps: int) -> str:
-    return f"{label}-{steps}steps.png"
+def grid_name(label: str, steps: int, size: tuple[int, int] | None = None) -> str:
+    return f"{label}-{steps}steps" + (f"-{size[0]}x{size[1]}" if size else "") + ".png"
 
 
 FIXED = ("bench_done.json", "leaderboard.md", "leaderboard.html", "quality_vs_nfe.png", "grids", "references")
@@ -239,8 +263,8 @@ def check_paths(m: Matrix, expanded: list[tuple[int, BenchRun]]) -> None:
     grids: dict[str, str] = {}
 
     def claim(label: str, steps: list[int], where: str, value) -> None:
-        for s in steps:
-            name = grid_name(label, s)
+        for s, size in [(s, size) for s in steps for size in [tuple(x.size) for x in m.sizes] or [None]]:
+            name = grid_name(label, s, size)
             if name in grids and grids[name] != where:
                 raise ConfigError(where, value, f"its sample grid {name} is also that of {grids[name]}: rename one")
             grids[name] = where
@@ -253,6 +277,13 @@ def check_paths(m: Matrix, expanded: list[tuple[int, BenchRun]]) -> None:
         check_name(where, run.name)  # a name taken from the config's file name is checked here
         _stays(root, run.name, where, run.name)
         claim(run.name, run.steps, where, run.name)
+
+
+def trained_sizes(cfg: config.Config) -> list[tuple[int, int]]:
+    """The sizes a run's student was trained at: its buckets, else its teacher's."""
+    if cfg.data.buckets is not None:
+        return [tuple(b) for b in cfg.data.buckets]
+    return [(cfg.teacher.resolution, cfg.teacher.width or cfg.teacher.resolution)]
 
 
 def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
@@ -268,10 +299,13 @@ def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
         seen[run.name] = i
     check_paths(matrix, expanded)
     if matrix.prompts:
-        count = len(data.read_prompts(Path(matrix.prompts))) * matrix.num_per_prompt
-        if count > MAX_SAMPLES:
-            raise ConfigError("num_per_prompt", matrix.num_per_prompt, f"gives {count:,} samples with the prompts "
-                              f"of {matrix.prompts}; at most {MAX_SAMPLES:,}")
+        counts = [("num_per_prompt", matrix.num_per_prompt)] + [
+            (f"sizes[{i}].num_per_prompt", s.num_per_prompt) for i, s in enumerate(matrix.sizes) if s.num_per_prompt]
+        for where, per_prompt in counts:
+            count = len(data.read_prompts(Path(matrix.prompts))) * per_prompt
+            if count > MAX_SAMPLES:
+                raise ConfigError(where, per_prompt, f"gives {count:,} samples with the prompts of {matrix.prompts}; "
+                                  f"at most {MAX_SAMPLES:,}")
     matrix.runs = [run for _, run in expanded]
     configs = {}
     for run in matrix.runs:
@@ -279,6 +313,9 @@ def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
         # set, not passed as an override: a folder name is never read as YAML
         out = str(Path(matrix.out) / run.name)
         configs[run.name] = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=out))
+        if matrix.sizes and not {tuple(s.size) for s in matrix.sizes} & set(trained_sizes(cfg)):
+            raise ConfigError("sizes", [s.size for s in matrix.sizes], f"has none of the sizes run {run.name} trains "
+                              f"at ({', '.join(f'{h}x{w}' for h, w in trained_sizes(cfg))}): add one")
     for t in matrix.teachers:
         teacher_config(t)
     return matrix, configs
@@ -325,95 +362,116 @@ def seedless_hash(cfg: config.Config) -> str:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=0)).hash()
 
 
+@dataclass
+class _Shape:
+    """What the rows measured at one size share: None is each row's teacher size (a matrix without `sizes`)."""
+    size: tuple[int, int] | None
+    scoring: Scoring
+    per_prompt: int
+    timing_prompts: list[str]
+
+
 class _Bench:
-    """One matrix run: what every row shares (scoring, references, the leaderboard, the done-list)."""
+    """One matrix run: what every row shares (scorings, references, the leaderboard, the done-list)."""
 
     def __init__(self, matrix: Matrix, log):
         self.m, self.log, self.out = matrix, log, Path(matrix.out)
         self.out.mkdir(parents=True, exist_ok=True)
         self.board = leaderboard.Leaderboard(matrix.leaderboard or self.out / "leaderboard.sqlite")
         self.done = _Done(self.out / "bench_done.json", self.board.keys())
-        base = data.read_prompts(Path(matrix.prompts)) if matrix.prompts else world_prompts(matrix.reference)
-        self.scoring = Scoring([p for p in base for _ in range(matrix.num_per_prompt)], matrix.seed, matrix.reference,
-                               teacher_reference_steps=matrix.teacher_reference_steps)
-        self.timing_prompts = [base[i % len(base)] for i in range(matrix.timing.batch_size)]
+
+        def shape(size, reference: str, per_prompt: int) -> _Shape:
+            base = data.read_prompts(Path(matrix.prompts)) if matrix.prompts else world_prompts(reference)
+            scoring = Scoring([p for p in base for _ in range(per_prompt)], matrix.seed, reference,
+                              bootstrap=matrix.bootstrap, teacher_reference_steps=matrix.teacher_reference_steps)
+            return _Shape(size, scoring, per_prompt, [base[i % len(base)] for i in range(matrix.timing.batch_size)])
+
+        self.shapes = [shape(tuple(s.size), s.reference or matrix.reference, s.num_per_prompt or matrix.num_per_prompt)
+                       for s in matrix.sizes] or [shape(None, matrix.reference, matrix.num_per_prompt)]
         self.by_source = {t.source: t for t in matrix.teachers}
-        self.references: dict[str, torch.Tensor] = {}  # teacher source -> its own many-step samples
+        self.references: dict[tuple, torch.Tensor] = {}  # (teacher source, size) -> its own many-step samples
 
     def teacher_guidance(self, source: str) -> float:
         return self.by_source.get(source, BenchTeacher(source)).guidance_scale
 
-    def scoring_for(self, source: str) -> Scoring:
+    def scoring_for(self, shape: _Shape, source: str) -> Scoring:
         """The teacher-reference samples are made at the matrix's CFG of that teacher; the row's protocol says so."""
-        return dataclasses.replace(self.scoring, teacher_reference_guidance=self.teacher_guidance(source))
+        return dataclasses.replace(shape.scoring, teacher_reference_guidance=self.teacher_guidance(source))
 
-    def key(self, label: str, cfg: config.Config, steps: int, guidance: float, teacher: bool) -> str:
-        """The done key of a row: who (label, recipe hash) at which steps, and every setting of its protocol and
-        of its timed pass, so an edited matrix re-evaluates exactly the rows it changes."""
+    def key(self, label: str, cfg: config.Config, steps: int, guidance: float, teacher: bool, shape: _Shape) -> str:
+        """The done key of a row: who (label, recipe hash) at which steps, and every setting of its protocol (its
+        size among them) and of its timed pass, so an edited matrix re-evaluates exactly the rows it changes."""
         spec = {"label": label, "recipe": cfg.hash(), "steps": steps, "teacher": teacher,
-                "protocol": protocol(self.scoring_for(cfg.teacher.source), cfg, guidance, teacher),
+                "protocol": protocol(self.scoring_for(shape, cfg.teacher.source), cfg, guidance, teacher, shape.size),
                 "timing": dataclasses.asdict(self.m.timing)}
         return f"{label}|{steps}|" + hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
-    def reference(self, method, source: str):
+    def reference(self, method, source: str, shape: _Shape):
         """The teacher's own many-step samples for fid_teacher, made once per matrix folder (OUT/references), so a
         resumed matrix does not sample them again."""
-        if source not in self.references and self.m.teacher_reference_steps:
-            what = [source, list(method.teacher.size), self.m.teacher_reference_steps, self.scoring.seed,
-                    self.teacher_guidance(source), self.scoring.prompts]
+        size = shape.size or method.teacher.size
+        if (source, size) not in self.references and self.m.teacher_reference_steps:
+            prompts = shape.scoring.prompts
+            what = [source, list(size), self.m.teacher_reference_steps, shape.scoring.seed,
+                    self.teacher_guidance(source), prompts]
             name = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
             path = self.out / "references" / f"{name}.safetensors"
             if not path.is_file():
-                images, _ = sample_images(method, self.scoring.prompts, self.m.teacher_reference_steps,
-                                          self.scoring.seed, self.teacher_guidance(source), teacher=True)
+                images, _ = sample_images(method, prompts, self.m.teacher_reference_steps, shape.scoring.seed,
+                                          self.teacher_guidance(source), teacher=True, size=size)
                 paths.write_atomic(path, safetensors.torch.save({"images": images.contiguous()}))
-            self.references[source] = safetensors.torch.load_file(path)["images"]
-        return self.references.get(source)
+            self.references[source, size] = safetensors.torch.load_file(path)["images"]
+        return self.references.get((source, size))
 
-    def time(self, method, source: str, steps: list[int], guidance: float, teacher: bool) -> dict[int, dict]:
-        t = self.m.timing
+    def time(self, method, cfg, steps: list[int], guidance: float, teacher: bool, shape: _Shape) -> dict[int, dict]:
+        t, source = self.m.timing, cfg.teacher.source
         self.log(f"  timing {'teacher' if teacher else 'student'} at {steps} steps against the teacher at "
                  f"{t.reference_steps}: {t.repeats} interleaved rounds of batch {t.batch_size}")
-        costs = speed.timed_costs(method, self.timing_prompts, steps, guidance, teacher, t.reference_steps,
-                                  self.teacher_guidance(source), t.repeats, t.warmup, t.threads, self.m.seed)
+        costs = speed.timed_costs(method, shape.timing_prompts, steps, guidance, teacher, t.reference_steps,
+                                  self.teacher_guidance(source), t.repeats, t.warmup, t.threads, self.m.seed,
+                                  size=shape.size, sized=cfg.data.buckets is not None)
         against = {"speedup_reference_steps": t.reference_steps,
                    "speedup_reference_guidance": self.teacher_guidance(source)}
         return {s: {**c, **against} for s, c in costs.items()}
 
-    def add(self, key, method, cfg, steps, guidance, teacher, train_step, where, label, cost: dict) -> None:
-        row, images = evaluate(method, cfg, steps, self.scoring_for(cfg.teacher.source), guidance, teacher,
-                               train_step, where, self.reference(method, cfg.teacher.source))
+    def add(self, key, method, cfg, steps, guidance, teacher, train_step, where, label, cost: dict,
+            shape: _Shape) -> None:
+        row, images = evaluate(method, cfg, steps, self.scoring_for(shape, cfg.teacher.source), guidance, teacher,
+                               train_step, where, self.reference(method, cfg.teacher.source, shape), size=shape.size)
         row.update(cost)  # the timed pass replaces the evaluation's own ms/image
         if not teacher:
             row.update(seed=cfg.train.seed, seedless_hash=seedless_hash(cfg))
-        grid = self.out / "grids" / grid_name(label, steps)
-        row["grid"] = str(write_grid(images, self.m.num_per_prompt, grid))
+        grid = self.out / "grids" / grid_name(label, steps, shape.size)
+        row["grid"] = str(write_grid(images, shape.per_prompt, grid))
         # Stored under its key, once: a resumed bench finds it there even if it was killed before the next line.
         # The matrix defines its own protocol: rows under an edited one start a table of their own.
         self.board.add(row, new_table=True, key=key)
         self.done.add(key)
-        self.log(f"  {label} at {steps} steps: FID {row['fid']:.3g}, adherence "
+        at = f" at {shape.size[0]}x{shape.size[1]}" if shape.size else ""
+        self.log(f"  {label}{at} at {steps} steps: FID {row['fid']:.3g}, adherence "
                  f"{row.get('adherence', float('nan')):.3f}, NFE {row['nfe']}, {row['ms_per_image']:.2f} ms/image "
                  f"(IQR {row['ms_iqr']:.2f}), {row['speedup']:.3g}x the teacher's {self.m.timing.reference_steps} "
                  "steps")
 
     def teacher(self, t: BenchTeacher) -> None:
-        cfg, label = teacher_config(t), teacher_label(t.source)
-        keys = {s: self.key(label, cfg, s, t.guidance_scale, True) for s in t.steps}
-        todo = [s for s in t.steps if keys[s] not in self.done]
-        if not todo:
-            return
-        self.log(f"teacher {t.source}: baselines at {todo} steps, CFG {t.guidance_scale}")
-        method = build_method(cfg, default_device()).eval()
-        cost = self.time(method, t.source, todo, t.guidance_scale, True)
-        for s in todo:
-            self.add(keys[s], method, cfg, s, t.guidance_scale, True, 0, t.source, label, cost[s])
+        cfg, label, method = teacher_config(t), teacher_label(t.source), None
+        for shape in self.shapes:
+            keys = {s: self.key(label, cfg, s, t.guidance_scale, True, shape) for s in t.steps}
+            todo = [s for s in t.steps if keys[s] not in self.done]
+            if not todo:
+                continue
+            at = f" at {shape.size[0]}x{shape.size[1]}" if shape.size else ""
+            self.log(f"teacher {t.source}{at}: baselines at {todo} steps, CFG {t.guidance_scale}")
+            method = method or build_method(cfg, default_device()).eval()
+            cost = self.time(method, cfg, todo, t.guidance_scale, True, shape)
+            for s in todo:
+                self.add(keys[s], method, cfg, s, t.guidance_scale, True, 0, t.source, label, cost[s], shape)
 
     def run(self, i: int, r: BenchRun, cfg: config.Config, train_only: bool = False) -> None:
         guidance = cfg.sample.guidance_scale if r.guidance_scale is None else r.guidance_scale
-        keys = {s: self.key(r.name, cfg, s, guidance, False) for s in r.steps}
-        todo = [s for s in r.steps if keys[s] not in self.done]
-        if not todo:
+        shapes = [shape for shape in self.shapes if shape.size is None or shape.size in trained_sizes(cfg)]
+        keys = {(shape.size, s): self.key(r.name, cfg, s, guidance, False, shape) for shape in shapes for s in r.steps}
+        if all(key in self.done for key in keys.values()):
             return
         run_dir, head = Path(cfg.train.output_dir), f"[{i + 1}/{len(self.m.runs)}] {r.name}"
         same = _same_recipe(cfg)
@@ -431,14 +489,19 @@ class _Bench:
         if train_only:
             return
         ckpt, run_cfg, method, step = load_run(run_dir)
-        # A progressive run's milestones share the final student's architecture, so one timed pass of the
-        # final student stands for every step count.
-        cost = self.time(method, cfg.teacher.source, todo, guidance, False)
-        for s in todo:
-            at = method.checkpoint_for(s)  # progressive: the round that ends sampling in s steps
-            if at is not None and at != step:
-                ckpt, run_cfg, method, step = load_run(run_dir / "checkpoints" / f"step-{at:08d}")
-            self.add(keys[s], method, run_cfg, s, guidance, False, step, str(ckpt), r.name, cost[s])
+        for shape in shapes:
+            todo = [s for s in r.steps if keys[shape.size, s] not in self.done]
+            if not todo:
+                continue
+            # A progressive run's milestones share the final student's architecture, so one timed pass of the
+            # final student stands for every step count.
+            cost = self.time(method, cfg, todo, guidance, False, shape)
+            for s in todo:
+                at = method.checkpoint_for(s)  # progressive: the round that ends sampling in s steps
+                if at is not None and at != step:
+                    ckpt, run_cfg, method, step = load_run(run_dir / "checkpoints" / f"step-{at:08d}")
+                self.add(keys[shape.size, s], method, run_cfg, s, guidance, False, step, str(ckpt), r.name, cost[s],
+                         shape)
 
 
 def parse_shard(value: str) -> tuple[int, int]:

@@ -65,14 +65,15 @@ def sample_images(method, prompts: list[str], steps: int, seed: int, guidance: f
                   batch_size: int = 64, size: tuple[int, int] | None = None,
                   sized: bool = False) -> tuple[torch.Tensor, float]:
     """Images in [-1, 1] of (height, width) `size` (default: the teacher's) for the prompts (one per entry) and
-    milliseconds per image, generation to pixels; `sized`: a bucketed run's conditioning (sampling.conditioning)."""
+    milliseconds per image, generation to pixels; `sized`: a bucketed run's conditioning (sampling.conditioning),
+    which the teacher always reads, as its own pipeline conditions on the size it makes."""
     t, generator = method.teacher, torch.Generator().manual_seed(seed)
     size = size or t.size
     shape, out, elapsed = t.latent_shape(*size), [], 0.0
     for lo in tqdm(range(0, len(prompts), batch_size), desc=f"sample {'teacher' if teacher else 'student'} "
                    f"{steps} steps", unit="batch", leave=False):
         start = time.perf_counter()
-        cond = conditioning(t, prompts[lo:lo + batch_size], size, sized)
+        cond = conditioning(t, prompts[lo:lo + batch_size], size, sized or teacher)
         if teacher:
             latents = ddim_sample(t, cond, steps, generator, shape, guidance)
         else:

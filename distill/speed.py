@@ -110,13 +110,14 @@ def ratio(top: list[float], bottom: list[float]) -> tuple[float, float]:
 # --- sampling ----------------------------------------------------------------------------------------------
 
 def sampler(method, prompts: list[str], steps: int, guidance: float, teacher: bool, seed: int = 0,
-            amp: str | None = None):
-    """One call = the teacher (DDIM) or the student at `steps` on the whole batch, prompts to pixels."""
+            amp: str | None = None, **sized):
+    """One call = the teacher (DDIM) or the student at `steps` on the whole batch, prompts to pixels; `sized`:
+    evaluation.sample_images' size and sized."""
     from distill.evaluation import sample_images
 
     def call():
         with autocast(method.teacher.device, amp):
-            sample_images(method, prompts, steps, seed, guidance, teacher, batch_size=len(prompts))
+            sample_images(method, prompts, steps, seed, guidance, teacher, batch_size=len(prompts), **sized)
     return call
 
 
@@ -133,15 +134,15 @@ def sampling_summary(times: dict, reference, batch_size: int) -> dict[str, dict]
 
 def timed_costs(method, prompts: list[str], steps: list[int], guidance: float, teacher: bool, reference_steps: int,
                 reference_guidance: float, repeats: int, warmup: int = 1, threads: int | None = None,
-                seed: int = 0) -> dict[int, dict]:
+                seed: int = 0, **sized) -> dict[int, dict]:
     """The cost fields of a leaderboard row for each of `steps`: the student (or, with `teacher`, the teacher's
     DDIM) timed on `prompts` as one batch, interleaved with the teacher at `reference_steps`, its speed-up
-    against that, and what it was measured on."""
-    jobs = {s: sampler(method, prompts, s, guidance, teacher, seed) for s in steps}
+    against that, and what it was measured on; `sized`: the size both sample at (sampler)."""
+    jobs = {s: sampler(method, prompts, s, guidance, teacher, seed, **sized) for s in steps}
     ref = reference_steps  # a teacher's own reference row is not timed twice
     if not (teacher and guidance == reference_guidance and ref in jobs):
         ref = ("reference", reference_steps)
-        jobs[ref] = sampler(method, prompts, reference_steps, reference_guidance, True, seed)
+        jobs[ref] = sampler(method, prompts, reference_steps, reference_guidance, True, seed, **sized)
     with pinned_threads(threads) as n:
         summary = sampling_summary(interleaved(jobs, repeats, warmup), ref, len(prompts))
     where = provenance(method.teacher.device, n, repeats, len(prompts))

@@ -2,7 +2,7 @@
 
 `load(cfg)` takes a diffusers pipeline folder, a single-file .safetensors checkpoint, a hub id, or a
 builtin (`builtin:tiny-sdxl`, `builtin:tiny-sd3`, `builtin:tiny-flux`, `builtin:tiny-flux-dev`, `builtin:gmm-vp`,
-`builtin:gmm-flow`, `builtin:gmm-flux`).
+`builtin:gmm-flow`, `builtin:gmm-flux`) or a teacher trained by distill and shipped in teachers/zoo (ZOO).
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ __all__ = ["Cond", "Teacher", "load", "family_of", "check_source"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:digits-flux", "builtin:digits-flux-dev",
-           "builtin:pairs-sdxl", "builtin:pairs-sd3", "builtin:tiny-sdxl",
+           "builtin:pairs-sdxl", "builtin:pairs-sd3", "builtin:shapes-sdxl", "builtin:tiny-sdxl",
            "builtin:tiny-sd3", "builtin:tiny-flux", "builtin:tiny-flux-dev", "builtin:gmm-vp", "builtin:gmm-flow",
            "builtin:gmm-flux")
 FAMILIES = ("sdxl", "sd3", "flux", "gmm")
@@ -100,7 +100,8 @@ def family_of(folder: Path) -> str:
 
 # Teachers trained by distill itself and shipped in the repository (recipes in experiments/).
 ZOO = {name: Path(__file__).parent / "zoo" / name
-       for name in ("digits-sdxl", "digits-sd3", "digits-flux", "digits-flux-dev", "pairs-sdxl", "pairs-sd3")}
+       for name in ("digits-sdxl", "digits-sd3", "digits-flux", "digits-flux-dev", "pairs-sdxl", "pairs-sd3",
+                     "shapes-sdxl")}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 

@@ -108,6 +108,10 @@ RUN = {"config": "no/such.yaml"}  # never read: range checks come first
     ({"runs": [{**RUN, "guidance_scale": float("inf")}]}, "runs[0].guidance_scale", "finite"),
     ({"runs": [{**RUN, "seeds": [1.5]}]}, "runs[0].seeds[0]", "expected int"),
     ({"prompts": "no/such.txt"}, "prompts", "no such prompts file"),
+    ({"sizes": [{"size": [16, 12]}]}, "sizes[0].size", "multiple of 8"),
+    ({"sizes": [{"size": [16]}]}, "sizes[0].size", "[height, width]"),
+    ({"sizes": [{"size": [16, 16], "reference": "cats"}]}, "sizes[0].reference", "allowed"),
+    ({"sizes": [{"size": [16, 16]}, {"size": [16, 16]}]}, "sizes", "must not repeat"),
 ])
 def test_matrix_fields_are_range_checked(tmp_path, raw, field, allowed):
     path = tmp_path / "m.yaml"
@@ -154,3 +158,50 @@ def test_train_only_trains_its_shard_of_the_runs_and_evaluates_nothing(tmp_path,
     for bad in ("2/2", "1", "-1/2", "a/b"):
         with pytest.raises(ConfigError, match="K/N"):
             bench.parse_shard(bad)
+
+
+def test_a_matrix_with_sizes_measures_each_run_at_the_sizes_it_was_trained_at(tmp_path, tiny_sdxl_dir, monkeypatch):
+    """`sizes`: every size is a table of its own with its own reference and prompts; the teacher is measured at each,
+    conditioned on the size it makes; a run trained on buckets at each of its buckets, a one-shape run at its one."""
+    from distill import bench, speed
+    from teachers.sdxl import SDXLTeacher
+
+    monkeypatch.setattr(speed, "MIN_REPEATS", 1)  # the timed pass is not what this test is about
+    targets = []
+    sizes_of = SDXLTeacher.with_sizes
+    monkeypatch.setattr(SDXLTeacher, "with_sizes", lambda self, cond, original, crop, target: (
+        targets.append(tuple(target)), sizes_of(self, cond, original, crop, target))[1])
+    shapes = [[16, 16], [16, 32], [32, 16]]
+    base = {"teacher": {"source": str(tiny_sdxl_dir), "resolution": 16}, "student": {"kind": "lora", "lora_rank": 2},
+            "method": {"name": "denoise"}, "train": {"max_steps": 1}}
+    mixed, pairs = tmp_path / "mixed.yaml", tmp_path / "pairs.yaml"
+    mixed.write_text(yaml.safe_dump({**base, "data": {"kind": "digit_shapes", "batch_size": 3, "buckets": shapes}}))
+    pairs.write_text(yaml.safe_dump({**base, "teacher": {**base["teacher"], "width": 32},
+                                     "data": {"kind": "digit_pairs", "batch_size": 2}}))
+    references = [("digits", 2), ("digit_pairs", 1), ("digit_stacks", 1)]
+    spec = {"out": str(tmp_path / "bench"), "teacher_reference_steps": 0, "bootstrap": 5,
+            "timing": {"repeats": 1, "batch_size": 1, "reference_steps": 1},
+            "sizes": [{"size": s, "reference": r, "num_per_prompt": n} for s, (r, n) in zip(shapes, references)],
+            "teachers": [{"source": str(tiny_sdxl_dir), "steps": [1]}],
+            "runs": [{"config": str(mixed), "name": "mixed", "steps": [1]},
+                     {"config": str(pairs), "name": "pairs", "steps": [1]}]}
+    matrix = tmp_path / "matrix.yaml"
+    matrix.write_text(yaml.safe_dump(spec))
+    bench.run(matrix, log=lambda line: None)
+    rows = Leaderboard(tmp_path / "bench/leaderboard.sqlite").rows("id")
+    measured = sorted((r["method"], str(json.loads(r["protocol"])["resolution"]), _field(r, "samples")) for r in rows)
+    assert measured == [("denoise", "16", 20), ("denoise", "16x32", 100), ("denoise", "16x32", 100),
+                        ("denoise", "32x16", 100), ("teacher", "16", 20), ("teacher", "16x32", 100),
+                        ("teacher", "32x16", 100)]
+    assert len({r["protocol_id"] for r in rows}) == 3  # a table per size, shared by everyone measured at it
+    assert {(16, 32), (32, 16)} <= set(targets)  # the teacher and the mixed student read each size's conditioning
+    grids = sorted(p.name for p in (tmp_path / "bench/grids").iterdir())
+    assert "pairs-1steps-16x32.png" in grids and "mixed-1steps-32x16.png" in grids and len(grids) == 7
+    bench.run(matrix, log=lambda line: None)  # resumed: nothing left
+    assert len(Leaderboard(tmp_path / "bench/leaderboard.sqlite").rows("id")) == 7
+
+    spec["sizes"] = spec["sizes"][2:]
+    matrix.write_text(yaml.safe_dump(spec))
+    with pytest.raises(ConfigError, match="none of the sizes run pairs trains at \\(16x32\\)") as e:
+        load_matrix(matrix)
+    assert e.value.field == "sizes"
