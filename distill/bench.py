@@ -374,11 +374,13 @@ class _Shape:
 class _Bench:
     """One matrix run: what every row shares (scorings, references, the leaderboard, the done-list)."""
 
-    def __init__(self, matrix: Matrix, log):
+    def __init__(self, matrix: Matrix, log, train_only: bool = False):
         self.m, self.log, self.out = matrix, log, Path(matrix.out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self.board = leaderboard.Leaderboard(matrix.leaderboard or self.out / "leaderboard.sqlite")
-        self.done = _Done(self.out / "bench_done.json", self.board.keys())
+        # Trainers (often several at once, on machines that share the folder) leave the leaderboard alone.
+        db = matrix.leaderboard or self.out / "leaderboard.sqlite"
+        self.board = None if train_only else leaderboard.Leaderboard(db)
+        self.done = _Done(self.out / "bench_done.json", self.board.keys() if self.board else set())
 
         def shape(size, reference: str, per_prompt: int) -> _Shape:
             base = data.read_prompts(Path(matrix.prompts)) if matrix.prompts else world_prompts(reference)
@@ -517,7 +519,7 @@ def run(path: Path, log=print, train_only: bool = False, shard: tuple[int, int] 
     from the Kth, so N processes, on N GPUs or sharing one, train a matrix together) and evaluates nothing: a
     later plain `distill bench` of the same matrix finds them trained and evaluates them."""
     matrix, configs = load_matrix(Path(path))
-    bench = _Bench(matrix, log)
+    bench = _Bench(matrix, log, train_only)
     if train_only:
         for i, r in list(enumerate(matrix.runs))[shard[0]::shard[1]]:
             bench.run(i, r, configs[r.name], train_only=True)
