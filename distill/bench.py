@@ -279,8 +279,11 @@ def check_paths(m: Matrix, expanded: list[tuple[int, BenchRun]]) -> None:
         claim(run.name, run.steps, where, run.name)
 
 
-def trained_sizes(cfg: config.Config) -> list[tuple[int, int]]:
-    """The sizes a run's student was trained at: its buckets, else its teacher's."""
+def trained_sizes(cfg: config.Config) -> list[tuple[int, int]] | None:
+    """The sizes a run's student is trained at, as far as its config tells before its teacher loads: its buckets,
+    else its teacher's size; None for `auto` buckets, whose grid follows the teacher (data.trained_sizes)."""
+    if cfg.data.buckets == "auto":
+        return None
     if cfg.data.buckets is not None:
         return [tuple(b) for b in cfg.data.buckets]
     return [(cfg.teacher.resolution, cfg.teacher.width or cfg.teacher.resolution)]
@@ -313,9 +316,10 @@ def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
         # set, not passed as an override: a folder name is never read as YAML
         out = str(Path(matrix.out) / run.name)
         configs[run.name] = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_dir=out))
-        if matrix.sizes and not {tuple(s.size) for s in matrix.sizes} & set(trained_sizes(cfg)):
+        trained = trained_sizes(cfg)
+        if matrix.sizes and trained is not None and not {tuple(s.size) for s in matrix.sizes} & set(trained):
             raise ConfigError("sizes", [s.size for s in matrix.sizes], f"has none of the sizes run {run.name} trains "
-                              f"at ({', '.join(f'{h}x{w}' for h, w in trained_sizes(cfg))}): add one")
+                              f"at ({', '.join(f'{h}x{w}' for h, w in trained)}): add one")
     for t in matrix.teachers:
         teacher_config(t)
     return matrix, configs
@@ -362,7 +366,7 @@ def seedless_hash(cfg: config.Config) -> str:
     return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, seed=0)).hash()
 
 
-@dataclass
+@dataclass(eq=False)
 class _Shape:
     """What the rows measured at one size share: None is each row's teacher size (a matrix without `sizes`)."""
     size: tuple[int, int] | None
@@ -370,12 +374,16 @@ class _Shape:
     per_prompt: int
     timing_prompts: list[str]
 
+    @property
+    def at(self) -> str:
+        return f" at {self.size[0]}x{self.size[1]}" if self.size else ""
+
 
 class _Bench:
     """One matrix run: what every row shares (scorings, references, the leaderboard, the done-list)."""
 
     def __init__(self, matrix: Matrix, log, train_only: bool = False):
-        self.m, self.log, self.out = matrix, log, Path(matrix.out)
+        self.m, self.log, self.out, self.train_only = matrix, log, Path(matrix.out), train_only
         self.out.mkdir(parents=True, exist_ok=True)
         # Trainers (often several at once, on machines that share the folder) leave the leaderboard alone.
         db = matrix.leaderboard or self.out / "leaderboard.sqlite"
@@ -449,31 +457,39 @@ class _Bench:
         # The matrix defines its own protocol: rows under an edited one start a table of their own.
         self.board.add(row, new_table=True, key=key)
         self.done.add(key)
-        at = f" at {shape.size[0]}x{shape.size[1]}" if shape.size else ""
-        self.log(f"  {label}{at} at {steps} steps: FID {row['fid']:.3g}, adherence "
+        self.log(f"  {label}{shape.at} at {steps} steps: FID {row['fid']:.3g}, adherence "
                  f"{row.get('adherence', float('nan')):.3f}, NFE {row['nfe']}, {row['ms_per_image']:.2f} ms/image "
                  f"(IQR {row['ms_iqr']:.2f}), {row['speedup']:.3g}x the teacher's {self.m.timing.reference_steps} "
                  "steps")
 
     def teacher(self, t: BenchTeacher) -> None:
-        cfg, label, method = teacher_config(t), teacher_label(t.source), None
+        cfg, label = teacher_config(t), teacher_label(t.source)
+        keys = {(shape, s): self.key(label, cfg, s, t.guidance_scale, True, shape) for shape in self.shapes
+                for s in t.steps}
+        if all(key in self.done for key in keys.values()):
+            return
+        method = build_method(cfg, default_device()).eval()
+        if self.m.sizes:  # every size this teacher can make, or one line before any of its rows
+            method.teacher.check_sizes([shape.size for shape in self.shapes], "sizes")
         for shape in self.shapes:
-            keys = {s: self.key(label, cfg, s, t.guidance_scale, True, shape) for s in t.steps}
-            todo = [s for s in t.steps if keys[s] not in self.done]
+            todo = [s for s in t.steps if keys[shape, s] not in self.done]
             if not todo:
                 continue
-            at = f" at {shape.size[0]}x{shape.size[1]}" if shape.size else ""
-            self.log(f"teacher {t.source}{at}: baselines at {todo} steps, CFG {t.guidance_scale}")
-            method = method or build_method(cfg, default_device()).eval()
+            self.log(f"teacher {t.source}{shape.at}: baselines at {todo} steps, CFG {t.guidance_scale}")
             cost = self.time(method, cfg, todo, t.guidance_scale, True, shape)
             for s in todo:
-                self.add(keys[s], method, cfg, s, t.guidance_scale, True, 0, t.source, label, cost[s], shape)
+                self.add(keys[shape, s], method, cfg, s, t.guidance_scale, True, 0, t.source, label, cost[s], shape)
 
-    def run(self, i: int, r: BenchRun, cfg: config.Config, train_only: bool = False) -> None:
+    def todo(self, r: BenchRun, cfg: config.Config, guidance: float, sizes) -> list[tuple[_Shape, int, str]]:
+        """(size, steps, done key) of each row of run `r` not yet evaluated, at the matrix's sizes among `sizes`
+        (None: all of them)."""
+        return [(shape, s, key) for s in r.steps for shape in self.shapes
+                if shape.size is None or sizes is None or shape.size in sizes
+                for key in [self.key(r.name, cfg, s, guidance, False, shape)] if key not in self.done]
+
+    def run(self, i: int, r: BenchRun, cfg: config.Config) -> None:
         guidance = cfg.sample.guidance_scale if r.guidance_scale is None else r.guidance_scale
-        shapes = [shape for shape in self.shapes if shape.size is None or shape.size in trained_sizes(cfg)]
-        keys = {(shape.size, s): self.key(r.name, cfg, s, guidance, False, shape) for shape in shapes for s in r.steps}
-        if all(key in self.done for key in keys.values()):
+        if not self.todo(r, cfg, guidance, trained_sizes(cfg)):
             return
         run_dir, head = Path(cfg.train.output_dir), f"[{i + 1}/{len(self.m.runs)}] {r.name}"
         same = _same_recipe(cfg)
@@ -488,22 +504,22 @@ class _Bench:
             self.log(f"{head}: training {cfg.method.name} ({cfg.student.kind}) of {cfg.teacher.source}, seed "
                      f"{cfg.train.seed}{', resuming' if resume else aside}")
             train(cfg, resume=resume, restart=resume is None)  # a bench run folder is its own
-        if train_only:
+        if self.train_only:
             return
-        ckpt, run_cfg, method, step = load_run(run_dir)
-        for shape in shapes:
-            todo = [s for s in r.steps if keys[shape.size, s] not in self.done]
-            if not todo:
-                continue
-            # A progressive run's milestones share the final student's architecture, so one timed pass of the
-            # final student stands for every step count.
-            cost = self.time(method, cfg, todo, guidance, False, shape)
-            for s in todo:
-                at = method.checkpoint_for(s)  # progressive: the round that ends sampling in s steps
-                if at is not None and at != step:
-                    ckpt, run_cfg, method, step = load_run(run_dir / "checkpoints" / f"step-{at:08d}")
-                self.add(keys[shape.size, s], method, run_cfg, s, guidance, False, step, str(ckpt), r.name, cost[s],
-                         shape)
+        final = loaded = load_run(run_dir)
+        todo = self.todo(r, cfg, guidance, data.trained_sizes(final[1].data, final[2].teacher))
+        # A progressive run's milestones share the final student's architecture, so one timed pass of the final
+        # student per size stands for every step count.
+        costs = {shape.size: self.time(final[2], cfg, [s for sh, s, _ in todo if sh is shape], guidance, False, shape)
+                 for shape in dict.fromkeys(sh for sh, _, _ in todo)}
+        for shape, s, key in todo:
+            at = final[2].checkpoint_for(s)  # progressive: the round that ends sampling in s steps; None: the final
+            if at is None or at == final[3]:
+                loaded = final
+            elif loaded[3] != at:
+                loaded = load_run(run_dir / "checkpoints" / f"step-{at:08d}")
+            ckpt, run_cfg, method, step = loaded
+            self.add(key, method, run_cfg, s, guidance, False, step, str(ckpt), r.name, costs[shape.size][s], shape)
 
 
 def parse_shard(value: str) -> tuple[int, int]:
@@ -522,7 +538,7 @@ def run(path: Path, log=print, train_only: bool = False, shard: tuple[int, int] 
     bench = _Bench(matrix, log, train_only)
     if train_only:
         for i, r in list(enumerate(matrix.runs))[shard[0]::shard[1]]:
-            bench.run(i, r, configs[r.name], train_only=True)
+            bench.run(i, r, configs[r.name])
         return None
     for t in matrix.teachers:
         bench.teacher(t)

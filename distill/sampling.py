@@ -103,9 +103,9 @@ def stitched(method, other, fraction: float, steps: int):
 
 
 def conditioning(teacher: Teacher, prompts: list[str], size: tuple[int, int], sized: bool) -> Cond:
-    """The prompts encoded for images of (height, width) `size`. A student trained on aspect-ratio buckets
-    (`sized`) reads each size's own size conditioning (SDXL: original = target = `size`, no crop, as diffusers'
-    pipeline conditions by default); others read their one trained size's, as they were trained."""
+    """The prompts encoded for images of (height, width) `size`. A student trained on aspect-ratio buckets, or a
+    teacher (`sized`), reads each size's own size conditioning (SDXL: original = target = `size`, no crop, as
+    diffusers' pipeline conditions by default); other students read their one trained size's, as they were trained."""
     cond = teacher.encode_prompts(prompts)
     if not sized:
         return cond

@@ -162,7 +162,8 @@ def test_train_only_trains_its_shard_of_the_runs_and_evaluates_nothing(tmp_path,
 
 def test_a_matrix_with_sizes_measures_each_run_at_the_sizes_it_was_trained_at(tmp_path, tiny_sdxl_dir, monkeypatch):
     """`sizes`: every size is a table of its own with its own reference and prompts; the teacher is measured at each,
-    conditioned on the size it makes; a run trained on buckets at each of its buckets, a one-shape run at its one."""
+    conditioned on the size it makes; a run trained on buckets at each of its buckets (a progressive one with the
+    checkpoint of each step count), a one-shape run at its one."""
     from distill import bench, speed
     from teachers.sdxl import SDXLTeacher
 
@@ -171,36 +172,39 @@ def test_a_matrix_with_sizes_measures_each_run_at_the_sizes_it_was_trained_at(tm
     sizes_of = SDXLTeacher.with_sizes
     monkeypatch.setattr(SDXLTeacher, "with_sizes", lambda self, cond, original, crop, target: (
         targets.append(tuple(target)), sizes_of(self, cond, original, crop, target))[1])
-    shapes = [[16, 16], [16, 32], [32, 16]]
     base = {"teacher": {"source": str(tiny_sdxl_dir), "resolution": 16}, "student": {"kind": "lora", "lora_rank": 2},
             "method": {"name": "denoise"}, "train": {"max_steps": 1}}
     mixed, pairs = tmp_path / "mixed.yaml", tmp_path / "pairs.yaml"
-    mixed.write_text(yaml.safe_dump({**base, "data": {"kind": "digit_shapes", "batch_size": 3, "buckets": shapes}}))
+    mixed.write_text(yaml.safe_dump({
+        **base, "method": {"name": "progressive", "params": {"start_steps": 4, "end_steps": 1, "round_steps": 1}},
+        "train": {"max_steps": 2}, "data": {"kind": "digit_shapes", "batch_size": 3,
+                                            "buckets": [[16, 16], [16, 32], [32, 16]]}}))
     pairs.write_text(yaml.safe_dump({**base, "teacher": {**base["teacher"], "width": 32},
                                      "data": {"kind": "digit_pairs", "batch_size": 2}}))
-    references = [("digits", 2), ("digit_pairs", 1), ("digit_stacks", 1)]
-    spec = {"out": str(tmp_path / "bench"), "teacher_reference_steps": 0, "bootstrap": 5,
+    spec = {"out": str(tmp_path / "bench"), "teacher_reference_steps": 0, "bootstrap": 5, "num_per_prompt": 1,
             "timing": {"repeats": 1, "batch_size": 1, "reference_steps": 1},
-            "sizes": [{"size": s, "reference": r, "num_per_prompt": n} for s, (r, n) in zip(shapes, references)],
+            "sizes": [{"size": [16, 32], "reference": "digit_pairs"}, {"size": [32, 16], "reference": "digit_stacks"}],
             "teachers": [{"source": str(tiny_sdxl_dir), "steps": [1]}],
-            "runs": [{"config": str(mixed), "name": "mixed", "steps": [1]},
+            "runs": [{"config": str(mixed), "name": "mixed", "steps": [2, 4]},
                      {"config": str(pairs), "name": "pairs", "steps": [1]}]}
     matrix = tmp_path / "matrix.yaml"
     matrix.write_text(yaml.safe_dump(spec))
     bench.run(matrix, log=lambda line: None)
     rows = Leaderboard(tmp_path / "bench/leaderboard.sqlite").rows("id")
-    measured = sorted((r["method"], str(json.loads(r["protocol"])["resolution"]), _field(r, "samples")) for r in rows)
-    assert measured == [("denoise", "16", 20), ("denoise", "16x32", 100), ("denoise", "16x32", 100),
-                        ("denoise", "32x16", 100), ("teacher", "16", 20), ("teacher", "16x32", 100),
-                        ("teacher", "32x16", 100)]
-    assert len({r["protocol_id"] for r in rows}) == 3  # a table per size, shared by everyone measured at it
+    measured = sorted((r["method"], json.loads(r["protocol"])["resolution"], r["steps"], r["train_steps"])
+                      for r in rows)
+    assert measured == [("denoise", "16x32", 1, 1), ("progressive", "16x32", 2, 1), ("progressive", "16x32", 4, 2),
+                        ("progressive", "32x16", 2, 1), ("progressive", "32x16", 4, 2), ("teacher", "16x32", 1, 0),
+                        ("teacher", "32x16", 1, 0)]  # 2 steps: the first round's checkpoint; 4: the final student
+    assert all(_field(r, "samples") == 100 for r in rows)  # each size's own prompts
+    assert len({r["protocol_id"] for r in rows}) == 2  # a table per size, shared by everyone measured at it
     assert {(16, 32), (32, 16)} <= set(targets)  # the teacher and the mixed student read each size's conditioning
     grids = sorted(p.name for p in (tmp_path / "bench/grids").iterdir())
-    assert "pairs-1steps-16x32.png" in grids and "mixed-1steps-32x16.png" in grids and len(grids) == 7
+    assert "pairs-1steps-16x32.png" in grids and "mixed-4steps-32x16.png" in grids and len(grids) == 7
     bench.run(matrix, log=lambda line: None)  # resumed: nothing left
     assert len(Leaderboard(tmp_path / "bench/leaderboard.sqlite").rows("id")) == 7
 
-    spec["sizes"] = spec["sizes"][2:]
+    spec["sizes"] = spec["sizes"][1:]
     matrix.write_text(yaml.safe_dump(spec))
     with pytest.raises(ConfigError, match="none of the sizes run pairs trains at \\(16x32\\)") as e:
         load_matrix(matrix)

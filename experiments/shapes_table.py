@@ -1,0 +1,57 @@
+"""The per-shape table of experiments/bench_shapes_<family>.yaml: at each shape, each method's 4-step student trained
+on the three shapes at once ("mixed") against the one trained on that shape only, FID and adherence with their 95%
+intervals and the verdict of mixed against one-shape (better / worse only where the intervals separate), and the
+teacher's rows at that shape.
+
+    python experiments/shapes_table.py runs/bench-shapes-sdxl/leaderboard.sqlite
+"""
+import json
+import re
+import sys
+
+from distill.leaderboard import Leaderboard
+from distill.leaderboard_view import verdict
+
+SHAPES = {"16": "singles", "16x32": "pairs", "32x16": "stacks"}
+NAME = re.compile(r"/(\w+?)_(mixed|singles|pairs|stacks)_\w+?-seed\d+/")
+
+
+def cell(row: dict, metric: str, percent: bool = False) -> str:
+    if row is None or row.get(metric) is None:
+        return "-"
+    k = 100 if percent else 1
+    f = "{:.1f}" if percent else "{:.2f}"
+    return f"{f.format(k * row[metric])} [{f.format(k * row[metric + '_lo'])}, {f.format(k * row[metric + '_hi'])}]"
+
+
+def main(db: str) -> None:
+    rows = [{**r, **json.loads(r["extra"] or "{}")} for r in Leaderboard(db).rows("id")]
+    table: dict[tuple, dict] = {}
+    teacher: dict[tuple, dict] = {}
+    for r in rows:
+        shape = SHAPES.get(str(json.loads(r["protocol"])["resolution"]))
+        if r["method"] == "teacher":
+            teacher[shape, r["steps"]] = r
+            continue
+        m = NAME.search(r.get("run") or "")
+        if m:
+            table[m[1], m[2], shape] = r
+    methods = list(dict.fromkeys(k[0] for k in table))
+    print("| shape | model | FID mixed | FID one-shape | FID verdict | adherence mixed (%) | adherence one-shape (%) "
+          "| adherence verdict |")
+    print("|---|---|---|---|---|---|---|---|")
+    for shape in SHAPES.values():
+        for steps in (25, 4):
+            t = teacher.get((shape, steps))
+            if t:
+                print(f"| {shape} | teacher, {steps} steps | {cell(t, 'fid')} | | | {cell(t, 'adherence', True)} | | |")
+        for method in methods:
+            mixed, one = table.get((method, "mixed", shape)), table.get((method, shape, shape))
+            print(f"| {shape} | {method}, 4 steps | {cell(mixed, 'fid')} | {cell(one, 'fid')} | "
+                  f"{verdict(mixed, one) if mixed and one else '-'} | {cell(mixed, 'adherence', True)} | "
+                  f"{cell(one, 'adherence', True)} | "
+                  f"{verdict(mixed, one, 'adherence', lower_is_better=False) if mixed and one else '-'} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
