@@ -302,7 +302,26 @@ def uniform(n: int, lo: float, hi: float, generator: torch.Generator, like: torc
     return (lo + (hi - lo) * torch.rand(n, generator=generator)).to(like.device)
 
 
-class Adversarial(Method):
+class Renoising(Method):
+    """A student that gives x0 at a few distinct times from pure noise, each re-noised to the next time: the
+    multistep consistency sampler (sCM sec. 2), shared by the adversarial methods and sCM/rCM."""
+
+    renoises = True
+
+    def sample_times(self, steps: int, shape=None) -> list[float]:
+        """`steps` distinct times from pure noise (Teacher.student_timesteps), the training grid's for
+        steps = student_steps."""
+        return self.teacher.student_timesteps(steps, shape).tolist()
+
+    @torch.no_grad()
+    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
+        cfg, w = self.guidance_args(guidance, len(cond))
+        x = randn((len(cond), *shape), generator, self.teacher.device)
+        return renoise_chain(self.teacher, self.student.backbone, x, cond, self.sample_times(steps, shape), generator,
+                             cfg, w)
+
+
+class Adversarial(Renoising):
     """What ADD and LADD share: two turns, a student that denoises from a few teacher times, and the
     few-step sampler that denoises then renoises to the next time (ADD sec. 3.1)."""
 
@@ -336,16 +355,3 @@ class Adversarial(Method):
         x_t = torch.where(first, noise, self.teacher.add_noise(x0, noise, t))
         return self.teacher.predict(x_t, t, cond, backbone=self.student.backbone)[0]
 
-    renoises = True
-
-    def sample_times(self, steps: int, shape=None) -> list[float]:
-        """`steps` distinct times from pure noise (Teacher.student_timesteps), the training grid's for
-        steps = student_steps."""
-        return self.teacher.student_timesteps(steps, shape).tolist()
-
-    @torch.no_grad()
-    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
-        cfg, w = self.guidance_args(guidance, len(cond))
-        x = randn((len(cond), *shape), generator, self.teacher.device)
-        return renoise_chain(self.teacher, self.student.backbone, x, cond, self.sample_times(steps, shape), generator,
-                             cfg, w)

@@ -34,8 +34,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from discriminators.teacher_heads import time_features
 from distill.errors import check_choice
-from distill.methods.base import LossOut, Method, cfg_scale, check_guidance_range, ranged, uniform
-from distill.sampling import randn, renoise_chain
+from distill.methods.base import LossOut, Renoising, cfg_scale, check_guidance_range, ranged, uniform
+from distill.sampling import randn
 from distill.solvers import bcast
 
 
@@ -57,10 +57,9 @@ class SCMParams:
         check_guidance_range(self.guidance_min, self.guidance_max)
 
 
-class SCM(Method):
+class SCM(Renoising):
     Params = SCMParams
     extras = ("weighting",)
-    renoises = True
 
     def __init__(self, teacher, student, params: SCMParams):
         super().__init__(teacher, student, params)
@@ -133,14 +132,3 @@ class SCM(Method):
             per_sample = per_sample / (sd * torch.tan(s))
         loss = (weight.exp() * per_sample - weight).mean()
         return LossOut(loss, {"s_mean": float(s.mean()), "tangent_norm": float(norm.mean()), "warmup_r": r})
-
-    def sample_times(self, steps: int, shape=None) -> list[float]:
-        return self.teacher.student_timesteps(steps, shape).tolist()
-
-    @torch.no_grad()
-    def sample(self, cond, steps: int, generator, shape, guidance=1.0):
-        """The multistep consistency sampler (sCM sec. 2): the backbone's x0 at each time, re-noised to the next."""
-        cfg, w = self.guidance_args(guidance, len(cond))
-        x = randn((len(cond), *shape), generator, self.teacher.device)
-        times = self.sample_times(steps, shape)
-        return renoise_chain(self.teacher, self.student.backbone, x, cond, times, generator, cfg, w)
