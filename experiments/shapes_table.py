@@ -13,7 +13,8 @@ from distill.leaderboard import Leaderboard
 from distill.leaderboard_view import verdict
 
 SHAPES = {"16": "singles", "16x32": "pairs", "32x16": "stacks"}
-NAME = re.compile(r"/(\w+?)_(mixed|singles|pairs|stacks)_\w+?-seed\d+/")
+NAME = re.compile(r"/\w+?_(mixed3x|mixed|singles|pairs|stacks)_\w+?-seed\d+/")  # the matrix's run names
+MIXED = {"mixed": "", "mixed3x": " (mixed: 3x steps)"}
 
 
 def cell(row: dict, metric: str, percent: bool = False) -> str:
@@ -35,22 +36,24 @@ def main(db: str) -> None:
             continue
         m = NAME.search(r.get("run") or "")
         if m:
-            table[m[1], m[2], shape] = r
+            table[r["method"], m[1], shape] = r
     methods = list(dict.fromkeys(k[0] for k in table))
-    print("| shape | model | FID mixed | FID one-shape | FID verdict | adherence mixed (%) | adherence one-shape (%) "
-          "| adherence verdict |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| shape | model | FID mixed | FID one-shape | verdict | adherence mixed (%) | adherence one-shape (%) "
+          "| verdict | held-out pairs mixed (%) | held-out pairs one-shape (%) |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for shape in SHAPES.values():
         for steps in (25, 4):
             t = teacher.get((shape, steps))
             if t:
-                print(f"| {shape} | teacher, {steps} steps | {cell(t, 'fid')} | | | {cell(t, 'adherence', True)} | | |")
-        for method in methods:
-            mixed, one = table.get((method, "mixed", shape)), table.get((method, shape, shape))
-            print(f"| {shape} | {method}, 4 steps | {cell(mixed, 'fid')} | {cell(one, 'fid')} | "
+                print(f"| {shape} | teacher, {steps} steps | {cell(t, 'fid')} | | | {cell(t, 'adherence', True)} | | | "
+                      f"{cell(t, 'adherence_held_out', True)} | |")
+        for method, kind in [(m, k) for m in methods for k in MIXED if (m, k, shape) in table]:
+            mixed, one = table[method, kind, shape], table.get((method, shape, shape))
+            print(f"| {shape} | {method}{MIXED[kind]}, 4 steps | {cell(mixed, 'fid')} | {cell(one, 'fid')} | "
                   f"{verdict(mixed, one) if mixed and one else '-'} | {cell(mixed, 'adherence', True)} | "
                   f"{cell(one, 'adherence', True)} | "
-                  f"{verdict(mixed, one, 'adherence', lower_is_better=False) if mixed and one else '-'} |")
+                  f"{verdict(mixed, one, 'adherence', lower_is_better=False) if mixed and one else '-'} | "
+                  f"{cell(mixed, 'adherence_held_out', True)} | {cell(one, 'adherence_held_out', True)} |")
 
 
 if __name__ == "__main__":
