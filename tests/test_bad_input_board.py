@@ -417,6 +417,7 @@ def test_the_leaderboard_adds_a_keyed_row_once(tmp_path):
     {"timing": {"repeats": 10, "batch_size": 1, "reference_steps": 2}},
     {"teachers": [{"source": "builtin:digits-sdxl", "steps": [1], "guidance_scale": 3.0}]},
     {"teachers": [{"source": "builtin:digits-sdxl", "steps": [1], "resolution": 24}]},
+    {"bootstrap": 100}, {"sizes": [{"size": [16, 32]}]},
 ])
 def test_the_done_key_covers_every_setting_of_a_row(tmp_path, edit):
     prompts = tmp_path / "p.txt"
@@ -427,6 +428,6 @@ def test_the_done_key_covers_every_setting_of_a_row(tmp_path, edit):
         matrix, _ = bench.load_matrix(_teacher_matrix(tmp_path, **changes))
         b = bench._Bench(matrix, log=lambda *a: None)
         t = matrix.teachers[0]
-        return b.key(bench.teacher_label(t.source), bench.teacher_config(t), 1, t.guidance_scale, True)
+        return b.key(bench.teacher_label(t.source), bench.teacher_config(t), 1, t.guidance_scale, True, b.shapes[0])
 
     assert key() == key() and key() != key(**edit)
