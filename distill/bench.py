@@ -304,8 +304,9 @@ def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
     if matrix.prompts:
         counts = [("num_per_prompt", matrix.num_per_prompt)] + [
             (f"sizes[{i}].num_per_prompt", s.num_per_prompt) for i, s in enumerate(matrix.sizes) if s.num_per_prompt]
+        prompts = len(data.read_prompts(Path(matrix.prompts)))
         for where, per_prompt in counts:
-            count = len(data.read_prompts(Path(matrix.prompts))) * per_prompt
+            count = prompts * per_prompt
             if count > MAX_SAMPLES:
                 raise ConfigError(where, per_prompt, f"gives {count:,} samples with the prompts of {matrix.prompts}; "
                                   f"at most {MAX_SAMPLES:,}")

@@ -22,10 +22,12 @@ from teachers.base import Cond, Teacher
 __all__ = ["Cond", "Teacher", "load", "family_of", "check_source"]
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-BUILTIN = ("builtin:digits-sdxl", "builtin:digits-sd3", "builtin:digits-flux", "builtin:digits-flux-dev",
-           "builtin:pairs-sdxl", "builtin:pairs-sd3", "builtin:shapes-sdxl", "builtin:tiny-sdxl",
-           "builtin:tiny-sd3", "builtin:tiny-flux", "builtin:tiny-flux-dev", "builtin:gmm-vp", "builtin:gmm-flow",
-           "builtin:gmm-flux")
+# Teachers trained by distill itself and shipped in the repository (recipes in experiments/).
+ZOO = {name: Path(__file__).parent / "zoo" / name
+       for name in ("digits-sdxl", "digits-sd3", "digits-flux", "digits-flux-dev", "pairs-sdxl", "pairs-sd3",
+                    "shapes-sdxl")}
+BUILTIN = tuple(f"builtin:{name}" for name in (*ZOO, "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux-dev",
+                                                "gmm-vp", "gmm-flow", "gmm-flux"))
 FAMILIES = ("sdxl", "sd3", "flux", "gmm")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Random pipelines `distill make-teacher` builds offline: tiny ones (tiny.py) and real architectures (real_size.py).
@@ -97,11 +99,6 @@ def family_of(folder: Path) -> str:
     raise DistillError(f"teacher {folder} is a {name or 'unknown'} pipeline; supported: StableDiffusionXL*, "
                        "StableDiffusion3*, Flux*")
 
-
-# Teachers trained by distill itself and shipped in the repository (recipes in experiments/).
-ZOO = {name: Path(__file__).parent / "zoo" / name
-       for name in ("digits-sdxl", "digits-sd3", "digits-flux", "digits-flux-dev", "pairs-sdxl", "pairs-sd3",
-                     "shapes-sdxl")}
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
