@@ -383,8 +383,9 @@ class _Shape:
 class _Bench:
     """One matrix run: what every row shares (scorings, references, the leaderboard, the done-list)."""
 
-    def __init__(self, matrix: Matrix, log, train_only: bool = False):
-        self.m, self.log, self.out, self.train_only = matrix, log, Path(matrix.out), train_only
+    def __init__(self, matrix: Matrix, log, train_only: bool = False, eval_only: bool = False):
+        self.m, self.log, self.out = matrix, log, Path(matrix.out)
+        self.train_only, self.eval_only = train_only, eval_only
         self.out.mkdir(parents=True, exist_ok=True)
         # Trainers (often several at once, on machines that share the folder) leave the leaderboard alone.
         db = matrix.leaderboard or self.out / "leaderboard.sqlite"
@@ -493,9 +494,15 @@ class _Bench:
         if not self.todo(r, cfg, guidance, trained_sizes(cfg)):
             return
         run_dir, head = Path(cfg.train.output_dir), f"[{i + 1}/{len(self.m.runs)}] {r.name}"
+        if paths.in_use(run_dir):  # a trainer beside this bench (--train-only) has it: a later bench evaluates it
+            self.log(f"{head}: skipped, another process is training it in {run_dir}")
+            return
         same = _same_recipe(cfg)
         if same and (run_dir / "student").exists():
             self.log(f"{head}: already trained in {run_dir}")
+        elif self.eval_only:
+            self.log(f"{head}: not trained yet, skipped (--eval-only)")
+            return
         else:
             # Only this recipe's checkpoints are resumed: anything else in the folder is moved aside (train's restart).
             resume = "latest" if same and (run_dir / "checkpoints" / "latest").exists() else None
@@ -531,12 +538,14 @@ def parse_shard(value: str) -> tuple[int, int]:
     return int(m[1]), int(m[2])
 
 
-def run(path: Path, log=print, train_only: bool = False, shard: tuple[int, int] = (0, 1)) -> Path | None:
+def run(path: Path, log=print, train_only: bool = False, shard: tuple[int, int] = (0, 1),
+        eval_only: bool = False) -> Path | None:
     """Run the whole matrix; returns the HTML page. `train_only` trains the runs (those of `shard` K/N: every Nth
     from the Kth, so N processes, on N GPUs or sharing one, train a matrix together) and evaluates nothing: a
-    later plain `distill bench` of the same matrix finds them trained and evaluates them."""
+    later plain `distill bench` of the same matrix finds them trained and evaluates them. `eval_only` evaluates the
+    runs that are trained and trains none (the teachers' rows are measured as always)."""
     matrix, configs = load_matrix(Path(path))
-    bench = _Bench(matrix, log, train_only)
+    bench = _Bench(matrix, log, train_only, eval_only)
     if train_only:
         for i, r in list(enumerate(matrix.runs))[shard[0]::shard[1]]:
             bench.run(i, r, configs[r.name])

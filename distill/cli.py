@@ -212,7 +212,7 @@ def _bench(args) -> None:
         return
     if shard != (0, 1):
         raise ConfigError("--shard", args.shard, "only with --train-only (the evaluations share one leaderboard)")
-    page = bench.run(Path(args.matrix))
+    page = bench.run(Path(args.matrix), eval_only=args.eval_only)
     print(f"open {page.resolve()} in a browser for the table, the quality-versus-NFE plot and the samples")
 
 
@@ -376,8 +376,11 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="run a teacher x method x steps matrix: train where needed, evaluate, "
                        "add rows, write the leaderboard pages")
     b.add_argument("matrix", help="experiments/bench_*.yaml")
-    b.add_argument("--train-only", action="store_true", help="train the matrix's runs (skipping trained ones) and "
-                   "evaluate nothing; a later plain run evaluates them")
+    only = b.add_mutually_exclusive_group()
+    only.add_argument("--train-only", action="store_true", help="train the matrix's runs (skipping trained ones) "
+                      "and evaluate nothing; a later plain run evaluates them")
+    only.add_argument("--eval-only", action="store_true", help="evaluate the runs already trained and train none "
+                      "(beside --train-only trainers still at work)")
     b.add_argument("--shard", default="0/1", metavar="K/N", help="with --train-only: train runs K, K+N, K+2N, ... "
                    "(N processes train the matrix together)")
     b.set_defaults(func=_bench)

@@ -183,6 +183,28 @@ def atomic_folder(folder: Path):
         shutil.rmtree(tmp, ignore_errors=True)  # the failed block's files, or the old folder after a swap
 
 
+def _lock_file(folder: Path) -> Path:
+    return folder.with_name(f".{folder.name}.lock")
+
+
+def in_use(folder: Path) -> bool:
+    """Whether another process holds `folder`'s lock (`lock`) now. The probe takes a shared lock for an instant."""
+    import fcntl
+
+    path = _lock_file(Path(folder).expanduser())
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock
+
+
 @contextlib.contextmanager
 def lock(folder: Path, what: str):
     """Hold an exclusive lock on `folder` for the block: an flock on `.<name>.lock` beside it, which the system
@@ -190,7 +212,7 @@ def lock(folder: Path, what: str):
     import fcntl
 
     folder = Path(folder).expanduser()
-    path = folder.with_name(f".{folder.name}.lock")
+    path = _lock_file(folder)
     path.parent.mkdir(parents=True, exist_ok=True)
     while True:
         try:

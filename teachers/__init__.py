@@ -31,7 +31,8 @@ BUILTIN = tuple(f"builtin:{name}" for name in (*ZOO, "tiny-sdxl", "tiny-sd3", "t
 FAMILIES = ("sdxl", "sd3", "flux", "gmm")
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # Random pipelines `distill make-teacher` builds offline: tiny ones (tiny.py) and real architectures (real_size.py).
-ARCHITECTURES = ("sdxl-base-arch", "sd3-medium-arch", "sd35-medium-arch", "sd35-large-arch", "flux-dev-arch")  # real_size.py's, which `distill plan` also builds on meta
+# real_size.py's architectures, which `distill plan` also builds on meta
+ARCHITECTURES = ("sdxl-base-arch", "sd3-medium-arch", "sd35-medium-arch", "sd35-large-arch", "flux-dev-arch")
 MAKEABLE = ("tiny-sdxl", "tiny-sd3", "tiny-sd35-medium", "tiny-sd35-large", "tiny-flux", "tiny-flux-dev",
             *ARCHITECTURES)
 

@@ -138,23 +138,38 @@ def test_training_seeds_give_runs_of_their_own(tmp_path):
     assert {c.train.seed for c in load_matrix(path)[1].values()} == {7}  # no seeds: the config's own
 
 
-def test_train_only_trains_its_shard_of_the_runs_and_evaluates_nothing(tmp_path, tiny_sdxl_dir):
+def test_train_only_trains_its_shard_of_the_runs_and_evaluates_nothing(tmp_path, tiny_sdxl_dir, monkeypatch):
     """N processes can train a matrix together (`--train-only --shard K/N`): shard 1/2 trains runs 1, 3, ... and
-    adds no row; a bad shard is refused in one line."""
-    from distill import bench
+    adds no row; a run another process is training (its folder locked) is skipped; `eval_only` evaluates what is
+    trained and trains nothing; a bad shard is refused in one line."""
+    from distill import bench, paths, speed
 
+    monkeypatch.setattr(speed, "MIN_REPEATS", 1)  # the timed pass is not what this test is about
     run_cfg = tmp_path / "denoise.yaml"
     run_cfg.write_text(yaml.safe_dump({
         "teacher": {"source": str(tiny_sdxl_dir), "resolution": 32}, "student": {"kind": "lora", "lora_rank": 4},
         "method": {"name": "denoise"}, "data": {"kind": "digits", "batch_size": 2}, "train": {"max_steps": 1}}))
     matrix = tmp_path / "matrix.yaml"
-    matrix.write_text(yaml.safe_dump({"out": str(tmp_path / "bench"), "seeds": [0, 1, 2],
-                                      "runs": [{"config": str(run_cfg), "name": "d"}]}))
+    matrix.write_text(yaml.safe_dump({"out": str(tmp_path / "bench"), "seeds": [0, 1, 2], "num_per_prompt": 1,
+                                      "teacher_reference_steps": 0, "timing": {"reference_steps": 1, "repeats": 1},
+                                      "runs": [{"config": str(run_cfg), "name": "d", "steps": [1]}]}))
     assert bench.run(matrix, train_only=True, shard=(1, 2)) is None
     trained = sorted(p.name for p in (tmp_path / "bench").iterdir() if (p / "student").exists())
     assert trained == ["d-seed1"]
+    logs = []
+    with paths.lock(tmp_path / "bench/d-seed0", "train.output_dir"):  # as a trainer beside this bench holds it
+        bench.run(matrix, log=logs.append, train_only=True, shard=(0, 2))
+    assert "[1/3] d-seed0: skipped, another process is training it in" in logs[0]
+    trained = sorted(p.name for p in (tmp_path / "bench").iterdir() if (p / "student").exists())
+    assert trained == ["d-seed1", "d-seed2"] and not paths.in_use(tmp_path / "bench/d-seed0")
     assert not (tmp_path / "bench/references").exists() and not list((tmp_path / "bench").glob("grids"))
     assert not (tmp_path / "bench/leaderboard.sqlite").exists()  # trainers never open it
+    logs = []
+    bench.run(matrix, log=logs.append, eval_only=True)  # what is trained is evaluated; d-seed0 stays untrained
+    assert "[1/3] d-seed0: not trained yet, skipped (--eval-only)" in logs
+    assert not (tmp_path / "bench/d-seed0/student").exists()
+    rows = Leaderboard(tmp_path / "bench/leaderboard.sqlite").rows("id")
+    assert sorted(_field(r, "seed") for r in rows) == [1, 2]
     for bad in ("2/2", "1", "-1/2", "a/b"):
         with pytest.raises(ConfigError, match="K/N"):
             bench.parse_shard(bad)

@@ -149,20 +149,24 @@ def test_shipped_pairs_teacher_draws_both_prompted_digits_with_plain_diffusers(n
     assert scores["adherence"] >= 0.8 and scores["adherence_seen"] >= 0.8
 
 
-def test_shipped_shapes_teacher_draws_each_shape_with_plain_diffusers():
-    """builtin:shapes-sdxl in diffusers' own pipeline, which conditions on the size it is asked for: singles at
-    16 x 16, pairs side by side at 16 x 32 and stacked at 32 x 16, the prompted digits read back from each."""
+@pytest.mark.parametrize("name,pipeline,call", [("shapes-sdxl", "StableDiffusionXLPipeline", {"guidance_scale": 5.0}),
+                                                ("shapes-sd3", "StableDiffusion3Pipeline",
+                                                 {"guidance_scale": 3.0, "max_sequence_length": 77})])
+def test_shipped_shapes_teacher_draws_each_shape_with_plain_diffusers(name, pipeline, call):
+    """A shapes teacher in diffusers' own pipeline, which conditions on the size it is asked for (SDXL's
+    micro-conditioning, SD3's token grid): singles at 16 x 16, pairs side by side at 16 x 32 and stacked at 32 x 16,
+    the prompted digits read back from each."""
     import diffusers
 
     import teachers
 
-    pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(teachers.ZOO["shapes-sdxl"])
+    pipe = getattr(diffusers, pipeline).from_pretrained(teachers.ZOO[name])
     pipe.set_progress_bar_config(disable=True)
     seen = [(a, (a + 5) % 10) for a in range(10)]  # none of them held out
     for size, prompts in (((16, 16), [f"a handwritten digit {a}" for a, _ in seen]),
                           ((16, 32), [digits.pair_prompt(a, b) for a, b in seen]),
                           ((32, 16), [digits.stack_prompt(a, b) for a, b in seen])):
-        images = pipe(prompts, height=size[0], width=size[1], num_inference_steps=10, guidance_scale=5.0,
-                      output_type="pt", generator=torch.Generator().manual_seed(0)).images * 2 - 1
+        images = pipe(prompts, height=size[0], width=size[1], num_inference_steps=10, output_type="pt",
+                      generator=torch.Generator().manual_seed(0), **call).images * 2 - 1
         assert images.shape == (10, 3, *size)
         assert adherence(images, prompts)["adherence"] >= 0.8, size
