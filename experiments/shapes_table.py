@@ -13,7 +13,7 @@ from distill.leaderboard import Leaderboard
 from distill.leaderboard_view import verdict
 
 SHAPES = {"16": "singles", "16x32": "pairs", "32x16": "stacks"}
-NAME = re.compile(r"/\w+?_(mixed3x|mixed|singles|pairs|stacks)_\w+?-seed\d+/")  # the matrix's run names
+NAME = re.compile(r"/\w+?_(mixed3x|mixed|singles|pairs|stacks)_\w+?-seed(\d+)/")  # the matrix's run names
 MIXED = {"mixed": "", "mixed3x": " (mixed: 3x steps)"}
 
 
@@ -36,7 +36,7 @@ def main(db: str) -> None:
             continue
         m = NAME.search(r.get("run") or "")
         if m:
-            table[r["method"], m[1], shape] = r
+            table[r["method"], m[1], shape, int(m[2])] = r
     methods = list(dict.fromkeys(k[0] for k in table))
     print("| shape | model | FID mixed | FID one-shape | verdict | adherence mixed (%) | adherence one-shape (%) "
           "| verdict | held-out pairs mixed (%) | held-out pairs one-shape (%) |")
@@ -47,9 +47,13 @@ def main(db: str) -> None:
             if t:
                 print(f"| {shape} | teacher, {steps} steps | {cell(t, 'fid')} | | | {cell(t, 'adherence', True)} | | | "
                       f"{cell(t, 'adherence_held_out', True)} | |")
-        for method, kind in [(m, k) for m in methods for k in MIXED if (m, k, shape) in table]:
-            mixed, one = table[method, kind, shape], table.get((method, shape, shape))
-            print(f"| {shape} | {method}{MIXED[kind]}, 4 steps | {cell(mixed, 'fid')} | {cell(one, 'fid')} | "
+        for method, kind, _, seed in [k for m in methods for k in table if k[:1] == (m,) and k[1] in MIXED
+                                      and k[2] == shape]:
+            # against the one-shape student of the same training seed, else of seed 0
+            mixed, one = table[method, kind, shape, seed], table.get((method, shape, shape, seed))
+            one = one or table.get((method, shape, shape, 0))
+            label = f"{method}{MIXED[kind]}{f', seed {seed}' if seed else ''}"
+            print(f"| {shape} | {label}, 4 steps | {cell(mixed, 'fid')} | {cell(one, 'fid')} | "
                   f"{verdict(mixed, one) if mixed and one else '-'} | {cell(mixed, 'adherence', True)} | "
                   f"{cell(one, 'adherence', True)} | "
                   f"{verdict(mixed, one, 'adherence', lower_is_better=False) if mixed and one else '-'} | "
