@@ -25,7 +25,7 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 # Teachers trained by distill itself and shipped in the repository (recipes in experiments/).
 ZOO = {name: Path(__file__).parent / "zoo" / name
        for name in ("digits-sdxl", "digits-sd3", "digits-flux", "digits-flux-dev", "pairs-sdxl", "pairs-sd3",
-                    "shapes-sdxl")}
+                    "shapes-sdxl", "shapes-sd3")}
 BUILTIN = tuple(f"builtin:{name}" for name in (*ZOO, "tiny-sdxl", "tiny-sd3", "tiny-flux", "tiny-flux-dev",
                                                 "gmm-vp", "gmm-flow", "gmm-flux"))
 FAMILIES = ("sdxl", "sd3", "flux", "gmm")
