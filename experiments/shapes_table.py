@@ -47,7 +47,7 @@ def main(db: str) -> None:
             if t:
                 print(f"| {shape} | teacher, {steps} steps | {cell(t, 'fid')} | | | {cell(t, 'adherence', True)} | | | "
                       f"{cell(t, 'adherence_held_out', True)} | |")
-        for method, kind, _, seed in [k for m in methods for k in table if k[:1] == (m,) and k[1] in MIXED
+        for method, kind, _, seed in [k for m in methods for k in table if k[0] == m and k[1] in MIXED
                                       and k[2] == shape]:
             # against the one-shape student of the same training seed, else of seed 0
             mixed, one = table[method, kind, shape, seed], table.get((method, shape, shape, seed))

@@ -127,18 +127,28 @@ def test_an_sd3_teacher_takes_non_square_latents(tiny_sd3_dir):
     assert x0.shape == x.shape and torch.isfinite(x0).all()
 
 
-# SD3's T5 padding length changes its joint attention: the teacher was trained with 77 tokens (teacher.max_text_length);
-# at diffusers' default of 256 it draws 30% of the pairs right.
-@pytest.mark.parametrize("name,pipeline,call", [("pairs-sdxl", "StableDiffusionXLPipeline", {"guidance_scale": 5.0}),
-                                                ("pairs-sd3", "StableDiffusion3Pipeline",
-                                                 {"guidance_scale": 3.0, "max_sequence_length": 77})])
-def test_shipped_pairs_teacher_draws_both_prompted_digits_with_plain_diffusers(name, pipeline, call):
+# How plain diffusers calls a shipped teacher of each family: its pipeline class and call arguments. SD3's T5 padding
+# length changes its joint attention: the teachers were trained with 77 tokens (teacher.max_text_length); at
+# diffusers' default of 256 the pairs teacher draws 30% of the pairs right.
+PLAIN_DIFFUSERS = {"sdxl": ("StableDiffusionXLPipeline", {"guidance_scale": 5.0}),
+                   "sd3": ("StableDiffusion3Pipeline", {"guidance_scale": 3.0, "max_sequence_length": 77})}
+
+
+def _plain_pipeline(name: str):
+    """The shipped teacher `name` (teachers.ZOO) in its family's diffusers pipeline, and the call arguments to use."""
     import diffusers
 
     import teachers
 
+    pipeline, call = PLAIN_DIFFUSERS[name.rsplit("-", 1)[1]]
     pipe = getattr(diffusers, pipeline).from_pretrained(teachers.ZOO[name])
     pipe.set_progress_bar_config(disable=True)
+    return pipe, call
+
+
+@pytest.mark.parametrize("name", ["pairs-sdxl", "pairs-sd3"])
+def test_shipped_pairs_teacher_draws_both_prompted_digits_with_plain_diffusers(name):
+    pipe, call = _plain_pipeline(name)
     pairs = [(a, (a + k) % 10) for a in range(10) for k in (1, 3)]  # 10 seen pairs and 10 held-out ones
     prompts = [digits.pair_prompt(a, b) for a, b in pairs]
     images = pipe(prompts, height=16, width=32, num_inference_steps=30, output_type="pt",
@@ -151,19 +161,12 @@ def test_shipped_pairs_teacher_draws_both_prompted_digits_with_plain_diffusers(n
 
 # The SD3 teacher draws the bottom digit of a stack right about 60% of the time (shapes_teachers.md): its stacks are
 # held to their top digit.
-@pytest.mark.parametrize("name,pipeline,call,stacked", [
-    ("shapes-sdxl", "StableDiffusionXLPipeline", {"guidance_scale": 5.0}, "adherence"),
-    ("shapes-sd3", "StableDiffusion3Pipeline", {"guidance_scale": 3.0, "max_sequence_length": 77}, "adherence_top")])
-def test_shipped_shapes_teacher_draws_each_shape_with_plain_diffusers(name, pipeline, call, stacked):
+@pytest.mark.parametrize("name,stacked", [("shapes-sdxl", "adherence"), ("shapes-sd3", "adherence_top")])
+def test_shipped_shapes_teacher_draws_each_shape_with_plain_diffusers(name, stacked):
     """A shapes teacher in diffusers' own pipeline, which conditions on the size it is asked for (SDXL's
     micro-conditioning, SD3's token grid): singles at 16 x 16, pairs side by side at 16 x 32 and stacked at 32 x 16,
     the prompted digits read back from each."""
-    import diffusers
-
-    import teachers
-
-    pipe = getattr(diffusers, pipeline).from_pretrained(teachers.ZOO[name])
-    pipe.set_progress_bar_config(disable=True)
+    pipe, call = _plain_pipeline(name)
     seen = [(a, (a + 5) % 10) for a in range(10)]  # none of them held out
     for size, prompts in (((16, 16), [f"a handwritten digit {a}" for a, _ in seen]),
                           ((16, 32), [digits.pair_prompt(a, b) for a, b in seen]),
