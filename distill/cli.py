@@ -11,6 +11,7 @@ import re
 import signal
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from pathlib import Path
@@ -456,6 +457,15 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a scheduler's stop or preemption) taken as Ctrl-C is: the same cleanup runs (a run folder's
+    lock file, temporary files) instead of none, and a run resumes from its last checkpoint as after any kill."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -463,6 +473,16 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     if not args.debug:
         _quiet_libraries()
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    before = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+    try:
+        return _run(args)
+    finally:
+        if before is not None:  # None: not installed from Python, so nothing to put back
+            signal.signal(signal.SIGTERM, before)
+
+
+def _run(args) -> int:
     try:
         args.func(args)
     except DistillError as e:
@@ -470,9 +490,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # always one line
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:
+        terminated = isinstance(e, _Terminated)
+        print("terminated" if terminated else "interrupted", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)  # the shell's codes: 143 and 130
     except Exception as e:  # a bug, not a user error: one line here, the whole story in a file
         if args.debug:
             raise

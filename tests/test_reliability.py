@@ -208,12 +208,12 @@ def _launch(cfg: Path, out: Path, resume: bool) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout=120) -> bool:
-    """SIGKILL the run as soon as `ready()` holds; False if it finished first."""
+def _kill_when(proc: subprocess.Popen, ready, timeout=120, sig=signal.SIGKILL) -> bool:
+    """Send `sig` to the run as soon as `ready()` holds; False if it finished first."""
     deadline = time.time() + timeout
     while proc.poll() is None and time.time() < deadline:
         if ready():
-            proc.send_signal(signal.SIGKILL)
+            proc.send_signal(sig)
             proc.wait()
             return True
         time.sleep(0.002)
@@ -243,12 +243,16 @@ def test_sigkill_anywhere_then_resume_is_bit_identical(tmp_path, tiny_sdxl_dir, 
     mid_write = lambda: any(ckpts.glob(".step-*.tmp"))  # noqa: E731
     after_step = lambda n: lambda: (run / "metrics.jsonl").exists() and len(  # noqa: E731
         (run / "metrics.jsonl").read_text().splitlines()) >= n
-    kills = [mid_write, after_step(8), mid_write, after_step(16)]
+    # SIGTERM (a scheduler's stop) is taken as Ctrl-C: exit 143, and the run folder's lock file is removed
+    kills = [(mid_write, signal.SIGKILL), (after_step(8), signal.SIGTERM), (mid_write, signal.SIGKILL),
+             (after_step(16), signal.SIGKILL)]
     landed_mid_write = 0
-    for ready in kills:
+    for ready, sig in kills:
         proc = _launch(cfg, run, resume=(ckpts / "latest").exists())
-        if _kill_when(proc, ready):
+        if _kill_when(proc, ready, sig=sig):
             landed_mid_write += any(ckpts.glob(".step-*.tmp"))
+            if sig == signal.SIGTERM:
+                assert proc.returncode == 143 and not (tmp_path / ".killed.lock").exists()
     assert landed_mid_write >= 1  # at least one kill hit a checkpoint being written
     proc = _launch(cfg, run, resume=True)
     assert proc.wait(timeout=300) == 0
