@@ -284,9 +284,8 @@ def trained_sizes(cfg: config.Config) -> list[tuple[int, int]] | None:
     else its teacher's size; None for `auto` buckets, whose grid follows the teacher (data.trained_sizes)."""
     if cfg.data.buckets == "auto":
         return None
-    if cfg.data.buckets is not None:
-        return [tuple(b) for b in cfg.data.buckets]
-    return [(cfg.teacher.resolution, cfg.teacher.width or cfg.teacher.resolution)]
+    size = (cfg.teacher.resolution, cfg.teacher.width or cfg.teacher.resolution)
+    return [size] if cfg.data.buckets is None else data.bucket_sizes(cfg.data, size)
 
 
 def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:

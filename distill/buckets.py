@@ -43,14 +43,17 @@ def members(bucket_of: list[int]) -> dict[int, list[int]]:
 
 
 def nearest(buckets: list[tuple[int, int]], height: int, width: int, upscale: bool = True) -> int | None:
-    """The index of the bucket whose aspect ratio is nearest the image's (in log ratio; ties to the larger bucket).
-    Without `upscale`, only buckets the image covers are candidates; None if it covers none."""
+    """The index of the bucket whose aspect ratio is nearest the image's (in log ratio). Of buckets with the same
+    ratio (one shape at several scales), the largest the image covers, else the smallest: an image is upscaled only
+    where no bucket of its shape fits inside it. Without `upscale`, only buckets the image covers are candidates;
+    None if it covers none."""
     ratio = math.log(height / width)
     best = None
     for i, (h, w) in enumerate(buckets):
-        if not upscale and (h > height or w > width):
+        covered = h <= height and w <= width
+        if not upscale and not covered:
             continue
-        key = (abs(math.log(h / w) - ratio), -h * w)
+        key = (abs(math.log(h / w) - ratio), not covered, -h * w if covered else h * w)
         if best is None or key < best[0]:
             best = (key, i)
     return None if best is None else best[1]
@@ -78,7 +81,9 @@ class BucketBatches(torch.utils.data.Sampler):
                  accumulation: int = 1):
         self.batch, self.world, self.rank, self.seed, self.start = batch, world, rank, seed, start
         self.accumulation, self.size = accumulation, batch * world * accumulation
-        self.members = [torch.tensor(m) for m in members(bucket_of).values()]
+        groups = members(bucket_of)
+        self.members = [torch.tensor(m) for m in groups.values()]
+        self.starved = {b: len(m) for b, m in groups.items() if len(m) < self.size}  # never drawn
         self.per_epoch = sum(len(m) // self.size for m in self.members)
         if self.per_epoch == 0:
             sizes = ", ".join(str(len(m)) for m in self.members)

@@ -96,7 +96,7 @@ def _generate(args) -> None:
     if done:
         print(f"fast path: {', '.join(done)}" + (" (the first batch compiles)" if args.compile else ""))
     teacher = method.teacher
-    size = cfg.sample.height or teacher.size[0], cfg.sample.width or teacher.size[1]
+    size = data.sample_size(cfg, teacher)
     shape = teacher.latent_shape(*size)
     out.mkdir(parents=True, exist_ok=True)
     generator = torch.Generator().manual_seed(args.seed)

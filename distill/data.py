@@ -20,9 +20,9 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from distill import buckets, checkpoint, paths
-from distill.config import DataConfig
+from distill.config import Config, DataConfig
 from distill.digits import DigitPairs, Digits, DigitShapes, DigitStacks
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 REFERENCE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")  # what a reference folder's images may be
@@ -409,8 +409,9 @@ class Bucketed(torch.utils.data.Dataset):
                 continue
             (h, w), b = hw, buckets.nearest(sizes, *hw, upscale)
             if b is None:
-                raise DistillError(f"image {name} ({h} x {w} px) is smaller than every bucket and data.upscale is "
-                                   "false; remove it, add a bucket it covers, or set data.upscale true")
+                raise DistillError(f"image {name} ({h} x {w} px) covers no bucket (both sides at least the "
+                                   "bucket's) and data.upscale is false; remove it, add a bucket it covers, or set "
+                                   "data.upscale true")
             self.bucket_of.append(b)
 
     def __len__(self):
@@ -568,6 +569,23 @@ def trained_sizes(cfg: DataConfig, teacher) -> list[tuple[int, int]]:
     return [tuple(teacher.size)] if cfg.buckets is None else bucket_sizes(cfg, teacher.size, teacher)
 
 
+def sample_size(cfg: Config, teacher) -> tuple[int, int]:
+    """The (height, width) a run samples at unless told a size: sample.height x sample.width, each defaulting to the
+    teacher's. A student trained on buckets samples at one of them: by default the teacher's size where it is one,
+    else the bucket nearest its aspect ratio (buckets.nearest); a sample size it was not trained at is refused."""
+    size = (cfg.sample.height or teacher.size[0], cfg.sample.width or teacher.size[1])
+    teacher.check_sizes([size], "sample.height")
+    if cfg.data.buckets is None:
+        return size
+    sizes = trained_sizes(cfg.data, teacher)
+    if size in sizes:
+        return size
+    if cfg.sample.height is None and cfg.sample.width is None:
+        return sizes[buckets.nearest(sizes, *size)]
+    raise ConfigError("sample.height", list(size), "a student trained on buckets samples at one of them: "
+                      + ", ".join(f"{h} x {w}" for h, w in sizes))
+
+
 def bucket_sizes(cfg: DataConfig, size: tuple[int, int], teacher=None) -> list[tuple[int, int]]:
     """data.buckets as (height, width) pairs: the list given, or `auto`'s for data.bucket_pixels (default: the
     teacher's own height x width) on buckets.auto_grid; the teacher refuses any it cannot make."""
@@ -597,7 +615,12 @@ def batch_sampler(dataset, batch: int, world: int, rank: int, seed: int, start: 
     optimiser step's `accumulation` micro-steps."""
     if getattr(dataset, "bucket_of", None) is None:
         return StepBatches(len(dataset), batch, world, rank, seed, start)
-    return buckets.BucketBatches(dataset.bucket_of, batch, world, rank, seed, start, accumulation)
+    sampler = buckets.BucketBatches(dataset.bucket_of, batch, world, rank, seed, start, accumulation)
+    for b, n in sampler.starved.items() if rank == 0 else ():
+        h, w = dataset.sizes[b]
+        print(f"warning: bucket {h} x {w} holds {n} samples, fewer than one global batch ({sampler.size}: "
+              f"data.batch_size x processes x accumulation), so it is never trained on", file=sys.stderr)
+    return sampler
 
 
 class StepBatches(torch.utils.data.Sampler):

@@ -146,7 +146,8 @@ def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: i
     with paths.atomic_folder(to) as tmp:
         prompts = prompts or {"digit_pairs": digits.PAIR_PROMPTS[::11], "digit_stacks": digits.STACK_PROMPTS[::11]}.get(
             cfg.data.kind, digits.DIGIT_PROMPTS)
-        images, _ = sample_images(method, prompts, steps, 0, guidance, teacher=False)
+        images, _ = sample_images(method, prompts, steps, 0, guidance, teacher=False,
+                                  size=data.sample_size(cfg, teacher), sized=cfg.data.buckets is not None)
         write_grid(images, 1, tmp / "samples.png")
         torch_dtype = DTYPES[dtype]
         if "lora" in formats:
@@ -192,8 +193,8 @@ def _export(run: Path, to: Path, formats: list[str] | None, dtype: str, steps: i
                f"{compressed.parameters(student.backbone) / 1e6:.4g}M parameters against the teacher's "
                f"{compressed.parameters(teacher.backbone) / 1e6:.4g}M.", ""] if student.plan is not None else []),
             "## Sampling", "", "```python", _usage(teacher, sampling, to, formats, single_file), "```", "",
-            "The call gives the exact times distill samples at (`timesteps`/`sigmas`) and the resolution it was "
-            "trained at (`height`, `width`); `distill generate` makes the same images from the same seed.", "",
+            "The call gives the exact times distill samples at (`timesteps`/`sigmas`) and a size it was trained at "
+            "(`height`, `width`); `distill generate` makes the same images from the same seed.", "",
             *([f"Trained on aspect-ratio buckets: height x width {', '.join(f'{h} x {w}' for h, w in sizes)}. "
                "Pass any of them as `height` and `width`: the pipeline conditions each call on its own size, as the "
                "student was trained.", ""] if len(sizes) > 1 else []),

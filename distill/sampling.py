@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from distill import data
 from distill.errors import DistillError
 from distill.solvers import bcast, consistency_scalings, ddim_step
 from teachers.base import Cond, Teacher
@@ -147,8 +148,7 @@ def diffusers_sampling(method, cfg, steps: int | None = None) -> tuple[object, d
     boundary = (params.sigma_data, params.timestep_scaling) if hasattr(params, "timestep_scaling") else None
     sched, times = teacher.scheduler_for(method.renoises, method.sample_times(steps),
                                          getattr(method, "student_prediction", None), boundary)
-    size = teacher.call_size(cfg.sample.height or teacher.size[0], cfg.sample.width or teacher.size[1],
-                             sized=cfg.data.buckets is not None)
+    size = teacher.call_size(*data.sample_size(cfg, teacher), sized=cfg.data.buckets is not None)
     guidance = teacher.call_guidance(cfg.sample.guidance_scale, method.student.guidance_input)
     call = {"num_inference_steps": steps, **guidance, **size, **times}
     plain = type(sched).from_config(teacher.pipe.scheduler.config).config

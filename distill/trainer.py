@@ -234,6 +234,7 @@ def setup(cfg: Config, resume: str | None, restart: bool) -> Run:
         raise DistillError(f"method {cfg.method.name} needs images or latents to noise, and data.kind="
                            f"{cfg.data.kind} has none; use images, shards, latents or digits")
     validator = validation.plan(cfg, method, dataset, out)  # its step counts and prompts refused before any step
+    data.sample_size(cfg, method.teacher)  # and a sample size the student is not trained at
     check_same_buckets(accelerator, dataset.bucket_of)
 
     start, saved_optims, trainer_state = 0, None, None

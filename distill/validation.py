@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from distill import digits, paths
+from distill import data, digits, paths
 from distill.config import Config
 from distill.errors import ConfigError, DistillError
 from distill.evaluation import WORLDS, Scoring, evaluate, sample_images, world_prompts, write_grid
@@ -149,7 +149,8 @@ def validate(p: Plan, method, accelerator, step: int) -> list[dict]:
 def measure(p: Plan, method, step: int, steps: int) -> tuple[dict, Path]:
     """One step count's grid and, on a digit world, its quality: (metrics.jsonl record, grid file)."""
     cfg = p.cfg
-    images, _ = sample_images(method, p.prompts, steps, cfg.train.seed, cfg.sample.guidance_scale, teacher=False)
+    images, _ = sample_images(method, p.prompts, steps, cfg.train.seed, cfg.sample.guidance_scale, teacher=False,
+                              size=data.sample_size(cfg, method.teacher), sized=cfg.data.buckets is not None)
     grid = write_grid(images, 1, p.out / FOLDER / f"step-{step:08d}-{steps}steps.png")
     record = {"step": step, STEPS_KEY: steps, "validate/grid": str(grid.relative_to(p.out))}
     if p.scoring is not None:

@@ -5,7 +5,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, FlowMatchLCMScheduler, StableDiffusion3Pipeline
 from diffusers.models.attention import JointTransformerBlock
 
-from distill.errors import DistillError
+from distill.errors import ConfigError, DistillError
 from distill.schedules import dynamic_shift, flow_alpha_sigma, flow_student_timesteps, flow_timesteps, flow_unshift
 from distill.solvers import consistency_scalings
 from teachers import ldm
@@ -105,6 +105,14 @@ class SD3Teacher(Teacher):
         return cls.from_config(self.pipe.scheduler.config), {
             "sigmas": [round(flow_unshift(v, self.shift), 7) for v in s],
             "max_sequence_length": self.max_text_length}  # T5 padding length changes the joint attention
+
+    def check_sizes(self, sizes: list[tuple[int, int]], field: str) -> None:
+        super().check_sizes(sizes, field)
+        most = self.backbone.config.get("pos_embed_max_size")  # in tokens a side; none: the table is made per size
+        for h, w in sizes if most else ():
+            if max(h, w) > most * self.size_multiple:
+                raise ConfigError(field, [h, w], f"the {self.family} teacher's position table reaches "
+                                  f"{most * self.size_multiple} px a side ({most} tokens of {self.size_multiple} px)")
 
     def size_config(self) -> dict:
         # Without pos_embed_max_size the position table is built for sample_size, so it must stay as trained.

@@ -9,9 +9,10 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+import teachers
 from distill import buckets, data, digits, runs
-from distill.config import DataConfig
-from distill.errors import DistillError
+from distill.config import DataConfig, TeacherConfig
+from distill.errors import ConfigError, DistillError
 from distill.trainer import encode_batch, train
 
 # (height, width) of the mixed folder's images: squares, portraits and landscapes, none of a bucket's exact size
@@ -41,6 +42,9 @@ def test_auto_buckets_reproduce_sdxls_list_and_nearest_follows_the_aspect_ratio(
     assert [buckets.nearest(three, h, w) for h, w in [(20, 20), (40, 18), (18, 40), (100, 90)]] == [0, 1, 2, 0]
     assert buckets.nearest(three, 20, 12, upscale=False) is None  # covers none: 16 x 16 needs 16 px across
     assert buckets.nearest(three, 30, 17) == 1 and buckets.nearest(three, 30, 17, upscale=False) == 0  # 32 not <= 30
+    # one shape at two scales: the largest the image covers, else the smallest (never upscaled past a fitting one)
+    two = [(16, 16), (32, 32)]
+    assert [buckets.nearest(two, s, s) for s in (20, 32, 40, 8)] == [0, 1, 1, 0]
 
 
 def test_batches_hold_one_bucket_resume_exactly_and_ranks_split_the_global_batch():
@@ -57,8 +61,21 @@ def test_batches_hold_one_bucket_resume_exactly_and_ranks_split_the_global_batch
     assert [a + b for _, a, b in zip(range(12), *ranks)] == steps  # rank r reads slice r of each global batch
     micro = [b for _, b in zip(range(24), buckets.BucketBatches(bucket_of, 2, 1, 0, 3, accumulation=2))]
     assert [a + b for a, b in zip(micro[::2], micro[1::2])] == steps  # and so do one process's micro-steps
+    assert whole.starved == {} and buckets.BucketBatches(bucket_of, 8, 1, 0, 3).starved == {1: 7, 2: 4}
     with pytest.raises(DistillError, match="no bucket holds one global batch"):
         buckets.BucketBatches([0, 1, 2], 2, 1, 0, 0)
+
+
+def test_a_bucket_too_small_for_one_global_batch_is_named(tmp_path, capsys):
+    ds = data.build(DataConfig(kind="images", path=str(mixed_folder(tmp_path / "imgs", SHAPES[:2] * 3 + SHAPES[2:4])),
+                               buckets=SIZES), 16)
+    assert [ds.bucket_of.count(b) for b in range(3)] == [6, 2, 0]
+    data.batch_sampler(ds, 2, 2, 0, seed=0)
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "warning: bucket 32 x 16 holds 2 samples, fewer than one global batch (4: data.batch_size x processes x "
+        "accumulation), so it is never trained on"]
+    data.batch_sampler(ds, 2, 2, 1, seed=0)  # the other rank says nothing
+    assert not capsys.readouterr().err
 
 
 def test_a_mixed_folder_is_cut_to_its_buckets_with_the_crop_recorded(tmp_path):
@@ -146,8 +163,27 @@ def test_every_method_trains_on_bucketed_batches(tmp_path, tiny_sdxl_dir, method
 
 
 def test_sd3_trains_on_bucketed_batches(tmp_path, tiny_sd3_dir):
-    train(bucketed_cfg(tmp_path, tiny_sd3_dir, "dmd2", "run", steps=3))
+    method = train(bucketed_cfg(tmp_path, tiny_sd3_dir, "dmd2", "run", steps=3))
     assert (tmp_path / "run/checkpoints/step-00000003").is_dir()
+    # sizes past the MMDiT's position table are refused up front, as a field, not mid-run by diffusers
+    t = method.teacher
+    most = t.backbone.config.pos_embed_max_size * t.size_multiple
+    t.check_sizes([(16, most)], "data.buckets")
+    with pytest.raises(ConfigError, match=f"position table reaches {most} px a side"):
+        t.check_sizes([(16, most + t.size_multiple)], "data.buckets")
+
+
+def test_a_bucketed_student_samples_at_a_trained_size(tmp_path, tiny_sdxl_dir):
+    teacher = teachers.load(TeacherConfig(source=str(tiny_sdxl_dir), resolution=16))
+    cfg = bucketed_cfg(tmp_path, tiny_sdxl_dir, "consistency", "run")
+    assert data.sample_size(cfg, teacher) == (16, 16)  # the teacher's own size, trained
+    cfg.data.buckets = [[32, 16], [16, 32], [32, 32]]
+    assert data.sample_size(cfg, teacher) == (32, 32)  # not trained: the trained size of its aspect ratio
+    cfg.sample.height = 16
+    with pytest.raises(ConfigError, match="samples at one of them: 32 x 16, 16 x 32, 32 x 32"):
+        data.sample_size(cfg, teacher)
+    cfg.data.buckets = None
+    assert data.sample_size(cfg, teacher) == (16, 16)  # one trained size: sample.* as given
 
 
 def test_resume_across_bucket_boundaries_is_bit_identical(tmp_path, tiny_sdxl_dir):
@@ -169,7 +205,8 @@ def test_bucket_refusals_are_one_line(tmp_path, tiny_sdxl_dir, cli, capsys):
             f"data.path={folder}", f"train.output_dir={tmp_path / 'run'}"]
     cases = [("data.buckets=[]", "name at least one"),
              ("data.buckets=[[16,17]]", "multiples of 2 px"),
-             ("data.buckets=[[16,16]] data.upscale=false", "imgs/2.png (10 x 10 px) is smaller than every bucket"),
+             ("data.buckets=[[16,16]] data.upscale=false", "imgs/2.png (10 x 10 px) covers no bucket"),
+             ("data.buckets=[[16,16],[16,32]] sample.height=32", "samples at one of them: 16 x 16, 16 x 32"),
              ("data.buckets=[[16,16]] data.kind=digits", "needs data.kind images, shards, latents")]
     proc = cli(*base, *cases[2][0].split(), check=False)  # one in a real process; the others in this one
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and cases[2][1] in proc.stderr
