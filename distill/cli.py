@@ -463,17 +463,18 @@ class _Terminated(KeyboardInterrupt):
 
 
 def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second one (a launcher forwarding it) cannot cut the cleanup
     raise _Terminated()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    if hasattr(signal, "SIGXFSZ"):  # past a file-size limit a write fails (EFBIG, reported below) instead of killing
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    in_main_thread = threading.current_thread() is threading.main_thread()  # only it may set handlers
+    if hasattr(signal, "SIGXFSZ") and in_main_thread:  # past a file-size limit a write fails (EFBIG, reported
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)    # below) instead of killing
     if not args.debug:
         _quiet_libraries()
-    in_main_thread = threading.current_thread() is threading.main_thread()
     before = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
     try:
         return _run(args)

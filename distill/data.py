@@ -569,14 +569,15 @@ def trained_sizes(cfg: DataConfig, teacher) -> list[tuple[int, int]]:
     return [tuple(teacher.size)] if cfg.buckets is None else bucket_sizes(cfg, teacher.size, teacher)
 
 
-def sample_size(cfg: Config, teacher) -> tuple[int, int]:
+def sample_size(cfg: Config, teacher, measured: bool = False) -> tuple[int, int]:
     """The (height, width) a run samples at unless told a size: sample.height x sample.width, each defaulting to the
     teacher's. A student trained on buckets samples at one of them: by default the teacher's size where it is one,
-    else the bucket nearest its aspect ratio (buckets.nearest); a sample size it was not trained at is refused."""
+    else the bucket nearest its aspect ratio (buckets.nearest); a sample size it was not trained at is refused.
+    `measured`: the size evaluation measures at, where a one-size run keeps its teacher's size whatever sample.*
+    says, so that its rows stay in that size's protocol."""
     size = (cfg.sample.height or teacher.size[0], cfg.sample.width or teacher.size[1])
-    teacher.check_sizes([size], "sample.height")
     if cfg.data.buckets is None:
-        return size
+        return tuple(teacher.size) if measured else size
     sizes = trained_sizes(cfg.data, teacher)
     if size in sizes:
         return size

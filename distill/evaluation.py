@@ -353,7 +353,7 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
              teacher_images: torch.Tensor | None = None,
              size: tuple[int, int] | None = None) -> tuple[dict, torch.Tensor]:
     """One leaderboard row for a method's student (or, with `teacher`, its teacher) and the images it was made
-    from, at (height, width) `size` (default: data.sample_size's). `teacher_images` are the teacher-reference samples
+    from, at (height, width) `size` (default: data.sample_size's, measured). `teacher_images` are the teacher-reference samples
     when the caller already has them."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise DistillError(f"steps must be an integer >= 1 (got {steps!r})")
@@ -363,7 +363,7 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
     guidance = cfg.sample.guidance_scale if guidance is None else guidance
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    size = size or data.sample_size(cfg, method.teacher)
+    size = size or data.sample_size(cfg, method.teacher, measured=True)
     sized = {"size": size, "sized": cfg.data.buckets is not None}
     ref = _reference(scoring, size)
     images, ms = sample_images(method, prompts, steps, scoring.seed, guidance, teacher, **sized)

@@ -224,3 +224,14 @@ def test_a_matrix_with_sizes_measures_each_run_at_the_sizes_it_was_trained_at(tm
     with pytest.raises(ConfigError, match="none of the sizes run pairs trains at \\(16x32\\)") as e:
         load_matrix(matrix)
     assert e.value.field == "sizes"
+    # without sizes, every row is measured at its teacher's size: a bucketed run must have trained at it
+    del spec["sizes"]
+    spec["runs"] = spec["runs"][:1]
+    matrix.write_text(yaml.safe_dump(spec))
+    load_matrix(matrix)  # 16 x 16 is one of its buckets
+    recipe = yaml.safe_load(mixed.read_text())
+    recipe["data"]["buckets"] = [[16, 32], [32, 16]]
+    mixed.write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ConfigError, match="is needed for run mixed: its buckets may not hold its teacher's size") as e:
+        load_matrix(matrix)
+    assert e.value.field == "sizes"
