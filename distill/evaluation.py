@@ -353,8 +353,8 @@ def evaluate(method: Method, cfg: Config, steps: int, scoring: Scoring, guidance
              teacher_images: torch.Tensor | None = None,
              size: tuple[int, int] | None = None) -> tuple[dict, torch.Tensor]:
     """One leaderboard row for a method's student (or, with `teacher`, its teacher) and the images it was made
-    from, at (height, width) `size` (default: data.sample_size's, measured). `teacher_images` are the teacher-reference samples
-    when the caller already has them."""
+    from, at (height, width) `size` (default: data.sample_size's, measured). `teacher_images` are the
+    teacher-reference samples when the caller already has them."""
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise DistillError(f"steps must be an integer >= 1 (got {steps!r})")
     if not scoring.prompts:

@@ -149,8 +149,9 @@ def validate(p: Plan, method, accelerator, step: int) -> list[dict]:
 def measure(p: Plan, method, step: int, steps: int) -> tuple[dict, Path]:
     """One step count's grid and, on a digit world, its quality: (metrics.jsonl record, grid file)."""
     cfg = p.cfg
+    size = data.sample_size(cfg, method.teacher, measured=True)
     images, _ = sample_images(method, p.prompts, steps, cfg.train.seed, cfg.sample.guidance_scale, teacher=False,
-                              size=data.sample_size(cfg, method.teacher, measured=True), sized=cfg.data.buckets is not None)
+                              size=size, sized=cfg.data.buckets is not None)
     grid = write_grid(images, 1, p.out / FOLDER / f"step-{step:08d}-{steps}steps.png")
     record = {"step": step, STEPS_KEY: steps, "validate/grid": str(grid.relative_to(p.out))}
     if p.scoring is not None:
