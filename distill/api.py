@@ -181,8 +181,9 @@ def evaluate(run, steps: int, *, teacher: bool = False, prompts: Sequence[str] |
             raise DistillError(f"the leaderboard {db} is read-only; evaluate into another --db")
     folder = paths.check_writable(Path(out or ckpt / "eval"), "the sample grid's folder")  # a read-only run
     guidance = cfg.sample.guidance_scale if guidance_scale is None else guidance_scale
-    if size is None and data.sample_size(cfg, method.teacher, measured=True) != tuple(method.teacher.size):
-        size = data.sample_size(cfg, method.teacher, measured=True)  # a bucketed student not trained at that size
+    measured = data.sample_size(cfg, method.teacher, measured=True)
+    if size is None and measured != tuple(method.teacher.size):
+        size = measured  # a bucketed student not trained at its teacher's size: that size is its own table
     if size is not None:
         method.teacher.check_sizes([tuple(size)], "--sizes")
     # before sampling: a size's own table takes the row, else the settings must pass at the trained size (another

@@ -284,12 +284,8 @@ def trained_sizes(cfg: config.Config) -> list[tuple[int, int]] | None:
     else its teacher's size; None for `auto` buckets, whose grid follows the teacher (data.trained_sizes)."""
     if cfg.data.buckets == "auto":
         return None
-    size = _teacher_size(cfg)
+    size = cfg.teacher.size
     return [size] if cfg.data.buckets is None else data.bucket_sizes(cfg.data, size)
-
-
-def _teacher_size(cfg: config.Config) -> tuple[int, int]:
-    return cfg.teacher.resolution, cfg.teacher.width or cfg.teacher.resolution
 
 
 def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
@@ -325,7 +321,7 @@ def load_matrix(path: Path) -> tuple[Matrix, dict[str, config.Config]]:
             raise ConfigError("sizes", [s.size for s in matrix.sizes], f"has none of the sizes run {run.name} trains "
                               f"at ({', '.join(f'{h}x{w}' for h, w in trained)}): add one")
         # without sizes every row is measured at its teacher's size, which a bucketed run must have trained at
-        if not matrix.sizes and (trained is None or _teacher_size(cfg) not in trained):
+        if not matrix.sizes and (trained is None or cfg.teacher.size not in trained):
             raise ConfigError("sizes", [], f"is needed for run {run.name}: its buckets may not hold its teacher's "
                               "size, at which a matrix without sizes measures every row; name the sizes to measure at")
     for t in matrix.teachers:

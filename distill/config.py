@@ -50,9 +50,14 @@ class TeacherConfig:
     config: str | None = None
 
     @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) in pixels, as the loaded teacher's `size`."""
+        return self.resolution, self.width or self.resolution
+
+    @property
     def pixels(self) -> int | str:
         """The image size as rows and reports give it: pixels when square (as rows always had it), else 'HxW'."""
-        return pixels(self.resolution, self.width or self.resolution)
+        return pixels(*self.size)
 
 
 def pixels(height: int, width: int) -> int | str:

@@ -261,7 +261,7 @@ def protocol(scoring: Scoring, cfg: Config, guidance: float, teacher: bool,
     ref_steps = scoring.teacher_reference_steps
     ref_guidance = cfg.sample.guidance_scale if scoring.teacher_reference_guidance is None \
         else scoring.teacher_reference_guidance
-    generated = size or (cfg.teacher.resolution, cfg.teacher.width or cfg.teacher.resolution)
+    generated = size or cfg.teacher.size
     resolution = config.pixels(*generated)
     size = scoring.eval_size(generated) if scoring.real else None
     subset = None if scoring.num_prompts is None else {"num_prompts": scoring.num_prompts,
