@@ -7,8 +7,10 @@ be read (a corrupt or non-image file) is replaced by the next readable one and c
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import itertools
 import sys
 import json
 import tarfile
@@ -314,10 +316,12 @@ class TarShards(torch.utils.data.Dataset):
         return len(self.items)
 
     @staticmethod
-    def member(shard: Path, member: tuple[str, tuple[int, int] | None]) -> bytes:
-        """A member's bytes: one seek where its place is known, else through tarfile."""
+    def member(shard: Path, member: tuple[str, tuple[int, int] | None], tar: tarfile.TarFile | None = None) -> bytes:
+        """A member's bytes: one seek where its place is known, else through tarfile (`tar`: the shard, open)."""
         name, span = member
         if span is None:
+            if tar is not None:
+                return tar.extractfile(name).read()
             with tarfile.open(shard) as tar:
                 return tar.extractfile(name).read()
         with open(shard, "rb") as f:
@@ -346,13 +350,19 @@ class TarShards(torch.utils.data.Dataset):
         return files_stamp(sorted({shard for shard, _, _ in self.items}))
 
     def headers(self):
-        """(name, (height, width) or None where unreadable) of every image, read from its header alone."""
-        for name, (shard, image, _) in zip(self.names(), self.items):
-            try:
-                with Image.open(io.BytesIO(self.member(shard, image))) as img:
-                    yield name, (img.height, img.width)
-            except (tarfile.TarError, OSError, ValueError, AttributeError, Image.DecompressionBombError):
-                yield name, None
+        """(name, (height, width) or None where unreadable) of every image, read from its header alone. A compressed
+        shard is opened once for all its images (each open lists it anew, decompressing it whole)."""
+        for shard, items in itertools.groupby(zip(self.names(), self.items), key=lambda item: item[1][0]):
+            with contextlib.ExitStack() as stack:
+                tar = None
+                for name, (_, image, _) in items:
+                    try:
+                        if image[1] is None and tar is None:
+                            tar = stack.enter_context(tarfile.open(shard))
+                        with Image.open(io.BytesIO(self.member(shard, image, tar))) as img:
+                            yield name, (img.height, img.width)
+                    except (tarfile.TarError, OSError, ValueError, AttributeError, Image.DecompressionBombError):
+                        yield name, None
 
     def __getitem__(self, i):
         img, caption = self.read(i)
@@ -583,7 +593,8 @@ def sample_size(cfg: Config, teacher, measured: bool = False) -> tuple[int, int]
         return size
     if cfg.sample.height is None and cfg.sample.width is None:
         return sizes[buckets.nearest(sizes, *size)]
-    raise ConfigError("sample.height", list(size), "a student trained on buckets samples at one of them: "
+    field = "sample.height" if cfg.sample.width is None else "sample.width" if cfg.sample.height is None else "sample"
+    raise ConfigError(field, list(size), "a student trained on buckets samples at one of them: "
                       + ", ".join(f"{h} x {w}" for h, w in sizes))
 
 

@@ -180,8 +180,12 @@ def test_a_bucketed_student_samples_at_a_trained_size(tmp_path, tiny_sdxl_dir):
     cfg.data.buckets = [[32, 16], [16, 32], [32, 32]]
     assert data.sample_size(cfg, teacher) == (32, 32)  # not trained: the trained size of its aspect ratio
     cfg.sample.height = 16
-    with pytest.raises(ConfigError, match="samples at one of them: 32 x 16, 16 x 32, 32 x 32"):
+    with pytest.raises(ConfigError, match="sample.height.*samples at one of them: 32 x 16, 16 x 32, 32 x 32"):
         data.sample_size(cfg, teacher)
+    cfg.sample.height, cfg.sample.width = None, 48  # the refusal names the field that was set
+    with pytest.raises(ConfigError, match="sample.width"):
+        data.sample_size(cfg, teacher)
+    cfg.sample.width = None
     cfg.data.buckets = None
     assert data.sample_size(cfg, teacher) == (16, 16)  # one trained size: sample.* as given
 
@@ -344,6 +348,19 @@ def test_eval_measures_each_size_as_its_own_row_with_the_same_prompts_and_seeds(
         assert command_line.main(["eval", str(tmp_path / "run"), *extra, *same]) == 0
     assert command_line.main(["eval", str(tmp_path / "run"), "--num-per-prompt", "2", *same]) == 2
     assert "samples 6 -> 4" in capsys.readouterr().err
+    # without a size, a student not trained at its teacher's size is measured at its trained size nearest it
+    import distill
+
+    cfg = bucketed_cfg(tmp_path, tiny_sdxl_dir, "consistency", "square", steps=1)
+    cfg.data.buckets = [[32, 32], [32, 16]]
+    train(cfg)
+    result = distill.evaluate(tmp_path / "square", steps=1, prompts=str(prompts), num_per_prompt=2, bootstrap=5,
+                              reference=str(tmp_path / "imgs"), extractor="distill-digits",
+                              db=tmp_path / "square.sqlite")
+    assert result.grid.name == "consistency-1steps-32x32.png" and tuple(result.images.shape[-2:]) == (32, 32)
+    con = sqlite3.connect(tmp_path / "square.sqlite")
+    assert json.loads(con.execute("SELECT protocol FROM rows WHERE id = ?", (result.row_id,)).fetchone()[0])[
+        "resolution"] == 32  # a square size is one number, as the teacher's 16 is
     for sizes, message in [("16x17", "multiples of 2 px"), ("16by16", "is not HxW")]:
         with pytest.raises(SystemExit) if "by" in sizes else contextlib.nullcontext():
             assert command_line.main(["eval", str(tmp_path / "run"), "--steps", "1", "--sizes", sizes]) == 2

@@ -42,7 +42,7 @@ def test_image_folder_resizes_and_crops(tmp_path):
         data.build(DataConfig(kind="images", path=str(tmp_path / "..")), 16)
 
 
-def test_tar_shards(tmp_path, capsys):
+def test_tar_shards(tmp_path, capsys, monkeypatch):
     def add(tar, name, payload):
         info = tarfile.TarInfo(name)
         info.size = len(payload)
@@ -70,6 +70,12 @@ def test_tar_shards(tmp_path, capsys):
     assert "zipped.tar.gz is compressed: every read decompresses it" in capsys.readouterr().err
     assert [zipped[i]["prompt"] for i in range(3)] == ["caption 00", "caption 01", "json 02"]
     assert all(torch.equal(zipped[i]["image"], ds[i]["image"]) for i in range(3))
+    # its images' sizes are read through one opening of it, not one per image (each lists the shard anew)
+    zipped, plain = data.TarShards(tmp_path / "zipped.tar.gz", 8), data.TarShards(tmp_path / "shard-0.tar", 8)
+    real, opened = tarfile.open, []
+    monkeypatch.setattr(data.tarfile, "open", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    assert [hw for _, hw in zipped.headers()] == [hw for _, hw in plain.headers()] == [(12, 20)] * 3
+    assert len(opened) == 1
     # a shard cut short after it was listed: its last image is a bad sample, named
     shards = data.TarShards(tmp_path / "shard-1.tar", 8)
     (tmp_path / "shard-1.tar").write_bytes((tmp_path / "shard-1.tar").read_bytes()[:shards.items[2][1][1][0] + 10])
