@@ -320,9 +320,7 @@ class TarShards(torch.utils.data.Dataset):
         """A member's bytes: one seek where its place is known, else through tarfile (`tar`: the shard, open)."""
         name, span = member
         if span is None:
-            if tar is not None:
-                return tar.extractfile(name).read()
-            with tarfile.open(shard) as tar:
+            with contextlib.nullcontext(tar) if tar is not None else tarfile.open(shard) as tar:
                 return tar.extractfile(name).read()
         with open(shard, "rb") as f:
             f.seek(span[0])
