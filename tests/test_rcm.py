@@ -36,8 +36,12 @@ def test_rcm_moves_a_one_step_student_toward_both_modes_of_each_class(tmp_path):
         results.append((energy, *mode_coverage(method.teacher, x, labels)))
     print("rcm 1-step (energy, balance, spread): untrained %.3f %.3f %.3f, trained %.3f %.3f %.3f"
           % (*results[0], *results[1]))
-    # balance: 0.796 on a fresh install of 2026-12-05 (deterministic there), above 0.8 before; both modes still held
-    assert results[1][0] < 0.6 * results[0][0] and results[1][1] > 0.75
+    # Each class's rarer mode: 0.31-0.40 of its samples over seeds 0-6 and one or two threads (the trained student
+    # is not bit-stable across thread counts, so the bound keeps a margin); a collapsed mode holds none.
+    k = trained.teacher.num_classes
+    far_side = (torch.cdist(x.float(), trained.teacher.backbone.means.cpu()).argmin(1) >= k).float()
+    rarer = min(min(p, 1 - p) for p in (float(far_side[labels == c].mean()) for c in range(k)))
+    assert results[1][0] < 0.6 * results[0][0] and rarer > 0.25
 
 
 @pytest.fixture
