@@ -630,6 +630,11 @@ def batch_sampler(dataset, batch: int, world: int, rank: int, seed: int, start: 
         h, w = dataset.sizes[b]
         print(f"warning: bucket {h} x {w} holds {n} samples, fewer than one global batch ({sampler.size}: "
               f"data.batch_size x processes x accumulation), so it is never trained on", file=sys.stderr)
+    empty = sorted(set(range(len(dataset.sizes))) - set(dataset.bucket_of))
+    if empty and rank == 0:
+        names = ", ".join("%d x %d" % dataset.sizes[b] for b in empty)
+        print(f"warning: no sample is nearest bucket{'s' * (len(empty) > 1)} {names} in aspect ratio, so "
+              f"{'they are' if len(empty) > 1 else 'it is'} never trained on", file=sys.stderr)
     return sampler
 
 

@@ -66,14 +66,15 @@ def test_batches_hold_one_bucket_resume_exactly_and_ranks_split_the_global_batch
         buckets.BucketBatches([0, 1, 2], 2, 1, 0, 0)
 
 
-def test_a_bucket_too_small_for_one_global_batch_is_named(tmp_path, capsys):
+def test_a_bucket_too_small_for_one_global_batch_or_empty_is_named(tmp_path, capsys):
     ds = data.build(DataConfig(kind="images", path=str(mixed_folder(tmp_path / "imgs", SHAPES[:2] * 3 + SHAPES[2:4])),
                                buckets=SIZES), 16)
     assert [ds.bucket_of.count(b) for b in range(3)] == [6, 2, 0]
     data.batch_sampler(ds, 2, 2, 0, seed=0)
     assert capsys.readouterr().err.strip().splitlines() == [
         "warning: bucket 32 x 16 holds 2 samples, fewer than one global batch (4: data.batch_size x processes x "
-        "accumulation), so it is never trained on"]
+        "accumulation), so it is never trained on",
+        "warning: no sample is nearest bucket 16 x 32 in aspect ratio, so it is never trained on"]
     data.batch_sampler(ds, 2, 2, 1, seed=0)  # the other rank says nothing
     assert not capsys.readouterr().err
 
