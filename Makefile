@@ -16,7 +16,7 @@ $(STAMP): requirements.txt pyproject.toml
 install: $(STAMP)
 
 test: $(STAMP)
-	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests
+	WANDB_MODE=offline HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q tests --durations=25
 
 test-all: $(STAMP)
 	WANDB_MODE=offline $(BIN)/python -m pytest -q tests --runslow
