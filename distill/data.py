@@ -633,7 +633,7 @@ def batch_sampler(dataset, batch: int, world: int, rank: int, seed: int, start: 
     empty = sorted(set(range(len(dataset.sizes))) - set(dataset.bucket_of))
     if empty and rank == 0:
         names = ", ".join("%d x %d" % dataset.sizes[b] for b in empty)
-        print(f"warning: no sample is nearest bucket{'s' * (len(empty) > 1)} {names} in aspect ratio, so "
+        print(f"warning: no sample went to bucket{'s' * (len(empty) > 1)} {names}, so "
               f"{'they are' if len(empty) > 1 else 'it is'} never trained on", file=sys.stderr)
     return sampler
 
