@@ -626,12 +626,14 @@ def batch_sampler(dataset, batch: int, world: int, rank: int, seed: int, start: 
     if getattr(dataset, "bucket_of", None) is None:
         return StepBatches(len(dataset), batch, world, rank, seed, start)
     sampler = buckets.BucketBatches(dataset.bucket_of, batch, world, rank, seed, start, accumulation)
-    for b, n in sampler.starved.items() if rank == 0 else ():
+    if rank != 0:
+        return sampler
+    for b, n in sampler.starved.items():
         h, w = dataset.sizes[b]
         print(f"warning: bucket {h} x {w} holds {n} samples, fewer than one global batch ({sampler.size}: "
               f"data.batch_size x processes x accumulation), so it is never trained on", file=sys.stderr)
     empty = sorted(set(range(len(dataset.sizes))) - set(dataset.bucket_of))
-    if empty and rank == 0:
+    if empty:
         names = ", ".join("%d x %d" % dataset.sizes[b] for b in empty)
         print(f"warning: no sample went to bucket{'s' * (len(empty) > 1)} {names}, so "
               f"{'they are' if len(empty) > 1 else 'it is'} never trained on", file=sys.stderr)

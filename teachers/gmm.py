@@ -189,8 +189,14 @@ def mode_coverage(teacher: GMMTeacher, x: torch.Tensor, labels: torch.Tensor) ->
     balance, 1 - |n_a - n_b| / n per class averaged (1: both modes equally, 0: one only, mode collapse), and spread,
     the median distance to the nearest mean over the truth's (std sqrt(2 ln 2), a 2-D Gaussian's median radius):
     1 at the truth, below 1 when samples are drawn in toward the means (mode-seeking), above when they stray."""
-    means, k = teacher.backbone.means.cpu(), teacher.num_classes
-    distance, nearest = torch.cdist(x.float(), means).min(1)
-    side = (nearest >= k).float()
-    balance = sum(1 - abs(2 * float(side[labels == c].mean()) - 1) for c in range(k)) / k
+    distance = torch.cdist(x.float(), teacher.backbone.means.cpu()).min(1).values
+    balance = sum(1 - abs(2 * p - 1) for p in mode_shares(teacher, x, labels)) / teacher.num_classes
     return balance, float(distance.median()) / (teacher.backbone.std * math.sqrt(2 * math.log(2)))
+
+
+def mode_shares(teacher: GMMTeacher, x: torch.Tensor, labels: torch.Tensor) -> list[float]:
+    """Each class's share of its samples nearest its second mode (mean k + K): 0.5 when both modes hold as many,
+    0 or 1 when one mode holds them all."""
+    k = teacher.num_classes
+    far = (torch.cdist(x.float(), teacher.backbone.means.cpu()).argmin(1) >= k).float()
+    return [float(far[labels == c].mean()) for c in range(k)]

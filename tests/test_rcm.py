@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 from distill import runs
 from distill.runs import build_method
 from distill.trainer import train
-from teachers.gmm import class_energy_distance, mode_coverage
+from teachers.gmm import class_energy_distance, mode_coverage, mode_shares
 
 
 def _gmm_cfg(tmp_path, method, params, out, **train_):
@@ -38,9 +38,7 @@ def test_rcm_moves_a_one_step_student_toward_both_modes_of_each_class(tmp_path):
           % (*results[0], *results[1]))
     # Each class's rarer mode: 0.31-0.40 of its samples over seeds 0-6 and one or two threads (the trained student
     # is not bit-stable across thread counts, so the bound keeps a margin); a collapsed mode holds none.
-    k = trained.teacher.num_classes
-    far_side = (torch.cdist(x.float(), trained.teacher.backbone.means.cpu()).argmin(1) >= k).float()
-    rarer = min(min(p, 1 - p) for p in (float(far_side[labels == c].mean()) for c in range(k)))
+    rarer = min(min(p, 1 - p) for p in mode_shares(trained.teacher, x, labels))
     assert results[1][0] < 0.6 * results[0][0] and rarer > 0.25
 
 
