@@ -273,6 +273,16 @@ def _fixed(v: float | None, decimals: int) -> str:
     return f"{(v if v != 0 else 0.0):.{decimals}f}"  # never "-0.00", never "-6.1e-13"
 
 
+def with_interval(row: dict | None, metric: str) -> str:
+    """'1.23 [1.01, 1.45]': a metric and its 95% interval as the tables print them (shares in percent)."""
+    if row is None or row.get(metric) is None:
+        return "-"
+    k, d = (100 if metric in SHARES else 1), DECIMALS[metric]
+    iv = interval(row, metric)
+    text = _fixed(k * row[metric], d)
+    return text if iv is None else f"{text} [{_fixed(k * iv[0], d)}, {_fixed(k * iv[1], d)}]"
+
+
 def _plus_minus(row: dict, metric: str, aggregated: bool) -> str:
     """'1.96 ± 0.12': over seeds the sd; for one row the interval's larger half (or KID's std over subsets)."""
     scale = 100 if metric in SHARES else 1

@@ -10,19 +10,11 @@ import re
 import sys
 
 from distill.leaderboard import Leaderboard
-from distill.leaderboard_view import verdict
+from distill.leaderboard_view import verdict, with_interval as cell
 
 SHAPES = {"16": "singles", "16x32": "pairs", "32x16": "stacks"}
 NAME = re.compile(r"/\w+?_(mixed3x|mixed|singles|pairs|stacks)_\w+?-seed(\d+)/")  # the matrix's run names
 MIXED = {"mixed": "", "mixed3x": " (mixed: 3x steps)"}
-
-
-def cell(row: dict, metric: str, percent: bool = False) -> str:
-    if row is None or row.get(metric) is None:
-        return "-"
-    k = 100 if percent else 1
-    f = "{:.1f}" if percent else "{:.2f}"
-    return f"{f.format(k * row[metric])} [{f.format(k * row[metric + '_lo'])}, {f.format(k * row[metric + '_hi'])}]"
 
 
 def main(db: str) -> None:
@@ -45,8 +37,8 @@ def main(db: str) -> None:
         for steps in (25, 4):
             t = teacher.get((shape, steps))
             if t:
-                print(f"| {shape} | teacher, {steps} steps | {cell(t, 'fid')} | | | {cell(t, 'adherence', True)} | | | "
-                      f"{cell(t, 'adherence_held_out', True)} | |")
+                print(f"| {shape} | teacher, {steps} steps | {cell(t, 'fid')} | | | {cell(t, 'adherence')} | | | "
+                      f"{cell(t, 'adherence_held_out')} | |")
         for method, kind, _, seed in [k for m in methods for k in table if k[0] == m and k[1] in MIXED
                                       and k[2] == shape]:
             # against the one-shape student of the same training seed, else of seed 0
@@ -54,10 +46,10 @@ def main(db: str) -> None:
             one = one or table.get((method, shape, shape, 0))
             label = f"{method}{MIXED[kind]}{f', seed {seed}' if seed else ''}"
             print(f"| {shape} | {label}, 4 steps | {cell(mixed, 'fid')} | {cell(one, 'fid')} | "
-                  f"{verdict(mixed, one) if mixed and one else '-'} | {cell(mixed, 'adherence', True)} | "
-                  f"{cell(one, 'adherence', True)} | "
+                  f"{verdict(mixed, one) if mixed and one else '-'} | {cell(mixed, 'adherence')} | "
+                  f"{cell(one, 'adherence')} | "
                   f"{verdict(mixed, one, 'adherence', lower_is_better=False) if mixed and one else '-'} | "
-                  f"{cell(mixed, 'adherence_held_out', True)} | {cell(one, 'adherence_held_out', True)} |")
+                  f"{cell(mixed, 'adherence_held_out')} | {cell(one, 'adherence_held_out')} |")
 
 
 if __name__ == "__main__":

@@ -55,6 +55,10 @@ def test_verdicts_need_separated_intervals():
     high = {"adherence": 0.99, "adherence_lo": 0.98, "adherence_hi": 1.0}
     low = {"adherence": 0.9, "adherence_lo": 0.88, "adherence_hi": 0.92}
     assert view.verdict(high, low, "adherence", lower_is_better=False) == "better"
+    # the same intervals as the results pages print them: shares in percent, each metric at the tables' decimals
+    assert view.with_interval(high, "adherence") == "99.0 [98.0, 100.0]"
+    assert view.with_interval(ref, "fid") == "2.00 [1.90, 2.10]"
+    assert view.with_interval({"fid": 1.5}, "fid") == "1.50" and view.with_interval(None, "fid") == "-"
 
 
 def test_training_seeds_show_as_mean_sd_with_n_and_their_rows_beneath(rows):

@@ -1,0 +1,45 @@
+"""Each recipe of a bench leaderboard as the mean over its training seeds with the interval the leaderboard's verdicts
+use (the t-interval over seeds, widened to the rows' own sampling interval), and each student's verdict against a
+reference method's line at the same step count (its several-seed line where it has one), metric by metric: better /
+worse only where the intervals separate. One table per protocol and teacher.
+
+    python experiments/seeds_table.py runs/bench-pairs-rcm/leaderboard.sqlite dmd2
+"""
+import sys
+from pathlib import Path
+
+from distill.leaderboard import Leaderboard
+from distill.leaderboard_view import arrange, verdict, with_interval
+
+METRICS = [("fid", True), ("recall", False), ("diversity", False), ("adherence", False), ("precision", False)]
+
+
+def label(line) -> str:
+    r = line.row
+    if r["method"] == "teacher" or line.seeds:
+        return r["method"]
+    return f"{r['method']} ({Path(r['run']).parents[1].name})" if r.get("run") else r["method"]
+
+
+def main(db: str, reference: str) -> None:
+    for table in arrange(Leaderboard(db).rows("id")):
+        for group in table.groups:
+            lines = sorted(group.lines, key=lambda ln: (ln.row["method"] == "teacher", -ln.row["steps"],
+                                                        ln.row["method"]))
+            ref = {}
+            for ln in lines:  # the reference method's line at each step count, its several-seed one first
+                if ln.row["method"] == reference and ln.n >= getattr(ref.get(ln.row["steps"]), "n", 0):
+                    ref[ln.row["steps"]] = ln
+            print(f"\n{group.teacher}, protocol {table.protocol_id}\n")
+            print("| method | seeds | steps | " + " | ".join(m for m, _ in METRICS) + f" | against {reference} |")
+            print("|---|---|---|" + "---|" * len(METRICS) + "---|")
+            for ln in lines:
+                against = ref.get(ln.row["steps"])
+                said = "-" if against is None or against is ln or ln.row["method"] == "teacher" else ", ".join(
+                    f"{m} {verdict(ln.row, against.row, m, lower)}" for m, lower in METRICS)
+                print(f"| {label(ln)} | {ln.n} | {ln.row['steps']} | "
+                      + " | ".join(with_interval(ln.row, m) for m, _ in METRICS) + f" | {said} |")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])
