@@ -5,6 +5,7 @@ worse only where the intervals separate. One table per protocol and teacher.
 
     python experiments/seeds_table.py runs/bench-pairs-rcm/leaderboard.sqlite dmd2
 """
+import re
 import sys
 from pathlib import Path
 
@@ -15,10 +16,12 @@ METRICS = [("fid", True), ("recall", False), ("diversity", False), ("adherence",
 
 
 def label(line) -> str:
-    r = line.row
-    if r["method"] == "teacher" or line.seeds:
+    """The method, and the matrix's run name (its seed left out where the line is a mean over seeds)."""
+    r = (line.seeds or [line.row])[0]
+    if r["method"] == "teacher" or not r.get("run"):
         return r["method"]
-    return f"{r['method']} ({Path(r['run']).parents[1].name})" if r.get("run") else r["method"]
+    name = Path(r["run"]).parents[1].name
+    return f"{r['method']} ({re.sub(r'-seed[0-9]+$', '', name) if line.seeds else name})"
 
 
 def main(db: str, reference: str) -> None:
