@@ -278,7 +278,7 @@ def with_interval(row: dict | None, metric: str) -> str:
     if row is None or row.get(metric) is None:
         return "-"
     k, d = (100 if metric in SHARES else 1), DECIMALS[metric]
-    iv = interval(row, metric)
+    iv = interval(row, metric) if metric in INTERVALS else None
     text = _fixed(k * row[metric], d)
     return text if iv is None else f"{text} [{_fixed(k * iv[0], d)}, {_fixed(k * iv[1], d)}]"
 

@@ -7,21 +7,21 @@ worse only where the intervals separate. One table per protocol and teacher.
 """
 import re
 import sys
-from pathlib import Path
 
 from distill.leaderboard import Leaderboard
 from distill.leaderboard_view import arrange, verdict, with_interval
 
 METRICS = [("fid", True), ("recall", False), ("diversity", False), ("adherence", False), ("precision", False)]
+HEADERS = ["FID", "recall (%)", "diversity", "adherence (%)", "precision (%)"]
 
 
 def label(line) -> str:
     """The method, and the matrix's run name (its seed left out where the line is a mean over seeds)."""
     r = (line.seeds or [line.row])[0]
-    if r["method"] == "teacher" or not r.get("run"):
+    m = re.search(r"([^/]+?)(-seed[0-9]+)?/checkpoints/", r.get("run") or "")
+    if r["method"] == "teacher" or not m:
         return r["method"]
-    name = Path(r["run"]).parents[1].name
-    return f"{r['method']} ({re.sub(r'-seed[0-9]+$', '', name) if line.seeds else name})"
+    return f"{r['method']} ({m[1] if line.seeds else m[1] + (m[2] or '')})"
 
 
 def main(db: str, reference: str) -> None:
@@ -31,10 +31,10 @@ def main(db: str, reference: str) -> None:
                                                         ln.row["method"]))
             ref = {}
             for ln in lines:  # the reference method's line at each step count, its several-seed one first
-                if ln.row["method"] == reference and ln.n >= getattr(ref.get(ln.row["steps"]), "n", 0):
+                if ln.row["method"] == reference and ln.n > getattr(ref.get(ln.row["steps"]), "n", 0):
                     ref[ln.row["steps"]] = ln
             print(f"\n{group.teacher}, protocol {table.protocol_id}\n")
-            print("| method | seeds | steps | " + " | ".join(m for m, _ in METRICS) + f" | against {reference} |")
+            print("| method | seeds | steps | " + " | ".join(HEADERS) + f" | against {reference} |")
             print("|---|---|---|" + "---|" * len(METRICS) + "---|")
             for ln in lines:
                 against = ref.get(ln.row["steps"])
