@@ -1,7 +1,9 @@
 """The per-shape table of experiments/bench_shapes_<family>.yaml: at each shape, each method's 4-step student trained
 on the three shapes at once ("mixed") against the one trained on that shape only, FID and adherence with their 95%
 intervals and the verdict of mixed against one-shape (better / worse only where the intervals separate), and the
-teacher's rows at that shape.
+teacher's rows at that shape. Then, where either side has several training seeds, the recipes as their means over
+seeds, with the interval the leaderboard's verdicts use (the t-interval over seeds, widened to the rows' own
+sampling interval).
 
     python experiments/shapes_table.py runs/bench-shapes-sdxl/leaderboard.sqlite
 """
@@ -10,7 +12,7 @@ import re
 import sys
 
 from distill.leaderboard import Leaderboard
-from distill.leaderboard_view import verdict, with_interval as cell
+from distill.leaderboard_view import arrange, verdict, with_interval as cell
 
 SHAPES = {"16": "singles", "16x32": "pairs", "32x16": "stacks"}
 NAME = re.compile(r"/\w+?_(mixed3x|mixed|singles|pairs|stacks)_\w+?-seed(\d+)/")  # the matrix's run names
@@ -50,6 +52,33 @@ def main(db: str) -> None:
                   f"{cell(one, 'adherence')} | "
                   f"{verdict(mixed, one, 'adherence', lower_is_better=False) if mixed and one else '-'} | "
                   f"{cell(mixed, 'adherence_held_out')} | {cell(one, 'adherence_held_out')} |")
+    recipes(rows)
+
+
+def recipes(rows: list[dict]) -> None:
+    """Mixed against one-shape as means over training seeds, at each shape where either side has several."""
+    lines = {}
+    for t in arrange(rows):
+        shape = SHAPES.get(str((t.protocol or {}).get("resolution")))
+        for line in (ln for g in t.groups for ln in g.lines):
+            m = NAME.search((line.seeds or [line.row])[0].get("run") or "")
+            if m:
+                lines[line.row["method"], m[1], shape] = line
+    print("\n| shape | method | seeds mixed / one-shape | FID mixed | FID one-shape | verdict | adherence mixed (%) "
+          "| adherence one-shape (%) | verdict |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    methods = list(dict.fromkeys(k[0] for k in lines))
+    for shape in SHAPES.values():
+        for method in methods:
+            mixed, one = lines.get((method, "mixed", shape)), lines.get((method, shape, shape))
+            if mixed and one and mixed.n + one.n > 2:
+                row(shape, method, mixed, one)
+
+
+def row(shape: str, method: str, mixed, one) -> None:
+    a, b = mixed.row, one.row
+    print(f"| {shape} | {method} | {mixed.n} / {one.n} | {cell(a, 'fid')} | {cell(b, 'fid')} | {verdict(a, b)} "
+          f"| {cell(a, 'adherence')} | {cell(b, 'adherence')} | {verdict(a, b, 'adherence', lower_is_better=False)} |")
 
 
 if __name__ == "__main__":
