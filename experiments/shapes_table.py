@@ -61,9 +61,12 @@ def recipes(rows: list[dict]) -> None:
     for t in arrange(rows):
         shape = SHAPES.get(str((t.protocol or {}).get("resolution")))
         for line in (ln for g in t.groups for ln in g.lines):
-            m = NAME.search((line.seeds or [line.row])[0].get("run") or "")
+            m = NAME.search(line.row.get("run") or "")  # a mean's row is its first seed's, run name included
             if m:
-                lines[line.row["method"], m[1], shape] = line
+                key = line.row["method"], m[1], shape
+                if key in lines:
+                    raise SystemExit(f"two recipes of {key} (another teacher or config under one run name)")
+                lines[key] = line
     print("\n| shape | method | seeds mixed / one-shape | FID mixed | FID one-shape | verdict | adherence mixed (%) "
           "| adherence one-shape (%) | verdict |")
     print("|---|---|---|---|---|---|---|---|---|")
