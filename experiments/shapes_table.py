@@ -24,7 +24,7 @@ def main(db: str) -> None:
     table: dict[tuple, dict] = {}
     teacher: dict[tuple, dict] = {}
     for r in rows:
-        shape = SHAPES.get(str(json.loads(r["protocol"])["resolution"]))
+        shape = shape_of(json.loads(r["protocol"]))
         if r["method"] == "teacher":
             teacher[shape, r["steps"]] = r
             continue
@@ -47,11 +47,8 @@ def main(db: str) -> None:
             mixed, one = table[method, kind, shape, seed], table.get((method, shape, shape, seed))
             one = one or table.get((method, shape, shape, 0))
             label = f"{method}{MIXED[kind]}{f', seed {seed}' if seed else ''}"
-            print(f"| {shape} | {label}, 4 steps | {cell(mixed, 'fid')} | {cell(one, 'fid')} | "
-                  f"{verdict(mixed, one) if mixed and one else '-'} | {cell(mixed, 'adherence')} | "
-                  f"{cell(one, 'adherence')} | "
-                  f"{verdict(mixed, one, 'adherence', lower_is_better=False) if mixed and one else '-'} | "
-                  f"{cell(mixed, 'adherence_held_out')} | {cell(one, 'adherence_held_out')} |")
+            print(f"| {shape} | {label}, 4 steps | {compared(mixed, one)} | {cell(mixed, 'adherence_held_out')} | "
+                  f"{cell(one, 'adherence_held_out')} |")
     recipes(rows)
 
 
@@ -59,7 +56,7 @@ def recipes(rows: list[dict]) -> None:
     """Mixed against one-shape as means over training seeds, at each shape where either side has several."""
     lines = {}
     for t in arrange(rows):
-        shape = SHAPES.get(str((t.protocol or {}).get("resolution")))
+        shape = shape_of(t.protocol or {})
         for line in (ln for g in t.groups for ln in g.lines):
             m = NAME.search(line.row.get("run") or "")  # a mean's row is its first seed's, run name included
             if m:
@@ -75,13 +72,19 @@ def recipes(rows: list[dict]) -> None:
         for method in methods:
             mixed, one = lines.get((method, "mixed", shape)), lines.get((method, shape, shape))
             if mixed and one and mixed.n + one.n > 2:
-                row(shape, method, mixed, one)
+                print(f"| {shape} | {method} | {mixed.n} / {one.n} | {compared(mixed.row, one.row)} |")
 
 
-def row(shape: str, method: str, mixed, one) -> None:
-    a, b = mixed.row, one.row
-    print(f"| {shape} | {method} | {mixed.n} / {one.n} | {cell(a, 'fid')} | {cell(b, 'fid')} | {verdict(a, b)} "
-          f"| {cell(a, 'adherence')} | {cell(b, 'adherence')} | {verdict(a, b, 'adherence', lower_is_better=False)} |")
+def shape_of(protocol: dict) -> str | None:
+    return SHAPES.get(str(protocol.get("resolution")))
+
+
+def compared(mixed: dict | None, one: dict | None) -> str:
+    """FID and adherence cells of a mixed row and a one-shape row, each with the verdict of mixed against one-shape."""
+    said = mixed and one
+    return (f"{cell(mixed, 'fid')} | {cell(one, 'fid')} | {verdict(mixed, one) if said else '-'} | "
+            f"{cell(mixed, 'adherence')} | {cell(one, 'adherence')} | "
+            f"{verdict(mixed, one, 'adherence', lower_is_better=False) if said else '-'}")
 
 
 if __name__ == "__main__":
